@@ -1,0 +1,754 @@
+//! Allowlist: which symbols P3.3 writes permits for (SPEC §3).
+//!
+//! Reads `quantum:cfg:universe:active` (string, JSON), `quantum:cfg:universe:meta`
+//! (hash) and `quantum:cfg:universe:last_ok` (string, JSON) in one server-side
+//! script, then [`resolve`] — a pure function of what was read, the env list,
+//! `now` and the limits — picks the first usable tier:
+//! universe → last_ok → env → none. Fail-closed is strict: when every tier
+//! fails the allowlist is empty, whatever an earlier resolution found.
+//!
+//! The result is published through [`AllowlistHandle`], an `ArcSwap` that
+//! plan handling reads without a lock. A universe-derived list carries its
+//! expiry instant (`asof_epoch + MAX_AGE`); [`Allowlist::contains`] refuses
+//! every symbol past it, and the refresher re-resolves at that instant.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{AllowlistMode, Config};
+use crate::metrics::Metrics;
+use crate::store;
+
+/// Largest universe document accepted, bytes.
+pub const MAX_DOC_BYTES: usize = 1024 * 1024;
+/// Most symbols accepted in one document.
+pub const MAX_SYMBOLS: usize = 10_000;
+/// How far in the future an `asof_epoch` may be (clock skew), seconds.
+pub const MAX_FUTURE_S: f64 = 60.0;
+
+/// The tier an allowlist came from; the label is the log's `source=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// Tier 1: the active universe document.
+    Universe,
+    /// Tier 2: the last good universe document.
+    LastOk,
+    /// Tier 3: `P33_ALLOWLIST`.
+    Env,
+    /// Tier 4: nothing usable; every plan is refused.
+    None,
+}
+
+impl Source {
+    /// The label used in logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Universe => "universe",
+            Source::LastOk => "last_ok",
+            Source::Env => "env",
+            Source::None => "none",
+        }
+    }
+}
+
+/// Why a tier was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The key does not exist.
+    Missing,
+    /// meta `stale` is not 0 (or missing).
+    Stale,
+    /// meta `count` is not > 0, or the env list is empty.
+    Empty,
+    /// The data is older than `P33_UNIVERSE_MAX_AGE_S` (or has no `asof_epoch`).
+    TooOld,
+    /// Not a JSON object with a `symbols` list, not a string key, or too large.
+    ParseError,
+    /// Parsed, but no valid symbol in it.
+    NoSymbols,
+    /// `asof_epoch` more than 60 s in the future.
+    Future,
+    /// Redis could not be read.
+    LoadError,
+}
+
+impl Refusal {
+    /// The label used in the source-change WARN.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Missing => "missing",
+            Refusal::Stale => "stale",
+            Refusal::Empty => "empty",
+            Refusal::TooOld => "too_old",
+            Refusal::ParseError => "parse_error",
+            Refusal::NoSymbols => "no_symbols",
+            Refusal::Future => "future",
+            Refusal::LoadError => "load_error",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// A Redis value as read: absent, a string, or a key of another type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Doc {
+    /// The key does not exist.
+    Missing,
+    /// A string value.
+    Text(String),
+    /// The key holds another Redis type.
+    WrongType,
+}
+
+/// What one round trip read from Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UniverseRead {
+    pub active: Doc,
+    /// The meta hash (empty when missing or of another type).
+    pub meta: HashMap<String, String>,
+    pub last_ok: Doc,
+}
+
+/// The limits resolution applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_age_s: f64,
+}
+
+/// The outcome of one resolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolution {
+    pub source: Source,
+    pub symbols: HashSet<String>,
+    /// The `asof_epoch` the log line shows (meta's for tier 1, the document's
+    /// for tier 2).
+    pub asof: Option<f64>,
+    /// `now − asof`, for tiers 1 and 2.
+    pub age_s: Option<f64>,
+    /// Instant after which this list must not be used (tiers 1 and 2).
+    pub expires_at: Option<f64>,
+    /// Why each tier tried before the chosen one was refused.
+    pub refused: Vec<(Source, Refusal)>,
+    /// Invalid entries dropped from the chosen source.
+    pub dropped_invalid: usize,
+    /// meta `count` when it differs from the number of symbols loaded.
+    pub meta_count_mismatch: Option<i64>,
+}
+
+impl Resolution {
+    /// The fields after `source=<label> ` in the resolution log line.
+    pub fn log_fields(&self) -> String {
+        let n = self.symbols.len();
+        let asof = self.asof.map_or(0, |a| a.floor() as i64);
+        let age = self.age_s.map_or(0, |a| a.floor() as i64);
+        match self.source {
+            Source::Universe => format!("stale=0 count={n} asof_epoch={asof} age_s={age}"),
+            Source::LastOk => format!("stale=1 count={n} asof_epoch={asof} age_s={age}"),
+            Source::Env => format!("stale=env count={n} asof_epoch=static age_s=0"),
+            Source::None => "stale=? count=0 asof_epoch=? age_s=?".to_string(),
+        }
+    }
+
+    /// The exact INFO line of SPEC §3.
+    pub fn log_line(&self) -> String {
+        format!(
+            "P3.3 allowlist source={} {}",
+            self.source.label(),
+            self.log_fields()
+        )
+    }
+
+    /// `universe=stale last_ok=too_old`, for the source-change WARN.
+    pub fn refusals_text(&self) -> String {
+        if self.refused.is_empty() {
+            return "none".to_string();
+        }
+        self.refused
+            .iter()
+            .map(|(s, r)| format!("{}={}", s.label(), r.label()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// `^[A-Z0-9]{1,32}$`.
+pub fn valid_symbol(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+}
+
+/// A parsed universe document.
+struct ParsedDoc {
+    symbols: HashSet<String>,
+    dropped: usize,
+    asof: Option<f64>,
+}
+
+/// A number that may arrive as a JSON number or a numeric string.
+fn num(v: &serde_json::Value) -> Option<f64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .filter(|x| x.is_finite())
+}
+
+fn parse_doc(doc: &Doc) -> Result<ParsedDoc, Refusal> {
+    let text = match doc {
+        Doc::Missing => return Err(Refusal::Missing),
+        Doc::WrongType => return Err(Refusal::ParseError),
+        Doc::Text(t) => t,
+    };
+    if text.len() > MAX_DOC_BYTES {
+        return Err(Refusal::ParseError);
+    }
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|_| Refusal::ParseError)?;
+    let list = v
+        .get("symbols")
+        .and_then(|s| s.as_array())
+        .ok_or(Refusal::ParseError)?;
+    if list.len() > MAX_SYMBOLS {
+        return Err(Refusal::ParseError);
+    }
+    let mut symbols = HashSet::with_capacity(list.len());
+    let mut dropped = 0;
+    for s in list {
+        match s.as_str() {
+            Some(s) if valid_symbol(s) => {
+                symbols.insert(s.to_string());
+            }
+            _ => dropped += 1,
+        }
+    }
+    Ok(ParsedDoc {
+        symbols,
+        dropped,
+        asof: v.get("asof_epoch").and_then(num),
+    })
+}
+
+/// Age check shared by tiers 1 and 2: missing asof is "too old".
+fn check_age(asof: Option<f64>, now: f64, lim: &Limits) -> Result<(f64, f64), Refusal> {
+    let asof = asof.unwrap_or(0.0);
+    if asof - now > MAX_FUTURE_S {
+        return Err(Refusal::Future);
+    }
+    let age = now - asof;
+    if age > lim.max_age_s {
+        return Err(Refusal::TooOld);
+    }
+    Ok((asof, age))
+}
+
+fn tier_universe(read: &UniverseRead, now: f64, lim: &Limits) -> Result<Resolution, Refusal> {
+    if read.active == Doc::Missing {
+        return Err(Refusal::Missing);
+    }
+    let meta_num = |k: &str| read.meta.get(k).and_then(|v| v.trim().parse::<f64>().ok());
+    // meta `stale` must parse as 0; missing or unparseable counts as stale.
+    if meta_num("stale") != Some(0.0) {
+        return Err(Refusal::Stale);
+    }
+    let meta_count = meta_num("count").unwrap_or(0.0);
+    if meta_count <= 0.0 {
+        return Err(Refusal::Empty);
+    }
+    let (asof, age) = check_age(meta_num("asof_epoch"), now, lim)?;
+    let doc = parse_doc(&read.active)?;
+    if doc.symbols.is_empty() {
+        return Err(Refusal::NoSymbols);
+    }
+    let mc = meta_count as i64;
+    Ok(Resolution {
+        source: Source::Universe,
+        meta_count_mismatch: (mc != doc.symbols.len() as i64).then_some(mc),
+        symbols: doc.symbols,
+        asof: Some(asof),
+        age_s: Some(age),
+        expires_at: Some(asof + lim.max_age_s),
+        refused: Vec::new(),
+        dropped_invalid: doc.dropped,
+    })
+}
+
+fn tier_last_ok(read: &UniverseRead, now: f64, lim: &Limits) -> Result<Resolution, Refusal> {
+    let doc = parse_doc(&read.last_ok)?;
+    if doc.symbols.is_empty() {
+        return Err(Refusal::NoSymbols);
+    }
+    let (asof, age) = check_age(doc.asof, now, lim)?;
+    Ok(Resolution {
+        source: Source::LastOk,
+        symbols: doc.symbols,
+        asof: Some(asof),
+        age_s: Some(age),
+        expires_at: Some(asof + lim.max_age_s),
+        refused: Vec::new(),
+        dropped_invalid: doc.dropped,
+        meta_count_mismatch: None,
+    })
+}
+
+fn tier_env(env: &[String]) -> Result<Resolution, Refusal> {
+    if env.is_empty() {
+        return Err(Refusal::Empty);
+    }
+    let symbols: HashSet<String> = env.iter().filter(|s| valid_symbol(s)).cloned().collect();
+    if symbols.is_empty() {
+        return Err(Refusal::NoSymbols);
+    }
+    let dropped = env.iter().filter(|s| !valid_symbol(s)).count();
+    Ok(Resolution {
+        source: Source::Env,
+        symbols,
+        asof: None,
+        age_s: None,
+        expires_at: None,
+        refused: Vec::new(),
+        dropped_invalid: dropped,
+        meta_count_mismatch: None,
+    })
+}
+
+/// Picks the first usable tier. `read` is `Err(())` when Redis could not be
+/// read, which refuses tiers 1 and 2 with `load_error`. No I/O, no clock.
+pub fn resolve(
+    read: Result<&UniverseRead, ()>,
+    env: &[String],
+    mode: AllowlistMode,
+    now: f64,
+    lim: &Limits,
+) -> Resolution {
+    let mut refused = Vec::new();
+    if mode == AllowlistMode::Universe {
+        match read {
+            Err(()) => {
+                refused.push((Source::Universe, Refusal::LoadError));
+                refused.push((Source::LastOk, Refusal::LoadError));
+            }
+            Ok(read) => {
+                match tier_universe(read, now, lim) {
+                    Ok(r) => return Resolution { refused, ..r },
+                    Err(e) => refused.push((Source::Universe, e)),
+                }
+                match tier_last_ok(read, now, lim) {
+                    Ok(r) => return Resolution { refused, ..r },
+                    Err(e) => refused.push((Source::LastOk, e)),
+                }
+            }
+        }
+    }
+    match tier_env(env) {
+        Ok(r) => return Resolution { refused, ..r },
+        Err(e) => refused.push((Source::Env, e)),
+    }
+    Resolution {
+        source: Source::None,
+        symbols: HashSet::new(),
+        asof: None,
+        age_s: None,
+        expires_at: None,
+        refused,
+        dropped_invalid: 0,
+        meta_count_mismatch: None,
+    }
+}
+
+/// The allowlist in force.
+#[derive(Debug, Clone)]
+pub struct Allowlist {
+    pub source: Source,
+    pub symbols: HashSet<String>,
+    /// Past this instant the list refuses every symbol (tiers 1–2).
+    pub expires_at: Option<f64>,
+}
+
+impl Allowlist {
+    /// The empty, fail-closed list in force before the first resolution.
+    pub fn empty() -> Self {
+        Allowlist {
+            source: Source::None,
+            symbols: HashSet::new(),
+            expires_at: None,
+        }
+    }
+
+    /// Whether a plan for `symbol` may be considered at `now`.
+    pub fn contains(&self, symbol: &str, now: f64) -> bool {
+        self.expires_at.is_none_or(|e| now <= e) && self.symbols.contains(symbol)
+    }
+}
+
+/// Shared, lock-free-on-read handle to the allowlist in force.
+#[derive(Clone)]
+pub struct AllowlistHandle(Arc<ArcSwap<Allowlist>>);
+
+impl Default for AllowlistHandle {
+    fn default() -> Self {
+        AllowlistHandle(Arc::new(ArcSwap::from_pointee(Allowlist::empty())))
+    }
+}
+
+impl AllowlistHandle {
+    /// The current list (a cheap reference-counted snapshot).
+    pub fn load(&self) -> Arc<Allowlist> {
+        self.0.load_full()
+    }
+    fn store(&self, a: Allowlist) {
+        self.0.store(Arc::new(a));
+    }
+}
+
+/// The script that reads the three universe keys in one round trip. Each
+/// string key comes back as `{type, value}` so a key of another type is a
+/// parse error for its tier, not a failure of the whole read.
+const READ_SCRIPT: &str = r#"
+local function str(k)
+  local t = redis.call('TYPE', k).ok
+  if t == 'string' then return {t, redis.call('GET', k)} end
+  return {t, ''}
+end
+local meta = {}
+if redis.call('TYPE', KEYS[2]).ok == 'hash' then meta = redis.call('HGETALL', KEYS[2]) end
+return {str(KEYS[1]), meta, str(KEYS[3])}
+"#;
+
+/// Reads active, meta and last_ok in one round trip.
+pub async fn read_universe(
+    con: &mut redis::aio::ConnectionManager,
+    cfg: &Config,
+) -> Result<UniverseRead, redis::RedisError> {
+    type Str = (String, Vec<u8>);
+    let (active, meta, last_ok): (Str, Vec<String>, Str) = redis::Script::new(READ_SCRIPT)
+        .key(&cfg.universe_key_active)
+        .key(&cfg.universe_key_meta)
+        .key(&cfg.universe_key_last_ok)
+        .invoke_async(con)
+        .await?;
+    let doc = |(t, v): Str| match t.as_str() {
+        "none" => Doc::Missing,
+        // Non-UTF-8 bytes cannot be a JSON document: a parse error.
+        "string" => String::from_utf8(v).map_or(Doc::WrongType, Doc::Text),
+        _ => Doc::WrongType,
+    };
+    let meta = meta
+        .chunks_exact(2)
+        .map(|kv| (kv[0].clone(), kv[1].clone()))
+        .collect();
+    Ok(UniverseRead {
+        active: doc(active),
+        meta,
+        last_ok: doc(last_ok),
+    })
+}
+
+/// Resolves from Redis (or refuses tiers 1–2 on a read error), publishes the
+/// result, logs the SPEC §3 lines and updates the gauges.
+pub struct Resolver {
+    cfg: Arc<Config>,
+    handle: AllowlistHandle,
+    metrics: Arc<Metrics>,
+    last_source: Option<Source>,
+    gained: Option<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Resolver {
+    /// A resolver publishing to `handle`.
+    pub fn new(cfg: Arc<Config>, handle: AllowlistHandle, metrics: Arc<Metrics>) -> Self {
+        Resolver {
+            cfg,
+            handle,
+            metrics,
+            last_source: None,
+            gained: None,
+        }
+    }
+
+    /// Bumps `tx` whenever a resolution adds symbols, so the snapshot poller
+    /// polls at once instead of at its next period.
+    pub fn on_gain(&mut self, tx: tokio::sync::watch::Sender<u64>) {
+        self.gained = Some(tx);
+    }
+
+    /// One resolution: read (unless env mode), decide, publish, log.
+    pub async fn refresh(&mut self, con: Option<&mut redis::aio::ConnectionManager>) -> Resolution {
+        let read = match (self.cfg.allowlist_mode, con) {
+            (AllowlistMode::Env, _) => Err(()),
+            (AllowlistMode::Universe, None) => Err(()),
+            (AllowlistMode::Universe, Some(con)) => {
+                match tokio::time::timeout(Duration::from_secs(5), read_universe(con, &self.cfg))
+                    .await
+                {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(e)) => {
+                        warn!("allowlist: reading the universe keys failed: {e}");
+                        Err(())
+                    }
+                    Err(_) => {
+                        warn!("allowlist: reading the universe keys timed out after 5s");
+                        Err(())
+                    }
+                }
+            }
+        };
+        let lim = Limits {
+            max_age_s: self.cfg.universe_max_age_s,
+        };
+        let res = resolve(
+            read.as_ref().map_err(|_| ()),
+            &self.cfg.allowlist_env,
+            self.cfg.allowlist_mode,
+            store::now_epoch(),
+            &lim,
+        );
+        self.publish(&res);
+        res
+    }
+
+    fn publish(&mut self, res: &Resolution) {
+        if res.dropped_invalid > 0 {
+            warn!(
+                "P3.3 allowlist: dropped {} invalid symbol(s) from source={} (a symbol must match ^[A-Z0-9]{{1,32}}$)",
+                res.dropped_invalid,
+                res.source.label()
+            );
+        }
+        if let Some(mc) = res.meta_count_mismatch {
+            warn!(
+                "P3.3 allowlist: universe meta count={mc} differs from the {} symbols loaded from the active document",
+                res.symbols.len()
+            );
+        }
+        if res.source == Source::None {
+            error!("FAIL-CLOSED: No valid allowlist from any source!");
+        }
+        if let Some(old) = self.last_source.filter(|o| *o != res.source) {
+            warn!(
+                "P3.3 allowlist source changed: {} -> {} (refused: {})",
+                old.label(),
+                res.source.label(),
+                res.refusals_text()
+            );
+        }
+        self.last_source = Some(res.source);
+        let old = self.handle.load();
+        let gained = res.symbols.iter().any(|s| !old.symbols.contains(s));
+        // Swap before logging so the line never announces a list not yet in force.
+        self.handle.store(Allowlist {
+            source: res.source,
+            symbols: res.symbols.clone(),
+            expires_at: res.expires_at,
+        });
+        self.metrics
+            .set_allowlist(res.source.label(), res.symbols.len(), res.asof.filter(|_| {
+                matches!(res.source, Source::Universe | Source::LastOk)
+            }));
+        info!("{}", res.log_line());
+        if gained {
+            if let Some(tx) = &self.gained {
+                tx.send_modify(|n| *n += 1);
+            }
+        }
+    }
+}
+
+/// Refreshes every `P33_ALLOWLIST_REFRESH_S`, at the expiry instant of
+/// universe-derived data, and whenever `reload` is notified (SIGHUP). The
+/// first resolution is done by the caller, before plans are read.
+pub async fn run_refresher(
+    mut resolver: Resolver,
+    mut con: Option<redis::aio::ConnectionManager>,
+    mut expires_at: Option<f64>,
+    reload: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    let period = resolver.cfg.allowlist_refresh;
+    loop {
+        let mut wait = period;
+        if let Some(e) = expires_at {
+            // Wake just past the expiry instant, so the age check refuses it.
+            let until = (e - store::now_epoch()).max(0.0) + 0.001;
+            wait = wait.min(Duration::from_secs_f64(until));
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = reload.notified() => info!("SIGHUP: re-resolving the allowlist"),
+        }
+        let res = resolver.refresh(con.as_mut()).await;
+        expires_at = res.expires_at;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: f64 = 1_769_920_625.0;
+    const LIM: Limits = Limits { max_age_s: 300.0 };
+
+    fn doc(symbols: &[&str], asof: f64) -> Doc {
+        Doc::Text(
+            serde_json::json!({"symbols": symbols, "asof_epoch": asof, "source": "test",
+                "mode": "top", "filters": {}})
+            .to_string(),
+        )
+    }
+    fn meta(stale: &str, count: &str, asof: f64) -> HashMap<String, String> {
+        [
+            ("stale", stale.to_string()),
+            ("count", count.to_string()),
+            ("asof_epoch", asof.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+    fn fresh() -> UniverseRead {
+        UniverseRead {
+            active: doc(&["BTCUSDT", "ETHUSDT"], NOW - 40.0),
+            meta: meta("0", "2", NOW - 40.0),
+            last_ok: doc(&["BTCUSDT"], NOW - 100.0),
+        }
+    }
+    fn env(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    struct Row {
+        name: &'static str,
+        read: Result<UniverseRead, ()>,
+        env: Vec<String>,
+        mode: AllowlistMode,
+        now: f64,
+        source: Source,
+        count: usize,
+        refused: Vec<(Source, Refusal)>,
+    }
+
+    fn with(f: impl FnOnce(&mut UniverseRead)) -> Result<UniverseRead, ()> {
+        let mut r = fresh();
+        f(&mut r);
+        Ok(r)
+    }
+
+    #[test]
+    fn tiers_and_refusal_reasons() {
+        use Refusal::*;
+        use Source::*;
+        let u = AllowlistMode::Universe;
+        let rows = vec![
+            Row { name: "fresh universe", read: Ok(fresh()), env: env(&["SOLUSDT"]), mode: u, now: NOW, source: Universe, count: 2, refused: vec![] },
+            Row { name: "active missing", read: with(|r| r.active = Doc::Missing), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Missing)] },
+            Row { name: "meta stale=1", read: with(|r| r.meta = meta("1", "2", NOW)), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Stale)] },
+            Row { name: "meta missing counts as stale", read: with(|r| r.meta.clear()), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Stale)] },
+            Row { name: "meta stale unparseable", read: with(|r| { r.meta.insert("stale".into(), "no".into()); }), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Stale)] },
+            Row { name: "meta count 0", read: with(|r| r.meta = meta("0", "0", NOW)), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Empty)] },
+            Row { name: "meta count missing", read: with(|r| { r.meta.remove("count"); }), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Empty)] },
+            Row { name: "meta asof missing is too old", read: with(|r| { r.meta.remove("asof_epoch"); }), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, TooOld)] },
+            Row { name: "universe age exactly MAX_AGE accepted", read: with(|r| r.meta = meta("0", "2", NOW - 300.0)), env: vec![], mode: u, now: NOW, source: Universe, count: 2, refused: vec![] },
+            Row { name: "universe age MAX_AGE+1 refused", read: with(|r| r.meta = meta("0", "2", NOW - 301.0)), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, TooOld)] },
+            Row { name: "universe asof 61s in the future", read: with(|r| r.meta = meta("0", "2", NOW + 61.0)), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Future)] },
+            Row { name: "universe asof 60s in the future is skew we accept", read: with(|r| r.meta = meta("0", "2", NOW + 60.0)), env: vec![], mode: u, now: NOW, source: Universe, count: 2, refused: vec![] },
+            Row { name: "active not JSON", read: with(|r| r.active = Doc::Text("{nope".into())), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, ParseError)] },
+            Row { name: "active without symbols list", read: with(|r| r.active = Doc::Text("{\"symbols\": \"BTCUSDT\"}".into())), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, ParseError)] },
+            Row { name: "active of another type", read: with(|r| r.active = Doc::WrongType), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, ParseError)] },
+            Row { name: "active with only invalid symbols", read: with(|r| r.active = doc(&["btc", "", "BTC-USDT"], NOW)), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, NoSymbols)] },
+            Row { name: "active over 1 MiB", read: with(|r| r.active = Doc::Text(format!("{{\"symbols\":[\"BTCUSDT\"],\"pad\":\"{}\"}}", "x".repeat(MAX_DOC_BYTES)))), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, ParseError)] },
+            Row { name: "active with 10,001 symbols", read: with(|r| { let s: Vec<String> = (0..10_001).map(|i| format!("S{i}")).collect(); r.active = Doc::Text(serde_json::json!({"symbols": s}).to_string()); }), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, ParseError)] },
+            Row { name: "last_ok too old falls to env", read: with(|r| { r.active = Doc::Missing; r.last_ok = doc(&["BTCUSDT"], NOW - 301.0); }), env: env(&["SOLUSDT"]), mode: u, now: NOW, source: Env, count: 1, refused: vec![(Universe, Missing), (LastOk, TooOld)] },
+            Row { name: "last_ok exactly MAX_AGE accepted", read: with(|r| { r.active = Doc::Missing; r.last_ok = doc(&["BTCUSDT"], NOW - 300.0); }), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Missing)] },
+            Row { name: "last_ok without asof is too old", read: with(|r| { r.active = Doc::Missing; r.last_ok = Doc::Text("{\"symbols\":[\"BTCUSDT\"]}".into()); }), env: vec![], mode: u, now: NOW, source: None, count: 0, refused: vec![(Universe, Missing), (LastOk, TooOld), (Env, Empty)] },
+            Row { name: "last_ok in the future", read: with(|r| { r.active = Doc::Missing; r.last_ok = doc(&["BTCUSDT"], NOW + 120.0); }), env: vec![], mode: u, now: NOW, source: None, count: 0, refused: vec![(Universe, Missing), (LastOk, Future), (Env, Empty)] },
+            Row { name: "last_ok parse error", read: with(|r| { r.active = Doc::Missing; r.last_ok = Doc::Text("[]".into()); }), env: env(&["SOLUSDT"]), mode: u, now: NOW, source: Env, count: 1, refused: vec![(Universe, Missing), (LastOk, ParseError)] },
+            Row { name: "last_ok no symbols", read: with(|r| { r.active = Doc::Missing; r.last_ok = doc(&[], NOW); }), env: env(&["SOLUSDT"]), mode: u, now: NOW, source: Env, count: 1, refused: vec![(Universe, Missing), (LastOk, NoSymbols)] },
+            Row { name: "redis unreadable refuses tiers 1 and 2 with load_error", read: Err(()), env: env(&["SOLUSDT"]), mode: u, now: NOW, source: Env, count: 1, refused: vec![(Universe, LoadError), (LastOk, LoadError)] },
+            Row { name: "nothing anywhere fails closed", read: with(|r| { r.active = Doc::Missing; r.last_ok = Doc::Missing; }), env: vec![], mode: u, now: NOW, source: None, count: 0, refused: vec![(Universe, Missing), (LastOk, Missing), (Env, Empty)] },
+            Row { name: "env of invalid symbols only", read: Err(()), env: env(&["btcusdt", "X Y"]), mode: u, now: NOW, source: None, count: 0, refused: vec![(Universe, LoadError), (LastOk, LoadError), (Env, NoSymbols)] },
+            Row { name: "env mode skips the universe", read: Ok(fresh()), env: env(&["SOLUSDT", "bad"]), mode: AllowlistMode::Env, now: NOW, source: Env, count: 1, refused: vec![] },
+        ];
+        for row in rows {
+            let r = resolve(row.read.as_ref().map_err(|_| ()), &row.env, row.mode, row.now, &LIM);
+            assert_eq!(r.source, row.source, "{}: source", row.name);
+            assert_eq!(r.symbols.len(), row.count, "{}: count", row.name);
+            assert_eq!(r.refused, row.refused, "{}: refusals", row.name);
+        }
+    }
+
+    #[test]
+    fn log_lines_are_exact() {
+        let r = resolve(Ok(&fresh()), &[], AllowlistMode::Universe, NOW, &LIM);
+        assert_eq!(
+            r.log_line(),
+            format!("P3.3 allowlist source=universe stale=0 count=2 asof_epoch={} age_s=40", (NOW - 40.0) as i64)
+        );
+        let mut read = fresh();
+        read.meta.insert("stale".into(), "1".into());
+        let r = resolve(Ok(&read), &[], AllowlistMode::Universe, NOW, &LIM);
+        assert_eq!(
+            r.log_line(),
+            format!("P3.3 allowlist source=last_ok stale=1 count=1 asof_epoch={} age_s=100", (NOW - 100.0) as i64)
+        );
+        let r = resolve(Err(()), &env(&["BTCUSDT"]), AllowlistMode::Universe, NOW, &LIM);
+        assert_eq!(r.log_line(), "P3.3 allowlist source=env stale=env count=1 asof_epoch=static age_s=0");
+        let r = resolve(Err(()), &[], AllowlistMode::Universe, NOW, &LIM);
+        assert_eq!(r.log_line(), "P3.3 allowlist source=none stale=? count=0 asof_epoch=? age_s=?");
+        assert_eq!(r.refusals_text(), "universe=load_error last_ok=load_error env=empty");
+    }
+
+    #[test]
+    fn invalid_symbols_are_dropped_and_counted() {
+        let mut read = fresh();
+        read.active = Doc::Text(r#"{"symbols":["BTCUSDT","ethusdt",7,"ETHUSDT","A_B"]}"#.into());
+        let r = resolve(Ok(&read), &[], AllowlistMode::Universe, NOW, &LIM);
+        assert_eq!(r.source, Source::Universe);
+        assert_eq!(r.symbols.len(), 2);
+        assert_eq!(r.dropped_invalid, 3);
+        assert_eq!(r.meta_count_mismatch, None);
+    }
+
+    #[test]
+    fn meta_count_mismatch_is_reported_not_rejected() {
+        let mut read = fresh();
+        read.meta.insert("count".into(), "566".into());
+        let r = resolve(Ok(&read), &[], AllowlistMode::Universe, NOW, &LIM);
+        assert_eq!(r.source, Source::Universe);
+        assert_eq!(r.meta_count_mismatch, Some(566));
+        assert!(r.log_line().contains("count=2"), "count is what was loaded");
+    }
+
+    #[test]
+    fn universe_lists_expire_at_asof_plus_max_age() {
+        let r = resolve(Ok(&fresh()), &[], AllowlistMode::Universe, NOW, &LIM);
+        let e = r.expires_at.expect("universe data expires");
+        assert_eq!(e, NOW - 40.0 + 300.0);
+        let a = Allowlist { source: r.source, symbols: r.symbols, expires_at: r.expires_at };
+        assert!(a.contains("BTCUSDT", e));
+        assert!(!a.contains("BTCUSDT", e + 0.001), "never used past its expiry");
+        assert!(!a.contains("XRPUSDT", NOW));
+        assert!(!Allowlist::empty().contains("BTCUSDT", NOW));
+    }
+
+    #[test]
+    fn symbol_pattern() {
+        for (s, ok) in [("BTCUSDT", true), ("1000PEPEUSDT", true), ("", false), ("btcusdt", false),
+            ("BTC-USDT", false), (&"A".repeat(32), true), (&"A".repeat(33), false), (" BTC", false)] {
+            assert_eq!(valid_symbol(s), ok, "{s:?}");
+        }
+    }
+}

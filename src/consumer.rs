@@ -1,0 +1,776 @@
+//! Consumer: plans in, permits out (SPEC §4).
+//!
+//! Reads `quantum:stream:apply.plan` in group `p33` (own pending entries
+//! first — at start and after every error — then new ones), claims entries
+//! idle `P33_CLAIM_IDLE_S` on other consumers, filters them, reads the state
+//! every plan of a batch needs in one script call
+//! (`quantum:position:snapshot:<symbol>`, `quantum:position:ledger:<symbol>`,
+//! `quantum:cooldown:last_exec_ts:<symbol>`), evaluates with [`rules`], and
+//! writes all permits and ACKs of the batch in one script call
+//! ([`permits::write_batch`]). So a batch costs a constant number of round
+//! trips, and an entry whose state could not be read stays pending and is
+//! evaluated again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::allowlist::{Allowlist, AllowlistHandle};
+use crate::config::Config;
+use crate::exchange::StepSizes;
+use crate::lifecycle::{Watchdog, PLAN_STREAM};
+use crate::metrics::Metrics;
+use crate::permits::{self, Write, Written};
+use crate::rules::{self, dec_str, Decision, Plan};
+use crate::store::{self, Backoff};
+
+/// Entries read per `XREADGROUP`.
+pub const BATCH: usize = 256;
+/// `BLOCK` of the read, ms; also bounds how long shutdown waits for a read.
+const BLOCK_MS: u64 = 500;
+
+/// One stream entry: its ID and fields (`None` when the entry was deleted
+/// while pending).
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub fields: Option<HashMap<String, String>>,
+}
+
+/// The milliseconds part of a stream entry ID.
+pub fn entry_ms(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn parse_entry(v: &Value) -> Option<Entry> {
+    let Value::Array(parts) = v else { return None };
+    let id = text(parts.first()?)?;
+    let fields = match parts.get(1) {
+        Some(Value::Array(kv)) => Some(
+            kv.chunks_exact(2)
+                .filter_map(|c| Some((text(&c[0])?, text(&c[1])?)))
+                .collect(),
+        ),
+        _ => None,
+    };
+    Some(Entry { id, fields })
+}
+
+/// Parses a list of entries (`[[id, [k, v, …]], …]`).
+pub fn parse_entries(v: &Value) -> Vec<Entry> {
+    match v {
+        Value::Array(items) => items.iter().filter_map(parse_entry).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Parses an `XREADGROUP` reply for one stream (`Nil` on timeout).
+pub fn parse_xread(v: &Value) -> Vec<Entry> {
+    match v {
+        Value::Array(streams) => streams
+            .iter()
+            .filter_map(|s| match s {
+                Value::Array(p) if p.len() == 2 => Some(parse_entries(&p[1])),
+                _ => None,
+            })
+            .flatten()
+            .collect(),
+        Value::Map(m) => m.iter().flat_map(|(_, e)| parse_entries(e)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Reads this consumer's entries: own pending ones from `0`, or new ones.
+pub async fn read_group(
+    con: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    pending: bool,
+    count: usize,
+    block_ms: u64,
+) -> Result<Vec<Entry>, redis::RedisError> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
+    if !pending {
+        cmd.arg("BLOCK").arg(block_ms);
+    }
+    cmd.arg("STREAMS").arg(stream).arg(if pending { "0" } else { ">" });
+    let v: Value = cmd.query_async(con).await?;
+    Ok(parse_xread(&v))
+}
+
+/// Claims entries idle `min_idle` on any consumer of `group` (XAUTOCLAIM,
+/// Redis ≥ 6.2), walking the whole pending list once.
+pub async fn autoclaim(
+    con: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    min_idle: Duration,
+) -> Result<Vec<Entry>, redis::RedisError> {
+    let mut start = "0-0".to_string();
+    let mut out = Vec::new();
+    for _ in 0..100 {
+        let v: Value = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(&start)
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(con)
+            .await?;
+        let Value::Array(parts) = &v else { break };
+        let next = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
+        if let Some(e) = parts.get(1) {
+            out.extend(parse_entries(e));
+        }
+        if next == "0-0" || out.len() >= 10 * BATCH {
+            break;
+        }
+        start = next;
+    }
+    Ok(out)
+}
+
+/// The raw state of one symbol, as read.
+#[derive(Debug, Default, Clone)]
+pub struct SymbolState {
+    /// `None` when the key is missing or not a hash.
+    pub snapshot: Option<HashMap<String, String>>,
+    pub snapshot_wrong_type: bool,
+    pub ledger: Option<HashMap<String, String>>,
+    pub ledger_wrong_type: bool,
+    pub cooldown: Option<String>,
+}
+
+/// Per symbol: `{snapshot type, HGETALL…, ledger type, HGETALL…, cooldown type, value}`.
+const STATE_SCRIPT: &str = r#"
+local out = {}
+for i = 1, #KEYS, 3 do
+  local s, l, c = KEYS[i], KEYS[i + 1], KEYS[i + 2]
+  local st, lt, ct = redis.call('TYPE', s).ok, redis.call('TYPE', l).ok, redis.call('TYPE', c).ok
+  local sv, lv, cv = {}, {}, ''
+  if st == 'hash' then sv = redis.call('HGETALL', s) end
+  if lt == 'hash' then lv = redis.call('HGETALL', l) end
+  if ct == 'string' then cv = redis.call('GET', c) end
+  table.insert(out, {st, sv, lt, lv, ct, cv})
+end
+return out
+"#;
+
+fn pairs(v: &Value) -> HashMap<String, String> {
+    match v {
+        Value::Array(kv) => kv
+            .chunks_exact(2)
+            .filter_map(|c| Some((text(&c[0])?, text(&c[1])?)))
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+/// Reads snapshot, ledger and cooldown of every symbol in one round trip.
+pub async fn read_state(
+    con: &mut ConnectionManager,
+    script: &redis::Script,
+    symbols: &[String],
+) -> Result<HashMap<String, SymbolState>, redis::RedisError> {
+    if symbols.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut inv = script.prepare_invoke();
+    for s in symbols {
+        inv.key(format!("quantum:position:snapshot:{s}"))
+            .key(format!("quantum:position:ledger:{s}"))
+            .key(format!("quantum:cooldown:last_exec_ts:{s}"));
+    }
+    let v: Value = inv.invoke_async(con).await?;
+    let Value::Array(rows) = v else {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::TypeError,
+            "state script returned a non-array",
+        )));
+    };
+    let mut out = HashMap::with_capacity(symbols.len());
+    for (sym, row) in symbols.iter().zip(rows.iter()) {
+        let Value::Array(f) = row else { continue };
+        let t = |i: usize| f.get(i).and_then(text).unwrap_or_default();
+        let hash = |ty: &str, i: usize| (ty == "hash").then(|| f.get(i).map(pairs).unwrap_or_default());
+        let (st, lt, ct) = (t(0), t(2), t(4));
+        out.insert(
+            sym.clone(),
+            SymbolState {
+                snapshot: hash(&st, 1),
+                snapshot_wrong_type: st != "hash" && st != "none",
+                ledger: hash(&lt, 3),
+                ledger_wrong_type: lt != "hash" && lt != "none",
+                cooldown: match ct.as_str() {
+                    "string" => Some(t(5)),
+                    "none" => None,
+                    other => Some(format!("<{other}>")),
+                },
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Why an entry gets no permit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filtered {
+    /// Bad `plan_id` (ERROR line).
+    Malformed(String),
+    /// `decision` is not EXECUTE / RECONCILE_CLOSE.
+    SkipDecision,
+    /// Symbol not on the allowlist.
+    NotAllowlisted,
+}
+
+/// `plan_id` rules of SPEC §4 step 1.
+pub fn valid_plan_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && !id.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// The first eight characters of a plan id, for log lines.
+pub fn id8(id: &str) -> &str {
+    match id.char_indices().nth(8) {
+        Some((i, _)) => &id[..i],
+        None => id,
+    }
+}
+
+/// Steps 1–3 of SPEC §4: a plan to evaluate, or why not.
+pub fn classify(e: &Entry, allow: &Allowlist, now: f64) -> Result<Plan, Filtered> {
+    let Some(f) = &e.fields else {
+        return Err(Filtered::Malformed("entry deleted from the stream while pending".into()));
+    };
+    let plan_id = f.get("plan_id").map(String::as_str).unwrap_or("");
+    if !valid_plan_id(plan_id) {
+        let shown: String = plan_id.chars().take(140).collect();
+        return Err(Filtered::Malformed(format!(
+            "invalid plan_id {shown:?} (must be 1-128 bytes without whitespace or control characters)"
+        )));
+    }
+    let decision = f.get("decision").map(String::as_str).unwrap_or("");
+    if decision != "EXECUTE" && decision != "RECONCILE_CLOSE" {
+        return Err(Filtered::SkipDecision);
+    }
+    let symbol = f
+        .get("symbol")
+        .map(String::as_str)
+        .unwrap_or("UNKNOWN")
+        .to_string();
+    if !allow.contains(&symbol, now) {
+        return Err(Filtered::NotAllowlisted);
+    }
+    Ok(Plan {
+        plan_id: plan_id.to_string(),
+        symbol,
+        decision: decision.to_string(),
+        action: f.get("action").cloned().unwrap_or_default(),
+        reduce_only: rules::parse_reduce_only(f.get("reduceOnly").map(String::as_str)),
+        side: f.get("side").cloned(),
+        entry_ms: entry_ms(&e.id).unwrap_or(0),
+    })
+}
+
+/// The plan consumer: its connection, scripts and limits.
+pub struct Consumer {
+    cfg: Arc<Config>,
+    allowlist: AllowlistHandle,
+    steps: StepSizes,
+    metrics: Arc<Metrics>,
+    state_script: redis::Script,
+    write_script: redis::Script,
+    limits: rules::Limits,
+}
+
+/// One evaluated plan waiting for its write.
+struct Pending {
+    plan: Plan,
+    decision: Decision,
+}
+
+impl Consumer {
+    /// A consumer for `cfg`.
+    pub fn new(
+        cfg: Arc<Config>,
+        allowlist: AllowlistHandle,
+        steps: StepSizes,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let limits = rules::Limits {
+            stale_threshold_s: cfg.stale_threshold_s,
+            cooldown_s: cfg.cooldown_s,
+            qty_tolerance_pct: cfg.qty_tolerance_pct,
+            plan_max_age_s: cfg.plan_max_age_s,
+        };
+        Consumer {
+            cfg,
+            allowlist,
+            steps,
+            metrics,
+            state_script: redis::Script::new(STATE_SCRIPT),
+            write_script: permits::script(),
+            limits,
+        }
+    }
+
+    /// Handles one batch: filter, read state, evaluate, write + ACK. On a
+    /// Redis error nothing was ACKed (the script is atomic), so every entry
+    /// stays pending and is read again.
+    pub async fn handle_batch(
+        &self,
+        con: &mut ConnectionManager,
+        entries: &[Entry],
+    ) -> Result<(), redis::RedisError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.metrics.batch_size.observe(entries.len() as f64);
+        let now = store::now_epoch();
+        let allow = self.allowlist.load();
+        let mut writes: Vec<Write> = Vec::with_capacity(entries.len());
+        let mut filtered: Vec<(usize, Filtered)> = Vec::new();
+        let mut to_eval: Vec<(usize, Plan)> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            match classify(e, &allow, now) {
+                Ok(p) => to_eval.push((i, p)),
+                Err(f) => filtered.push((i, f)),
+            }
+        }
+        let mut symbols: Vec<String> = to_eval.iter().map(|(_, p)| p.symbol.clone()).collect();
+        symbols.sort();
+        symbols.dedup();
+        let state = read_state(con, &self.state_script, &symbols).await?;
+        let now = store::now_epoch();
+        let mut evaluated: Vec<Option<Pending>> = (0..entries.len()).map(|_| None).collect();
+        for (i, plan) in to_eval {
+            let st = state.get(&plan.symbol).cloned().unwrap_or_default();
+            debug!(
+                "Evaluating plan {} symbol={} decision={} action={} reduceOnly={}",
+                id8(&plan.plan_id),
+                plan.symbol,
+                plan.decision,
+                plan.action,
+                plan.reduce_only
+            );
+            let decision = self.decide(&plan, &st, now);
+            evaluated[i] = Some(Pending { plan, decision });
+        }
+        for (i, e) in entries.iter().enumerate() {
+            let w = match &evaluated[i] {
+                Some(p) if !self.cfg.dry_run => self.permit_write(&e.id, p, now),
+                _ => Write::AckOnly {
+                    entry_id: e.id.clone(),
+                },
+            };
+            writes.push(w);
+        }
+        let results = permits::write_batch(
+            con,
+            &self.write_script,
+            PLAN_STREAM,
+            &self.cfg.consumer_group,
+            self.cfg.permit_ttl.as_millis() as u64,
+            &writes,
+        )
+        .await?;
+        let done = store::now_epoch();
+        for (i, f) in filtered {
+            self.log_filtered(&entries[i], &f, &allow);
+        }
+        for (i, res) in results.iter().enumerate() {
+            if let Some(p) = &evaluated[i] {
+                self.record(p, *res, done);
+            }
+        }
+        Ok(())
+    }
+
+    fn decide(&self, plan: &Plan, st: &SymbolState, now: f64) -> Decision {
+        let sym = plan.symbol.as_str();
+        let step = match self.steps.get(sym) {
+            Some(s) => s,
+            None => {
+                self.metrics
+                    .step_size_fallback_total
+                    .with_label_values(&[sym])
+                    .inc();
+                if self.steps.warn_once(sym) {
+                    warn!("{sym}: no step size known from exchangeInfo; using 0.001");
+                }
+                rules::fallback_step()
+            }
+        };
+        if st.snapshot_wrong_type {
+            return Decision::Deny(rules::Deny {
+                reason: rules::Reason::InvalidExchangeSnapshot,
+                context: json_obj(serde_json::json!({"field": "type"})),
+            });
+        }
+        if st.ledger_wrong_type {
+            return Decision::Deny(rules::Deny {
+                reason: rules::Reason::InvalidLedger,
+                context: json_obj(serde_json::json!({"field": "type"})),
+            });
+        }
+        if let Some(s) = &st.snapshot {
+            if let (Some(ts), Some(a)) = (
+                s.get("ts_epoch").and_then(|v| v.parse::<f64>().ok()),
+                s.get("position_amt").and_then(|v| v.parse::<f64>().ok()),
+            ) {
+                if ts.is_finite() && a.is_finite() {
+                    self.metrics.observe_snapshot(sym, ts, a);
+                }
+            }
+        }
+        if let Some(la) = st.ledger.as_ref().and_then(|l| {
+            l.get("last_known_amt")
+                .or_else(|| l.get("ledger_amt"))
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| v.is_finite())
+        }) {
+            self.metrics
+                .ledger_position_amt
+                .with_label_values(&[sym])
+                .set(la);
+        }
+        rules::evaluate(
+            plan,
+            st.snapshot.as_ref(),
+            st.ledger.as_ref(),
+            st.cooldown.as_deref(),
+            now,
+            &self.limits,
+            step,
+        )
+    }
+
+    fn permit_write(&self, entry_id: &str, p: &Pending, now: f64) -> Write {
+        let (body, hold) = match &p.decision {
+            Decision::Allow(a) => (
+                permits::allow_json(&p.plan.plan_id, &p.plan.symbol, a, now),
+                a.hold_applies.then(|| {
+                    permits::deny_json(
+                        &p.plan.plan_id,
+                        &p.plan.symbol,
+                        &permits::hold_deny(a.exchange_amt, a.ledger_amt),
+                        now,
+                    )
+                }),
+            ),
+            Decision::Deny(d) => (
+                permits::deny_json(&p.plan.plan_id, &p.plan.symbol, d, now),
+                None,
+            ),
+        };
+        Write::Permit {
+            entry_id: entry_id.to_string(),
+            plan_id: p.plan.plan_id.clone(),
+            symbol: p.plan.symbol.clone(),
+            body,
+            hold,
+        }
+    }
+
+    fn log_filtered(&self, e: &Entry, f: &Filtered, allow: &Allowlist) {
+        let outcome = match f {
+            Filtered::Malformed(why) => {
+                error!("malformed plan entry {}: {why} - ACK, no permit", e.id);
+                "malformed"
+            }
+            Filtered::SkipDecision => {
+                let d = e.fields.as_ref().and_then(|f| f.get("decision")).cloned();
+                debug!(
+                    "plan entry {}: decision={} - ACK, no permit",
+                    e.id,
+                    d.as_deref().unwrap_or("<missing>")
+                );
+                "skip_decision"
+            }
+            Filtered::NotAllowlisted => {
+                let f = e.fields.as_ref();
+                let sym = f.and_then(|f| f.get("symbol")).map_or("UNKNOWN", String::as_str);
+                let id = f.and_then(|f| f.get("plan_id")).map_or("", String::as_str);
+                debug!(
+                    "{sym}: Not in allowlist (source={}) - ACK plan {}",
+                    allow.source.label(),
+                    id8(id)
+                );
+                "not_allowlisted"
+            }
+        };
+        self.metrics.plans_total.with_label_values(&[outcome]).inc();
+    }
+
+    fn record(&self, p: &Pending, res: Written, done: f64) {
+        let (sym, id) = (p.plan.symbol.as_str(), id8(&p.plan.plan_id));
+        if res == Written::AlreadyAcked {
+            warn!("{sym}: plan {id} was already handled by another consumer; no second permit");
+            self.metrics.plans_total.with_label_values(&["duplicate"]).inc();
+            return;
+        }
+        if self.cfg.dry_run {
+            let outcome = match &p.decision {
+                Decision::Allow(a) => {
+                    info!(
+                        "{sym}: DRY-RUN would ALLOW plan {id} (safe_qty={}, exchange_amt={}, reason={})",
+                        dec_str(a.safe_qty),
+                        dec_str(a.exchange_amt),
+                        a.reason.as_str()
+                    );
+                    "dry_run_allow"
+                }
+                Decision::Deny(d) => {
+                    warn!(
+                        "{sym}: DRY-RUN would DENY plan {id} reason={} context={}",
+                        d.reason.as_str(),
+                        serde_json::Value::Object(d.context.clone())
+                    );
+                    "dry_run_deny"
+                }
+            };
+            self.metrics.plans_total.with_label_values(&[outcome]).inc();
+            return;
+        }
+        let held;
+        let decision = match (&p.decision, res) {
+            (Decision::Allow(a), Written::HoldDenied) => {
+                held = Decision::Deny(permits::hold_deny(a.exchange_amt, a.ledger_amt));
+                &held
+            }
+            (d, _) => d,
+        };
+        match decision {
+            Decision::Allow(a) => {
+                info!(
+                    "{sym}: P3.3 ALLOW plan {id} (safe_qty={}, exchange_amt={})",
+                    dec_str(a.safe_qty),
+                    dec_str(a.exchange_amt)
+                );
+                self.metrics.permit_allow_total.with_label_values(&[sym]).inc();
+                self.metrics.plans_total.with_label_values(&["allow"]).inc();
+            }
+            Decision::Deny(d) => {
+                warn!(
+                    "{sym}: P3.3 DENY plan {id} reason={} context={}",
+                    d.reason.as_str(),
+                    serde_json::Value::Object(d.context.clone())
+                );
+                self.metrics
+                    .permit_deny_total
+                    .with_label_values(&[sym, d.reason.as_str()])
+                    .inc();
+                self.metrics.plans_total.with_label_values(&["deny"]).inc();
+            }
+        }
+        let lat = done - p.plan.entry_ms as f64 / 1000.0;
+        self.metrics.permit_latency_seconds.observe(lat.max(0.0));
+    }
+}
+
+fn json_obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// Runs the plan loop until `cancel` fires. Never returns early: Redis
+/// errors are retried with backoff (after which own pending entries are read
+/// again), NOGROUP recreates the group.
+pub async fn run(
+    cfg: Arc<Config>,
+    allowlist: AllowlistHandle,
+    steps: StepSizes,
+    metrics: Arc<Metrics>,
+    watchdog: Arc<Watchdog>,
+    cancel: CancellationToken,
+) {
+    let Some(mut con) = store::connect(
+        &cfg.redis,
+        "plan consumer",
+        Duration::from_millis(BLOCK_MS + 5000),
+        &cancel,
+    )
+    .await
+    else {
+        return;
+    };
+    let c = Consumer::new(cfg.clone(), allowlist, steps, metrics.clone());
+    let mut backoff = Backoff::default();
+    let mut replay_pending = true;
+    let mut next_claim = Instant::now();
+    loop {
+        watchdog.ping(&metrics);
+        if cancel.is_cancelled() {
+            return;
+        }
+        let step: Result<(), redis::RedisError> = async {
+            if Instant::now() >= next_claim {
+                next_claim = Instant::now() + cfg.claim_idle;
+                let claimed = autoclaim(
+                    &mut con,
+                    PLAN_STREAM,
+                    &cfg.consumer_group,
+                    &cfg.consumer_name,
+                    cfg.claim_idle,
+                )
+                .await?;
+                if !claimed.is_empty() {
+                    info!(
+                        "claimed {} plan entries idle ≥ {:?} on other consumers",
+                        claimed.len(),
+                        cfg.claim_idle
+                    );
+                    for chunk in claimed.chunks(BATCH) {
+                        c.handle_batch(&mut con, chunk).await?;
+                    }
+                }
+            }
+            let read = read_group(
+                &mut con,
+                PLAN_STREAM,
+                &cfg.consumer_group,
+                &cfg.consumer_name,
+                replay_pending,
+                BATCH,
+                BLOCK_MS,
+            );
+            // A read cut short by shutdown leaves its entries pending for the
+            // next start (same consumer name): nothing is lost.
+            let entries = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = read => r?,
+            };
+            if replay_pending {
+                if entries.is_empty() {
+                    replay_pending = false;
+                } else {
+                    info!("re-reading {} own pending plan entries", entries.len());
+                }
+            }
+            c.handle_batch(&mut con, &entries).await
+        }
+        .await;
+        match step {
+            Ok(()) => {
+                metrics.set_redis_up(true);
+                metrics.set_group_ok(true);
+                backoff.reset();
+            }
+            Err(e) => {
+                replay_pending = true;
+                if store::is_nogroup(&e) {
+                    metrics.set_group_ok(false);
+                    warn!("plan consumer group missing ({e}); recreating it");
+                    match store::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group).await {
+                        Ok(()) => {
+                            metrics.set_group_ok(true);
+                            continue;
+                        }
+                        Err(e) => warn!("recreating the plan consumer group failed: {e}"),
+                    }
+                } else {
+                    metrics.set_redis_up(false);
+                    warn!("plan consumer: redis error: {e}; retrying with backoff");
+                }
+                if !backoff.wait(&cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn entry(id: &str, f: &[(&str, &str)]) -> Entry {
+        Entry {
+            id: id.into(),
+            fields: Some(f.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        }
+    }
+
+    #[test]
+    fn classify_filters_in_spec_order() {
+        let allow = Allowlist {
+            source: crate::allowlist::Source::Env,
+            symbols: HashSet::from(["BTCUSDT".to_string()]),
+            expires_at: None,
+        };
+        let ok = [("plan_id", "p1"), ("symbol", "BTCUSDT"), ("decision", "EXECUTE"), ("action", "OPEN"), ("reduceOnly", "Yes")];
+        let p = classify(&entry("1700000000000-0", &ok), &allow, 0.0).unwrap();
+        assert!(p.reduce_only);
+        assert_eq!(p.entry_ms, 1_700_000_000_000);
+        let long = "x".repeat(129);
+        for (name, f, want) in [
+            ("missing plan_id", vec![("symbol", "BTCUSDT"), ("decision", "EXECUTE")], "malformed"),
+            ("empty plan_id", vec![("plan_id", ""), ("decision", "EXECUTE")], "malformed"),
+            ("plan_id with space", vec![("plan_id", "a b"), ("decision", "EXECUTE")], "malformed"),
+            ("plan_id with control", vec![("plan_id", "a\u{7}"), ("decision", "EXECUTE")], "malformed"),
+            ("plan_id too long", vec![("plan_id", long.as_str()), ("decision", "EXECUTE")], "malformed"),
+            ("skip decision", vec![("plan_id", "p"), ("symbol", "BTCUSDT"), ("decision", "SKIP")], "skip"),
+            ("missing decision", vec![("plan_id", "p"), ("symbol", "BTCUSDT")], "skip"),
+            ("not allowlisted", vec![("plan_id", "p"), ("symbol", "ETHUSDT"), ("decision", "EXECUTE")], "not"),
+            ("missing symbol is UNKNOWN", vec![("plan_id", "p"), ("decision", "RECONCILE_CLOSE")], "not"),
+        ] {
+            let got = match classify(&entry("1-0", &f), &allow, 0.0) {
+                Err(Filtered::Malformed(_)) => "malformed",
+                Err(Filtered::SkipDecision) => "skip",
+                Err(Filtered::NotAllowlisted) => "not",
+                Ok(_) => "evaluate",
+            };
+            assert_eq!(got, want, "{name}");
+        }
+        let deleted = Entry { id: "1-0".into(), fields: None };
+        assert!(matches!(classify(&deleted, &allow, 0.0), Err(Filtered::Malformed(_))));
+        let p128 = "y".repeat(128);
+        assert!(valid_plan_id(&p128));
+    }
+
+    #[test]
+    fn id8_is_char_safe() {
+        assert_eq!(id8("abcdef0123"), "abcdef01");
+        assert_eq!(id8("abc"), "abc");
+        assert_eq!(id8("ééééééééé"), "éééééééé");
+    }
+
+    #[test]
+    fn parses_xreadgroup_replies() {
+        let b = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let v = Value::Array(vec![Value::Array(vec![
+            b("quantum:stream:apply.plan"),
+            Value::Array(vec![
+                Value::Array(vec![b("5-0"), Value::Array(vec![b("plan_id"), b("p")])]),
+                Value::Array(vec![b("6-0"), Value::Nil]),
+            ]),
+        ])]);
+        let e = parse_xread(&v);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].fields.as_ref().unwrap()["plan_id"], "p");
+        assert!(e[1].fields.is_none());
+        assert!(parse_xread(&Value::Nil).is_empty());
+        assert_eq!(entry_ms("1769920000123-4"), Some(1769920000123));
+    }
+}

@@ -1,0 +1,631 @@
+//! Exchange: Binance USDⓈ-M futures positions and step sizes (SPEC §7, §5).
+//!
+//! One signed `GET /fapi/v2/positionRisk` per cycle (every `P33_POLL_SEC`,
+//! and at once when the allowlist gains symbols) → one pipeline writing
+//! `quantum:position:snapshot:<symbol>` (and, with `P33_CANONICAL_POSITIONS`,
+//! `quantum:state:positions:<symbol>`) for every allowlisted symbol, TTL 3600.
+//! A failed cycle writes nothing. Step sizes come from the public
+//! `GET /fapi/v1/exchangeInfo`, loaded at start and hourly, in both snapshot
+//! modes. Both run as their own tasks: a slow exchange never delays plans.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hmac::{Hmac, Mac};
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sha2::Sha256;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::allowlist::AllowlistHandle;
+use crate::config::{Config, Secret};
+use crate::metrics::Metrics;
+use crate::rules::{dec_str, parse_dec};
+use crate::store;
+
+/// Snapshot and canonical hash lifetime, seconds.
+pub const SNAPSHOT_TTL_S: i64 = 3600;
+/// How often step sizes are reloaded.
+pub const STEP_REFRESH: Duration = Duration::from_secs(3600);
+/// Request timeout.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What went wrong talking to the exchange. Messages never hold secrets:
+/// request URLs (which carry the signature) are stripped.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// Network error, timeout or 5xx: the cycle fails, the next one retries.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// 429/418: no request before the instant given.
+    #[error("rate limited: retry after {0:?}")]
+    RateLimited(Duration),
+    /// An API error code (e.g. -1022 bad signature, -2015 bad key).
+    #[error("api error {code}: {msg}")]
+    Api { code: i64, msg: String },
+    /// A reply that is not what the API documents.
+    #[error("malformed reply: {0}")]
+    Malformed(String),
+}
+
+impl ExchangeError {
+    /// The `outcome` label of `p33_exchange_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ExchangeError::Transient(_) => "transient_error",
+            ExchangeError::RateLimited(_) => "rate_limited",
+            ExchangeError::Api { .. } => "api_error",
+            ExchangeError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// Hex HMAC-SHA256 of `query` with `secret` (Binance request signing).
+pub fn sign(secret: &str, query: &str) -> String {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+        .expect("HMAC-SHA256 accepts keys of any length");
+    mac.update(query.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// A small Binance futures REST client.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: Option<Secret>,
+    secret: Option<Secret>,
+    /// Server time minus local time, ms (resynced on -1021).
+    offset_ms: AtomicI64,
+    /// No request before this instant (after 429/418).
+    hold_until: Mutex<Option<Instant>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Client {
+    /// A client for `cfg`'s base URL and credentials.
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, ExchangeError> {
+        let http = reqwest::Client::builder()
+            .timeout(HTTP_TIMEOUT)
+            .connect_timeout(HTTP_TIMEOUT)
+            .user_agent(concat!("position-state-brain/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ExchangeError::Transient(e.without_url().to_string()))?;
+        Ok(Client {
+            http,
+            base: cfg.exchange_base_url.clone(),
+            key: cfg.binance_api_key.clone(),
+            secret: cfg.binance_api_secret.clone(),
+            offset_ms: AtomicI64::new(0),
+            hold_until: Mutex::new(None),
+            metrics,
+        })
+    }
+
+    fn held(&self) -> Option<Duration> {
+        let g = self.hold_until.lock().unwrap_or_else(|p| p.into_inner());
+        g.and_then(|t| t.checked_duration_since(Instant::now()))
+    }
+
+    async fn get(&self, endpoint: &str, query: Option<String>) -> Result<Value, ExchangeError> {
+        if let Some(left) = self.held() {
+            self.metrics
+                .exchange_requests_total
+                .with_label_values(&["held_back"])
+                .inc();
+            return Err(ExchangeError::RateLimited(left));
+        }
+        let url = match &query {
+            Some(q) => format!("{}{endpoint}?{q}", self.base),
+            None => format!("{}{endpoint}", self.base),
+        };
+        let mut req = self.http.get(url);
+        if query.is_some() {
+            if let Some(k) = &self.key {
+                req = req.header("X-MBX-APIKEY", k.expose());
+            }
+        }
+        let started = Instant::now();
+        let res = self.send(req).await;
+        self.metrics
+            .exchange_request_duration_seconds
+            .with_label_values(&[endpoint])
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &res {
+            Ok(_) => "ok",
+            Err(e) => e.outcome(),
+        };
+        self.metrics
+            .exchange_requests_total
+            .with_label_values(&[outcome])
+            .inc();
+        res
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, ExchangeError> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ExchangeError::Transient(e.without_url().to_string()))?;
+        let status = resp.status();
+        if status.as_u16() == 429 || status.as_u16() == 418 {
+            let wait = resp
+                .headers()
+                .get("Retry-After")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map_or(Duration::from_secs(60), Duration::from_secs);
+            *self.hold_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + wait);
+            return Err(ExchangeError::RateLimited(wait));
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| ExchangeError::Transient(e.without_url().to_string()))?;
+        if status.is_server_error() {
+            return Err(ExchangeError::Transient(format!("HTTP {status}")));
+        }
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| ExchangeError::Malformed(format!("HTTP {status}: {e}")))?;
+        if let Some(code) = v.get("code").and_then(Value::as_i64) {
+            if code != 200 && (v.get("msg").is_some() || !status.is_success()) {
+                let msg = v.get("msg").and_then(Value::as_str).unwrap_or("").to_string();
+                return Err(ExchangeError::Api { code, msg });
+            }
+        }
+        if !status.is_success() {
+            return Err(ExchangeError::Malformed(format!("HTTP {status}")));
+        }
+        Ok(v)
+    }
+
+    /// Resyncs the clock offset from `GET /fapi/v1/time`.
+    pub async fn sync_time(&self) -> Result<(), ExchangeError> {
+        let v = self.get("/fapi/v1/time", None).await?;
+        let server = v
+            .get("serverTime")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| ExchangeError::Malformed("no serverTime".into()))?;
+        let off = server - store::now_ms() as i64;
+        self.offset_ms.store(off, Ordering::Relaxed);
+        info!("exchange clock offset resynced: {off} ms");
+        Ok(())
+    }
+
+    /// A signed GET; on -1021 (timestamp outside recvWindow) resync the clock
+    /// and retry once.
+    pub async fn signed_get(&self, endpoint: &str) -> Result<Value, ExchangeError> {
+        let Some(secret) = &self.secret else {
+            return Err(ExchangeError::Api {
+                code: -2015,
+                msg: "no API secret configured".into(),
+            });
+        };
+        let mut retried = false;
+        loop {
+            let ts = store::now_ms() as i64 + self.offset_ms.load(Ordering::Relaxed);
+            let q = format!("timestamp={ts}&recvWindow=5000");
+            let sig = sign(secret.expose(), &q);
+            match self.get(endpoint, Some(format!("{q}&signature={sig}"))).await {
+                Err(ExchangeError::Api { code: -1021, .. }) if !retried => {
+                    warn!("exchange: -1021 timestamp outside recvWindow; resyncing the clock and retrying once");
+                    retried = true;
+                    self.sync_time().await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// `GET /fapi/v1/exchangeInfo` → symbol → step size.
+    pub async fn step_sizes(&self) -> Result<HashMap<String, Decimal>, ExchangeError> {
+        let v = self.get("/fapi/v1/exchangeInfo", None).await?;
+        parse_step_sizes(&v)
+    }
+}
+
+/// Step sizes from an exchangeInfo reply: `MARKET_LOT_SIZE`, else `LOT_SIZE`.
+pub fn parse_step_sizes(v: &Value) -> Result<HashMap<String, Decimal>, ExchangeError> {
+    let syms = v
+        .get("symbols")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ExchangeError::Malformed("exchangeInfo without symbols".into()))?;
+    let mut out = HashMap::with_capacity(syms.len());
+    for s in syms {
+        let Some(name) = s.get("symbol").and_then(Value::as_str) else { continue };
+        let filters = s.get("filters").and_then(Value::as_array);
+        let step_of = |kind: &str| {
+            filters?
+                .iter()
+                .find(|f| f.get("filterType").and_then(Value::as_str) == Some(kind))
+                .and_then(|f| f.get("stepSize"))
+                .and_then(Value::as_str)
+                .and_then(parse_dec)
+                .filter(|d| *d > Decimal::ZERO)
+        };
+        if let Some(step) = step_of("MARKET_LOT_SIZE").or_else(|| step_of("LOT_SIZE")) {
+            out.insert(name.to_string(), step.normalize());
+        }
+    }
+    Ok(out)
+}
+
+/// The step-size table, shared lock-free with plan handling.
+#[derive(Clone, Default)]
+pub struct StepSizes {
+    table: Arc<ArcSwap<HashMap<String, Decimal>>>,
+    warned: Arc<Mutex<HashSet<String>>>,
+}
+
+impl StepSizes {
+    /// The step of `symbol`, if the exchange gave one.
+    pub fn get(&self, symbol: &str) -> Option<Decimal> {
+        self.table.load().get(symbol).copied()
+    }
+    /// Replaces the table.
+    pub fn set(&self, t: HashMap<String, Decimal>) {
+        self.table.store(Arc::new(t));
+    }
+    /// True the first time it is called for `symbol` (one WARN per symbol).
+    pub fn warn_once(&self, symbol: &str) -> bool {
+        self.warned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(symbol.to_string())
+    }
+}
+
+/// Loads step sizes at start and hourly; a failed load keeps the last good
+/// table and retries sooner.
+pub async fn run_step_sizes(
+    cfg: Arc<Config>,
+    steps: StepSizes,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let client = match Client::new(&cfg, metrics) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("step sizes: cannot build the HTTP client: {e}; using 0.001 for every symbol");
+            return cancel.cancelled().await;
+        }
+    };
+    let mut backoff = store::Backoff::default();
+    loop {
+        let wait = match client.step_sizes().await {
+            Ok(t) => {
+                info!("step sizes loaded for {} symbols from exchangeInfo", t.len());
+                steps.set(t);
+                backoff.reset();
+                STEP_REFRESH
+            }
+            Err(e) => {
+                warn!("step sizes: exchangeInfo failed: {e}; keeping the last table");
+                backoff.next_delay().max(Duration::from_secs(5)) * 6
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One symbol's position as written to its snapshot hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    pub amt: Decimal,
+    /// LONG / SHORT / NONE / HEDGED.
+    pub side: &'static str,
+    pub entry_price: String,
+    pub mark_price: String,
+    pub unrealized_pnl: String,
+    pub leverage: String,
+}
+
+impl Position {
+    fn flat() -> Self {
+        Position {
+            amt: Decimal::ZERO,
+            side: "NONE",
+            entry_price: "0".into(),
+            mark_price: "0".into(),
+            unrealized_pnl: "0".into(),
+            leverage: "0".into(),
+        }
+    }
+}
+
+/// Folds a positionRisk reply into one position per symbol. Hedge mode: one
+/// non-zero side is the position; two non-zero sides are HEDGED.
+pub fn parse_positions(v: &Value) -> Result<HashMap<String, Position>, ExchangeError> {
+    let rows = v
+        .as_array()
+        .ok_or_else(|| ExchangeError::Malformed("positionRisk reply is not a list".into()))?;
+    let mut by_symbol: HashMap<String, Vec<(Decimal, &Value)>> = HashMap::new();
+    for r in rows {
+        let (Some(sym), Some(amt)) = (
+            r.get("symbol").and_then(Value::as_str),
+            r.get("positionAmt").and_then(Value::as_str).and_then(parse_dec),
+        ) else {
+            return Err(ExchangeError::Malformed(
+                "positionRisk row without symbol/positionAmt".into(),
+            ));
+        };
+        by_symbol.entry(sym.to_string()).or_default().push((amt, r));
+    }
+    let s = |r: &Value, k: &str| {
+        r.get(k)
+            .map(|v| match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .unwrap_or_else(|| "0".into())
+    };
+    let mut out = HashMap::with_capacity(by_symbol.len());
+    for (sym, rows) in by_symbol {
+        let open: Vec<&(Decimal, &Value)> = rows.iter().filter(|(a, _)| !a.is_zero()).collect();
+        let pos = match open.as_slice() {
+            [] => Position::flat(),
+            [(amt, r)] => Position {
+                amt: *amt,
+                side: if amt.is_sign_positive() { "LONG" } else { "SHORT" },
+                entry_price: s(r, "entryPrice"),
+                mark_price: s(r, "markPrice"),
+                unrealized_pnl: s(r, "unRealizedProfit"),
+                leverage: s(r, "leverage"),
+            },
+            [(_, r), ..] => Position {
+                amt: open.iter().map(|(a, _)| *a).sum(),
+                side: "HEDGED",
+                entry_price: s(r, "entryPrice"),
+                mark_price: s(r, "markPrice"),
+                unrealized_pnl: open
+                    .iter()
+                    .filter_map(|(_, r)| parse_dec(&s(r, "unRealizedProfit")))
+                    .sum::<Decimal>()
+                    .to_string(),
+                leverage: s(r, "leverage"),
+            },
+        };
+        out.insert(sym, pos);
+    }
+    Ok(out)
+}
+
+/// `binance_testnet` when the base URL's host contains `testnet`.
+pub fn source_label(base_url: &str) -> &'static str {
+    let host = url::Url::parse(base_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
+    if host.contains("testnet") {
+        "binance_testnet"
+    } else {
+        "binance"
+    }
+}
+
+/// Writes every allowlisted symbol's snapshot in one pipeline.
+pub async fn write_snapshots(
+    con: &mut redis::aio::ConnectionManager,
+    symbols: &[String],
+    positions: &HashMap<String, Position>,
+    ts: f64,
+    source: &str,
+    canonical: bool,
+) -> Result<(), redis::RedisError> {
+    let mut p = redis::pipe();
+    let ts = format!("{ts:.3}");
+    let flat = Position::flat();
+    for sym in symbols {
+        let pos = positions.get(sym).unwrap_or(&flat);
+        let key = format!("quantum:position:snapshot:{sym}");
+        let amt = dec_str(pos.amt);
+        p.cmd("HSET")
+            .arg(&key)
+            .arg("position_amt")
+            .arg(&amt)
+            .arg("side")
+            .arg(pos.side)
+            .arg("entry_price")
+            .arg(&pos.entry_price)
+            .arg("mark_price")
+            .arg(&pos.mark_price)
+            .arg("unrealized_pnl")
+            .arg(&pos.unrealized_pnl)
+            .arg("leverage")
+            .arg(&pos.leverage)
+            .arg("ts_epoch")
+            .arg(&ts)
+            .arg("source")
+            .arg(source)
+            .ignore();
+        p.cmd("EXPIRE").arg(&key).arg(SNAPSHOT_TTL_S).ignore();
+        // The canonical hash knows LONG/SHORT/FLAT only: a hedged symbol is
+        // left out rather than written with a side that would mislead.
+        if canonical && pos.side != "HEDGED" {
+            let ckey = format!("quantum:state:positions:{sym}");
+            let side = match pos.side {
+                "LONG" => "LONG",
+                "SHORT" => "SHORT",
+                _ => "FLAT",
+            };
+            p.cmd("HSET")
+                .arg(&ckey)
+                .arg("symbol")
+                .arg(sym)
+                .arg("position_amt")
+                .arg(&amt)
+                .arg("side")
+                .arg(side)
+                .arg("quantity")
+                .arg(dec_str(pos.amt.abs()))
+                .arg("entry_price")
+                .arg(&pos.entry_price)
+                .arg("mark_price")
+                .arg(&pos.mark_price)
+                .arg("current_price")
+                .arg(&pos.mark_price)
+                .arg("unrealized_pnl")
+                .arg(&pos.unrealized_pnl)
+                .arg("leverage")
+                .arg(&pos.leverage)
+                .arg("ts_epoch")
+                .arg(&ts)
+                .arg("source")
+                .arg("position_state_brain")
+                .ignore();
+            p.cmd("EXPIRE").arg(&ckey).arg(SNAPSHOT_TTL_S).ignore();
+        }
+    }
+    p.query_async::<()>(con).await
+}
+
+/// Polls positions until `cancel` fires: every `P33_POLL_SEC`, and at once
+/// when `gained` changes (the allowlist gained symbols).
+pub async fn run_poller(
+    cfg: Arc<Config>,
+    allowlist: AllowlistHandle,
+    metrics: Arc<Metrics>,
+    mut gained: watch::Receiver<u64>,
+    cancel: CancellationToken,
+) {
+    let client = match Client::new(&cfg, metrics.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("snapshots: cannot build the HTTP client: {e}; snapshots will age");
+            return cancel.cancelled().await;
+        }
+    };
+    let Some(mut con) = store::connect(&cfg.redis, "snapshot poller", Duration::from_secs(10), &cancel).await
+    else {
+        return;
+    };
+    let source = source_label(&cfg.exchange_base_url);
+    let mut tick = tokio::time::interval(cfg.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures = 0u64;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+            r = gained.changed() => {
+                if r.is_err() { return cancel.cancelled().await; }
+                info!("allowlist gained symbols: polling positions now");
+            }
+        }
+        let allow = allowlist.load();
+        let mut symbols: Vec<String> = allow.symbols.iter().cloned().collect();
+        symbols.sort();
+        if symbols.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let fetched = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = client.signed_get("/fapi/v2/positionRisk") => r.and_then(|v| parse_positions(&v)),
+        };
+        let positions = match fetched {
+            Ok(p) => p,
+            Err(e) => {
+                failures += 1;
+                if failures <= 3 || failures % 20 == 0 {
+                    warn!("snapshots: positionRisk failed ({failures} in a row): {e}; snapshots age");
+                }
+                continue;
+            }
+        };
+        let ts = store::now_epoch();
+        match write_snapshots(&mut con, &symbols, &positions, ts, source, cfg.canonical_positions).await {
+            Ok(()) => {
+                if failures > 0 {
+                    info!("snapshots: positionRisk recovered after {failures} failed cycle(s)");
+                }
+                failures = 0;
+                let hedged: Vec<&str> = symbols
+                    .iter()
+                    .filter(|s| positions.get(*s).is_some_and(|p| p.side == "HEDGED"))
+                    .map(String::as_str)
+                    .collect();
+                if !hedged.is_empty() {
+                    warn!("snapshots: hedge-mode positions open on both sides (plans denied): {}", hedged.join(","));
+                }
+                for s in &symbols {
+                    let amt = positions.get(s).map_or(0.0, |p| dec_str(p.amt).parse().unwrap_or(0.0));
+                    metrics.observe_snapshot(s, ts, amt);
+                }
+                let keep: HashSet<&str> = symbols.iter().map(String::as_str).collect();
+                metrics.retain_snapshot_symbols(&|s| keep.contains(s));
+                metrics
+                    .snapshot_cycle_seconds
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            Err(e) => warn!("snapshots: writing {} hashes failed: {e}", symbols.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::str::FromStr;
+
+    #[test]
+    fn signature_matches_the_binance_documentation_example() {
+        // Binance API docs, "SIGNED endpoint examples for POST /api/v3/order" (HMAC).
+        let secret = "NhqPtmdSJYdKjVHjA7PZj4Mge3R5YNiP1e3UZjInClVN65XAbvqqM6A7H5fATj0j";
+        let query = "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1&recvWindow=5000&timestamp=1499827319559";
+        assert_eq!(
+            sign(secret, query),
+            "c8db56825ae71d6d79447849e617115f4a920fa2acdcab2b053c4b2838bd6b71"
+        );
+    }
+
+    #[test]
+    fn positions_one_way_and_hedge_mode() {
+        let v = json!([
+            {"symbol": "BTCUSDT", "positionAmt": "0.038", "positionSide": "BOTH", "entryPrice": "60000", "markPrice": "60100", "unRealizedProfit": "3.8", "leverage": "5"},
+            {"symbol": "ETHUSDT", "positionAmt": "0", "positionSide": "LONG"},
+            {"symbol": "ETHUSDT", "positionAmt": "-1.5", "positionSide": "SHORT", "entryPrice": "3000"},
+            {"symbol": "SOLUSDT", "positionAmt": "2", "positionSide": "LONG"},
+            {"symbol": "SOLUSDT", "positionAmt": "-1", "positionSide": "SHORT"},
+            {"symbol": "XRPUSDT", "positionAmt": "0.000", "positionSide": "BOTH"}
+        ]);
+        let p = parse_positions(&v).unwrap();
+        assert_eq!((p["BTCUSDT"].side, dec_str(p["BTCUSDT"].amt)), ("LONG", "0.038".into()));
+        assert_eq!((p["ETHUSDT"].side, dec_str(p["ETHUSDT"].amt)), ("SHORT", "-1.5".into()));
+        assert_eq!(p["SOLUSDT"].side, "HEDGED");
+        assert_eq!((p["XRPUSDT"].side, dec_str(p["XRPUSDT"].amt)), ("NONE", "0".into()));
+        assert!(parse_positions(&json!({"code": -1})).is_err());
+    }
+
+    #[test]
+    fn step_sizes_prefer_market_lot_size() {
+        let v = json!({"symbols": [
+            {"symbol": "BTCUSDT", "filters": [{"filterType": "LOT_SIZE", "stepSize": "0.001"}, {"filterType": "MARKET_LOT_SIZE", "stepSize": "0.010"}]},
+            {"symbol": "DOGEUSDT", "filters": [{"filterType": "LOT_SIZE", "stepSize": "1"}]},
+            {"symbol": "ODDUSDT", "filters": [{"filterType": "MARKET_LOT_SIZE", "stepSize": "0"}, {"filterType": "LOT_SIZE", "stepSize": "0.1"}]},
+            {"symbol": "NONEUSDT", "filters": []}
+        ]});
+        let t = parse_step_sizes(&v).unwrap();
+        assert_eq!(t["BTCUSDT"], Decimal::from_str("0.01").unwrap());
+        assert_eq!(t["DOGEUSDT"], Decimal::ONE);
+        assert_eq!(t["ODDUSDT"], Decimal::from_str("0.1").unwrap());
+        assert!(!t.contains_key("NONEUSDT"));
+    }
+
+    #[test]
+    fn source_label_from_host() {
+        assert_eq!(source_label("https://testnet.binancefuture.com"), "binance_testnet");
+        assert_eq!(source_label("https://fapi.binance.com"), "binance");
+        assert_eq!(source_label("http://127.0.0.1:9000"), "binance");
+    }
+}

@@ -1,0 +1,119 @@
+//! HTTP: `/metrics`, `/healthz` and `/readyz` on `P33_METRICS_ADDR:P33_METRICS_PORT`.
+//!
+//! [`bind`] happens first at start (a busy port is fatal, exit 1), and logs
+//! the address it got, so tests can use port 0. The server stops accepting
+//! when shutdown is asked for.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::metrics::Metrics;
+use crate::store;
+
+/// Binds the listener; the error names the address.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the metrics port {addr}: {e}"))?;
+    info!("metrics listening on http://{}", l.local_addr()?);
+    Ok(l)
+}
+
+fn reply(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = ctype.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Answers one request.
+pub fn handle(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
+    if !known {
+        return reply(StatusCode::NOT_FOUND, TEXT, "not found\n".into());
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into());
+        if let Ok(v) = "GET, HEAD".parse() {
+            r.headers_mut().insert(hyper::header::ALLOW, v);
+        }
+        return r;
+    }
+    match path {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(store::now_epoch()),
+        ),
+        "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
+        _ if metrics.ready() => reply(StatusCode::OK, TEXT, "ready\n".into()),
+        _ => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "not ready: redis down, consumer group missing or allowlist not loaded\n".into(),
+        ),
+    }
+}
+
+/// Serves until `cancel` fires.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!("metrics accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let r = handle(&metrics, req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { debug!("metrics connection from {peer}: {e}") },
+                _ = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_methods() {
+        let m = Metrics::new();
+        assert_eq!(handle(&m, &Method::GET, "/healthz").status(), StatusCode::OK);
+        assert_eq!(handle(&m, &Method::GET, "/readyz").status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(handle(&m, &Method::GET, "/metrics").status(), StatusCode::OK);
+        assert_eq!(handle(&m, &Method::GET, "/nope").status(), StatusCode::NOT_FOUND);
+        assert_eq!(handle(&m, &Method::POST, "/metrics").status(), StatusCode::METHOD_NOT_ALLOWED);
+        m.set_redis_up(true);
+        m.set_group_ok(true);
+        m.set_allowlist("env", 1, None);
+        assert_eq!(handle(&m, &Method::GET, "/readyz").status(), StatusCode::OK);
+    }
+}

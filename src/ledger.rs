@@ -1,0 +1,272 @@
+//! Ledger metadata: follows `quantum:stream:apply.result` (SPEC §8).
+//!
+//! Group `p33-ledger` (`p33-ledger-dryrun` in dry run, which writes nothing).
+//! For an executed result with a non-empty `steps_results` list it writes the
+//! last step's order metadata to `quantum:position:ledger:<symbol>`
+//! (`last_order_id`, `last_result_plan_id`, `last_executed_qty`,
+//! `last_order_side`, `updated_at`, EXPIRE 86400) and ACKs the entry in the
+//! same script, so an entry is applied once across restarts. It never writes
+//! `last_known_amt`, `ledger_amt` or `last_side`: the executor and the
+//! reconcile service own them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::allowlist::valid_symbol;
+use crate::config::Config;
+use crate::consumer::{read_group, Entry};
+use crate::lifecycle::RESULT_STREAM;
+use crate::metrics::Metrics;
+use crate::store::{self, Backoff};
+
+/// The metadata one result entry writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerMeta {
+    pub symbol: String,
+    pub order_id: String,
+    pub plan_id: String,
+    pub executed_qty: String,
+    pub order_side: String,
+}
+
+/// What to do with one result entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResultAction {
+    /// Write the metadata and ACK.
+    Apply(LedgerMeta),
+    /// Not executed: ACK quietly.
+    Skip,
+    /// Executed but unusable: ACK with a WARN naming why.
+    Malformed(String),
+}
+
+fn field<'a>(v: &'a Value, names: &[&str]) -> Option<&'a Value> {
+    names.iter().find_map(|n| v.get(*n)).filter(|v| !v.is_null())
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Decides what a result entry means (pure).
+pub fn interpret(fields: &HashMap<String, String>) -> ResultAction {
+    let executed = matches!(
+        fields.get("executed").map(|s| s.trim()),
+        Some("true" | "True" | "TRUE" | "1")
+    );
+    if !executed {
+        return ResultAction::Skip;
+    }
+    let Some(raw) = fields.get("steps_results") else {
+        return ResultAction::Malformed("executed without steps_results".into());
+    };
+    let steps: Value = match serde_json::from_str(raw) {
+        Ok(v) => v,
+        Err(e) => return ResultAction::Malformed(format!("steps_results is not JSON: {e}")),
+    };
+    let Some(last) = steps.as_array().and_then(|a| a.last()) else {
+        return ResultAction::Malformed("steps_results is not a non-empty list".into());
+    };
+    let symbol = fields
+        .get("symbol")
+        .cloned()
+        .or_else(|| field(last, &["symbol"]).map(scalar))
+        .unwrap_or_default();
+    if !valid_symbol(&symbol) {
+        return ResultAction::Malformed(format!("invalid symbol {symbol:?}"));
+    }
+    let side = field(last, &["side", "order_side"])
+        .map(scalar)
+        .unwrap_or_default()
+        .to_ascii_uppercase();
+    if side != "BUY" && side != "SELL" {
+        return ResultAction::Malformed(format!("last step side {side:?} is not BUY/SELL"));
+    }
+    let Some(order_id) = field(last, &["order_id", "orderId"]).map(scalar) else {
+        return ResultAction::Malformed("last step has no order_id".into());
+    };
+    let executed_qty = field(last, &["executed_qty", "executedQty", "qty", "quantity"])
+        .map(scalar)
+        .unwrap_or_default();
+    ResultAction::Apply(LedgerMeta {
+        symbol,
+        order_id,
+        plan_id: fields.get("plan_id").cloned().unwrap_or_default(),
+        executed_qty,
+        order_side: side,
+    })
+}
+
+/// HSET + EXPIRE + XACK in one step; with ARGV[3] = '0' only the ACK.
+const APPLY_SCRIPT: &str = r#"
+if redis.call('XACK', ARGV[1], ARGV[2], ARGV[3]) == 0 then return 0 end
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'last_order_id', ARGV[5], 'last_result_plan_id', ARGV[6],
+    'last_executed_qty', ARGV[7], 'last_order_side', ARGV[8], 'updated_at', ARGV[9])
+  redis.call('EXPIRE', KEYS[1], 86400)
+end
+return 1
+"#;
+
+/// Runs the follower until `cancel` fires.
+pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    let Some(mut con) =
+        store::connect(&cfg.redis, "ledger follower", Duration::from_secs(7), &cancel).await
+    else {
+        return;
+    };
+    let script = redis::Script::new(APPLY_SCRIPT);
+    let group = cfg.ledger_group();
+    let mut backoff = Backoff::default();
+    let mut pending = true;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let step: Result<(), redis::RedisError> = async {
+            let read = read_group(
+                &mut con,
+                RESULT_STREAM,
+                group,
+                &cfg.consumer_name,
+                pending,
+                64,
+                1000,
+            );
+            let entries = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = read => r?,
+            };
+            if pending && entries.is_empty() {
+                pending = false;
+            }
+            for e in &entries {
+                apply(&mut con, &script, &cfg, group, e, &metrics).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match step {
+            Ok(()) => backoff.reset(),
+            Err(e) => {
+                pending = true;
+                if store::is_nogroup(&e) {
+                    warn!("ledger follower group missing ({e}); recreating it");
+                    if store::ensure_group(&mut con, RESULT_STREAM, group).await.is_ok() {
+                        continue;
+                    }
+                } else {
+                    warn!("ledger follower: redis error: {e}; retrying with backoff");
+                }
+                if !backoff.wait(&cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn apply(
+    con: &mut redis::aio::ConnectionManager,
+    script: &redis::Script,
+    cfg: &Config,
+    group: &str,
+    e: &Entry,
+    metrics: &Metrics,
+) -> Result<(), redis::RedisError> {
+    let action = match &e.fields {
+        Some(f) => interpret(f),
+        None => ResultAction::Malformed("entry deleted while pending".into()),
+    };
+    let mut inv = script.prepare_invoke();
+    inv.arg(RESULT_STREAM).arg(group).arg(&e.id);
+    let outcome = match (&action, cfg.dry_run) {
+        (ResultAction::Apply(m), false) => {
+            inv.key(format!("quantum:position:ledger:{}", m.symbol));
+            inv.arg("1")
+                .arg(&m.order_id)
+                .arg(&m.plan_id)
+                .arg(&m.executed_qty)
+                .arg(&m.order_side)
+                .arg(format!("{:.3}", store::now_epoch()));
+            "applied"
+        }
+        (ResultAction::Apply(_), true) => {
+            inv.key("quantum:position:ledger:-").arg("0");
+            "dry_run"
+        }
+        (ResultAction::Skip, _) => {
+            inv.key("quantum:position:ledger:-").arg("0");
+            "skipped"
+        }
+        (ResultAction::Malformed(_), _) => {
+            inv.key("quantum:position:ledger:-").arg("0");
+            "malformed"
+        }
+    };
+    let acked: i64 = inv.invoke_async(con).await?;
+    if acked == 0 {
+        debug!("apply.result {} was already acknowledged", e.id);
+        return Ok(());
+    }
+    match &action {
+        ResultAction::Apply(m) if !cfg.dry_run => info!(
+            "{}: ledger metadata from result {} (order {} {} qty={})",
+            m.symbol, e.id, m.order_id, m.order_side, m.executed_qty
+        ),
+        ResultAction::Apply(m) => info!(
+            "{}: DRY-RUN would write ledger metadata from result {}",
+            m.symbol, e.id
+        ),
+        ResultAction::Malformed(why) => warn!("malformed apply.result {}: {why} - ACK", e.id),
+        ResultAction::Skip => debug!("apply.result {} not executed - ACK", e.id),
+    }
+    metrics
+        .ledger_updates_total
+        .with_label_values(&[outcome])
+        .inc();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn interprets_results() {
+        let steps = r#"[{"step":"open"},{"order_id":12345,"side":"sell","executed_qty":"0.028"}]"#;
+        for (name, fields, want) in [
+            ("executed true", f(&[("executed", "true"), ("symbol", "BTCUSDT"), ("plan_id", "p1"), ("steps_results", steps)]), "apply"),
+            ("executed True", f(&[("executed", "True"), ("symbol", "BTCUSDT"), ("steps_results", steps)]), "apply"),
+            ("executed 1", f(&[("executed", "1"), ("symbol", "BTCUSDT"), ("steps_results", steps)]), "apply"),
+            ("not executed", f(&[("executed", "false"), ("symbol", "BTCUSDT"), ("steps_results", steps)]), "skip"),
+            ("no executed field", f(&[("symbol", "BTCUSDT")]), "skip"),
+            ("empty steps", f(&[("executed", "true"), ("symbol", "BTCUSDT"), ("steps_results", "[]")]), "malformed"),
+            ("bad json", f(&[("executed", "true"), ("symbol", "BTCUSDT"), ("steps_results", "[{")]), "malformed"),
+            ("no steps", f(&[("executed", "true"), ("symbol", "BTCUSDT")]), "malformed"),
+            ("bad symbol", f(&[("executed", "true"), ("symbol", "btc"), ("steps_results", steps)]), "malformed"),
+            ("bad side", f(&[("executed", "true"), ("symbol", "BTCUSDT"), ("steps_results", r#"[{"order_id":1,"side":"LONG"}]"#)]), "malformed"),
+        ] {
+            let got = match interpret(&fields) {
+                ResultAction::Apply(_) => "apply",
+                ResultAction::Skip => "skip",
+                ResultAction::Malformed(_) => "malformed",
+            };
+            assert_eq!(got, want, "{name}");
+        }
+        let ResultAction::Apply(m) = interpret(&f(&[("executed", "true"), ("symbol", "BTCUSDT"), ("plan_id", "p1"), ("steps_results", steps)])) else { panic!("apply expected") };
+        assert_eq!(m, LedgerMeta { symbol: "BTCUSDT".into(), order_id: "12345".into(), plan_id: "p1".into(), executed_qty: "0.028".into(), order_side: "SELL".into() });
+    }
+}

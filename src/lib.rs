@@ -1,0 +1,32 @@
+//! P3.3 Position State Brain: the fail-closed pre-trade permit gate.
+//!
+//! # Layout
+//!
+//! The data flow, one module per stage:
+//!
+//! - [`config`]: the environment (SPEC §2), parsed once, secrets redacted.
+//! - [`allowlist`]: which symbols get permits: universe → last_ok → env →
+//!   none (SPEC §3); a pure resolver plus the Redis read and the refresher.
+//! - [`consumer`]: plans from `quantum:stream:apply.plan` (SPEC §4), a batch
+//!   at a time, a constant number of Redis round trips per batch.
+//! - [`rules`]: the pure evaluation of one plan (SPEC §5).
+//! - [`permits`]: permit JSON and the one atomic write + ACK (SPEC §6).
+//!
+//! Feeding the rules: [`exchange`] (positionRisk snapshots, step sizes,
+//! SPEC §7) and [`ledger`] (order metadata from `quantum:stream:apply.result`,
+//! SPEC §8). Around it all: [`metrics`] and [`http`] (SPEC §9), [`store`]
+//! (Redis connections that survive outages), [`telemetry`] (logging) and
+//! [`lifecycle`] (start order, supervision, signals, systemd; SPEC §10).
+
+pub mod allowlist;
+pub mod config;
+pub mod consumer;
+pub mod exchange;
+pub mod http;
+pub mod ledger;
+pub mod lifecycle;
+pub mod metrics;
+pub mod permits;
+pub mod rules;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,324 @@
+//! Lifecycle: start order, task supervision, signals, systemd (SPEC §10).
+//!
+//! Start: bind HTTP (busy port: fatal) → Redis (retry forever) → consumer
+//! groups → first allowlist resolution → `READY=1` → work. The tasks —
+//! HTTP, allowlist refresher, plan consumer, ledger follower, exchange
+//! poller and step-size loader — share one cancellation token. If any of
+//! them ends before shutdown was asked for (a panic included), the others are
+//! cancelled and [`run`] returns an error, so the process exits non-zero and
+//! systemd restarts it: no task ever dies silently.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::allowlist::{self, AllowlistHandle, Resolver};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::{consumer, exchange, http, ledger, store};
+
+/// How long shutdown waits for tasks before giving up on them; SPEC §10 wants
+/// the process gone within 5 s of SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
+
+/// The plan stream (SPEC §4).
+pub const PLAN_STREAM: &str = "quantum:stream:apply.plan";
+/// The result stream the ledger follower reads (SPEC §8).
+pub const RESULT_STREAM: &str = "quantum:stream:apply.result";
+
+/// systemd watchdog pings, sent from the plan loop while it turns.
+pub struct Watchdog {
+    interval: Option<Duration>,
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Watchdog {
+    /// Reads `WATCHDOG_USEC`; pings at half of it.
+    pub fn from_env() -> Self {
+        let mut usec = 0u64;
+        let enabled = sd_notify::watchdog_enabled(false, &mut usec);
+        Watchdog {
+            interval: (enabled && usec > 0).then(|| Duration::from_micros(usec / 2)),
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Sends `WATCHDOG=1` when half the watchdog period has passed since the
+    /// last one. Called by the plan loop on every turn, so a stalled loop
+    /// stops pinging and systemd restarts the daemon.
+    pub fn ping(&self, metrics: &Metrics) {
+        let Some(iv) = self.interval else { return };
+        let now = self.start.elapsed().as_millis() as u64;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= iv.as_millis() as u64 || last == 0 {
+            self.last_ms.store(now.max(1), Ordering::Relaxed);
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            metrics.watchdog_pings_total.inc();
+        }
+    }
+}
+
+/// What `main` does with the command line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cli {
+    Run,
+    Help,
+    Version,
+    CheckConfig,
+    Bad(String),
+}
+
+/// Parses the command line (program name excluded).
+pub fn parse_cli<I: IntoIterator<Item = String>>(args: I) -> Cli {
+    let args: Vec<String> = args.into_iter().collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        [] => Cli::Run,
+        ["--help"] | ["-h"] => Cli::Help,
+        ["--version"] | ["-V"] => Cli::Version,
+        ["--check-config"] => Cli::CheckConfig,
+        other => Cli::Bad(other.join(" ")),
+    }
+}
+
+/// `--help` text.
+pub const USAGE: &str = "\
+position-state-brain — P3.3 Position State Brain, the fail-closed pre-trade permit gate
+
+USAGE:
+    position-state-brain [--help | --version | --check-config]
+
+Configuration comes from the environment only (see README.md, SPEC §2).
+    --check-config   print the effective configuration (secrets redacted); exit 0 or 78
+    --version        print the version
+Exit codes: 0 clean, 78 configuration error, 1 other fatal error.
+";
+
+/// Spawns `fut` as a named task whose end is reported to the supervisor.
+fn spawn_named<F>(set: &mut JoinSet<&'static str>, name: &'static str, fut: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    set.spawn(async move {
+        fut.await;
+        name
+    });
+}
+
+/// Cancels `shutdown` on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+pub fn cancel_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!("{which} received: shutting down");
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
+/// Runs the daemon until `shutdown` is cancelled (Ok) or a task fails (Err).
+pub async fn run(
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    info!("P3.3_BUILD_TAG={}", env!("CARGO_PKG_VERSION"));
+    if !cfg.legacy_present.is_empty() {
+        warn!(
+            "ignoring legacy variables (no longer used): {}",
+            cfg.legacy_present.join(", ")
+        );
+    }
+    if !cfg.unknown_p33.is_empty() {
+        warn!(
+            "unknown P33_ variables (typo?), ignored: {}",
+            cfg.unknown_p33.join(", ")
+        );
+    }
+    info!(
+        "starting: redis={} group={} consumer={} snapshot_source={:?} allowlist_source={:?} dry_run={}",
+        cfg.redis.display(),
+        cfg.consumer_group,
+        cfg.consumer_name,
+        cfg.snapshot_source,
+        cfg.allowlist_mode,
+        cfg.dry_run
+    );
+    // SIGHUP's default action kills the process: take it over before anything slow.
+    let reload = Arc::new(Notify::new());
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+
+    let listener = http::bind(SocketAddr::new(cfg.metrics_addr, cfg.metrics_port)).await?;
+    let cancel = shutdown.child_token();
+    let mut tasks: JoinSet<&'static str> = JoinSet::new();
+    spawn_named(
+        &mut tasks,
+        "http",
+        http::serve(listener, metrics.clone(), cancel.clone()),
+    );
+    {
+        let reload = reload.clone();
+        let cancel = cancel.clone();
+        spawn_named(&mut tasks, "sighup", async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    s = hup.recv() => match s {
+                        Some(()) => reload.notify_one(),
+                        None => return cancel.cancelled().await,
+                    },
+                }
+            }
+        });
+    }
+
+    let outcome = start_and_supervise(&cfg, &metrics, reload, &cancel, &mut tasks).await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    cancel.cancel();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r {
+                if e.is_panic() {
+                    error!("a task panicked during shutdown: {e}");
+                }
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            "shutdown: tasks still running after {:?}; exiting anyway",
+            SHUTDOWN_GRACE
+        );
+        tasks.abort_all();
+    }
+    match &outcome {
+        Ok(()) => info!("stopped cleanly"),
+        Err(e) => error!("stopping after a fatal error: {e:#}"),
+    }
+    outcome
+}
+
+async fn start_and_supervise(
+    cfg: &Arc<Config>,
+    metrics: &Arc<Metrics>,
+    reload: Arc<Notify>,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<&'static str>,
+) -> anyhow::Result<()> {
+    let Some(mut con) = store::connect(&cfg.redis, "control", Duration::from_secs(5), cancel).await
+    else {
+        return Ok(());
+    };
+    // The groups come first, so plans published while we start are not skipped.
+    let mut backoff = store::Backoff::default();
+    loop {
+        let r = async {
+            store::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group).await?;
+            store::ensure_group(&mut con, RESULT_STREAM, cfg.ledger_group()).await
+        }
+        .await;
+        match r {
+            Ok(()) => break,
+            Err(e) => {
+                warn!("redis: creating consumer groups failed: {e}; retrying");
+                if !backoff.wait(cancel).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    metrics.set_redis_up(true);
+    metrics.set_group_ok(true);
+
+    let handle = AllowlistHandle::default();
+    let mut resolver = Resolver::new(cfg.clone(), handle.clone(), metrics.clone());
+    let first = resolver.refresh(Some(&mut con)).await;
+    let steps = exchange::StepSizes::default();
+    let (gained_tx, gained_rx) = tokio::sync::watch::channel(0u64);
+    resolver.on_gain(gained_tx);
+
+    spawn_named(
+        tasks,
+        "allowlist",
+        allowlist::run_refresher(resolver, Some(con), first.expires_at, reload, cancel.clone()),
+    );
+    spawn_named(
+        tasks,
+        "step-sizes",
+        exchange::run_step_sizes(cfg.clone(), steps.clone(), metrics.clone(), cancel.clone()),
+    );
+    if cfg.snapshot_source == crate::config::SnapshotSource::Binance {
+        spawn_named(
+            tasks,
+            "snapshots",
+            exchange::run_poller(
+                cfg.clone(),
+                handle.clone(),
+                metrics.clone(),
+                gained_rx,
+                cancel.clone(),
+            ),
+        );
+    }
+    spawn_named(
+        tasks,
+        "ledger",
+        ledger::run(cfg.clone(), metrics.clone(), cancel.clone()),
+    );
+    let watchdog = Arc::new(Watchdog::from_env());
+    spawn_named(
+        tasks,
+        "plans",
+        consumer::run(
+            cfg.clone(),
+            handle,
+            steps,
+            metrics.clone(),
+            watchdog,
+            cancel.clone(),
+        ),
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    info!("ready: reading plans from {PLAN_STREAM}");
+
+    tokio::select! {
+        _ = cancel.cancelled() => Ok(()),
+        ended = tasks.join_next() => match ended {
+            Some(Ok(name)) => Err(anyhow!("task `{name}` stopped unexpectedly")),
+            Some(Err(e)) if e.is_panic() => Err(anyhow!("a task panicked: {e}")),
+            Some(Err(e)) => Err(anyhow!("a task failed: {e}")),
+            None => Err(anyhow!("no task left running")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_flags() {
+        let p = |a: &[&str]| parse_cli(a.iter().map(|s| s.to_string()));
+        assert_eq!(p(&[]), Cli::Run);
+        assert_eq!(p(&["--help"]), Cli::Help);
+        assert_eq!(p(&["--version"]), Cli::Version);
+        assert_eq!(p(&["--check-config"]), Cli::CheckConfig);
+        assert_eq!(p(&["--frobnicate"]), Cli::Bad("--frobnicate".into()));
+    }
+}

@@ -1,0 +1,613 @@
+//! Rules: the pure evaluation of one plan (SPEC §5). No I/O, no clock.
+//!
+//! [`evaluate`] takes the plan, the raw snapshot hash
+//! (`quantum:position:snapshot:<symbol>`), the raw ledger hash
+//! (`quantum:position:ledger:<symbol>`), the raw cooldown value
+//! (`quantum:cooldown:last_exec_ts:<symbol>`), `now`, the limits and the
+//! symbol's step size, and returns a [`Decision`]. Missing or doubtful input
+//! is a denial: the gate fails closed. Quantities are [`Decimal`]s, rounded
+//! down to whole steps, so JSON shows `0.028`, never `0.028000000000000004`.
+//! The reconcile-hold check (turning an allow into a deny) happens inside the
+//! atomic permit write, see `permits`.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
+use rust_decimal::Decimal;
+use serde_json::{json, Map, Value};
+
+/// A position smaller than this is flat.
+pub fn dust() -> Decimal {
+    Decimal::new(1, 4)
+}
+
+/// The step used when the exchange did not give one for the symbol.
+pub fn fallback_step() -> Decimal {
+    Decimal::new(1, 3)
+}
+
+/// The plan fields the rules read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub plan_id: String,
+    pub symbol: String,
+    pub decision: String,
+    pub action: String,
+    pub reduce_only: bool,
+    /// The `side` field, if present (validated by the rules).
+    pub side: Option<String>,
+    /// Milliseconds part of the stream entry ID.
+    pub entry_ms: u64,
+}
+
+/// `reduceOnly` is true for `true`/`1`/`yes` in any case.
+pub fn parse_reduce_only(v: Option<&str>) -> bool {
+    matches!(
+        v.map(|s| s.trim().to_ascii_lowercase()).as_deref(),
+        Some("true" | "1" | "yes")
+    )
+}
+
+/// Thresholds from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub stale_threshold_s: f64,
+    pub cooldown_s: f64,
+    pub qty_tolerance_pct: f64,
+    pub plan_max_age_s: f64,
+}
+
+/// Why an allow was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllowReason {
+    /// Row 4: RECONCILE_CLOSE on a real position.
+    ReconcileCloseBypass,
+    /// Row 5: an open while flat and out of cooldown.
+    OpenPermitGranted,
+    /// Row 9: a close that passed every check.
+    SanityChecksPassed,
+}
+
+impl AllowReason {
+    /// The permit's `reason` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllowReason::ReconcileCloseBypass => "reconcile_close_bypass",
+            AllowReason::OpenPermitGranted => "open_permit_granted",
+            AllowReason::SanityChecksPassed => "sanity_checks_passed",
+        }
+    }
+}
+
+/// Why a plan was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Row 0: the plan's stream entry is older than `P33_PLAN_MAX_AGE_S`.
+    PlanExpired,
+    /// A `side` field that is not BUY/SELL/LONG/SHORT: never guessed.
+    InvalidPlan,
+    /// Row 1: no snapshot hash for the symbol.
+    NoExchangeSnapshot,
+    /// Row 2: a snapshot field missing, unparseable, non-finite, from the
+    /// future, or a hedge-mode snapshot with both sides open.
+    InvalidExchangeSnapshot,
+    /// Row 3: the snapshot is older than `P33_STALE_THRESHOLD_SEC`.
+    StaleExchangeState,
+    /// Rows 4 and 6: a close (or reconcile close) with no position.
+    NoPosition,
+    /// Row 5b: an open while a position exists (it would add to it).
+    PositionExists,
+    /// Row 7: a ledger amount present but unparseable or non-finite.
+    InvalidLedger,
+    /// Row 7: ledger and exchange disagree on the side.
+    ReconcileRequiredSideMismatch,
+    /// Row 7b: ledger and exchange quantities differ beyond tolerance.
+    ReconcileRequiredQtyMismatch,
+    /// Row 8: the last execution is less than the cooldown ago.
+    CooldownInFlight,
+    /// Row 8: the cooldown value is present but unparseable.
+    InvalidCooldown,
+    /// Row 9: the safe quantity rounds down to zero steps.
+    SafeQtyBelowStep,
+    /// The reconcile hold is set (applied inside the atomic write).
+    ReconcileHoldActive,
+}
+
+impl Reason {
+    /// The permit's `reason` string (and the metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::PlanExpired => "plan_expired",
+            Reason::InvalidPlan => "invalid_plan",
+            Reason::NoExchangeSnapshot => "no_exchange_snapshot",
+            Reason::InvalidExchangeSnapshot => "invalid_exchange_snapshot",
+            Reason::StaleExchangeState => "stale_exchange_state",
+            Reason::NoPosition => "no_position",
+            Reason::PositionExists => "position_exists",
+            Reason::InvalidLedger => "invalid_ledger",
+            Reason::ReconcileRequiredSideMismatch => "reconcile_required_side_mismatch",
+            Reason::ReconcileRequiredQtyMismatch => "reconcile_required_qty_mismatch",
+            Reason::CooldownInFlight => "cooldown_in_flight",
+            Reason::InvalidCooldown => "invalid_cooldown",
+            Reason::SafeQtyBelowStep => "safe_qty_below_step",
+            Reason::ReconcileHoldActive => "reconcile_hold_active",
+        }
+    }
+}
+
+/// An allow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Allow {
+    pub reason: AllowReason,
+    pub safe_qty: Decimal,
+    /// Signed exchange amount (0 for opens, as in the original).
+    pub exchange_amt: Decimal,
+    /// Signed ledger amount (0 when there is none, and for opens).
+    pub ledger_amt: Decimal,
+    /// Whether a reconcile hold turns this allow into a deny (all but row 4).
+    pub hold_applies: bool,
+}
+
+/// A denial, with the context the permit carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deny {
+    pub reason: Reason,
+    pub context: Map<String, Value>,
+}
+
+/// The outcome of evaluating one plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Allow(Allow),
+    Deny(Deny),
+}
+
+/// A decimal as a JSON number with no binary-float noise: integers as
+/// integers (`925`), others through their shortest round-trip form (`0.028`).
+pub fn dec_json(d: Decimal) -> Value {
+    let d = d.normalize();
+    if d.fract().is_zero() {
+        if let Some(i) = d.to_i64() {
+            return Value::from(i);
+        }
+    }
+    d.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
+/// A clean decimal string for log lines.
+pub fn dec_str(d: Decimal) -> String {
+    d.normalize().to_string()
+}
+
+/// Seconds rounded to milliseconds, for context fields.
+fn secs_json(s: f64) -> Value {
+    let r = (s * 1000.0).round() / 1000.0;
+    serde_json::Number::from_f64(r).map_or(Value::Null, Value::Number)
+}
+
+/// Parses a stored number: finite, decimal or scientific notation.
+pub fn parse_dec(s: &str) -> Option<Decimal> {
+    let s = s.trim();
+    let f: f64 = s.parse().ok()?;
+    if !f.is_finite() {
+        return None;
+    }
+    Decimal::from_str(s)
+        .or_else(|_| Decimal::from_scientific(s))
+        .ok()
+        .or_else(|| Decimal::from_f64(f))
+}
+
+fn parse_f64(s: &str) -> Option<f64> {
+    s.trim().parse::<f64>().ok().filter(|f| f.is_finite())
+}
+
+/// LONG / SHORT / NONE from a signed amount (sides come from signs only).
+pub fn side_of(amt: Decimal) -> &'static str {
+    if amt.abs() < dust() {
+        "NONE"
+    } else if amt.is_sign_positive() {
+        "LONG"
+    } else {
+        "SHORT"
+    }
+}
+
+/// Rounds `qty` down to a whole number of `step`s.
+pub fn floor_to_step(qty: Decimal, step: Decimal) -> Decimal {
+    if step <= Decimal::ZERO {
+        return Decimal::ZERO;
+    }
+    ((qty / step).floor() * step).normalize()
+}
+
+fn deny(reason: Reason, context: Value) -> Decision {
+    let context = match context {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    Decision::Deny(Deny { reason, context })
+}
+
+/// The plan's intended direction, from a `side` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PlanSide {
+    Buy,
+    Sell,
+}
+
+fn plan_side(side: Option<&str>) -> Result<Option<PlanSide>, ()> {
+    match side.map(|s| s.trim().to_ascii_uppercase()) {
+        None => Ok(None),
+        Some(s) => match s.as_str() {
+            "BUY" | "LONG" => Ok(Some(PlanSide::Buy)),
+            "SELL" | "SHORT" => Ok(Some(PlanSide::Sell)),
+            _ => Err(()),
+        },
+    }
+}
+
+/// Whether the plan closes (reduces) the position `amt`.
+fn closes(plan: &Plan, side: Option<PlanSide>, amt: Decimal) -> bool {
+    let a = plan.action.as_str();
+    plan.reduce_only
+        || matches!(a, "FULL_CLOSE_PROPOSED" | "PARTIAL_75" | "PARTIAL_50")
+        || a.contains("CLOSE")
+        || match (side, side_of(amt)) {
+            (Some(PlanSide::Sell), "LONG") | (Some(PlanSide::Buy), "SHORT") => true,
+            _ => false,
+        }
+}
+
+/// The fraction of the position a close action asks for.
+fn close_fraction(action: &str) -> Decimal {
+    match action {
+        "PARTIAL_75" => Decimal::new(75, 2),
+        "PARTIAL_50" => Decimal::new(5, 1),
+        _ => Decimal::ONE,
+    }
+}
+
+/// Row 8: `Some(deny)` while in cooldown or when the value is unusable.
+fn cooldown_check(cooldown: Option<&str>, now: f64, lim: &Limits) -> Option<Decision> {
+    let raw = cooldown?;
+    let Some(ms) = parse_f64(raw) else {
+        return Some(deny(Reason::InvalidCooldown, json!({ "value": raw })));
+    };
+    let since = now - ms / 1000.0;
+    (since < lim.cooldown_s).then(|| {
+        deny(
+            Reason::CooldownInFlight,
+            json!({
+                "seconds_since_exec": secs_json(since),
+                "cooldown_sec": secs_json(lim.cooldown_s),
+                "last_exec_ts_ms": if ms.fract() == 0.0 { Value::from(ms as i64) } else { secs_json(ms) },
+            }),
+        )
+    })
+}
+
+/// Evaluates one plan against the state read for its symbol (SPEC §5).
+/// `snapshot` and `ledger` are the raw hashes (`None` when absent or of the
+/// wrong Redis type — `Some(empty)` never happens for a real hash).
+pub fn evaluate(
+    plan: &Plan,
+    snapshot: Option<&HashMap<String, String>>,
+    ledger: Option<&HashMap<String, String>>,
+    cooldown: Option<&str>,
+    now: f64,
+    lim: &Limits,
+    step: Decimal,
+) -> Decision {
+    // Row 0: expired plans are never judged on today's state.
+    let age = now - plan.entry_ms as f64 / 1000.0;
+    if age > lim.plan_max_age_s {
+        return deny(Reason::PlanExpired, json!({ "age_seconds": secs_json(age) }));
+    }
+    let Ok(side) = plan_side(plan.side.as_deref()) else {
+        return deny(Reason::InvalidPlan, json!({ "field": "side" }));
+    };
+    // Row 1.
+    let Some(snap) = snapshot.filter(|s| !s.is_empty()) else {
+        return deny(Reason::NoExchangeSnapshot, json!({}));
+    };
+    // Row 2.
+    let Some(ex) = snap.get("position_amt").and_then(|v| parse_dec(v)) else {
+        return deny(Reason::InvalidExchangeSnapshot, json!({ "field": "position_amt" }));
+    };
+    let Some(ts) = snap.get("ts_epoch").and_then(|v| parse_f64(v)) else {
+        return deny(Reason::InvalidExchangeSnapshot, json!({ "field": "ts_epoch" }));
+    };
+    if ts > now + 5.0 {
+        return deny(Reason::InvalidExchangeSnapshot, json!({ "field": "ts_epoch" }));
+    }
+    if snap.get("side").is_some_and(|s| s.trim().eq_ignore_ascii_case("HEDGED")) {
+        return deny(Reason::InvalidExchangeSnapshot, json!({ "field": "side" }));
+    }
+    // Row 3.
+    let snap_age = now - ts;
+    if snap_age > lim.stale_threshold_s {
+        return deny(
+            Reason::StaleExchangeState,
+            json!({ "age_seconds": secs_json(snap_age) }),
+        );
+    }
+    let abs_ex = ex.abs();
+    let flat = abs_ex < dust();
+    // Row 4: a reconcile close needs only a real, fresh position.
+    if plan.decision == "RECONCILE_CLOSE" {
+        if flat {
+            return deny(Reason::NoPosition, json!({ "exchange_amt": dec_json(ex) }));
+        }
+        let safe = floor_to_step(abs_ex, step);
+        if safe.is_zero() {
+            return deny(
+                Reason::SafeQtyBelowStep,
+                json!({ "requested": dec_json(abs_ex), "step": dec_json(step) }),
+            );
+        }
+        return Decision::Allow(Allow {
+            reason: AllowReason::ReconcileCloseBypass,
+            safe_qty: safe,
+            exchange_amt: ex,
+            ledger_amt: Decimal::ZERO,
+            hold_applies: false,
+        });
+    }
+    if !closes(plan, side, ex) {
+        // Rows 5 / 5b.
+        if !flat {
+            return deny(Reason::PositionExists, json!({ "exchange_amt": dec_json(ex) }));
+        }
+        if let Some(d) = cooldown_check(cooldown, now, lim) {
+            return d;
+        }
+        return Decision::Allow(Allow {
+            reason: AllowReason::OpenPermitGranted,
+            safe_qty: Decimal::ZERO,
+            exchange_amt: Decimal::ZERO,
+            ledger_amt: Decimal::ZERO,
+            hold_applies: true,
+        });
+    }
+    // Row 6.
+    if flat {
+        return deny(Reason::NoPosition, json!({ "exchange_amt": dec_json(ex) }));
+    }
+    // Row 7: metadata alone is no ledger position.
+    let ledger_raw = ledger.and_then(|l| {
+        l.get("last_known_amt")
+            .map(|v| ("last_known_amt", v))
+            .or_else(|| l.get("ledger_amt").map(|v| ("ledger_amt", v)))
+    });
+    let mut ledger_amt = Decimal::ZERO;
+    if let Some((field, raw)) = ledger_raw {
+        let Some(la) = parse_dec(raw) else {
+            return deny(Reason::InvalidLedger, json!({ "field": field, "value": raw }));
+        };
+        ledger_amt = la;
+        let (es, ls) = (side_of(ex), side_of(la));
+        if es != ls && es != "NONE" && ls != "NONE" {
+            return deny(
+                Reason::ReconcileRequiredSideMismatch,
+                json!({ "exchange_side": es, "ledger_side": ls }),
+            );
+        }
+        // Row 7b.
+        let pct = Decimal::from_f64(lim.qty_tolerance_pct).unwrap_or(Decimal::ONE);
+        let tolerance = (abs_ex * pct / Decimal::ONE_HUNDRED).max(fallback_step());
+        let diff = (abs_ex - la.abs()).abs();
+        if diff > tolerance {
+            return deny(
+                Reason::ReconcileRequiredQtyMismatch,
+                json!({
+                    "exchange_amt": dec_json(ex),
+                    "ledger_amt": dec_json(la),
+                    "diff": dec_json(diff),
+                    "tolerance": dec_json(tolerance),
+                }),
+            );
+        }
+    }
+    // Row 8.
+    if let Some(d) = cooldown_check(cooldown, now, lim) {
+        return d;
+    }
+    // Row 9.
+    let requested = abs_ex * close_fraction(&plan.action);
+    let safe = floor_to_step(requested.min(abs_ex), step);
+    if safe.is_zero() {
+        return deny(
+            Reason::SafeQtyBelowStep,
+            json!({ "requested": dec_json(requested), "step": dec_json(step) }),
+        );
+    }
+    Decision::Allow(Allow {
+        reason: AllowReason::SanityChecksPassed,
+        safe_qty: safe,
+        exchange_amt: ex,
+        ledger_amt,
+        hold_applies: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: f64 = 1_769_920_000.0;
+    const LIM: Limits = Limits {
+        stale_threshold_s: 10.0,
+        cooldown_s: 15.0,
+        qty_tolerance_pct: 1.0,
+        plan_max_age_s: 60.0,
+    };
+
+    fn plan(decision: &str, action: &str, reduce_only: bool, side: Option<&str>) -> Plan {
+        Plan {
+            plan_id: "abcdef0123456789".into(),
+            symbol: "BTCUSDT".into(),
+            decision: decision.into(),
+            action: action.into(),
+            reduce_only,
+            side: side.map(str::to_string),
+            entry_ms: (NOW * 1000.0) as u64 - 500,
+        }
+    }
+    fn snap(amt: &str, age: f64) -> Option<HashMap<String, String>> {
+        Some(
+            [
+                ("position_amt".to_string(), amt.to_string()),
+                ("ts_epoch".to_string(), (NOW - age).to_string()),
+                ("side".to_string(), "X".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        )
+    }
+    fn hash(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    struct Row {
+        name: &'static str,
+        plan: Plan,
+        snap: Option<HashMap<String, String>>,
+        ledger: Option<HashMap<String, String>>,
+        cooldown: Option<&'static str>,
+        step: &'static str,
+        /// `allow:<reason>:<safe_qty>` or `deny:<reason>`.
+        want: &'static str,
+    }
+
+    fn row(name: &'static str, plan: Plan, snap: Option<HashMap<String, String>>, want: &'static str) -> Row {
+        Row { name, plan, snap, ledger: None, cooldown: None, step: "0.001", want }
+    }
+
+    fn outcome(dec: &Decision) -> String {
+        match dec {
+            Decision::Allow(a) => format!("allow:{}:{}", a.reason.as_str(), dec_str(a.safe_qty)),
+            Decision::Deny(d) => format!("deny:{}", d.reason.as_str()),
+        }
+    }
+
+    #[test]
+    fn every_row_in_order() {
+        let cooldown_recent: &'static str = Box::leak(format!("{}", (NOW * 1000.0) as i64 - 5_000).into_boxed_str());
+        let cooldown_old: &'static str = Box::leak(format!("{}", (NOW * 1000.0) as i64 - 20_000).into_boxed_str());
+        let mut expired = plan("EXECUTE", "FULL_CLOSE_PROPOSED", true, None);
+        expired.entry_ms = ((NOW - 61.0) * 1000.0) as u64;
+        let mut at_limit = plan("EXECUTE", "FULL_CLOSE_PROPOSED", true, None);
+        at_limit.entry_ms = ((NOW - 60.0) * 1000.0) as u64;
+        let close = || plan("EXECUTE", "FULL_CLOSE_PROPOSED", false, None);
+        let rows = vec![
+            row("expired plan", expired, snap("0.5", 1.0), "deny:plan_expired"),
+            row("plan exactly at max age is judged", at_limit, snap("0.5", 1.0), "allow:sanity_checks_passed:0.5"),
+            row("no snapshot", close(), None, "deny:no_exchange_snapshot"),
+            row("empty snapshot hash", close(), hash(&[]), "deny:no_exchange_snapshot"),
+            row("position_amt missing", close(), hash(&[("ts_epoch", "1769920000")]), "deny:invalid_exchange_snapshot"),
+            row("position_amt NaN", close(), snap("NaN", 1.0), "deny:invalid_exchange_snapshot"),
+            row("position_amt inf", close(), snap("inf", 1.0), "deny:invalid_exchange_snapshot"),
+            row("position_amt garbage", close(), snap("abc", 1.0), "deny:invalid_exchange_snapshot"),
+            row("ts_epoch NaN", close(), hash(&[("position_amt", "1"), ("ts_epoch", "nan")]), "deny:invalid_exchange_snapshot"),
+            row("ts_epoch -inf", close(), hash(&[("position_amt", "1"), ("ts_epoch", "-inf")]), "deny:invalid_exchange_snapshot"),
+            row("ts_epoch 6s in the future", close(), snap("1", -6.0), "deny:invalid_exchange_snapshot"),
+            row("ts_epoch 4s in the future is skew", close(), snap("1", -4.0), "allow:sanity_checks_passed:1"),
+            row("hedged snapshot", close(), hash(&[("position_amt", "1"), ("ts_epoch", "1769920000"), ("side", "HEDGED")]), "deny:invalid_exchange_snapshot"),
+            row("stale snapshot", close(), snap("1", 11.0), "deny:stale_exchange_state"),
+            row("snapshot exactly at the threshold is fresh", close(), snap("1", 10.0), "allow:sanity_checks_passed:1"),
+            row("stale snapshot on a reconcile close", plan("RECONCILE_CLOSE", "", false, None), snap("1", 30.0), "deny:stale_exchange_state"),
+            row("reconcile close while flat", plan("RECONCILE_CLOSE", "", false, None), snap("0", 1.0), "deny:no_position"),
+            Row { cooldown: Some(cooldown_recent), ledger: hash(&[("last_known_amt", "-5")]), ..row("reconcile close ignores cooldown and ledger, rounds down", plan("RECONCILE_CLOSE", "", false, None), snap("-0.0375", 1.0), "allow:reconcile_close_bypass:0.037") },
+            row("open while flat", plan("EXECUTE", "OPEN_LONG", false, None), snap("0", 1.0), "allow:open_permit_granted:0"),
+            row("open while flat (dust)", plan("EXECUTE", "OPEN", false, Some("BUY")), snap("0.00009", 1.0), "allow:open_permit_granted:0"),
+            Row { cooldown: Some(cooldown_recent), ..row("cooldown denies an open", plan("EXECUTE", "OPEN", false, None), snap("0", 1.0), "deny:cooldown_in_flight") },
+            Row { cooldown: Some(cooldown_old), ..row("expired cooldown lets an open through", plan("EXECUTE", "OPEN", false, None), snap("0", 1.0), "allow:open_permit_granted:0") },
+            Row { cooldown: Some("soon"), ..row("unparseable cooldown denies", plan("EXECUTE", "OPEN", false, None), snap("0", 1.0), "deny:invalid_cooldown") },
+            row("open while a position exists", plan("EXECUTE", "OPEN", false, None), snap("0.5", 1.0), "deny:position_exists"),
+            row("same side while long is position_exists", plan("EXECUTE", "ADD", false, Some("buy")), snap("0.5", 1.0), "deny:position_exists"),
+            row("opposite side closes a long", plan("EXECUTE", "EXIT", false, Some("SELL")), snap("0.5", 1.0), "allow:sanity_checks_passed:0.5"),
+            row("opposite side closes a short", plan("EXECUTE", "EXIT", false, Some("Long")), snap("-0.5", 1.0), "allow:sanity_checks_passed:0.5"),
+            row("unknown side is invalid_plan", plan("EXECUTE", "EXIT", false, Some("UP")), snap("0.5", 1.0), "deny:invalid_plan"),
+            row("reduceOnly close while flat", plan("EXECUTE", "X", true, None), snap("0", 1.0), "deny:no_position"),
+            row("close proposal without reduceOnly while flat", plan("EXECUTE", "PARTIAL_75", false, None), snap("0", 1.0), "deny:no_position"),
+            row("action containing CLOSE closes", plan("EXECUTE", "EMERGENCY_CLOSE", false, None), snap("2", 1.0), "allow:sanity_checks_passed:2"),
+            Row { ledger: hash(&[("last_known_amt", "-0.5"), ("ledger_amt", "0.5")]), ..row("side mismatch uses last_known_amt first", close(), snap("0.5", 1.0), "deny:reconcile_required_side_mismatch") },
+            Row { ledger: hash(&[("ledger_amt", "-0.5")]), ..row("side mismatch from ledger_amt", close(), snap("0.5", 1.0), "deny:reconcile_required_side_mismatch") },
+            Row { ledger: hash(&[("last_known_amt", "0.4")]), ..row("qty mismatch", close(), snap("0.5", 1.0), "deny:reconcile_required_qty_mismatch") },
+            Row { ledger: hash(&[("last_known_amt", "0.504")]), ..row("qty within 1%", close(), snap("0.5", 1.0), "allow:sanity_checks_passed:0.5") },
+            Row { ledger: hash(&[("last_known_amt", "0.0109")]), ..row("tolerance floor of 0.001 accepts", close(), snap("0.01", 1.0), "allow:sanity_checks_passed:0.01") },
+            Row { ledger: hash(&[("last_known_amt", "0.0111")]), ..row("tolerance floor of 0.001 refuses beyond", close(), snap("0.01", 1.0), "deny:reconcile_required_qty_mismatch") },
+            Row { ledger: hash(&[("last_known_amt", "0")]), ..row("flat ledger is no side mismatch but a qty mismatch", close(), snap("0.5", 1.0), "deny:reconcile_required_qty_mismatch") },
+            Row { ledger: hash(&[("last_order_id", "42"), ("last_order_side", "SELL")]), ..row("ledger metadata alone is no position", close(), snap("0.5", 1.0), "allow:sanity_checks_passed:0.5") },
+            Row { ledger: hash(&[("last_known_amt", "nan")]), ..row("invalid ledger", close(), snap("0.5", 1.0), "deny:invalid_ledger") },
+            Row { cooldown: Some(cooldown_recent), ..row("cooldown denies a close", close(), snap("0.5", 1.0), "deny:cooldown_in_flight") },
+            row("PARTIAL_75 of 0.038", plan("EXECUTE", "PARTIAL_75", false, None), snap("0.038", 1.0), "allow:sanity_checks_passed:0.028"),
+            row("PARTIAL_75 of 0.037", plan("EXECUTE", "PARTIAL_75", false, None), snap("-0.037", 1.0), "allow:sanity_checks_passed:0.027"),
+            row("PARTIAL_50 of 0.035", plan("EXECUTE", "PARTIAL_50", true, None), snap("0.035", 1.0), "allow:sanity_checks_passed:0.017"),
+            row("tiny partial rounds to zero", plan("EXECUTE", "PARTIAL_50", true, None), snap("0.001", 1.0), "deny:safe_qty_below_step"),
+            Row { step: "1", ..row("step 1: 1234 × 0.75 → 925", plan("EXECUTE", "PARTIAL_75", false, None), snap("1234", 1.0), "allow:sanity_checks_passed:925") },
+            Row { step: "0.1", ..row("step 0.1: 0.35 × 0.5 → 0.1", plan("EXECUTE", "PARTIAL_50", false, None), snap("0.35", 1.0), "allow:sanity_checks_passed:0.1") },
+            row("scientific notation position", close(), snap("5e-1", 1.0), "allow:sanity_checks_passed:0.5"),
+        ];
+        for r in rows {
+            let got = evaluate(&r.plan, r.snap.as_ref(), r.ledger.as_ref(), r.cooldown, NOW, &LIM, d(r.step));
+            assert_eq!(outcome(&got), r.want, "{}", r.name);
+        }
+    }
+
+    #[test]
+    fn reduce_only_spellings() {
+        for (v, want) in [(Some("true"), true), (Some("True"), true), (Some("1"), true), (Some("YES"), true),
+            (Some("false"), false), (Some("0"), false), (Some("y"), false), (Some(""), false), (None, false)] {
+            assert_eq!(parse_reduce_only(v), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn quantities_serialize_as_clean_decimals() {
+        assert_eq!(dec_json(d("0.028")).to_string(), "0.028");
+        assert_eq!(dec_json(d("925")).to_string(), "925");
+        assert_eq!(dec_json(d("925.000")).to_string(), "925");
+        assert_eq!(dec_json(d("-0.5")).to_string(), "-0.5");
+        assert_eq!(dec_json(floor_to_step(d("0.038") * d("0.75"), d("0.001"))).to_string(), "0.028");
+        assert_eq!(dec_str(d("0.0280")), "0.028");
+    }
+
+    #[test]
+    fn deny_contexts_carry_the_spec_fields() {
+        let cd: String = format!("{}", (NOW * 1000.0) as i64 - 5_000);
+        let got = evaluate(&plan("EXECUTE", "OPEN", false, None), snap("0", 1.0).as_ref(), None, Some(&cd), NOW, &LIM, fallback_step());
+        let Decision::Deny(dn) = got else { panic!("cooldown must deny") };
+        assert_eq!(Value::Object(dn.context).to_string(),
+            format!(r#"{{"cooldown_sec":15.0,"last_exec_ts_ms":{cd},"seconds_since_exec":5.0}}"#));
+        let got = evaluate(&plan("EXECUTE", "FULL_CLOSE_PROPOSED", false, None), snap("0.5", 1.0).as_ref(),
+            hash(&[("last_known_amt", "0.4")]).as_ref(), None, NOW, &LIM, fallback_step());
+        let Decision::Deny(dn) = got else { panic!("qty mismatch must deny") };
+        assert_eq!(Value::Object(dn.context).to_string(),
+            r#"{"diff":0.1,"exchange_amt":0.5,"ledger_amt":0.4,"tolerance":0.005}"#);
+        let got = evaluate(&plan("EXECUTE", "X", true, None), snap("0.5", 1.0).as_ref(),
+            hash(&[("last_known_amt", "-0.5")]).as_ref(), None, NOW, &LIM, fallback_step());
+        let Decision::Deny(dn) = got else { panic!("side mismatch must deny") };
+        assert_eq!(Value::Object(dn.context).to_string(), r#"{"exchange_side":"LONG","ledger_side":"SHORT"}"#);
+    }
+
+    #[test]
+    fn allows_carry_amounts_and_hold_applicability() {
+        let Decision::Allow(a) = evaluate(&plan("EXECUTE", "PARTIAL_50", false, None), snap("-2", 1.0).as_ref(),
+            hash(&[("last_known_amt", "-2")]).as_ref(), None, NOW, &LIM, fallback_step()) else { panic!("allow expected") };
+        assert_eq!((dec_str(a.exchange_amt), dec_str(a.ledger_amt), dec_str(a.safe_qty), a.hold_applies),
+            ("-2".into(), "-2".into(), "1".into(), true));
+        let Decision::Allow(a) = evaluate(&plan("RECONCILE_CLOSE", "", false, None), snap("2", 1.0).as_ref(),
+            None, None, NOW, &LIM, fallback_step()) else { panic!("allow expected") };
+        assert!(!a.hold_applies, "reconcile close bypasses the hold");
+    }
+}

@@ -1,0 +1,170 @@
+//! Redis connections that survive outages, and the wall clock.
+//!
+//! Every task gets its own [`redis::aio::ConnectionManager`] (the plan consumer
+//! blocks in `XREADGROUP`, which would hold up any other command multiplexed
+//! on the same connection). [`connect`] retries with capped exponential
+//! backoff until Redis answers or shutdown is asked for: the daemon never
+//! exits because Redis is away. Once connected, the manager reconnects by
+//! itself; the failing call returns an error that callers treat as transient.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::RedisTarget;
+
+/// Wall-clock epoch seconds (fractional).
+pub fn now_epoch() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Wall-clock epoch milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Capped exponential backoff: 100 ms doubling to 5 s.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    /// The cap on one wait.
+    pub const MAX: Duration = Duration::from_secs(5);
+
+    /// The next wait, doubling up to [`Backoff::MAX`].
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        d
+    }
+
+    /// Back to the shortest wait, after a success.
+    pub fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+
+    /// Sleeps for the next delay; false when shutdown came first.
+    pub async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let d = self.next_delay();
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+/// Connects to Redis, retrying with capped backoff until it answers.
+/// `None` when shutdown was asked for first. `response_timeout` must exceed
+/// the longest `BLOCK` the connection's user issues.
+pub async fn connect(
+    target: &RedisTarget,
+    who: &str,
+    response_timeout: Duration,
+    cancel: &CancellationToken,
+) -> Option<ConnectionManager> {
+    let mut backoff = Backoff::default();
+    let mut attempts = 0u64;
+    loop {
+        attempts += 1;
+        match try_connect(target, response_timeout).await {
+            Ok(c) => {
+                if attempts > 1 {
+                    info!("redis: {who} connected to {} after {attempts} attempts", target.display());
+                }
+                return Some(c);
+            }
+            Err(e) => {
+                // One line per attempt up to 5, then one every 20, so an
+                // outage of hours does not flood the journal.
+                if attempts <= 5 || attempts % 20 == 0 {
+                    warn!(
+                        "redis: {who} cannot connect to {} (attempt {attempts}): {e}; retrying",
+                        target.display()
+                    );
+                }
+                if !backoff.wait(cancel).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn try_connect(
+    target: &RedisTarget,
+    response_timeout: Duration,
+) -> Result<ConnectionManager, redis::RedisError> {
+    let client = redis::Client::open(target.info.clone())?;
+    let cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(3))
+        .set_response_timeout(response_timeout)
+        .set_number_of_retries(2)
+        .set_max_delay(1000);
+    let fut = ConnectionManager::new_with_config(client, cfg);
+    match tokio::time::timeout(Duration::from_secs(5), fut).await {
+        Ok(r) => r,
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::IoError,
+            "connect timed out",
+        ))),
+    }
+}
+
+/// Whether an error says the consumer group or its stream is gone.
+pub fn is_nogroup(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
+}
+
+/// Creates `group` on `stream` at `$` with MKSTREAM; BUSYGROUP is fine.
+pub async fn ensure_group(
+    con: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<(), redis::RedisError> {
+    let r: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(con)
+        .await;
+    match r {
+        Ok(()) => {
+            info!("redis: created consumer group {group} on {stream}");
+            Ok(())
+        }
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut b = Backoff::default();
+        let seq: Vec<u128> = (0..8).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(seq, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+}
