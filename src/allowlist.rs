@@ -554,10 +554,12 @@ impl Resolver {
             symbols: res.symbols.clone(),
             expires_at: res.expires_at,
         });
-        self.metrics
-            .set_allowlist(res.source.label(), res.symbols.len(), res.asof.filter(|_| {
-                matches!(res.source, Source::Universe | Source::LastOk)
-            }));
+        self.metrics.set_allowlist(
+            res.source.label(),
+            res.symbols.len(),
+            res.asof
+                .filter(|_| matches!(res.source, Source::Universe | Source::LastOk)),
+        );
         info!("{}", res.log_line());
         if gained {
             if let Some(tx) = &self.gained {
@@ -653,37 +655,330 @@ mod tests {
         use Source::*;
         let u = AllowlistMode::Universe;
         let rows = vec![
-            Row { name: "fresh universe", read: Ok(fresh()), env: env(&["SOLUSDT"]), mode: u, now: NOW, source: Universe, count: 2, refused: vec![] },
-            Row { name: "active missing", read: with(|r| r.active = Doc::Missing), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Missing)] },
-            Row { name: "meta stale=1", read: with(|r| r.meta = meta("1", "2", NOW)), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Stale)] },
-            Row { name: "meta missing counts as stale", read: with(|r| r.meta.clear()), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Stale)] },
-            Row { name: "meta stale unparseable", read: with(|r| { r.meta.insert("stale".into(), "no".into()); }), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Stale)] },
-            Row { name: "meta count 0", read: with(|r| r.meta = meta("0", "0", NOW)), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Empty)] },
-            Row { name: "meta count missing", read: with(|r| { r.meta.remove("count"); }), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Empty)] },
-            Row { name: "meta asof missing is too old", read: with(|r| { r.meta.remove("asof_epoch"); }), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, TooOld)] },
-            Row { name: "universe age exactly MAX_AGE accepted", read: with(|r| r.meta = meta("0", "2", NOW - 300.0)), env: vec![], mode: u, now: NOW, source: Universe, count: 2, refused: vec![] },
-            Row { name: "universe age MAX_AGE+1 refused", read: with(|r| r.meta = meta("0", "2", NOW - 301.0)), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, TooOld)] },
-            Row { name: "universe asof 61s in the future", read: with(|r| r.meta = meta("0", "2", NOW + 61.0)), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Future)] },
-            Row { name: "universe asof 60s in the future is skew we accept", read: with(|r| r.meta = meta("0", "2", NOW + 60.0)), env: vec![], mode: u, now: NOW, source: Universe, count: 2, refused: vec![] },
-            Row { name: "active not JSON", read: with(|r| r.active = Doc::Text("{nope".into())), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, ParseError)] },
-            Row { name: "active without symbols list", read: with(|r| r.active = Doc::Text("{\"symbols\": \"BTCUSDT\"}".into())), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, ParseError)] },
-            Row { name: "active of another type", read: with(|r| r.active = Doc::WrongType), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, ParseError)] },
-            Row { name: "active with only invalid symbols", read: with(|r| r.active = doc(&["btc", "", "BTC-USDT"], NOW)), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, NoSymbols)] },
-            Row { name: "active over 1 MiB", read: with(|r| r.active = Doc::Text(format!("{{\"symbols\":[\"BTCUSDT\"],\"pad\":\"{}\"}}", "x".repeat(MAX_DOC_BYTES)))), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, ParseError)] },
-            Row { name: "active with 10,001 symbols", read: with(|r| { let s: Vec<String> = (0..10_001).map(|i| format!("S{i}")).collect(); r.active = Doc::Text(serde_json::json!({"symbols": s}).to_string()); }), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, ParseError)] },
-            Row { name: "last_ok too old falls to env", read: with(|r| { r.active = Doc::Missing; r.last_ok = doc(&["BTCUSDT"], NOW - 301.0); }), env: env(&["SOLUSDT"]), mode: u, now: NOW, source: Env, count: 1, refused: vec![(Universe, Missing), (LastOk, TooOld)] },
-            Row { name: "last_ok exactly MAX_AGE accepted", read: with(|r| { r.active = Doc::Missing; r.last_ok = doc(&["BTCUSDT"], NOW - 300.0); }), env: vec![], mode: u, now: NOW, source: LastOk, count: 1, refused: vec![(Universe, Missing)] },
-            Row { name: "last_ok without asof is too old", read: with(|r| { r.active = Doc::Missing; r.last_ok = Doc::Text("{\"symbols\":[\"BTCUSDT\"]}".into()); }), env: vec![], mode: u, now: NOW, source: None, count: 0, refused: vec![(Universe, Missing), (LastOk, TooOld), (Env, Empty)] },
-            Row { name: "last_ok in the future", read: with(|r| { r.active = Doc::Missing; r.last_ok = doc(&["BTCUSDT"], NOW + 120.0); }), env: vec![], mode: u, now: NOW, source: None, count: 0, refused: vec![(Universe, Missing), (LastOk, Future), (Env, Empty)] },
-            Row { name: "last_ok parse error", read: with(|r| { r.active = Doc::Missing; r.last_ok = Doc::Text("[]".into()); }), env: env(&["SOLUSDT"]), mode: u, now: NOW, source: Env, count: 1, refused: vec![(Universe, Missing), (LastOk, ParseError)] },
-            Row { name: "last_ok no symbols", read: with(|r| { r.active = Doc::Missing; r.last_ok = doc(&[], NOW); }), env: env(&["SOLUSDT"]), mode: u, now: NOW, source: Env, count: 1, refused: vec![(Universe, Missing), (LastOk, NoSymbols)] },
-            Row { name: "redis unreadable refuses tiers 1 and 2 with load_error", read: Err(()), env: env(&["SOLUSDT"]), mode: u, now: NOW, source: Env, count: 1, refused: vec![(Universe, LoadError), (LastOk, LoadError)] },
-            Row { name: "nothing anywhere fails closed", read: with(|r| { r.active = Doc::Missing; r.last_ok = Doc::Missing; }), env: vec![], mode: u, now: NOW, source: None, count: 0, refused: vec![(Universe, Missing), (LastOk, Missing), (Env, Empty)] },
-            Row { name: "env of invalid symbols only", read: Err(()), env: env(&["btcusdt", "X Y"]), mode: u, now: NOW, source: None, count: 0, refused: vec![(Universe, LoadError), (LastOk, LoadError), (Env, NoSymbols)] },
-            Row { name: "env mode skips the universe", read: Ok(fresh()), env: env(&["SOLUSDT", "bad"]), mode: AllowlistMode::Env, now: NOW, source: Env, count: 1, refused: vec![] },
+            Row {
+                name: "fresh universe",
+                read: Ok(fresh()),
+                env: env(&["SOLUSDT"]),
+                mode: u,
+                now: NOW,
+                source: Universe,
+                count: 2,
+                refused: vec![],
+            },
+            Row {
+                name: "active missing",
+                read: with(|r| r.active = Doc::Missing),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, Missing)],
+            },
+            Row {
+                name: "meta stale=1",
+                read: with(|r| r.meta = meta("1", "2", NOW)),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, Stale)],
+            },
+            Row {
+                name: "meta missing counts as stale",
+                read: with(|r| r.meta.clear()),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, Stale)],
+            },
+            Row {
+                name: "meta stale unparseable",
+                read: with(|r| {
+                    r.meta.insert("stale".into(), "no".into());
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, Stale)],
+            },
+            Row {
+                name: "meta count 0",
+                read: with(|r| r.meta = meta("0", "0", NOW)),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, Empty)],
+            },
+            Row {
+                name: "meta count missing",
+                read: with(|r| {
+                    r.meta.remove("count");
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, Empty)],
+            },
+            Row {
+                name: "meta asof missing is too old",
+                read: with(|r| {
+                    r.meta.remove("asof_epoch");
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, TooOld)],
+            },
+            Row {
+                name: "universe age exactly MAX_AGE accepted",
+                read: with(|r| r.meta = meta("0", "2", NOW - 300.0)),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: Universe,
+                count: 2,
+                refused: vec![],
+            },
+            Row {
+                name: "universe age MAX_AGE+1 refused",
+                read: with(|r| r.meta = meta("0", "2", NOW - 301.0)),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, TooOld)],
+            },
+            Row {
+                name: "universe asof 61s in the future",
+                read: with(|r| r.meta = meta("0", "2", NOW + 61.0)),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, Future)],
+            },
+            Row {
+                name: "universe asof 60s in the future is skew we accept",
+                read: with(|r| r.meta = meta("0", "2", NOW + 60.0)),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: Universe,
+                count: 2,
+                refused: vec![],
+            },
+            Row {
+                name: "active not JSON",
+                read: with(|r| r.active = Doc::Text("{nope".into())),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, ParseError)],
+            },
+            Row {
+                name: "active without symbols list",
+                read: with(|r| r.active = Doc::Text("{\"symbols\": \"BTCUSDT\"}".into())),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, ParseError)],
+            },
+            Row {
+                name: "active of another type",
+                read: with(|r| r.active = Doc::WrongType),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, ParseError)],
+            },
+            Row {
+                name: "active with only invalid symbols",
+                read: with(|r| r.active = doc(&["btc", "", "BTC-USDT"], NOW)),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, NoSymbols)],
+            },
+            Row {
+                name: "active over 1 MiB",
+                read: with(|r| {
+                    r.active = Doc::Text(format!(
+                        "{{\"symbols\":[\"BTCUSDT\"],\"pad\":\"{}\"}}",
+                        "x".repeat(MAX_DOC_BYTES)
+                    ))
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, ParseError)],
+            },
+            Row {
+                name: "active with 10,001 symbols",
+                read: with(|r| {
+                    let s: Vec<String> = (0..10_001).map(|i| format!("S{i}")).collect();
+                    r.active = Doc::Text(serde_json::json!({"symbols": s}).to_string());
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, ParseError)],
+            },
+            Row {
+                name: "last_ok too old falls to env",
+                read: with(|r| {
+                    r.active = Doc::Missing;
+                    r.last_ok = doc(&["BTCUSDT"], NOW - 301.0);
+                }),
+                env: env(&["SOLUSDT"]),
+                mode: u,
+                now: NOW,
+                source: Env,
+                count: 1,
+                refused: vec![(Universe, Missing), (LastOk, TooOld)],
+            },
+            Row {
+                name: "last_ok exactly MAX_AGE accepted",
+                read: with(|r| {
+                    r.active = Doc::Missing;
+                    r.last_ok = doc(&["BTCUSDT"], NOW - 300.0);
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, Missing)],
+            },
+            Row {
+                name: "last_ok without asof is too old",
+                read: with(|r| {
+                    r.active = Doc::Missing;
+                    r.last_ok = Doc::Text("{\"symbols\":[\"BTCUSDT\"]}".into());
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: None,
+                count: 0,
+                refused: vec![(Universe, Missing), (LastOk, TooOld), (Env, Empty)],
+            },
+            Row {
+                name: "last_ok in the future",
+                read: with(|r| {
+                    r.active = Doc::Missing;
+                    r.last_ok = doc(&["BTCUSDT"], NOW + 120.0);
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: None,
+                count: 0,
+                refused: vec![(Universe, Missing), (LastOk, Future), (Env, Empty)],
+            },
+            Row {
+                name: "last_ok parse error",
+                read: with(|r| {
+                    r.active = Doc::Missing;
+                    r.last_ok = Doc::Text("[]".into());
+                }),
+                env: env(&["SOLUSDT"]),
+                mode: u,
+                now: NOW,
+                source: Env,
+                count: 1,
+                refused: vec![(Universe, Missing), (LastOk, ParseError)],
+            },
+            Row {
+                name: "last_ok no symbols",
+                read: with(|r| {
+                    r.active = Doc::Missing;
+                    r.last_ok = doc(&[], NOW);
+                }),
+                env: env(&["SOLUSDT"]),
+                mode: u,
+                now: NOW,
+                source: Env,
+                count: 1,
+                refused: vec![(Universe, Missing), (LastOk, NoSymbols)],
+            },
+            Row {
+                name: "redis unreadable refuses tiers 1 and 2 with load_error",
+                read: Err(()),
+                env: env(&["SOLUSDT"]),
+                mode: u,
+                now: NOW,
+                source: Env,
+                count: 1,
+                refused: vec![(Universe, LoadError), (LastOk, LoadError)],
+            },
+            Row {
+                name: "nothing anywhere fails closed",
+                read: with(|r| {
+                    r.active = Doc::Missing;
+                    r.last_ok = Doc::Missing;
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: None,
+                count: 0,
+                refused: vec![(Universe, Missing), (LastOk, Missing), (Env, Empty)],
+            },
+            Row {
+                name: "env of invalid symbols only",
+                read: Err(()),
+                env: env(&["btcusdt", "X Y"]),
+                mode: u,
+                now: NOW,
+                source: None,
+                count: 0,
+                refused: vec![(Universe, LoadError), (LastOk, LoadError), (Env, NoSymbols)],
+            },
+            Row {
+                name: "env mode skips the universe",
+                read: Ok(fresh()),
+                env: env(&["SOLUSDT", "bad"]),
+                mode: AllowlistMode::Env,
+                now: NOW,
+                source: Env,
+                count: 1,
+                refused: vec![],
+            },
         ];
         for row in rows {
-            let r = resolve(row.read.as_ref().map_err(|_| ()), &row.env, row.mode, row.now, &LIM);
+            let r = resolve(
+                row.read.as_ref().map_err(|_| ()),
+                &row.env,
+                row.mode,
+                row.now,
+                &LIM,
+            );
             assert_eq!(r.source, row.source, "{}: source", row.name);
             assert_eq!(r.symbols.len(), row.count, "{}: count", row.name);
             assert_eq!(r.refused, row.refused, "{}: refusals", row.name);
@@ -695,20 +990,41 @@ mod tests {
         let r = resolve(Ok(&fresh()), &[], AllowlistMode::Universe, NOW, &LIM);
         assert_eq!(
             r.log_line(),
-            format!("P3.3 allowlist source=universe stale=0 count=2 asof_epoch={} age_s=40", (NOW - 40.0) as i64)
+            format!(
+                "P3.3 allowlist source=universe stale=0 count=2 asof_epoch={} age_s=40",
+                (NOW - 40.0) as i64
+            )
         );
         let mut read = fresh();
         read.meta.insert("stale".into(), "1".into());
         let r = resolve(Ok(&read), &[], AllowlistMode::Universe, NOW, &LIM);
         assert_eq!(
             r.log_line(),
-            format!("P3.3 allowlist source=last_ok stale=1 count=1 asof_epoch={} age_s=100", (NOW - 100.0) as i64)
+            format!(
+                "P3.3 allowlist source=last_ok stale=1 count=1 asof_epoch={} age_s=100",
+                (NOW - 100.0) as i64
+            )
         );
-        let r = resolve(Err(()), &env(&["BTCUSDT"]), AllowlistMode::Universe, NOW, &LIM);
-        assert_eq!(r.log_line(), "P3.3 allowlist source=env stale=env count=1 asof_epoch=static age_s=0");
+        let r = resolve(
+            Err(()),
+            &env(&["BTCUSDT"]),
+            AllowlistMode::Universe,
+            NOW,
+            &LIM,
+        );
+        assert_eq!(
+            r.log_line(),
+            "P3.3 allowlist source=env stale=env count=1 asof_epoch=static age_s=0"
+        );
         let r = resolve(Err(()), &[], AllowlistMode::Universe, NOW, &LIM);
-        assert_eq!(r.log_line(), "P3.3 allowlist source=none stale=? count=0 asof_epoch=? age_s=?");
-        assert_eq!(r.refusals_text(), "universe=load_error last_ok=load_error env=empty");
+        assert_eq!(
+            r.log_line(),
+            "P3.3 allowlist source=none stale=? count=0 asof_epoch=? age_s=?"
+        );
+        assert_eq!(
+            r.refusals_text(),
+            "universe=load_error last_ok=load_error env=empty"
+        );
     }
 
     #[test]
@@ -737,17 +1053,32 @@ mod tests {
         let r = resolve(Ok(&fresh()), &[], AllowlistMode::Universe, NOW, &LIM);
         let e = r.expires_at.expect("universe data expires");
         assert_eq!(e, NOW - 40.0 + 300.0);
-        let a = Allowlist { source: r.source, symbols: r.symbols, expires_at: r.expires_at };
+        let a = Allowlist {
+            source: r.source,
+            symbols: r.symbols,
+            expires_at: r.expires_at,
+        };
         assert!(a.contains("BTCUSDT", e));
-        assert!(!a.contains("BTCUSDT", e + 0.001), "never used past its expiry");
+        assert!(
+            !a.contains("BTCUSDT", e + 0.001),
+            "never used past its expiry"
+        );
         assert!(!a.contains("XRPUSDT", NOW));
         assert!(!Allowlist::empty().contains("BTCUSDT", NOW));
     }
 
     #[test]
     fn symbol_pattern() {
-        for (s, ok) in [("BTCUSDT", true), ("1000PEPEUSDT", true), ("", false), ("btcusdt", false),
-            ("BTC-USDT", false), (&"A".repeat(32), true), (&"A".repeat(33), false), (" BTC", false)] {
+        for (s, ok) in [
+            ("BTCUSDT", true),
+            ("1000PEPEUSDT", true),
+            ("", false),
+            ("btcusdt", false),
+            ("BTC-USDT", false),
+            (&"A".repeat(32), true),
+            (&"A".repeat(33), false),
+            (" BTC", false),
+        ] {
             assert_eq!(valid_symbol(s), ok, "{s:?}");
         }
     }

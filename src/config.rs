@@ -4,7 +4,7 @@
 //! `P33_` prefix, one for the unprefixed `REDIS_*`, `BINANCE_*` and legacy
 //! names) and then parsed here, so that every bad variable is reported with its
 //! name and value before the process exits 78. Tests feed an iterator of pairs
-//! (`Config::from_iter`); nothing here calls `std::env::set_var`.
+//! (`Config::from_pairs`); nothing here calls `std::env::set_var`.
 //!
 //! Secrets (exchange key and secret, the Redis password) live in [`Secret`],
 //! whose `Debug` prints `[redacted]`; only request signing and the Redis
@@ -308,7 +308,11 @@ impl Parser {
                 default
             }
             _ => {
-                self.err(var, s, "must be a number of seconds (fractions allowed), e.g. 0.5");
+                self.err(
+                    var,
+                    s,
+                    "must be a number of seconds (fractions allowed), e.g. 0.5",
+                );
                 default
             }
         }
@@ -352,11 +356,11 @@ pub fn hostname() -> String {
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Config, ConfigErrors> {
-        Self::from_iter(std::env::vars())
+        Self::from_pairs(std::env::vars())
     }
 
     /// Builds the configuration from `(name, value)` pairs.
-    pub fn from_iter<I>(vars: I) -> Result<Config, ConfigErrors>
+    pub fn from_pairs<I>(vars: I) -> Result<Config, ConfigErrors>
     where
         I: IntoIterator<Item = (String, String)>,
     {
@@ -467,12 +471,25 @@ impl Config {
             "quantum:cfg:universe:meta",
         );
 
-        let universe_max_age_s =
-            p.secs("P33_UNIVERSE_MAX_AGE_S", &p33.universe_max_age_s, 300.0, true);
-        let refresh = p.secs("P33_ALLOWLIST_REFRESH_S", &p33.allowlist_refresh_s, 60.0, true);
+        let universe_max_age_s = p.secs(
+            "P33_UNIVERSE_MAX_AGE_S",
+            &p33.universe_max_age_s,
+            300.0,
+            true,
+        );
+        let refresh = p.secs(
+            "P33_ALLOWLIST_REFRESH_S",
+            &p33.allowlist_refresh_s,
+            60.0,
+            true,
+        );
         let poll = p.secs("P33_POLL_SEC", &p33.poll_sec, 5.0, true);
-        let stale_threshold_s =
-            p.secs("P33_STALE_THRESHOLD_SEC", &p33.stale_threshold_sec, 10.0, true);
+        let stale_threshold_s = p.secs(
+            "P33_STALE_THRESHOLD_SEC",
+            &p33.stale_threshold_sec,
+            10.0,
+            true,
+        );
         let cooldown_s = p.secs("P33_COOLDOWN_SEC", &p33.cooldown_sec, 15.0, false);
         let qty_tolerance_pct = p.secs("P33_QTY_TOLERANCE_PCT", &p33.qty_tolerance_pct, 1.0, false);
         let permit_ttl = p.secs("P33_PERMIT_TTL", &p33.permit_ttl, 60.0, true);
@@ -496,12 +513,20 @@ impl Config {
         let metrics_addr = match &p33.metrics_addr {
             None => IpAddr::from([0, 0, 0, 0]),
             Some(s) => s.trim().parse::<IpAddr>().unwrap_or_else(|_| {
-                p.err("P33_METRICS_ADDR", s, "must be an IP address, e.g. 0.0.0.0 or 127.0.0.1");
+                p.err(
+                    "P33_METRICS_ADDR",
+                    s,
+                    "must be an IP address, e.g. 0.0.0.0 or 127.0.0.1",
+                );
                 IpAddr::from([0, 0, 0, 0])
             }),
         };
 
-        let level = match p33.log_level.as_deref().map(|s| s.trim().to_ascii_uppercase()) {
+        let level = match p33
+            .log_level
+            .as_deref()
+            .map(|s| s.trim().to_ascii_uppercase())
+        {
             None => "info".to_string(),
             Some(l) => match l.as_str() {
                 "TRACE" => "trace".into(),
@@ -528,7 +553,11 @@ impl Config {
             }
             _ => level,
         };
-        let log_format = match p33.log_format.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
+        let log_format = match p33
+            .log_format
+            .as_deref()
+            .map(|s| s.trim().to_ascii_lowercase())
+        {
             None => LogFormat::Text,
             Some(f) if f == "text" => LogFormat::Text,
             Some(f) if f == "json" => LogFormat::Json,
@@ -629,15 +658,24 @@ impl Config {
             .into(),
         );
         m.insert("P33_UNIVERSE_KEY_ACTIVE", self.universe_key_active.clone());
-        m.insert("P33_UNIVERSE_KEY_LAST_OK", self.universe_key_last_ok.clone());
+        m.insert(
+            "P33_UNIVERSE_KEY_LAST_OK",
+            self.universe_key_last_ok.clone(),
+        );
         m.insert("P33_UNIVERSE_KEY_META", self.universe_key_meta.clone());
-        m.insert("P33_UNIVERSE_MAX_AGE_S", self.universe_max_age_s.to_string());
+        m.insert(
+            "P33_UNIVERSE_MAX_AGE_S",
+            self.universe_max_age_s.to_string(),
+        );
         m.insert(
             "P33_ALLOWLIST_REFRESH_S",
             self.allowlist_refresh.as_secs_f64().to_string(),
         );
         m.insert("P33_POLL_SEC", self.poll_interval.as_secs_f64().to_string());
-        m.insert("P33_STALE_THRESHOLD_SEC", self.stale_threshold_s.to_string());
+        m.insert(
+            "P33_STALE_THRESHOLD_SEC",
+            self.stale_threshold_s.to_string(),
+        );
         m.insert("P33_COOLDOWN_SEC", self.cooldown_s.to_string());
         m.insert("P33_QTY_TOLERANCE_PCT", self.qty_tolerance_pct.to_string());
         m.insert("P33_PERMIT_TTL", self.permit_ttl.as_secs_f64().to_string());
@@ -656,7 +694,10 @@ impl Config {
         m.insert("P33_DRY_RUN", self.dry_run.to_string());
         m.insert("P33_CONSUMER_GROUP", self.consumer_group.clone());
         m.insert("P33_CONSUMER_NAME", self.consumer_name.clone());
-        m.insert("P33_CLAIM_IDLE_S", self.claim_idle.as_secs_f64().to_string());
+        m.insert(
+            "P33_CLAIM_IDLE_S",
+            self.claim_idle.as_secs_f64().to_string(),
+        );
         m.insert(
             "P33_CANONICAL_POSITIONS",
             self.canonical_positions.to_string(),
@@ -678,7 +719,11 @@ fn redis_target(p: &mut Parser, o: &RawOther) -> RedisTarget {
         match url.trim().into_connection_info() {
             Ok(i) => i,
             Err(_) => {
-                p.err("REDIS_URL", &redact_url(url), "is not a redis://, rediss:// or unix:// URL");
+                p.err(
+                    "REDIS_URL",
+                    &redact_url(url),
+                    "is not a redis://, rediss:// or unix:// URL",
+                );
                 fallback()
             }
         }
@@ -697,10 +742,15 @@ fn redis_target(p: &mut Parser, o: &RawOther) -> RedisTarget {
         };
         let db = match &o.redis_db {
             None => 0,
-            Some(s) => s.trim().parse::<i64>().ok().filter(|d| *d >= 0).unwrap_or_else(|| {
-                p.err("REDIS_DB", s, "must be a database number ≥ 0");
-                0
-            }),
+            Some(s) => s
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|d| *d >= 0)
+                .unwrap_or_else(|| {
+                    p.err("REDIS_DB", s, "must be a database number ≥ 0");
+                    0
+                }),
         };
         let mut i = fallback();
         i.addr = redis::ConnectionAddr::Tcp(host.trim().to_string(), port);
@@ -728,7 +778,7 @@ mod tests {
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
         let mut v: Vec<(String, String)> = vec![("P33_SNAPSHOT_SOURCE".into(), "external".into())];
         v.extend(pairs.iter().map(|(k, x)| (k.to_string(), x.to_string())));
-        Config::from_iter(v)
+        Config::from_pairs(v)
     }
 
     #[test]
@@ -845,16 +895,16 @@ mod tests {
 
     #[test]
     fn binance_credentials_are_required_for_binance_snapshots_and_never_printed() {
-        let e = Config::from_iter(Vec::<(String, String)>::new()).unwrap_err();
+        let e = Config::from_pairs(Vec::<(String, String)>::new()).unwrap_err();
         assert!(e.to_string().contains("BINANCE_TESTNET_API_KEY"), "{e}");
         let v = |k: &str, s: &str| (k.to_string(), s.to_string());
-        let c = Config::from_iter(vec![
+        let c = Config::from_pairs(vec![
             v("BINANCE_API_KEY", "legacykey"),
             v("BINANCE_API_SECRET", "legacysecret"),
         ])
         .unwrap();
         assert_eq!(c.binance_api_key.as_ref().unwrap().expose(), "legacykey");
-        let c = Config::from_iter(vec![
+        let c = Config::from_pairs(vec![
             v("BINANCE_TESTNET_API_KEY", "tkey"),
             v("BINANCE_TESTNET_API_SECRET", "tsecret"),
             v("BINANCE_API_KEY", "legacykey"),
@@ -875,7 +925,10 @@ mod tests {
         let c = cfg(&[("APPLY_ALLOWLIST", "SOLUSDT")]).unwrap();
         assert_eq!(c.allowlist_env, vec!["SOLUSDT"]);
         let c = cfg(&[("APPLY_ALLOWLIST", "SOLUSDT"), ("P33_ALLOWLIST", "")]).unwrap();
-        assert!(c.allowlist_env.is_empty(), "an explicit empty P33_ALLOWLIST wins");
+        assert!(
+            c.allowlist_env.is_empty(),
+            "an explicit empty P33_ALLOWLIST wins"
+        );
     }
 
     #[test]
@@ -886,15 +939,27 @@ mod tests {
             ("P33_POLL_SECS", "1"),
         ])
         .unwrap();
-        assert_eq!(c.legacy_present, vec!["UNIVERSE_ENABLE", "P33_SNAPSHOT_TOP_N"]);
+        assert_eq!(
+            c.legacy_present,
+            vec!["UNIVERSE_ENABLE", "P33_SNAPSHOT_TOP_N"]
+        );
         assert_eq!(c.unknown_p33, vec!["P33_POLL_SECS"]);
     }
 
     #[test]
     fn log_level_maps_python_names_and_rust_log_wins() {
-        assert_eq!(cfg(&[("P33_LOG_LEVEL", "WARNING")]).unwrap().log_filter, "warn");
-        assert_eq!(cfg(&[("P33_LOG_LEVEL", "debug")]).unwrap().log_filter, "debug");
-        let c = cfg(&[("P33_LOG_LEVEL", "DEBUG"), ("RUST_LOG", "position_state_brain=trace")]);
+        assert_eq!(
+            cfg(&[("P33_LOG_LEVEL", "WARNING")]).unwrap().log_filter,
+            "warn"
+        );
+        assert_eq!(
+            cfg(&[("P33_LOG_LEVEL", "debug")]).unwrap().log_filter,
+            "debug"
+        );
+        let c = cfg(&[
+            ("P33_LOG_LEVEL", "DEBUG"),
+            ("RUST_LOG", "position_state_brain=trace"),
+        ]);
         assert_eq!(c.unwrap().log_filter, "position_state_brain=trace");
         assert!(cfg(&[("P33_LOG_LEVEL", "LOUD")]).is_err());
     }

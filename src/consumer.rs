@@ -105,11 +105,17 @@ pub async fn read_group(
     block_ms: u64,
 ) -> Result<Vec<Entry>, redis::RedisError> {
     let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
+    cmd.arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count);
     if !pending {
         cmd.arg("BLOCK").arg(block_ms);
     }
-    cmd.arg("STREAMS").arg(stream).arg(if pending { "0" } else { ">" });
+    cmd.arg("STREAMS")
+        .arg(stream)
+        .arg(if pending { "0" } else { ">" });
     let v: Value = cmd.query_async(con).await?;
     Ok(parse_xread(&v))
 }
@@ -211,7 +217,8 @@ pub async fn read_state(
     for (sym, row) in symbols.iter().zip(rows.iter()) {
         let Value::Array(f) = row else { continue };
         let t = |i: usize| f.get(i).and_then(text).unwrap_or_default();
-        let hash = |ty: &str, i: usize| (ty == "hash").then(|| f.get(i).map(pairs).unwrap_or_default());
+        let hash =
+            |ty: &str, i: usize| (ty == "hash").then(|| f.get(i).map(pairs).unwrap_or_default());
         let (st, lt, ct) = (t(0), t(2), t(4));
         out.insert(
             sym.clone(),
@@ -258,7 +265,9 @@ pub fn id8(id: &str) -> &str {
 /// Steps 1–3 of SPEC §4: a plan to evaluate, or why not.
 pub fn classify(e: &Entry, allow: &Allowlist, now: f64) -> Result<Plan, Filtered> {
     let Some(f) = &e.fields else {
-        return Err(Filtered::Malformed("entry deleted from the stream while pending".into()));
+        return Err(Filtered::Malformed(
+            "entry deleted from the stream while pending".into(),
+        ));
     };
     let plan_id = f.get("plan_id").map(String::as_str).unwrap_or("");
     if !valid_plan_id(plan_id) {
@@ -507,7 +516,9 @@ impl Consumer {
             }
             Filtered::NotAllowlisted => {
                 let f = e.fields.as_ref();
-                let sym = f.and_then(|f| f.get("symbol")).map_or("UNKNOWN", String::as_str);
+                let sym = f
+                    .and_then(|f| f.get("symbol"))
+                    .map_or("UNKNOWN", String::as_str);
                 let id = f.and_then(|f| f.get("plan_id")).map_or("", String::as_str);
                 debug!(
                     "{sym}: Not in allowlist (source={}) - ACK plan {}",
@@ -524,7 +535,10 @@ impl Consumer {
         let (sym, id) = (p.plan.symbol.as_str(), id8(&p.plan.plan_id));
         if res == Written::AlreadyAcked {
             warn!("{sym}: plan {id} was already handled by another consumer; no second permit");
-            self.metrics.plans_total.with_label_values(&["duplicate"]).inc();
+            self.metrics
+                .plans_total
+                .with_label_values(&["duplicate"])
+                .inc();
             return;
         }
         if self.cfg.dry_run {
@@ -565,7 +579,10 @@ impl Consumer {
                     dec_str(a.safe_qty),
                     dec_str(a.exchange_amt)
                 );
-                self.metrics.permit_allow_total.with_label_values(&[sym]).inc();
+                self.metrics
+                    .permit_allow_total
+                    .with_label_values(&[sym])
+                    .inc();
                 self.metrics.plans_total.with_label_values(&["allow"]).inc();
             }
             Decision::Deny(d) => {
@@ -708,7 +725,11 @@ mod tests {
     fn entry(id: &str, f: &[(&str, &str)]) -> Entry {
         Entry {
             id: id.into(),
-            fields: Some(f.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            fields: Some(
+                f.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
         }
     }
 
@@ -719,21 +740,71 @@ mod tests {
             symbols: HashSet::from(["BTCUSDT".to_string()]),
             expires_at: None,
         };
-        let ok = [("plan_id", "p1"), ("symbol", "BTCUSDT"), ("decision", "EXECUTE"), ("action", "OPEN"), ("reduceOnly", "Yes")];
+        let ok = [
+            ("plan_id", "p1"),
+            ("symbol", "BTCUSDT"),
+            ("decision", "EXECUTE"),
+            ("action", "OPEN"),
+            ("reduceOnly", "Yes"),
+        ];
         let p = classify(&entry("1700000000000-0", &ok), &allow, 0.0).unwrap();
         assert!(p.reduce_only);
         assert_eq!(p.entry_ms, 1_700_000_000_000);
         let long = "x".repeat(129);
         for (name, f, want) in [
-            ("missing plan_id", vec![("symbol", "BTCUSDT"), ("decision", "EXECUTE")], "malformed"),
-            ("empty plan_id", vec![("plan_id", ""), ("decision", "EXECUTE")], "malformed"),
-            ("plan_id with space", vec![("plan_id", "a b"), ("decision", "EXECUTE")], "malformed"),
-            ("plan_id with control", vec![("plan_id", "a\u{7}"), ("decision", "EXECUTE")], "malformed"),
-            ("plan_id too long", vec![("plan_id", long.as_str()), ("decision", "EXECUTE")], "malformed"),
-            ("skip decision", vec![("plan_id", "p"), ("symbol", "BTCUSDT"), ("decision", "SKIP")], "skip"),
-            ("missing decision", vec![("plan_id", "p"), ("symbol", "BTCUSDT")], "skip"),
-            ("not allowlisted", vec![("plan_id", "p"), ("symbol", "ETHUSDT"), ("decision", "EXECUTE")], "not"),
-            ("missing symbol is UNKNOWN", vec![("plan_id", "p"), ("decision", "RECONCILE_CLOSE")], "not"),
+            (
+                "missing plan_id",
+                vec![("symbol", "BTCUSDT"), ("decision", "EXECUTE")],
+                "malformed",
+            ),
+            (
+                "empty plan_id",
+                vec![("plan_id", ""), ("decision", "EXECUTE")],
+                "malformed",
+            ),
+            (
+                "plan_id with space",
+                vec![("plan_id", "a b"), ("decision", "EXECUTE")],
+                "malformed",
+            ),
+            (
+                "plan_id with control",
+                vec![("plan_id", "a\u{7}"), ("decision", "EXECUTE")],
+                "malformed",
+            ),
+            (
+                "plan_id too long",
+                vec![("plan_id", long.as_str()), ("decision", "EXECUTE")],
+                "malformed",
+            ),
+            (
+                "skip decision",
+                vec![
+                    ("plan_id", "p"),
+                    ("symbol", "BTCUSDT"),
+                    ("decision", "SKIP"),
+                ],
+                "skip",
+            ),
+            (
+                "missing decision",
+                vec![("plan_id", "p"), ("symbol", "BTCUSDT")],
+                "skip",
+            ),
+            (
+                "not allowlisted",
+                vec![
+                    ("plan_id", "p"),
+                    ("symbol", "ETHUSDT"),
+                    ("decision", "EXECUTE"),
+                ],
+                "not",
+            ),
+            (
+                "missing symbol is UNKNOWN",
+                vec![("plan_id", "p"), ("decision", "RECONCILE_CLOSE")],
+                "not",
+            ),
         ] {
             let got = match classify(&entry("1-0", &f), &allow, 0.0) {
                 Err(Filtered::Malformed(_)) => "malformed",
@@ -743,8 +814,14 @@ mod tests {
             };
             assert_eq!(got, want, "{name}");
         }
-        let deleted = Entry { id: "1-0".into(), fields: None };
-        assert!(matches!(classify(&deleted, &allow, 0.0), Err(Filtered::Malformed(_))));
+        let deleted = Entry {
+            id: "1-0".into(),
+            fields: None,
+        };
+        assert!(matches!(
+            classify(&deleted, &allow, 0.0),
+            Err(Filtered::Malformed(_))
+        ));
         let p128 = "y".repeat(128);
         assert!(valid_plan_id(&p128));
     }

@@ -175,7 +175,11 @@ impl Client {
             .map_err(|e| ExchangeError::Malformed(format!("HTTP {status}: {e}")))?;
         if let Some(code) = v.get("code").and_then(Value::as_i64) {
             if code != 200 && (v.get("msg").is_some() || !status.is_success()) {
-                let msg = v.get("msg").and_then(Value::as_str).unwrap_or("").to_string();
+                let msg = v
+                    .get("msg")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
                 return Err(ExchangeError::Api { code, msg });
             }
         }
@@ -212,7 +216,10 @@ impl Client {
             let ts = store::now_ms() as i64 + self.offset_ms.load(Ordering::Relaxed);
             let q = format!("timestamp={ts}&recvWindow=5000");
             let sig = sign(secret.expose(), &q);
-            match self.get(endpoint, Some(format!("{q}&signature={sig}"))).await {
+            match self
+                .get(endpoint, Some(format!("{q}&signature={sig}")))
+                .await
+            {
                 Err(ExchangeError::Api { code: -1021, .. }) if !retried => {
                     warn!("exchange: -1021 timestamp outside recvWindow; resyncing the clock and retrying once");
                     retried = true;
@@ -238,7 +245,9 @@ pub fn parse_step_sizes(v: &Value) -> Result<HashMap<String, Decimal>, ExchangeE
         .ok_or_else(|| ExchangeError::Malformed("exchangeInfo without symbols".into()))?;
     let mut out = HashMap::with_capacity(syms.len());
     for s in syms {
-        let Some(name) = s.get("symbol").and_then(Value::as_str) else { continue };
+        let Some(name) = s.get("symbol").and_then(Value::as_str) else {
+            continue;
+        };
         let filters = s.get("filters").and_then(Value::as_array);
         let step_of = |kind: &str| {
             filters?
@@ -300,7 +309,10 @@ pub async fn run_step_sizes(
     loop {
         let wait = match client.step_sizes().await {
             Ok(t) => {
-                info!("step sizes loaded for {} symbols from exchangeInfo", t.len());
+                info!(
+                    "step sizes loaded for {} symbols from exchangeInfo",
+                    t.len()
+                );
                 steps.set(t);
                 backoff.reset();
                 STEP_REFRESH
@@ -352,7 +364,9 @@ pub fn parse_positions(v: &Value) -> Result<HashMap<String, Position>, ExchangeE
     for r in rows {
         let (Some(sym), Some(amt)) = (
             r.get("symbol").and_then(Value::as_str),
-            r.get("positionAmt").and_then(Value::as_str).and_then(parse_dec),
+            r.get("positionAmt")
+                .and_then(Value::as_str)
+                .and_then(parse_dec),
         ) else {
             return Err(ExchangeError::Malformed(
                 "positionRisk row without symbol/positionAmt".into(),
@@ -375,7 +389,11 @@ pub fn parse_positions(v: &Value) -> Result<HashMap<String, Position>, ExchangeE
             [] => Position::flat(),
             [(amt, r)] => Position {
                 amt: *amt,
-                side: if amt.is_sign_positive() { "LONG" } else { "SHORT" },
+                side: if amt.is_sign_positive() {
+                    "LONG"
+                } else {
+                    "SHORT"
+                },
                 entry_price: s(r, "entryPrice"),
                 mark_price: s(r, "markPrice"),
                 unrealized_pnl: s(r, "unRealizedProfit"),
@@ -504,7 +522,13 @@ pub async fn run_poller(
             return cancel.cancelled().await;
         }
     };
-    let Some(mut con) = store::connect(&cfg.redis, "snapshot poller", Duration::from_secs(10), &cancel).await
+    let Some(mut con) = store::connect(
+        &cfg.redis,
+        "snapshot poller",
+        Duration::from_secs(10),
+        &cancel,
+    )
+    .await
     else {
         return;
     };
@@ -536,14 +560,25 @@ pub async fn run_poller(
             Ok(p) => p,
             Err(e) => {
                 failures += 1;
-                if failures <= 3 || failures % 20 == 0 {
-                    warn!("snapshots: positionRisk failed ({failures} in a row): {e}; snapshots age");
+                if failures <= 3 || failures.is_multiple_of(20) {
+                    warn!(
+                        "snapshots: positionRisk failed ({failures} in a row): {e}; snapshots age"
+                    );
                 }
                 continue;
             }
         };
         let ts = store::now_epoch();
-        match write_snapshots(&mut con, &symbols, &positions, ts, source, cfg.canonical_positions).await {
+        match write_snapshots(
+            &mut con,
+            &symbols,
+            &positions,
+            ts,
+            source,
+            cfg.canonical_positions,
+        )
+        .await
+        {
             Ok(()) => {
                 if failures > 0 {
                     info!("snapshots: positionRisk recovered after {failures} failed cycle(s)");
@@ -555,10 +590,15 @@ pub async fn run_poller(
                     .map(String::as_str)
                     .collect();
                 if !hedged.is_empty() {
-                    warn!("snapshots: hedge-mode positions open on both sides (plans denied): {}", hedged.join(","));
+                    warn!(
+                        "snapshots: hedge-mode positions open on both sides (plans denied): {}",
+                        hedged.join(",")
+                    );
                 }
                 for s in &symbols {
-                    let amt = positions.get(s).map_or(0.0, |p| dec_str(p.amt).parse().unwrap_or(0.0));
+                    let amt = positions
+                        .get(s)
+                        .map_or(0.0, |p| dec_str(p.amt).parse().unwrap_or(0.0));
                     metrics.observe_snapshot(s, ts, amt);
                 }
                 let keep: HashSet<&str> = symbols.iter().map(String::as_str).collect();
@@ -600,10 +640,19 @@ mod tests {
             {"symbol": "XRPUSDT", "positionAmt": "0.000", "positionSide": "BOTH"}
         ]);
         let p = parse_positions(&v).unwrap();
-        assert_eq!((p["BTCUSDT"].side, dec_str(p["BTCUSDT"].amt)), ("LONG", "0.038".into()));
-        assert_eq!((p["ETHUSDT"].side, dec_str(p["ETHUSDT"].amt)), ("SHORT", "-1.5".into()));
+        assert_eq!(
+            (p["BTCUSDT"].side, dec_str(p["BTCUSDT"].amt)),
+            ("LONG", "0.038".into())
+        );
+        assert_eq!(
+            (p["ETHUSDT"].side, dec_str(p["ETHUSDT"].amt)),
+            ("SHORT", "-1.5".into())
+        );
         assert_eq!(p["SOLUSDT"].side, "HEDGED");
-        assert_eq!((p["XRPUSDT"].side, dec_str(p["XRPUSDT"].amt)), ("NONE", "0".into()));
+        assert_eq!(
+            (p["XRPUSDT"].side, dec_str(p["XRPUSDT"].amt)),
+            ("NONE", "0".into())
+        );
         assert!(parse_positions(&json!({"code": -1})).is_err());
     }
 
@@ -624,7 +673,10 @@ mod tests {
 
     #[test]
     fn source_label_from_host() {
-        assert_eq!(source_label("https://testnet.binancefuture.com"), "binance_testnet");
+        assert_eq!(
+            source_label("https://testnet.binancefuture.com"),
+            "binance_testnet"
+        );
         assert_eq!(source_label("https://fapi.binance.com"), "binance");
         assert_eq!(source_label("http://127.0.0.1:9000"), "binance");
     }

@@ -46,7 +46,11 @@ pub fn handle(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<B
         return reply(StatusCode::NOT_FOUND, TEXT, "not found\n".into());
     }
     if method != Method::GET && method != Method::HEAD {
-        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into());
+        let mut r = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "method not allowed\n".into(),
+        );
         if let Ok(v) = "GET, HEAD".parse() {
             r.headers_mut().insert(hyper::header::ALLOW, v);
         }
@@ -106,11 +110,26 @@ mod tests {
     #[test]
     fn routes_and_methods() {
         let m = Metrics::new();
-        assert_eq!(handle(&m, &Method::GET, "/healthz").status(), StatusCode::OK);
-        assert_eq!(handle(&m, &Method::GET, "/readyz").status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(handle(&m, &Method::GET, "/metrics").status(), StatusCode::OK);
-        assert_eq!(handle(&m, &Method::GET, "/nope").status(), StatusCode::NOT_FOUND);
-        assert_eq!(handle(&m, &Method::POST, "/metrics").status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            handle(&m, &Method::GET, "/healthz").status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            handle(&m, &Method::GET, "/readyz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            handle(&m, &Method::GET, "/metrics").status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            handle(&m, &Method::GET, "/nope").status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            handle(&m, &Method::POST, "/metrics").status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
         m.set_redis_up(true);
         m.set_group_ok(true);
         m.set_allowlist("env", 1, None);

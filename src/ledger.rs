@@ -46,7 +46,10 @@ pub enum ResultAction {
 }
 
 fn field<'a>(v: &'a Value, names: &[&str]) -> Option<&'a Value> {
-    names.iter().find_map(|n| v.get(*n)).filter(|v| !v.is_null())
+    names
+        .iter()
+        .find_map(|n| v.get(*n))
+        .filter(|v| !v.is_null())
 }
 
 fn scalar(v: &Value) -> String {
@@ -118,8 +121,13 @@ return 1
 
 /// Runs the follower until `cancel` fires.
 pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, cancel: CancellationToken) {
-    let Some(mut con) =
-        store::connect(&cfg.redis, "ledger follower", Duration::from_secs(7), &cancel).await
+    let Some(mut con) = store::connect(
+        &cfg.redis,
+        "ledger follower",
+        Duration::from_secs(7),
+        &cancel,
+    )
+    .await
     else {
         return;
     };
@@ -160,7 +168,10 @@ pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, cancel: CancellationTo
                 pending = true;
                 if store::is_nogroup(&e) {
                     warn!("ledger follower group missing ({e}); recreating it");
-                    if store::ensure_group(&mut con, RESULT_STREAM, group).await.is_ok() {
+                    if store::ensure_group(&mut con, RESULT_STREAM, group)
+                        .await
+                        .is_ok()
+                    {
                         continue;
                     }
                 } else {
@@ -241,23 +252,95 @@ mod tests {
     use super::*;
 
     fn f(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn interprets_results() {
         let steps = r#"[{"step":"open"},{"order_id":12345,"side":"sell","executed_qty":"0.028"}]"#;
         for (name, fields, want) in [
-            ("executed true", f(&[("executed", "true"), ("symbol", "BTCUSDT"), ("plan_id", "p1"), ("steps_results", steps)]), "apply"),
-            ("executed True", f(&[("executed", "True"), ("symbol", "BTCUSDT"), ("steps_results", steps)]), "apply"),
-            ("executed 1", f(&[("executed", "1"), ("symbol", "BTCUSDT"), ("steps_results", steps)]), "apply"),
-            ("not executed", f(&[("executed", "false"), ("symbol", "BTCUSDT"), ("steps_results", steps)]), "skip"),
+            (
+                "executed true",
+                f(&[
+                    ("executed", "true"),
+                    ("symbol", "BTCUSDT"),
+                    ("plan_id", "p1"),
+                    ("steps_results", steps),
+                ]),
+                "apply",
+            ),
+            (
+                "executed True",
+                f(&[
+                    ("executed", "True"),
+                    ("symbol", "BTCUSDT"),
+                    ("steps_results", steps),
+                ]),
+                "apply",
+            ),
+            (
+                "executed 1",
+                f(&[
+                    ("executed", "1"),
+                    ("symbol", "BTCUSDT"),
+                    ("steps_results", steps),
+                ]),
+                "apply",
+            ),
+            (
+                "not executed",
+                f(&[
+                    ("executed", "false"),
+                    ("symbol", "BTCUSDT"),
+                    ("steps_results", steps),
+                ]),
+                "skip",
+            ),
             ("no executed field", f(&[("symbol", "BTCUSDT")]), "skip"),
-            ("empty steps", f(&[("executed", "true"), ("symbol", "BTCUSDT"), ("steps_results", "[]")]), "malformed"),
-            ("bad json", f(&[("executed", "true"), ("symbol", "BTCUSDT"), ("steps_results", "[{")]), "malformed"),
-            ("no steps", f(&[("executed", "true"), ("symbol", "BTCUSDT")]), "malformed"),
-            ("bad symbol", f(&[("executed", "true"), ("symbol", "btc"), ("steps_results", steps)]), "malformed"),
-            ("bad side", f(&[("executed", "true"), ("symbol", "BTCUSDT"), ("steps_results", r#"[{"order_id":1,"side":"LONG"}]"#)]), "malformed"),
+            (
+                "empty steps",
+                f(&[
+                    ("executed", "true"),
+                    ("symbol", "BTCUSDT"),
+                    ("steps_results", "[]"),
+                ]),
+                "malformed",
+            ),
+            (
+                "bad json",
+                f(&[
+                    ("executed", "true"),
+                    ("symbol", "BTCUSDT"),
+                    ("steps_results", "[{"),
+                ]),
+                "malformed",
+            ),
+            (
+                "no steps",
+                f(&[("executed", "true"), ("symbol", "BTCUSDT")]),
+                "malformed",
+            ),
+            (
+                "bad symbol",
+                f(&[
+                    ("executed", "true"),
+                    ("symbol", "btc"),
+                    ("steps_results", steps),
+                ]),
+                "malformed",
+            ),
+            (
+                "bad side",
+                f(&[
+                    ("executed", "true"),
+                    ("symbol", "BTCUSDT"),
+                    ("steps_results", r#"[{"order_id":1,"side":"LONG"}]"#),
+                ]),
+                "malformed",
+            ),
         ] {
             let got = match interpret(&fields) {
                 ResultAction::Apply(_) => "apply",
@@ -266,7 +349,23 @@ mod tests {
             };
             assert_eq!(got, want, "{name}");
         }
-        let ResultAction::Apply(m) = interpret(&f(&[("executed", "true"), ("symbol", "BTCUSDT"), ("plan_id", "p1"), ("steps_results", steps)])) else { panic!("apply expected") };
-        assert_eq!(m, LedgerMeta { symbol: "BTCUSDT".into(), order_id: "12345".into(), plan_id: "p1".into(), executed_qty: "0.028".into(), order_side: "SELL".into() });
+        let ResultAction::Apply(m) = interpret(&f(&[
+            ("executed", "true"),
+            ("symbol", "BTCUSDT"),
+            ("plan_id", "p1"),
+            ("steps_results", steps),
+        ])) else {
+            panic!("apply expected")
+        };
+        assert_eq!(
+            m,
+            LedgerMeta {
+                symbol: "BTCUSDT".into(),
+                order_id: "12345".into(),
+                plan_id: "p1".into(),
+                executed_qty: "0.028".into(),
+                order_side: "SELL".into()
+            }
+        );
     }
 }

@@ -81,7 +81,12 @@ pub enum Cli {
 /// Parses the command line (program name excluded).
 pub fn parse_cli<I: IntoIterator<Item = String>>(args: I) -> Cli {
     let args: Vec<String> = args.into_iter().collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         [] => Cli::Run,
         ["--help"] | ["-h"] => Cli::Help,
         ["--version"] | ["-V"] => Cli::Version,
@@ -256,7 +261,13 @@ async fn start_and_supervise(
     spawn_named(
         tasks,
         "allowlist",
-        allowlist::run_refresher(resolver, Some(con), first.expires_at, reload, cancel.clone()),
+        allowlist::run_refresher(
+            resolver,
+            Some(con),
+            first.expires_at,
+            reload,
+            cancel.clone(),
+        ),
     );
     spawn_named(
         tasks,

@@ -71,7 +71,10 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let iv = |n: &str, h: &str, l: &[&str]| {
-            reg(&r, IntCounterVec::new(Opts::new(n, h), l).expect("valid metric"))
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(n, h), l).expect("valid metric"),
+            )
         };
         let gv = |n: &str, h: &str, l: &[&str]| {
             reg(&r, GaugeVec::new(Opts::new(n, h), l).expect("valid metric"))
@@ -328,8 +331,14 @@ mod tests {
         m.observe_snapshot("BTCUSDT", 100.0, 0.5);
         m.set_allowlist("universe", 1, Some(90.0));
         let text = m.render(103.0);
-        assert!(text.contains("p33_permit_allow_total{symbol=\"BTCUSDT\"} 1"), "{text}");
-        assert!(text.contains("p33_snapshot_age_seconds{symbol=\"BTCUSDT\"} 3"), "{text}");
+        assert!(
+            text.contains("p33_permit_allow_total{symbol=\"BTCUSDT\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("p33_snapshot_age_seconds{symbol=\"BTCUSDT\"} 3"),
+            "{text}"
+        );
         assert!(text.contains("p33_allowlist_age_seconds 13"), "{text}");
         assert!(text.contains("p33_build_info{version="), "{text}");
     }

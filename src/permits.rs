@@ -162,7 +162,8 @@ pub async fn write_batch(
     for w in writes {
         match w {
             Write::AckOnly { entry_id } => {
-                inv.key("quantum:permit:p33:-").key("quantum:reconcile:hold:-");
+                inv.key("quantum:permit:p33:-")
+                    .key("quantum:reconcile:hold:-");
                 inv.arg(entry_id).arg("0").arg("").arg("");
             }
             Write::Permit {
@@ -208,10 +209,24 @@ mod tests {
             ledger_amt: Decimal::ZERO,
             hold_applies: true,
         };
-        let v: Value = serde_json::from_str(&allow_json("p1", "BTCUSDT", &a, 1769920000.25)).unwrap();
+        let v: Value =
+            serde_json::from_str(&allow_json("p1", "BTCUSDT", &a, 1769920000.25)).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort();
-        assert_eq!(keys, vec!["allow", "created_at", "exchange_position_amt", "ledger_amt", "plan_id", "reason", "safe_close_qty", "safe_qty", "symbol"]);
+        assert_eq!(
+            keys,
+            vec![
+                "allow",
+                "created_at",
+                "exchange_position_amt",
+                "ledger_amt",
+                "plan_id",
+                "reason",
+                "safe_close_qty",
+                "safe_qty",
+                "symbol"
+            ]
+        );
         assert_eq!(v["safe_qty"].to_string(), "0.028");
         assert_eq!(v["safe_close_qty"].to_string(), "0.028");
         assert_eq!(v["created_at"].as_f64(), Some(1769920000.25));
@@ -222,7 +237,10 @@ mod tests {
         let d = hold_deny(Decimal::from_str("-1.5").unwrap(), Decimal::ZERO);
         let v: Value = serde_json::from_str(&deny_json("p1", "ETHUSDT", &d, 1.0)).unwrap();
         assert_eq!(v["reason"], "reconcile_hold_active");
-        assert_eq!(v["context"].to_string(), r#"{"exchange_amt":-1.5,"ledger_amt":0,"p34_hold":"active"}"#);
+        assert_eq!(
+            v["context"].to_string(),
+            r#"{"exchange_amt":-1.5,"ledger_amt":0,"p34_hold":"active"}"#
+        );
         assert_eq!(v["allow"], false);
     }
 }

@@ -258,10 +258,10 @@ fn closes(plan: &Plan, side: Option<PlanSide>, amt: Decimal) -> bool {
     plan.reduce_only
         || matches!(a, "FULL_CLOSE_PROPOSED" | "PARTIAL_75" | "PARTIAL_50")
         || a.contains("CLOSE")
-        || match (side, side_of(amt)) {
-            (Some(PlanSide::Sell), "LONG") | (Some(PlanSide::Buy), "SHORT") => true,
-            _ => false,
-        }
+        || matches!(
+            (side, side_of(amt)),
+            (Some(PlanSide::Sell), "LONG") | (Some(PlanSide::Buy), "SHORT")
+        )
 }
 
 /// The fraction of the position a close action asks for.
@@ -307,7 +307,10 @@ pub fn evaluate(
     // Row 0: expired plans are never judged on today's state.
     let age = now - plan.entry_ms as f64 / 1000.0;
     if age > lim.plan_max_age_s {
-        return deny(Reason::PlanExpired, json!({ "age_seconds": secs_json(age) }));
+        return deny(
+            Reason::PlanExpired,
+            json!({ "age_seconds": secs_json(age) }),
+        );
     }
     let Ok(side) = plan_side(plan.side.as_deref()) else {
         return deny(Reason::InvalidPlan, json!({ "field": "side" }));
@@ -318,15 +321,27 @@ pub fn evaluate(
     };
     // Row 2.
     let Some(ex) = snap.get("position_amt").and_then(|v| parse_dec(v)) else {
-        return deny(Reason::InvalidExchangeSnapshot, json!({ "field": "position_amt" }));
+        return deny(
+            Reason::InvalidExchangeSnapshot,
+            json!({ "field": "position_amt" }),
+        );
     };
     let Some(ts) = snap.get("ts_epoch").and_then(|v| parse_f64(v)) else {
-        return deny(Reason::InvalidExchangeSnapshot, json!({ "field": "ts_epoch" }));
+        return deny(
+            Reason::InvalidExchangeSnapshot,
+            json!({ "field": "ts_epoch" }),
+        );
     };
     if ts > now + 5.0 {
-        return deny(Reason::InvalidExchangeSnapshot, json!({ "field": "ts_epoch" }));
+        return deny(
+            Reason::InvalidExchangeSnapshot,
+            json!({ "field": "ts_epoch" }),
+        );
     }
-    if snap.get("side").is_some_and(|s| s.trim().eq_ignore_ascii_case("HEDGED")) {
+    if snap
+        .get("side")
+        .is_some_and(|s| s.trim().eq_ignore_ascii_case("HEDGED"))
+    {
         return deny(Reason::InvalidExchangeSnapshot, json!({ "field": "side" }));
     }
     // Row 3.
@@ -362,7 +377,10 @@ pub fn evaluate(
     if !closes(plan, side, ex) {
         // Rows 5 / 5b.
         if !flat {
-            return deny(Reason::PositionExists, json!({ "exchange_amt": dec_json(ex) }));
+            return deny(
+                Reason::PositionExists,
+                json!({ "exchange_amt": dec_json(ex) }),
+            );
         }
         if let Some(d) = cooldown_check(cooldown, now, lim) {
             return d;
@@ -388,7 +406,10 @@ pub fn evaluate(
     let mut ledger_amt = Decimal::ZERO;
     if let Some((field, raw)) = ledger_raw {
         let Some(la) = parse_dec(raw) else {
-            return deny(Reason::InvalidLedger, json!({ "field": field, "value": raw }));
+            return deny(
+                Reason::InvalidLedger,
+                json!({ "field": field, "value": raw }),
+            );
         };
         ledger_amt = la;
         let (es, ls) = (side_of(ex), side_of(la));
@@ -471,7 +492,12 @@ mod tests {
         )
     }
     fn hash(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
-        Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
     fn d(s: &str) -> Decimal {
         Decimal::from_str(s).unwrap()
@@ -488,8 +514,21 @@ mod tests {
         want: &'static str,
     }
 
-    fn row(name: &'static str, plan: Plan, snap: Option<HashMap<String, String>>, want: &'static str) -> Row {
-        Row { name, plan, snap, ledger: None, cooldown: None, step: "0.001", want }
+    fn row(
+        name: &'static str,
+        plan: Plan,
+        snap: Option<HashMap<String, String>>,
+        want: &'static str,
+    ) -> Row {
+        Row {
+            name,
+            plan,
+            snap,
+            ledger: None,
+            cooldown: None,
+            step: "0.001",
+            want,
+        }
     }
 
     fn outcome(dec: &Decision) -> String {
@@ -501,73 +540,380 @@ mod tests {
 
     #[test]
     fn every_row_in_order() {
-        let cooldown_recent: &'static str = Box::leak(format!("{}", (NOW * 1000.0) as i64 - 5_000).into_boxed_str());
-        let cooldown_old: &'static str = Box::leak(format!("{}", (NOW * 1000.0) as i64 - 20_000).into_boxed_str());
+        let cooldown_recent: &'static str =
+            Box::leak(format!("{}", (NOW * 1000.0) as i64 - 5_000).into_boxed_str());
+        let cooldown_old: &'static str =
+            Box::leak(format!("{}", (NOW * 1000.0) as i64 - 20_000).into_boxed_str());
         let mut expired = plan("EXECUTE", "FULL_CLOSE_PROPOSED", true, None);
         expired.entry_ms = ((NOW - 61.0) * 1000.0) as u64;
         let mut at_limit = plan("EXECUTE", "FULL_CLOSE_PROPOSED", true, None);
         at_limit.entry_ms = ((NOW - 60.0) * 1000.0) as u64;
         let close = || plan("EXECUTE", "FULL_CLOSE_PROPOSED", false, None);
         let rows = vec![
-            row("expired plan", expired, snap("0.5", 1.0), "deny:plan_expired"),
-            row("plan exactly at max age is judged", at_limit, snap("0.5", 1.0), "allow:sanity_checks_passed:0.5"),
+            row(
+                "expired plan",
+                expired,
+                snap("0.5", 1.0),
+                "deny:plan_expired",
+            ),
+            row(
+                "plan exactly at max age is judged",
+                at_limit,
+                snap("0.5", 1.0),
+                "allow:sanity_checks_passed:0.5",
+            ),
             row("no snapshot", close(), None, "deny:no_exchange_snapshot"),
-            row("empty snapshot hash", close(), hash(&[]), "deny:no_exchange_snapshot"),
-            row("position_amt missing", close(), hash(&[("ts_epoch", "1769920000")]), "deny:invalid_exchange_snapshot"),
-            row("position_amt NaN", close(), snap("NaN", 1.0), "deny:invalid_exchange_snapshot"),
-            row("position_amt inf", close(), snap("inf", 1.0), "deny:invalid_exchange_snapshot"),
-            row("position_amt garbage", close(), snap("abc", 1.0), "deny:invalid_exchange_snapshot"),
-            row("ts_epoch NaN", close(), hash(&[("position_amt", "1"), ("ts_epoch", "nan")]), "deny:invalid_exchange_snapshot"),
-            row("ts_epoch -inf", close(), hash(&[("position_amt", "1"), ("ts_epoch", "-inf")]), "deny:invalid_exchange_snapshot"),
-            row("ts_epoch 6s in the future", close(), snap("1", -6.0), "deny:invalid_exchange_snapshot"),
-            row("ts_epoch 4s in the future is skew", close(), snap("1", -4.0), "allow:sanity_checks_passed:1"),
-            row("hedged snapshot", close(), hash(&[("position_amt", "1"), ("ts_epoch", "1769920000"), ("side", "HEDGED")]), "deny:invalid_exchange_snapshot"),
-            row("stale snapshot", close(), snap("1", 11.0), "deny:stale_exchange_state"),
-            row("snapshot exactly at the threshold is fresh", close(), snap("1", 10.0), "allow:sanity_checks_passed:1"),
-            row("stale snapshot on a reconcile close", plan("RECONCILE_CLOSE", "", false, None), snap("1", 30.0), "deny:stale_exchange_state"),
-            row("reconcile close while flat", plan("RECONCILE_CLOSE", "", false, None), snap("0", 1.0), "deny:no_position"),
-            Row { cooldown: Some(cooldown_recent), ledger: hash(&[("last_known_amt", "-5")]), ..row("reconcile close ignores cooldown and ledger, rounds down", plan("RECONCILE_CLOSE", "", false, None), snap("-0.0375", 1.0), "allow:reconcile_close_bypass:0.037") },
-            row("open while flat", plan("EXECUTE", "OPEN_LONG", false, None), snap("0", 1.0), "allow:open_permit_granted:0"),
-            row("open while flat (dust)", plan("EXECUTE", "OPEN", false, Some("BUY")), snap("0.00009", 1.0), "allow:open_permit_granted:0"),
-            Row { cooldown: Some(cooldown_recent), ..row("cooldown denies an open", plan("EXECUTE", "OPEN", false, None), snap("0", 1.0), "deny:cooldown_in_flight") },
-            Row { cooldown: Some(cooldown_old), ..row("expired cooldown lets an open through", plan("EXECUTE", "OPEN", false, None), snap("0", 1.0), "allow:open_permit_granted:0") },
-            Row { cooldown: Some("soon"), ..row("unparseable cooldown denies", plan("EXECUTE", "OPEN", false, None), snap("0", 1.0), "deny:invalid_cooldown") },
-            row("open while a position exists", plan("EXECUTE", "OPEN", false, None), snap("0.5", 1.0), "deny:position_exists"),
-            row("same side while long is position_exists", plan("EXECUTE", "ADD", false, Some("buy")), snap("0.5", 1.0), "deny:position_exists"),
-            row("opposite side closes a long", plan("EXECUTE", "EXIT", false, Some("SELL")), snap("0.5", 1.0), "allow:sanity_checks_passed:0.5"),
-            row("opposite side closes a short", plan("EXECUTE", "EXIT", false, Some("Long")), snap("-0.5", 1.0), "allow:sanity_checks_passed:0.5"),
-            row("unknown side is invalid_plan", plan("EXECUTE", "EXIT", false, Some("UP")), snap("0.5", 1.0), "deny:invalid_plan"),
-            row("reduceOnly close while flat", plan("EXECUTE", "X", true, None), snap("0", 1.0), "deny:no_position"),
-            row("close proposal without reduceOnly while flat", plan("EXECUTE", "PARTIAL_75", false, None), snap("0", 1.0), "deny:no_position"),
-            row("action containing CLOSE closes", plan("EXECUTE", "EMERGENCY_CLOSE", false, None), snap("2", 1.0), "allow:sanity_checks_passed:2"),
-            Row { ledger: hash(&[("last_known_amt", "-0.5"), ("ledger_amt", "0.5")]), ..row("side mismatch uses last_known_amt first", close(), snap("0.5", 1.0), "deny:reconcile_required_side_mismatch") },
-            Row { ledger: hash(&[("ledger_amt", "-0.5")]), ..row("side mismatch from ledger_amt", close(), snap("0.5", 1.0), "deny:reconcile_required_side_mismatch") },
-            Row { ledger: hash(&[("last_known_amt", "0.4")]), ..row("qty mismatch", close(), snap("0.5", 1.0), "deny:reconcile_required_qty_mismatch") },
-            Row { ledger: hash(&[("last_known_amt", "0.504")]), ..row("qty within 1%", close(), snap("0.5", 1.0), "allow:sanity_checks_passed:0.5") },
-            Row { ledger: hash(&[("last_known_amt", "0.0109")]), ..row("tolerance floor of 0.001 accepts", close(), snap("0.01", 1.0), "allow:sanity_checks_passed:0.01") },
-            Row { ledger: hash(&[("last_known_amt", "0.0111")]), ..row("tolerance floor of 0.001 refuses beyond", close(), snap("0.01", 1.0), "deny:reconcile_required_qty_mismatch") },
-            Row { ledger: hash(&[("last_known_amt", "0")]), ..row("flat ledger is no side mismatch but a qty mismatch", close(), snap("0.5", 1.0), "deny:reconcile_required_qty_mismatch") },
-            Row { ledger: hash(&[("last_order_id", "42"), ("last_order_side", "SELL")]), ..row("ledger metadata alone is no position", close(), snap("0.5", 1.0), "allow:sanity_checks_passed:0.5") },
-            Row { ledger: hash(&[("last_known_amt", "nan")]), ..row("invalid ledger", close(), snap("0.5", 1.0), "deny:invalid_ledger") },
-            Row { cooldown: Some(cooldown_recent), ..row("cooldown denies a close", close(), snap("0.5", 1.0), "deny:cooldown_in_flight") },
-            row("PARTIAL_75 of 0.038", plan("EXECUTE", "PARTIAL_75", false, None), snap("0.038", 1.0), "allow:sanity_checks_passed:0.028"),
-            row("PARTIAL_75 of 0.037", plan("EXECUTE", "PARTIAL_75", false, None), snap("-0.037", 1.0), "allow:sanity_checks_passed:0.027"),
-            row("PARTIAL_50 of 0.035", plan("EXECUTE", "PARTIAL_50", true, None), snap("0.035", 1.0), "allow:sanity_checks_passed:0.017"),
-            row("tiny partial rounds to zero", plan("EXECUTE", "PARTIAL_50", true, None), snap("0.001", 1.0), "deny:safe_qty_below_step"),
-            Row { step: "1", ..row("step 1: 1234 × 0.75 → 925", plan("EXECUTE", "PARTIAL_75", false, None), snap("1234", 1.0), "allow:sanity_checks_passed:925") },
-            Row { step: "0.1", ..row("step 0.1: 0.35 × 0.5 → 0.1", plan("EXECUTE", "PARTIAL_50", false, None), snap("0.35", 1.0), "allow:sanity_checks_passed:0.1") },
-            row("scientific notation position", close(), snap("5e-1", 1.0), "allow:sanity_checks_passed:0.5"),
+            row(
+                "empty snapshot hash",
+                close(),
+                hash(&[]),
+                "deny:no_exchange_snapshot",
+            ),
+            row(
+                "position_amt missing",
+                close(),
+                hash(&[("ts_epoch", "1769920000")]),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "position_amt NaN",
+                close(),
+                snap("NaN", 1.0),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "position_amt inf",
+                close(),
+                snap("inf", 1.0),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "position_amt garbage",
+                close(),
+                snap("abc", 1.0),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "ts_epoch NaN",
+                close(),
+                hash(&[("position_amt", "1"), ("ts_epoch", "nan")]),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "ts_epoch -inf",
+                close(),
+                hash(&[("position_amt", "1"), ("ts_epoch", "-inf")]),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "ts_epoch 6s in the future",
+                close(),
+                snap("1", -6.0),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "ts_epoch 4s in the future is skew",
+                close(),
+                snap("1", -4.0),
+                "allow:sanity_checks_passed:1",
+            ),
+            row(
+                "hedged snapshot",
+                close(),
+                hash(&[
+                    ("position_amt", "1"),
+                    ("ts_epoch", "1769920000"),
+                    ("side", "HEDGED"),
+                ]),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "stale snapshot",
+                close(),
+                snap("1", 11.0),
+                "deny:stale_exchange_state",
+            ),
+            row(
+                "snapshot exactly at the threshold is fresh",
+                close(),
+                snap("1", 10.0),
+                "allow:sanity_checks_passed:1",
+            ),
+            row(
+                "stale snapshot on a reconcile close",
+                plan("RECONCILE_CLOSE", "", false, None),
+                snap("1", 30.0),
+                "deny:stale_exchange_state",
+            ),
+            row(
+                "reconcile close while flat",
+                plan("RECONCILE_CLOSE", "", false, None),
+                snap("0", 1.0),
+                "deny:no_position",
+            ),
+            Row {
+                cooldown: Some(cooldown_recent),
+                ledger: hash(&[("last_known_amt", "-5")]),
+                ..row(
+                    "reconcile close ignores cooldown and ledger, rounds down",
+                    plan("RECONCILE_CLOSE", "", false, None),
+                    snap("-0.0375", 1.0),
+                    "allow:reconcile_close_bypass:0.037",
+                )
+            },
+            row(
+                "open while flat",
+                plan("EXECUTE", "OPEN_LONG", false, None),
+                snap("0", 1.0),
+                "allow:open_permit_granted:0",
+            ),
+            row(
+                "open while flat (dust)",
+                plan("EXECUTE", "OPEN", false, Some("BUY")),
+                snap("0.00009", 1.0),
+                "allow:open_permit_granted:0",
+            ),
+            Row {
+                cooldown: Some(cooldown_recent),
+                ..row(
+                    "cooldown denies an open",
+                    plan("EXECUTE", "OPEN", false, None),
+                    snap("0", 1.0),
+                    "deny:cooldown_in_flight",
+                )
+            },
+            Row {
+                cooldown: Some(cooldown_old),
+                ..row(
+                    "expired cooldown lets an open through",
+                    plan("EXECUTE", "OPEN", false, None),
+                    snap("0", 1.0),
+                    "allow:open_permit_granted:0",
+                )
+            },
+            Row {
+                cooldown: Some("soon"),
+                ..row(
+                    "unparseable cooldown denies",
+                    plan("EXECUTE", "OPEN", false, None),
+                    snap("0", 1.0),
+                    "deny:invalid_cooldown",
+                )
+            },
+            row(
+                "open while a position exists",
+                plan("EXECUTE", "OPEN", false, None),
+                snap("0.5", 1.0),
+                "deny:position_exists",
+            ),
+            row(
+                "same side while long is position_exists",
+                plan("EXECUTE", "ADD", false, Some("buy")),
+                snap("0.5", 1.0),
+                "deny:position_exists",
+            ),
+            row(
+                "opposite side closes a long",
+                plan("EXECUTE", "EXIT", false, Some("SELL")),
+                snap("0.5", 1.0),
+                "allow:sanity_checks_passed:0.5",
+            ),
+            row(
+                "opposite side closes a short",
+                plan("EXECUTE", "EXIT", false, Some("Long")),
+                snap("-0.5", 1.0),
+                "allow:sanity_checks_passed:0.5",
+            ),
+            row(
+                "unknown side is invalid_plan",
+                plan("EXECUTE", "EXIT", false, Some("UP")),
+                snap("0.5", 1.0),
+                "deny:invalid_plan",
+            ),
+            row(
+                "reduceOnly close while flat",
+                plan("EXECUTE", "X", true, None),
+                snap("0", 1.0),
+                "deny:no_position",
+            ),
+            row(
+                "close proposal without reduceOnly while flat",
+                plan("EXECUTE", "PARTIAL_75", false, None),
+                snap("0", 1.0),
+                "deny:no_position",
+            ),
+            row(
+                "action containing CLOSE closes",
+                plan("EXECUTE", "EMERGENCY_CLOSE", false, None),
+                snap("2", 1.0),
+                "allow:sanity_checks_passed:2",
+            ),
+            Row {
+                ledger: hash(&[("last_known_amt", "-0.5"), ("ledger_amt", "0.5")]),
+                ..row(
+                    "side mismatch uses last_known_amt first",
+                    close(),
+                    snap("0.5", 1.0),
+                    "deny:reconcile_required_side_mismatch",
+                )
+            },
+            Row {
+                ledger: hash(&[("ledger_amt", "-0.5")]),
+                ..row(
+                    "side mismatch from ledger_amt",
+                    close(),
+                    snap("0.5", 1.0),
+                    "deny:reconcile_required_side_mismatch",
+                )
+            },
+            Row {
+                ledger: hash(&[("last_known_amt", "0.4")]),
+                ..row(
+                    "qty mismatch",
+                    close(),
+                    snap("0.5", 1.0),
+                    "deny:reconcile_required_qty_mismatch",
+                )
+            },
+            Row {
+                ledger: hash(&[("last_known_amt", "0.504")]),
+                ..row(
+                    "qty within 1%",
+                    close(),
+                    snap("0.5", 1.0),
+                    "allow:sanity_checks_passed:0.5",
+                )
+            },
+            Row {
+                ledger: hash(&[("last_known_amt", "0.0109")]),
+                ..row(
+                    "tolerance floor of 0.001 accepts",
+                    close(),
+                    snap("0.01", 1.0),
+                    "allow:sanity_checks_passed:0.01",
+                )
+            },
+            Row {
+                ledger: hash(&[("last_known_amt", "0.0111")]),
+                ..row(
+                    "tolerance floor of 0.001 refuses beyond",
+                    close(),
+                    snap("0.01", 1.0),
+                    "deny:reconcile_required_qty_mismatch",
+                )
+            },
+            Row {
+                ledger: hash(&[("last_known_amt", "0")]),
+                ..row(
+                    "flat ledger is no side mismatch but a qty mismatch",
+                    close(),
+                    snap("0.5", 1.0),
+                    "deny:reconcile_required_qty_mismatch",
+                )
+            },
+            Row {
+                ledger: hash(&[("last_order_id", "42"), ("last_order_side", "SELL")]),
+                ..row(
+                    "ledger metadata alone is no position",
+                    close(),
+                    snap("0.5", 1.0),
+                    "allow:sanity_checks_passed:0.5",
+                )
+            },
+            Row {
+                ledger: hash(&[("last_known_amt", "nan")]),
+                ..row(
+                    "invalid ledger",
+                    close(),
+                    snap("0.5", 1.0),
+                    "deny:invalid_ledger",
+                )
+            },
+            Row {
+                cooldown: Some(cooldown_recent),
+                ..row(
+                    "cooldown denies a close",
+                    close(),
+                    snap("0.5", 1.0),
+                    "deny:cooldown_in_flight",
+                )
+            },
+            row(
+                "PARTIAL_75 of 0.038",
+                plan("EXECUTE", "PARTIAL_75", false, None),
+                snap("0.038", 1.0),
+                "allow:sanity_checks_passed:0.028",
+            ),
+            row(
+                "PARTIAL_75 of 0.037",
+                plan("EXECUTE", "PARTIAL_75", false, None),
+                snap("-0.037", 1.0),
+                "allow:sanity_checks_passed:0.027",
+            ),
+            row(
+                "PARTIAL_50 of 0.035",
+                plan("EXECUTE", "PARTIAL_50", true, None),
+                snap("0.035", 1.0),
+                "allow:sanity_checks_passed:0.017",
+            ),
+            row(
+                "tiny partial rounds to zero",
+                plan("EXECUTE", "PARTIAL_50", true, None),
+                snap("0.001", 1.0),
+                "deny:safe_qty_below_step",
+            ),
+            Row {
+                step: "1",
+                ..row(
+                    "step 1: 1234 × 0.75 → 925",
+                    plan("EXECUTE", "PARTIAL_75", false, None),
+                    snap("1234", 1.0),
+                    "allow:sanity_checks_passed:925",
+                )
+            },
+            Row {
+                step: "0.1",
+                ..row(
+                    "step 0.1: 0.35 × 0.5 → 0.1",
+                    plan("EXECUTE", "PARTIAL_50", false, None),
+                    snap("0.35", 1.0),
+                    "allow:sanity_checks_passed:0.1",
+                )
+            },
+            row(
+                "scientific notation position",
+                close(),
+                snap("5e-1", 1.0),
+                "allow:sanity_checks_passed:0.5",
+            ),
         ];
         for r in rows {
-            let got = evaluate(&r.plan, r.snap.as_ref(), r.ledger.as_ref(), r.cooldown, NOW, &LIM, d(r.step));
+            let got = evaluate(
+                &r.plan,
+                r.snap.as_ref(),
+                r.ledger.as_ref(),
+                r.cooldown,
+                NOW,
+                &LIM,
+                d(r.step),
+            );
             assert_eq!(outcome(&got), r.want, "{}", r.name);
         }
     }
 
     #[test]
     fn reduce_only_spellings() {
-        for (v, want) in [(Some("true"), true), (Some("True"), true), (Some("1"), true), (Some("YES"), true),
-            (Some("false"), false), (Some("0"), false), (Some("y"), false), (Some(""), false), (None, false)] {
+        for (v, want) in [
+            (Some("true"), true),
+            (Some("True"), true),
+            (Some("1"), true),
+            (Some("YES"), true),
+            (Some("false"), false),
+            (Some("0"), false),
+            (Some("y"), false),
+            (Some(""), false),
+            (None, false),
+        ] {
             assert_eq!(parse_reduce_only(v), want, "{v:?}");
         }
     }
@@ -578,36 +924,99 @@ mod tests {
         assert_eq!(dec_json(d("925")).to_string(), "925");
         assert_eq!(dec_json(d("925.000")).to_string(), "925");
         assert_eq!(dec_json(d("-0.5")).to_string(), "-0.5");
-        assert_eq!(dec_json(floor_to_step(d("0.038") * d("0.75"), d("0.001"))).to_string(), "0.028");
+        assert_eq!(
+            dec_json(floor_to_step(d("0.038") * d("0.75"), d("0.001"))).to_string(),
+            "0.028"
+        );
         assert_eq!(dec_str(d("0.0280")), "0.028");
     }
 
     #[test]
     fn deny_contexts_carry_the_spec_fields() {
         let cd: String = format!("{}", (NOW * 1000.0) as i64 - 5_000);
-        let got = evaluate(&plan("EXECUTE", "OPEN", false, None), snap("0", 1.0).as_ref(), None, Some(&cd), NOW, &LIM, fallback_step());
-        let Decision::Deny(dn) = got else { panic!("cooldown must deny") };
-        assert_eq!(Value::Object(dn.context).to_string(),
-            format!(r#"{{"cooldown_sec":15.0,"last_exec_ts_ms":{cd},"seconds_since_exec":5.0}}"#));
-        let got = evaluate(&plan("EXECUTE", "FULL_CLOSE_PROPOSED", false, None), snap("0.5", 1.0).as_ref(),
-            hash(&[("last_known_amt", "0.4")]).as_ref(), None, NOW, &LIM, fallback_step());
-        let Decision::Deny(dn) = got else { panic!("qty mismatch must deny") };
-        assert_eq!(Value::Object(dn.context).to_string(),
-            r#"{"diff":0.1,"exchange_amt":0.5,"ledger_amt":0.4,"tolerance":0.005}"#);
-        let got = evaluate(&plan("EXECUTE", "X", true, None), snap("0.5", 1.0).as_ref(),
-            hash(&[("last_known_amt", "-0.5")]).as_ref(), None, NOW, &LIM, fallback_step());
-        let Decision::Deny(dn) = got else { panic!("side mismatch must deny") };
-        assert_eq!(Value::Object(dn.context).to_string(), r#"{"exchange_side":"LONG","ledger_side":"SHORT"}"#);
+        let got = evaluate(
+            &plan("EXECUTE", "OPEN", false, None),
+            snap("0", 1.0).as_ref(),
+            None,
+            Some(&cd),
+            NOW,
+            &LIM,
+            fallback_step(),
+        );
+        let Decision::Deny(dn) = got else {
+            panic!("cooldown must deny")
+        };
+        assert_eq!(
+            Value::Object(dn.context).to_string(),
+            format!(r#"{{"cooldown_sec":15.0,"last_exec_ts_ms":{cd},"seconds_since_exec":5.0}}"#)
+        );
+        let got = evaluate(
+            &plan("EXECUTE", "FULL_CLOSE_PROPOSED", false, None),
+            snap("0.5", 1.0).as_ref(),
+            hash(&[("last_known_amt", "0.4")]).as_ref(),
+            None,
+            NOW,
+            &LIM,
+            fallback_step(),
+        );
+        let Decision::Deny(dn) = got else {
+            panic!("qty mismatch must deny")
+        };
+        assert_eq!(
+            Value::Object(dn.context).to_string(),
+            r#"{"diff":0.1,"exchange_amt":0.5,"ledger_amt":0.4,"tolerance":0.005}"#
+        );
+        let got = evaluate(
+            &plan("EXECUTE", "X", true, None),
+            snap("0.5", 1.0).as_ref(),
+            hash(&[("last_known_amt", "-0.5")]).as_ref(),
+            None,
+            NOW,
+            &LIM,
+            fallback_step(),
+        );
+        let Decision::Deny(dn) = got else {
+            panic!("side mismatch must deny")
+        };
+        assert_eq!(
+            Value::Object(dn.context).to_string(),
+            r#"{"exchange_side":"LONG","ledger_side":"SHORT"}"#
+        );
     }
 
     #[test]
     fn allows_carry_amounts_and_hold_applicability() {
-        let Decision::Allow(a) = evaluate(&plan("EXECUTE", "PARTIAL_50", false, None), snap("-2", 1.0).as_ref(),
-            hash(&[("last_known_amt", "-2")]).as_ref(), None, NOW, &LIM, fallback_step()) else { panic!("allow expected") };
-        assert_eq!((dec_str(a.exchange_amt), dec_str(a.ledger_amt), dec_str(a.safe_qty), a.hold_applies),
-            ("-2".into(), "-2".into(), "1".into(), true));
-        let Decision::Allow(a) = evaluate(&plan("RECONCILE_CLOSE", "", false, None), snap("2", 1.0).as_ref(),
-            None, None, NOW, &LIM, fallback_step()) else { panic!("allow expected") };
+        let Decision::Allow(a) = evaluate(
+            &plan("EXECUTE", "PARTIAL_50", false, None),
+            snap("-2", 1.0).as_ref(),
+            hash(&[("last_known_amt", "-2")]).as_ref(),
+            None,
+            NOW,
+            &LIM,
+            fallback_step(),
+        ) else {
+            panic!("allow expected")
+        };
+        assert_eq!(
+            (
+                dec_str(a.exchange_amt),
+                dec_str(a.ledger_amt),
+                dec_str(a.safe_qty),
+                a.hold_applies
+            ),
+            ("-2".into(), "-2".into(), "1".into(), true)
+        );
+        let Decision::Allow(a) = evaluate(
+            &plan("RECONCILE_CLOSE", "", false, None),
+            snap("2", 1.0).as_ref(),
+            None,
+            None,
+            NOW,
+            &LIM,
+            fallback_step(),
+        ) else {
+            panic!("allow expected")
+        };
         assert!(!a.hold_applies, "reconcile close bypasses the hold");
     }
 }

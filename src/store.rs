@@ -82,17 +82,24 @@ pub async fn connect(
     let mut attempts = 0u64;
     loop {
         attempts += 1;
-        match try_connect(target, response_timeout).await {
+        let attempt = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = try_connect(target, response_timeout) => r,
+        };
+        match attempt {
             Ok(c) => {
                 if attempts > 1 {
-                    info!("redis: {who} connected to {} after {attempts} attempts", target.display());
+                    info!(
+                        "redis: {who} connected to {} after {attempts} attempts",
+                        target.display()
+                    );
                 }
                 return Some(c);
             }
             Err(e) => {
                 // One line per attempt up to 5, then one every 20, so an
                 // outage of hours does not flood the journal.
-                if attempts <= 5 || attempts % 20 == 0 {
+                if attempts <= 5 || attempts.is_multiple_of(20) {
                     warn!(
                         "redis: {who} cannot connect to {} (attempt {attempts}): {e}; retrying",
                         target.display()

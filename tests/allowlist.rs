@@ -1,0 +1,367 @@
+//! The operators' allowlist scenarios, start-up and lifecycle, against the
+//! real binary and a private Redis.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(10);
+
+#[test]
+fn fresh_universe_resolves_to_source_universe() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let asof = now() - 40.0;
+    set_universe(&mut con, &["BTCUSDT", "ETHUSDT", "SOLUSDT"], asof, 0);
+    let d = Daemon::start(&base_env(&redis));
+    let line = d.wait_log("P3.3 allowlist source=", T);
+    let age = (now() - asof).floor() as i64;
+    let want = format!(
+        "P3.3 allowlist source=universe stale=0 count=3 asof_epoch={}",
+        asof as i64
+    );
+    assert!(line.contains(&want), "{line}");
+    let got_age: i64 = line
+        .rsplit("age_s=")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((got_age - age).abs() <= 1, "{line}");
+    assert!(line.contains(" INFO "), "logged at INFO: {line}");
+    assert_eq!(
+        d.metric("p33_allowlist_source{source=\"universe\"}"),
+        Some(1.0)
+    );
+    assert_eq!(d.metric("p33_allowlist_symbols"), Some(3.0));
+    assert_eq!(d.get("/readyz").0, 200);
+}
+
+#[test]
+fn stale_meta_with_fresh_last_ok_resolves_to_last_ok() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_universe(&mut con, &["BTCUSDT", "ETHUSDT"], now() - 10.0, 1);
+    let asof = now() - 20.0;
+    set_last_ok(&mut con, &["BTCUSDT"], asof);
+    let d = Daemon::start(&base_env(&redis));
+    let line = d.wait_log("P3.3 allowlist source=", T);
+    assert!(
+        line.contains(&format!(
+            "P3.3 allowlist source=last_ok stale=1 count=1 asof_epoch={}",
+            asof as i64
+        )),
+        "{line}"
+    );
+}
+
+#[test]
+fn last_ok_older_than_max_age_falls_back_to_env() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_universe(&mut con, &["BTCUSDT"], now() - 10.0, 1);
+    set_last_ok(&mut con, &["BTCUSDT"], now() - 301.0);
+    let mut env = base_env(&redis);
+    env.insert("P33_ALLOWLIST".into(), "BTCUSDT".into());
+    let d = Daemon::start(&env);
+    let line = d.wait_log("P3.3 allowlist source=", T);
+    assert!(
+        line.ends_with("P3.3 allowlist source=env stale=env count=1 asof_epoch=static age_s=0"),
+        "{line}"
+    );
+}
+
+#[test]
+fn nothing_anywhere_fails_closed_with_an_error_first() {
+    let redis = Redis::start();
+    let mut env = base_env(&redis);
+    env.insert("P33_ALLOWLIST".into(), "".into());
+    let d = Daemon::start(&env);
+    let line = d.wait_log("P3.3 allowlist source=", T);
+    assert!(
+        line.ends_with("P3.3 allowlist source=none stale=? count=0 asof_epoch=? age_s=?"),
+        "{line}"
+    );
+    let lines = d.lines.lock().unwrap().clone();
+    let err = lines
+        .iter()
+        .position(|l| l.contains("FAIL-CLOSED: No valid allowlist from any source!"))
+        .expect("FAIL-CLOSED line");
+    let none = lines
+        .iter()
+        .position(|l| l.contains("source=none"))
+        .unwrap();
+    assert!(err < none, "the ERROR comes before the none line");
+    assert!(lines[err].contains("ERROR"), "{}", lines[err]);
+    assert_eq!(d.metric("p33_allowlist_source{source=\"none\"}"), Some(1.0));
+    assert_eq!(
+        d.metric("p33_allowlist_source{source=\"universe\"}"),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn a_universe_that_turns_stale_is_dropped_within_one_refresh_period() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_universe(&mut con, &["BTCUSDT", "ETHUSDT"], now() - 5.0, 0);
+    let mut env = base_env(&redis);
+    env.insert("P33_ALLOWLIST".into(), "XRPUSDT".into());
+    let d = Daemon::start(&env);
+    d.wait_log("source=universe", T);
+    let mark = d.log_count();
+    let _: () = redis::cmd("HSET")
+        .arg("quantum:cfg:universe:meta")
+        .arg("stale")
+        .arg("1")
+        .query(&mut con)
+        .unwrap();
+    let line = d.wait_log_after(mark, "P3.3 allowlist source=env", Duration::from_secs(3));
+    assert!(line.contains("count=1"), "{line}");
+    let warn = d.wait_log_after(mark, "P3.3 allowlist source changed", T);
+    assert!(
+        warn.contains("universe -> env")
+            && warn.contains("universe=stale")
+            && warn.contains("last_ok=missing"),
+        "{warn}"
+    );
+}
+
+#[test]
+fn universe_data_expiring_between_refreshes_is_dropped_at_its_expiry() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    // MAX_AGE 3 s, data 1 s old: expires in ~2 s, long before the 60 s refresh.
+    let asof = now().floor() - 1.0;
+    set_universe(&mut con, &["BTCUSDT"], asof, 0);
+    let mut env = base_env(&redis);
+    env.insert("P33_UNIVERSE_MAX_AGE_S".into(), "3".into());
+    env.insert("P33_ALLOWLIST_REFRESH_S".into(), "60".into());
+    let d = Daemon::start(&env);
+    d.wait_log("source=universe", T);
+    let line = d.wait_log("P3.3 allowlist source=none", Duration::from_secs(8));
+    assert!(line.contains("count=0"), "{line}");
+    assert!(now() >= asof + 3.0, "not dropped before its expiry");
+    assert!(
+        now() < asof + 3.0 + 5.0,
+        "dropped at its expiry, not at the next refresh"
+    );
+}
+
+#[test]
+fn redis_killed_and_restarted_the_daemon_keeps_running_and_resolves_again() {
+    let mut redis = Redis::start();
+    let mut con = redis.con();
+    set_universe(&mut con, &["BTCUSDT", "ETHUSDT"], now(), 0);
+    let mut env = base_env(&redis);
+    env.insert("P33_ALLOWLIST".into(), "SOLUSDT".into());
+    let mut d = Daemon::start(&env);
+    d.wait_log("source=universe", T);
+    let mark = d.log_count();
+    redis.kill();
+    let line = d.wait_log_after(mark, "P3.3 allowlist source=env", T);
+    assert!(line.contains("count=1"), "{line}");
+    wait_for("p33_redis_up 0", T, || {
+        (d.metric("p33_redis_up") == Some(0.0)).then_some(())
+    });
+    assert_eq!(d.get("/readyz").0, 503);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(d.is_running(), "the daemon never exits for Redis");
+    let mark = d.log_count();
+    redis.restart();
+    let mut con = redis.con();
+    set_universe(&mut con, &["BTCUSDT", "ETHUSDT"], now(), 0);
+    d.wait_log_after(
+        mark,
+        "P3.3 allowlist source=universe stale=0 count=2",
+        Duration::from_secs(15),
+    );
+    wait_for("readyz 200", Duration::from_secs(15), || {
+        (d.get("/readyz").0 == 200).then_some(())
+    });
+    assert_eq!(d.metric("p33_redis_up"), Some(1.0));
+}
+
+#[test]
+fn starts_without_redis_and_resolves_once_it_appears() {
+    let port = free_port();
+    let redis_placeholder = Redis::start();
+    let mut env = base_env(&redis_placeholder);
+    drop(redis_placeholder);
+    env.insert("REDIS_URL".into(), format!("redis://127.0.0.1:{port}/0"));
+    let mut d = Daemon::start(&env);
+    d.wait_log("cannot connect", T);
+    assert_eq!(d.get("/healthz").0, 200);
+    assert_eq!(d.get("/readyz").0, 503);
+    assert!(
+        d.grep("P3.3 allowlist source=").is_empty(),
+        "no resolution before Redis answers"
+    );
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _k = Kill(child);
+    d.wait_log("P3.3 allowlist source=none", Duration::from_secs(15));
+    assert!(d.is_running());
+}
+
+#[test]
+fn sighup_re_resolves_at_once() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let mut env = base_env(&redis);
+    env.insert("P33_ALLOWLIST_REFRESH_S".into(), "3600".into());
+    env.insert("P33_ALLOWLIST".into(), "BTCUSDT".into());
+    let d = Daemon::start(&env);
+    d.wait_log("source=env", T);
+    set_universe(&mut con, &["BTCUSDT", "ETHUSDT"], now(), 0);
+    let mark = d.log_count();
+    d.signal("HUP");
+    d.wait_log_after(mark, "P3.3 allowlist source=universe stale=0 count=2", T);
+}
+
+#[test]
+fn sigterm_stops_cleanly_within_five_seconds() {
+    let redis = Redis::start();
+    let mut d = Daemon::start(&base_env(&redis));
+    d.wait_log("ready: reading plans", T);
+    let (code, took) = d.terminate();
+    assert_eq!(code, Some(0), "clean exit");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
+fn sigterm_while_redis_is_unreachable_still_exits_zero() {
+    let port = free_port();
+    let redis = Redis::start();
+    let mut env = base_env(&redis);
+    env.insert("REDIS_URL".into(), format!("redis://127.0.0.1:{port}/0"));
+    let mut d = Daemon::start(&env);
+    d.wait_log("cannot connect", T);
+    let (code, took) = d.terminate();
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
+fn bad_configuration_exits_78_naming_the_variable() {
+    let (code, _, err) = run_once(
+        &["--check-config"],
+        &[("P33_POLL_SEC", "abc"), ("P33_SNAPSHOT_SOURCE", "external")],
+    );
+    assert_eq!(code, Some(78));
+    assert!(err.contains("P33_POLL_SEC") && err.contains("abc"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let (code, _, err) = run_once(
+        &[],
+        &[
+            ("P33_LOG_FORMAT", "xml"),
+            ("P33_SNAPSHOT_SOURCE", "external"),
+        ],
+    );
+    assert_eq!(code, Some(78), "{err}");
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_secrets_redacted() {
+    let (code, out, err) = run_once(
+        &["--check-config"],
+        &[
+            ("BINANCE_TESTNET_API_KEY", "k-very-secret"),
+            ("BINANCE_TESTNET_API_SECRET", "s-very-secret"),
+            ("REDIS_URL", "redis://:pw-very-secret@127.0.0.1:6390/1"),
+            ("P33_POLL_SEC", "0.5"),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("P33_POLL_SEC=0.5"), "{out}");
+    assert!(out.contains("BINANCE_API_KEY=[redacted]"), "{out}");
+    assert!(!out.contains("very-secret"), "{out}");
+}
+
+#[test]
+fn missing_credentials_in_binance_mode_exit_78_and_external_mode_runs() {
+    let (code, _, err) = run_once(&["--check-config"], &[]);
+    assert_eq!(code, Some(78));
+    assert!(
+        err.contains("BINANCE_TESTNET_API_KEY") && err.contains("BINANCE_TESTNET_API_SECRET"),
+        "{err}"
+    );
+    let (code, _, _) = run_once(&["--check-config"], &[("P33_SNAPSHOT_SOURCE", "external")]);
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn version_and_help() {
+    let (code, out, _) = run_once(&["--version"], &[]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("position-state-brain "), "{out}");
+    let (code, out, _) = run_once(&["--help"], &[]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("--check-config"), "{out}");
+    let (code, _, _) = run_once(&["--bogus"], &[]);
+    assert_eq!(code, Some(78));
+}
+
+#[test]
+fn busy_metrics_port_exits_1_with_one_clear_line() {
+    let redis = Redis::start();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let mut env = base_env(&redis);
+    env.insert("P33_METRICS_PORT".into(), port.to_string());
+    let mut d = Daemon::spawn(&env);
+    assert_eq!(d.wait_exit(T), Some(1));
+    d.wait_log(&format!("cannot bind the metrics port 127.0.0.1:{port}"), T);
+}
+
+#[test]
+fn build_tag_and_legacy_variables_are_logged() {
+    let redis = Redis::start();
+    let mut env = base_env(&redis);
+    env.insert("UNIVERSE_ENABLE".into(), "true".into());
+    env.insert("P33_TARGET_CYCLE_SEC".into(), "3".into());
+    let d = Daemon::start(&env);
+    d.wait_log(&format!("P3.3_BUILD_TAG={}", env!("CARGO_PKG_VERSION")), T);
+    let w = d.wait_log("ignoring legacy variables", T);
+    assert!(
+        w.contains("UNIVERSE_ENABLE") && w.contains("P33_TARGET_CYCLE_SEC") && w.contains("WARN"),
+        "{w}"
+    );
+}
+
+#[test]
+fn json_log_format_keeps_the_allowlist_line_greppable() {
+    let redis = Redis::start();
+    let mut env = base_env(&redis);
+    env.insert("P33_LOG_FORMAT".into(), "json".into());
+    env.insert("P33_ALLOWLIST".into(), "BTCUSDT".into());
+    let d = Daemon::start(&env);
+    let line = d.wait_log("P3.3 allowlist source=env", T);
+    let v: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
+    assert_eq!(
+        v["message"],
+        "P3.3 allowlist source=env stale=env count=1 asof_epoch=static age_s=0"
+    );
+}

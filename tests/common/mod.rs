@@ -1,0 +1,528 @@
+//! Test harness: a private `redis-server` on a free loopback port, the real
+//! daemon binary, and the project's fake exchange. Everything started here
+//! is killed on `Drop`, also when a test panics.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_position-state-brain");
+pub const FAKE_EXCHANGE: &str = env!("CARGO_BIN_EXE_fake-exchange");
+pub const PLAN_STREAM: &str = "quantum:stream:apply.plan";
+
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A private Redis with an append-only file fsynced on every write, so a
+/// SIGKILL loses nothing that was acknowledged.
+pub struct Redis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("p33-redis-{port}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = Redis {
+            port,
+            dir,
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--protected-mode",
+                "yes",
+                "--notify-keyspace-events",
+                "K$",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (ops/test.sh installs it)");
+        self.child = Some(child);
+        let url = self.url();
+        wait_for(
+            "redis-server to answer PING",
+            Duration::from_secs(10),
+            || {
+                let c = redis::Client::open(url.as_str()).ok()?;
+                let mut con = c.get_connection().ok()?;
+                redis::cmd("PING").query::<String>(&mut con).ok()
+            },
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn con(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running daemon with its captured log lines.
+pub struct Daemon {
+    child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+    pub metrics_addr: String,
+}
+
+/// The environment every test daemon starts from.
+pub fn base_env(redis: &Redis) -> HashMap<String, String> {
+    let mut e = HashMap::new();
+    for (k, v) in [
+        ("REDIS_URL", redis.url()),
+        ("P33_METRICS_ADDR", "127.0.0.1".into()),
+        ("P33_METRICS_PORT", "0".into()),
+        ("P33_SNAPSHOT_SOURCE", "external".into()),
+        // A closed loopback port: step sizes fall back to 0.001 quickly.
+        (
+            "P33_EXCHANGE_BASE_URL",
+            format!("http://127.0.0.1:{}", free_port()),
+        ),
+        ("P33_CONSUMER_NAME", "p33-test".into()),
+        ("P33_LOG_LEVEL", "DEBUG".into()),
+        ("P33_ALLOWLIST_REFRESH_S", "1".into()),
+    ] {
+        e.insert(k.to_string(), v);
+    }
+    e
+}
+
+impl Daemon {
+    /// Starts the daemon binary with exactly `env` (plus PATH), and waits
+    /// until it logs its metrics address.
+    pub fn start(env: &HashMap<String, String>) -> Daemon {
+        let mut d = Self::spawn(env);
+        let addr = d.wait_log("metrics listening", Duration::from_secs(20));
+        d.metrics_addr = addr
+            .split("http://")
+            .nth(1)
+            .expect("metrics line carries the address")
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        d
+    }
+
+    /// Starts the daemon without waiting for anything.
+    pub fn spawn(env: &HashMap<String, String>) -> Daemon {
+        let mut cmd = Command::new(DAEMON);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("daemon binary starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let echo = std::env::var("TEST_LOG").is_ok();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if echo {
+                        eprintln!("[daemon] {line}");
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Daemon {
+            child,
+            lines,
+            metrics_addr: String::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_count(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    /// Lines containing `pat`.
+    pub fn grep(&self, pat: &str) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(pat))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits for a line containing `pat`, returns it.
+    pub fn wait_log(&self, pat: &str, timeout: Duration) -> String {
+        self.wait_log_after(0, pat, timeout)
+    }
+
+    /// Waits for a line containing `pat` among lines after index `from`.
+    pub fn wait_log_after(&self, from: usize, pat: &str, timeout: Duration) -> String {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for(&format!("log line containing {pat:?}"), timeout, || {
+                let l = self.lines.lock().unwrap();
+                l.iter().skip(from).find(|x| x.contains(pat)).cloned()
+            })
+        }));
+        match r {
+            Ok(l) => l,
+            Err(_) => {
+                let all = self.lines.lock().unwrap().join("\n");
+                panic!("no log line containing {pat:?} within {timeout:?}; log so far:\n{all}");
+            }
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http(&self.metrics_addr, "GET", path, "")
+    }
+
+    pub fn scrape(&self) -> String {
+        self.get("/metrics").1
+    }
+
+    /// The value of a metric line, e.g. `p33_allowlist_source{source="env"}`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.scrape()
+            .lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    pub fn signal(&self, sig: &str) {
+        signal(self.child.id(), sig);
+    }
+
+    /// SIGTERM and wait; returns the exit code and how long it took.
+    pub fn terminate(&mut self) -> (Option<i32>, Duration) {
+        let t = Instant::now();
+        self.signal("TERM");
+        let end = t + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return (s.code(), t.elapsed());
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                return (None, t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the daemon binary to completion with `args` and `env`.
+pub fn run_once(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(DAEMON);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A minimal HTTP/1.1 client (Connection: close).
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The fake exchange binary.
+pub struct FakeExchange {
+    child: Child,
+    pub addr: String,
+}
+
+impl FakeExchange {
+    pub fn start(key: &str, secret: &str) -> FakeExchange {
+        let mut child = Command::new(FAKE_EXCHANGE)
+            .args(["--port", "0", "--api-key", key, "--api-secret", secret])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .expect("fake exchange prints its address")
+            .trim()
+            .to_string();
+        std::thread::spawn(move || for _ in out.lines() {});
+        FakeExchange { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn control(&self, path: &str, body: serde_json::Value) {
+        let (st, b) = http(&self.addr, "POST", path, &body.to_string());
+        assert_eq!(st, 200, "fake exchange {path}: {b}");
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&http(&self.addr, "GET", "/control/stats", "").1).unwrap()
+    }
+
+    pub fn count(&self, what: &str) -> u64 {
+        self.stats()["counts"][what].as_u64().unwrap_or(0)
+    }
+}
+
+impl Drop for FakeExchange {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a universe: active document, meta and last_ok.
+pub fn set_universe(con: &mut redis::Connection, symbols: &[&str], asof: f64, stale: u8) {
+    let doc = serde_json::json!({"symbols": symbols, "asof_epoch": asof as i64, "source": "test", "mode": "top", "filters": {}}).to_string();
+    let _: () = redis::cmd("SET")
+        .arg("quantum:cfg:universe:active")
+        .arg(&doc)
+        .query(con)
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("quantum:cfg:universe:meta")
+        .arg("stale")
+        .arg(stale)
+        .arg("count")
+        .arg(symbols.len())
+        .arg("asof_epoch")
+        .arg(asof as i64)
+        .arg("last_ok_epoch")
+        .arg(asof as i64)
+        .arg("error")
+        .arg("")
+        .query(con)
+        .unwrap();
+}
+
+pub fn set_last_ok(con: &mut redis::Connection, symbols: &[&str], asof: f64) {
+    let doc = serde_json::json!({"symbols": symbols, "asof_epoch": asof as i64, "source": "test", "mode": "top", "filters": {}}).to_string();
+    let _: () = redis::cmd("SET")
+        .arg("quantum:cfg:universe:last_ok")
+        .arg(&doc)
+        .query(con)
+        .unwrap();
+}
+
+/// Writes a fresh snapshot hash for `symbol`.
+pub fn set_snapshot(con: &mut redis::Connection, symbol: &str, amt: &str, ts: f64) {
+    let _: () = redis::cmd("HSET")
+        .arg(format!("quantum:position:snapshot:{symbol}"))
+        .arg("position_amt")
+        .arg(amt)
+        .arg("side")
+        .arg(if amt.starts_with('-') {
+            "SHORT"
+        } else if amt.trim_start_matches(['0', '.']).is_empty() {
+            "NONE"
+        } else {
+            "LONG"
+        })
+        .arg("ts_epoch")
+        .arg(format!("{ts:.3}"))
+        .arg("source")
+        .arg("test")
+        .query(con)
+        .unwrap();
+}
+
+/// XADDs a plan; returns its entry ID.
+pub fn push_plan(con: &mut redis::Connection, fields: &[(&str, &str)]) -> String {
+    let mut c = redis::cmd("XADD");
+    c.arg(PLAN_STREAM).arg("*");
+    for (k, v) in fields {
+        c.arg(*k).arg(*v);
+    }
+    c.query(con).unwrap()
+}
+
+/// The permit JSON of `plan_id`, if any.
+pub fn read_permit(con: &mut redis::Connection, plan_id: &str) -> Option<serde_json::Value> {
+    let v: Option<String> = redis::cmd("GET")
+        .arg(format!("quantum:permit:p33:{plan_id}"))
+        .query(con)
+        .unwrap();
+    v.map(|s| serde_json::from_str(&s).expect("permit is JSON"))
+}
+
+pub fn wait_permit(con: &mut redis::Connection, plan_id: &str) -> serde_json::Value {
+    wait_for(
+        &format!("permit for {plan_id}"),
+        Duration::from_secs(10),
+        || read_permit(con, plan_id),
+    )
+}
+
+/// Number of pending entries of `group` on the plan stream.
+pub fn pending(con: &mut redis::Connection, stream: &str, group: &str) -> i64 {
+    let v: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query(con)
+        .unwrap();
+    match v {
+        redis::Value::Array(a) => match a.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
