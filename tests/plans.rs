@@ -1,0 +1,712 @@
+//! Plans to permits through the real daemon and a private Redis: the
+//! permits of SPEC §4–§6, crash safety, takeover, dry run, ledger metadata.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(10);
+
+fn env_with(redis: &Redis, allow: &str) -> HashMap<String, String> {
+    let mut env = base_env(redis);
+    env.insert("P33_ALLOWLIST_SOURCE".into(), "env".into());
+    env.insert("P33_ALLOWLIST".into(), allow.into());
+    env
+}
+
+fn plan<'a>(
+    id: &'a str,
+    symbol: &'a str,
+    decision: &'a str,
+    action: &'a str,
+    reduce: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("plan_id", id),
+        ("symbol", symbol),
+        ("decision", decision),
+        ("action", action),
+        ("reduceOnly", reduce),
+        ("kill_score", "0.5"),
+        ("steps", "[]"),
+    ]
+}
+
+fn key_exists(con: &mut redis::Connection, key: &str) -> bool {
+    redis::cmd("EXISTS").arg(key).query::<i64>(con).unwrap() == 1
+}
+
+/// Waits until the group has nothing pending and the stream's last entry was delivered.
+fn wait_drained(con: &mut redis::Connection, group: &str) {
+    wait_for("the group to drain", T, || {
+        let v: redis::Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(PLAN_STREAM)
+            .query(con)
+            .ok()?;
+        let text = format!("{v:?}");
+        let last: String = redis::cmd("XREVRANGE")
+            .arg(PLAN_STREAM)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query::<redis::Value>(con)
+            .ok()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default();
+        let last_id = last.split('"').nth(1).unwrap_or("").to_string();
+        (pending(con, PLAN_STREAM, group) == 0 && text.contains(&last_id)).then_some(())
+    });
+}
+
+#[test]
+fn plans_of_every_kind_get_the_expected_permits() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let n = now();
+    set_snapshot(&mut con, "BTCUSDT", "0.038", n);
+    set_snapshot(&mut con, "ETHUSDT", "0", n);
+    set_snapshot(&mut con, "SOLUSDT", "-2", n - 30.0);
+    set_snapshot(&mut con, "XRPUSDT", "100", n);
+    let d = Daemon::start(&env_with(&redis, "BTCUSDT,ETHUSDT,SOLUSDT,XRPUSDT"));
+    d.wait_log("ready: reading plans", T);
+
+    push_plan(
+        &mut con,
+        &plan(
+            "plan-partial-75",
+            "BTCUSDT",
+            "EXECUTE",
+            "PARTIAL_75",
+            "false",
+        ),
+    );
+    push_plan(
+        &mut con,
+        &plan("plan-open-flat", "ETHUSDT", "EXECUTE", "OPEN_LONG", "false"),
+    );
+    push_plan(
+        &mut con,
+        &plan(
+            "plan-stale",
+            "SOLUSDT",
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+        ),
+    );
+    push_plan(
+        &mut con,
+        &plan(
+            "plan-close-flat",
+            "ETHUSDT",
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+        ),
+    );
+    push_plan(
+        &mut con,
+        &plan(
+            "plan-open-exists",
+            "XRPUSDT",
+            "EXECUTE",
+            "OPEN_LONG",
+            "false",
+        ),
+    );
+    let mut bad_side = plan("plan-bad-side", "XRPUSDT", "EXECUTE", "EXIT", "false");
+    bad_side.push(("side", "SIDEWAYS"));
+    push_plan(&mut con, &bad_side);
+    push_plan(
+        &mut con,
+        &plan("plan-skip", "BTCUSDT", "SKIP", "HOLD", "false"),
+    );
+    push_plan(
+        &mut con,
+        &plan(
+            "plan-not-allowed",
+            "DOGEUSDT",
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+        ),
+    );
+    push_plan(
+        &mut con,
+        &plan(
+            "bad plan id",
+            "BTCUSDT",
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+        ),
+    );
+    push_plan(
+        &mut con,
+        &plan("plan-reconcile", "XRPUSDT", "RECONCILE_CLOSE", "", "false"),
+    );
+
+    let p = wait_permit(&mut con, "plan-partial-75");
+    assert_eq!(p["allow"], true);
+    assert_eq!(p["safe_qty"].to_string(), "0.028");
+    assert_eq!(p["safe_close_qty"].to_string(), "0.028");
+    assert_eq!(p["exchange_position_amt"].to_string(), "0.038");
+    assert_eq!(p["reason"], "sanity_checks_passed");
+    assert_eq!(p["symbol"], "BTCUSDT");
+    assert_eq!(p["plan_id"], "plan-partial-75");
+    assert!(p["created_at"].as_f64().unwrap() > n - 1.0);
+    let mut keys: Vec<&String> = p.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "allow",
+            "created_at",
+            "exchange_position_amt",
+            "ledger_amt",
+            "plan_id",
+            "reason",
+            "safe_close_qty",
+            "safe_qty",
+            "symbol"
+        ]
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("quantum:permit:p33:plan-partial-75")
+        .query(&mut con)
+        .unwrap();
+    assert!(ttl > 50_000 && ttl <= 60_000, "ttl {ttl}");
+
+    let p = wait_permit(&mut con, "plan-open-flat");
+    assert_eq!(
+        (
+            p["allow"].clone(),
+            p["reason"].clone(),
+            p["safe_qty"].to_string()
+        ),
+        (
+            Value::Bool(true),
+            Value::from("open_permit_granted"),
+            "0".into()
+        )
+    );
+    let p = wait_permit(&mut con, "plan-stale");
+    assert_eq!(
+        (p["allow"].clone(), p["reason"].clone()),
+        (Value::Bool(false), Value::from("stale_exchange_state"))
+    );
+    assert!(p["context"]["age_seconds"].as_f64().unwrap() >= 30.0, "{p}");
+    let p = wait_permit(&mut con, "plan-close-flat");
+    assert_eq!(p["reason"], "no_position");
+    let p = wait_permit(&mut con, "plan-open-exists");
+    assert_eq!(p["reason"], "position_exists");
+    assert_eq!(p["context"]["exchange_amt"].to_string(), "100");
+    let p = wait_permit(&mut con, "plan-bad-side");
+    assert_eq!(
+        (p["reason"].clone(), p["context"]["field"].clone()),
+        (Value::from("invalid_plan"), Value::from("side"))
+    );
+    let p = wait_permit(&mut con, "plan-reconcile");
+    assert_eq!(
+        (p["reason"].clone(), p["safe_qty"].to_string()),
+        (Value::from("reconcile_close_bypass"), "100".into())
+    );
+
+    wait_drained(&mut con, "p33");
+    for id in ["plan-skip", "plan-not-allowed", "bad plan id"] {
+        assert!(read_permit(&mut con, id).is_none(), "no permit for {id}");
+    }
+    let allow = d.wait_log("BTCUSDT: P3.3 ALLOW plan plan-par", T);
+    assert!(
+        allow.contains("(safe_qty=0.028, exchange_amt=0.038)") && allow.contains("INFO"),
+        "{allow}"
+    );
+    let deny = d.wait_log("ETHUSDT: P3.3 DENY plan plan-clo", T);
+    assert!(
+        deny.contains("reason=no_position context={\"exchange_amt\":0}") && deny.contains("WARN"),
+        "{deny}"
+    );
+    let err = d.wait_log("malformed plan entry", T);
+    assert!(err.contains("ERROR"), "{err}");
+    d.wait_log(
+        "DOGEUSDT: Not in allowlist (source=env) - ACK plan plan-not",
+        T,
+    );
+    d.wait_log("Evaluating plan plan-par symbol=BTCUSDT decision=EXECUTE action=PARTIAL_75 reduceOnly=false", T);
+    assert_eq!(d.metric("p33_plans_total{outcome=\"allow\"}"), Some(3.0));
+    assert_eq!(d.metric("p33_plans_total{outcome=\"deny\"}"), Some(4.0));
+    assert_eq!(
+        d.metric("p33_plans_total{outcome=\"skip_decision\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        d.metric("p33_plans_total{outcome=\"not_allowlisted\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        d.metric("p33_plans_total{outcome=\"malformed\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        d.metric("p33_permit_deny_total{reason=\"stale_exchange_state\",symbol=\"SOLUSDT\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        d.metric("p33_permit_allow_total{symbol=\"BTCUSDT\"}"),
+        Some(1.0)
+    );
+    assert_eq!(d.metric("p33_permit_latency_seconds_count"), Some(7.0));
+}
+
+#[test]
+fn no_permits_in_the_fail_closed_state() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    let d = Daemon::start(&env_with(&redis, ""));
+    d.wait_log("source=none", T);
+    push_plan(
+        &mut con,
+        &plan(
+            "p-closed",
+            "BTCUSDT",
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+        ),
+    );
+    wait_drained(&mut con, "p33");
+    assert!(read_permit(&mut con, "p-closed").is_none());
+    d.wait_log("BTCUSDT: Not in allowlist (source=none)", T);
+}
+
+#[test]
+fn reconcile_hold_turns_allows_into_denials_but_not_reconcile_close() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_snapshot(&mut con, "BTCUSDT", "0.5", now());
+    set_snapshot(&mut con, "ETHUSDT", "0", now());
+    let _: () = redis::cmd("SET")
+        .arg("quantum:reconcile:hold:BTCUSDT")
+        .arg("1")
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("quantum:reconcile:hold:ETHUSDT")
+        .arg("by")
+        .arg("p34")
+        .query(&mut con)
+        .unwrap();
+    let d = Daemon::start(&env_with(&redis, "BTCUSDT,ETHUSDT"));
+    d.wait_log("ready: reading plans", T);
+    push_plan(
+        &mut con,
+        &plan(
+            "h-close",
+            "BTCUSDT",
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+        ),
+    );
+    push_plan(
+        &mut con,
+        &plan("h-open", "ETHUSDT", "EXECUTE", "OPEN", "false"),
+    );
+    push_plan(
+        &mut con,
+        &plan("h-reconcile", "BTCUSDT", "RECONCILE_CLOSE", "", "false"),
+    );
+    let p = wait_permit(&mut con, "h-close");
+    assert_eq!(p["reason"], "reconcile_hold_active");
+    assert_eq!(
+        p["context"].to_string(),
+        r#"{"exchange_amt":0.5,"ledger_amt":0,"p34_hold":"active"}"#
+    );
+    let p = wait_permit(&mut con, "h-open");
+    assert_eq!(
+        p["reason"], "reconcile_hold_active",
+        "a hold of another type counts too"
+    );
+    let p = wait_permit(&mut con, "h-reconcile");
+    assert_eq!(
+        (p["allow"].clone(), p["reason"].clone()),
+        (Value::Bool(true), Value::from("reconcile_close_bypass"))
+    );
+    d.wait_log(
+        "BTCUSDT: P3.3 DENY plan h-close reason=reconcile_hold_active",
+        T,
+    );
+    // An empty hold value is no hold.
+    let _: () = redis::cmd("SET")
+        .arg("quantum:reconcile:hold:BTCUSDT")
+        .arg("")
+        .query(&mut con)
+        .unwrap();
+    push_plan(
+        &mut con,
+        &plan(
+            "h-close-2",
+            "BTCUSDT",
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+        ),
+    );
+    assert_eq!(
+        wait_permit(&mut con, "h-close-2")["reason"],
+        "sanity_checks_passed"
+    );
+}
+
+#[test]
+fn an_expired_plan_is_denied_plan_expired() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(PLAN_STREAM)
+        .arg("p33")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(&mut con)
+        .unwrap();
+    let old = format!("{}-0", ((now() - 120.0) * 1000.0) as u64);
+    let mut c = redis::cmd("XADD");
+    c.arg(PLAN_STREAM).arg(&old);
+    for (k, v) in plan("p-old", "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true") {
+        c.arg(k).arg(v);
+    }
+    let _: String = c.query(&mut con).unwrap();
+    let _d = Daemon::start(&env_with(&redis, "BTCUSDT"));
+    let p = wait_permit(&mut con, "p-old");
+    assert_eq!(p["reason"], "plan_expired");
+    assert!(
+        p["context"]["age_seconds"].as_f64().unwrap() >= 120.0,
+        "{p}"
+    );
+}
+
+/// Counts `set` keyspace events per permit key.
+fn count_permit_sets(
+    redis: &Redis,
+    stop: Arc<AtomicBool>,
+) -> (
+    Arc<Mutex<HashMap<String, u32>>>,
+    std::thread::JoinHandle<()>,
+) {
+    let counts = Arc::new(Mutex::new(HashMap::new()));
+    let c2 = counts.clone();
+    let mut con = redis.con();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        con.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut ps = con.as_pubsub();
+        ps.psubscribe("__keyspace@0__:quantum:permit:p33:*")
+            .unwrap();
+        tx.send(()).unwrap();
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok(m) = ps.get_message() {
+                let event: String = m.get_payload().unwrap_or_default();
+                if event == "set" {
+                    let ch = m.get_channel_name().to_string();
+                    let id = ch.rsplit("quantum:permit:p33:").next().unwrap().to_string();
+                    *c2.lock().unwrap().entry(id).or_insert(0) += 1;
+                }
+            }
+        }
+    });
+    rx.recv().unwrap();
+    (counts, h)
+}
+
+#[test]
+fn sigkill_under_load_loses_no_plan_and_permits_none_twice() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    let mut env = env_with(&redis, "BTCUSDT");
+    env.insert("P33_STALE_THRESHOLD_SEC".into(), "600".into());
+    env.insert("P33_LOG_LEVEL".into(), "INFO".into());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (counts, listener) = count_permit_sets(&redis, stop.clone());
+    let mut d = Daemon::start(&env);
+    d.wait_log("ready: reading plans", T);
+    let total = 3000;
+    let mut ids = Vec::new();
+    for i in 0..total {
+        let id = format!("crash-{i}");
+        push_plan(
+            &mut con,
+            &plan(&id, "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
+        );
+        ids.push(id);
+        if i % 500 == 250 {
+            // SIGKILL mid-flow, restart with the same consumer name.
+            d.kill();
+            d = Daemon::start(&env);
+        }
+    }
+    wait_for("every permit", Duration::from_secs(30), || {
+        let c = counts.lock().unwrap();
+        (c.len() == total).then_some(())
+    });
+    wait_drained(&mut con, "p33");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    listener.join().unwrap();
+    let c = counts.lock().unwrap();
+    for id in &ids {
+        assert_eq!(c.get(id), Some(&1), "plan {id} permitted exactly once");
+    }
+    assert_eq!(pending(&mut con, PLAN_STREAM, "p33"), 0);
+}
+
+#[test]
+fn redis_killed_under_load_loses_no_plan() {
+    let mut redis = Redis::start();
+    let mut con = redis.con();
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    let mut env = env_with(&redis, "BTCUSDT");
+    env.insert("P33_STALE_THRESHOLD_SEC".into(), "600".into());
+    env.insert("P33_LOG_LEVEL".into(), "INFO".into());
+    let d = Daemon::start(&env);
+    d.wait_log("ready: reading plans", T);
+    let url = redis.url();
+    let mut acked: Vec<String> = Vec::new();
+    let mut i = 0;
+    for round in 0..3 {
+        // Produce for a while; only plans whose XADD Redis acknowledged count.
+        for _ in 0..400 {
+            let id = format!("rk-{i}");
+            i += 1;
+            if let Ok(mut c) = redis::Client::open(url.as_str()).and_then(|c| c.get_connection()) {
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(PLAN_STREAM).arg("*");
+                for (k, v) in plan(&id, "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true") {
+                    cmd.arg(k).arg(v);
+                }
+                if cmd.query::<String>(&mut c).is_ok() {
+                    acked.push(id);
+                }
+            }
+        }
+        if round < 2 {
+            redis.kill();
+            std::thread::sleep(Duration::from_millis(500));
+            redis.restart();
+        }
+    }
+    let mut con = redis.con();
+    wait_for(
+        "every acknowledged plan's permit",
+        Duration::from_secs(40),
+        || {
+            acked
+                .iter()
+                .all(|id| key_exists(&mut con, &format!("quantum:permit:p33:{id}")))
+                .then_some(())
+        },
+    );
+    wait_drained(&mut con, "p33");
+    assert!(acked.len() >= 1000, "produced {}", acked.len());
+}
+
+#[test]
+fn entries_left_by_a_consumer_that_never_returns_are_claimed() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(PLAN_STREAM)
+        .arg("p33")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query(&mut con)
+        .unwrap();
+    for i in 0..5 {
+        push_plan(
+            &mut con,
+            &plan(
+                &format!("orphan-{i}"),
+                "BTCUSDT",
+                "EXECUTE",
+                "FULL_CLOSE_PROPOSED",
+                "true",
+            ),
+        );
+    }
+    // A consumer reads them and dies.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("p33")
+        .arg("p33-dead-host")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(PLAN_STREAM)
+        .arg(">")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(pending(&mut con, PLAN_STREAM, "p33"), 5);
+    let mut env = env_with(&redis, "BTCUSDT");
+    env.insert("P33_CLAIM_IDLE_S".into(), "1".into());
+    let d = Daemon::start(&env);
+    for i in 0..5 {
+        assert_eq!(wait_permit(&mut con, &format!("orphan-{i}"))["allow"], true);
+    }
+    d.wait_log("claimed 5 plan entries", T);
+    assert_eq!(pending(&mut con, PLAN_STREAM, "p33"), 0);
+}
+
+#[test]
+fn dry_run_writes_no_permit_and_acks_in_its_own_group() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    let mut env = env_with(&redis, "BTCUSDT");
+    env.insert("P33_DRY_RUN".into(), "true".into());
+    let d = Daemon::start(&env);
+    d.wait_log("ready: reading plans", T);
+    push_plan(
+        &mut con,
+        &plan("dry-1", "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
+    );
+    push_plan(
+        &mut con,
+        &plan("dry-2", "BTCUSDT", "EXECUTE", "OPEN", "false"),
+    );
+    d.wait_log("BTCUSDT: DRY-RUN would ALLOW plan dry-1", T);
+    d.wait_log(
+        "BTCUSDT: DRY-RUN would DENY plan dry-2 reason=position_exists",
+        T,
+    );
+    wait_drained(&mut con, "p33-dryrun");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("quantum:permit:p33:*")
+        .query(&mut con)
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[test]
+fn a_deleted_group_is_recreated_and_plans_keep_flowing() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    let d = Daemon::start(&env_with(&redis, "BTCUSDT"));
+    d.wait_log("ready: reading plans", T);
+    push_plan(
+        &mut con,
+        &plan("g-1", "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
+    );
+    wait_permit(&mut con, "g-1");
+    let _: () = redis::cmd("DEL").arg(PLAN_STREAM).query(&mut con).unwrap();
+    d.wait_log("plan consumer group missing", T);
+    push_plan(
+        &mut con,
+        &plan("g-2", "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
+    );
+    // The group is recreated at `$`: the entry added after it is read.
+    wait_for(
+        "permit g-2 (a plan published after the group came back)",
+        T,
+        || {
+            if read_permit(&mut con, "g-2").is_some() {
+                return Some(());
+            }
+            push_plan(
+                &mut con,
+                &plan("g-2", "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            None
+        },
+    );
+}
+
+#[test]
+fn ledger_follower_writes_metadata_once_and_keeps_the_executors_amount() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let ledger = "quantum:position:ledger:BTCUSDT";
+    let _: () = redis::cmd("HSET")
+        .arg(ledger)
+        .arg("last_known_amt")
+        .arg("-0.5")
+        .arg("last_side")
+        .arg("SHORT")
+        .query(&mut con)
+        .unwrap();
+    let env = env_with(&redis, "BTCUSDT");
+    let mut d = Daemon::start(&env);
+    d.wait_log("ready: reading plans", T);
+    let steps = r#"[{"step":"close","order_id":98765,"side":"BUY","executed_qty":"0.25"}]"#;
+    let _: String = redis::cmd("XADD")
+        .arg("quantum:stream:apply.result")
+        .arg("*")
+        .arg("plan_id")
+        .arg("res-1")
+        .arg("symbol")
+        .arg("BTCUSDT")
+        .arg("executed")
+        .arg("True")
+        .arg("steps_results")
+        .arg(steps)
+        .query(&mut con)
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("quantum:stream:apply.result")
+        .arg("*")
+        .arg("plan_id")
+        .arg("res-bad")
+        .arg("symbol")
+        .arg("BTCUSDT")
+        .arg("executed")
+        .arg("1")
+        .arg("steps_results")
+        .arg("not json")
+        .query(&mut con)
+        .unwrap();
+    let h: HashMap<String, String> = wait_for("ledger metadata", T, || {
+        let h: HashMap<String, String> = redis::cmd("HGETALL").arg(ledger).query(&mut con).ok()?;
+        h.contains_key("last_order_id").then_some(h)
+    });
+    assert_eq!(h["last_order_id"], "98765");
+    assert_eq!(h["last_result_plan_id"], "res-1");
+    assert_eq!(h["last_executed_qty"], "0.25");
+    assert_eq!(h["last_order_side"], "BUY");
+    assert_eq!(
+        h["last_known_amt"], "-0.5",
+        "the executor's signed amount is untouched"
+    );
+    assert_eq!(h["last_side"], "SHORT", "last_side is not ours to write");
+    let ttl: i64 = redis::cmd("TTL").arg(ledger).query(&mut con).unwrap();
+    assert!(ttl > 86_000, "{ttl}");
+    d.wait_log("malformed apply.result", T);
+    d.kill();
+    let d = Daemon::start(&env);
+    d.wait_log("ready: reading plans", T);
+    std::thread::sleep(Duration::from_millis(1500));
+    let h2: HashMap<String, String> = redis::cmd("HGETALL").arg(ledger).query(&mut con).unwrap();
+    assert_eq!(
+        h2["updated_at"], h["updated_at"],
+        "not applied a second time after a restart"
+    );
+    assert_eq!(
+        pending(&mut con, "quantum:stream:apply.result", "p33-ledger"),
+        0
+    );
+    assert!(d.grep("ledger metadata from result").is_empty());
+}
