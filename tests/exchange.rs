@@ -1,0 +1,473 @@
+//! Exchange snapshots against the project's fake exchange (SPEC §7): one
+//! positionRisk request per cycle, hedge mode, failures, -1021, 429, a hung
+//! exchange, step sizes, canonical hashes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(10);
+const KEY: &str = "test-api-key";
+const SECRET: &str = "test-api-secret";
+
+fn binance_env(redis: &Redis, fx: &FakeExchange, allow: &str) -> HashMap<String, String> {
+    let mut env = base_env(redis);
+    env.insert("P33_SNAPSHOT_SOURCE".into(), "binance".into());
+    env.insert("P33_EXCHANGE_BASE_URL".into(), fx.url());
+    env.insert("BINANCE_TESTNET_API_KEY".into(), KEY.into());
+    env.insert("BINANCE_TESTNET_API_SECRET".into(), SECRET.into());
+    env.insert("P33_ALLOWLIST_SOURCE".into(), "env".into());
+    env.insert("P33_ALLOWLIST".into(), allow.into());
+    env.insert("P33_POLL_SEC".into(), "0.5".into());
+    env.insert("P33_LOG_LEVEL".into(), "INFO".into());
+    env
+}
+
+fn snapshot(con: &mut redis::Connection, symbol: &str) -> HashMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg(format!("quantum:position:snapshot:{symbol}"))
+        .query(con)
+        .unwrap()
+}
+
+fn wait_snapshot(con: &mut redis::Connection, symbol: &str) -> HashMap<String, String> {
+    wait_for(&format!("snapshot of {symbol}"), T, || {
+        let h = snapshot(con, symbol);
+        (!h.is_empty()).then_some(h)
+    })
+}
+
+fn plan<'a>(id: &'a str, symbol: &'a str, action: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("plan_id", id),
+        ("symbol", symbol),
+        ("decision", "EXECUTE"),
+        ("action", action),
+        ("reduceOnly", "true"),
+    ]
+}
+
+#[test]
+fn one_position_risk_request_per_cycle_for_566_symbols() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let fx = FakeExchange::start(KEY, SECRET);
+    let symbols: Vec<String> = (0..566).map(|i| format!("SYM{i}USDT")).collect();
+    fx.control("/control/positions", json!([
+        {"symbol": "SYM0USDT", "positionAmt": "1.5", "entryPrice": "10", "markPrice": "11", "unRealizedProfit": "1.5", "leverage": "3"},
+        {"symbol": "SYM1USDT", "positionAmt": "-2"},
+        {"symbol": "NOTLISTEDUSDT", "positionAmt": "7"}
+    ]));
+    let mut env = binance_env(&redis, &fx, &symbols.join(","));
+    env.insert("P33_POLL_SEC".into(), "1".into());
+    let d = Daemon::start(&env);
+    d.wait_log("source=env stale=env count=566", T);
+    wait_for("the first cycle", T, || {
+        (d.metric("p33_snapshot_cycle_seconds_count").unwrap_or(0.0) >= 1.0).then_some(())
+    });
+    let t0 = now();
+    for s in &symbols {
+        let h = snapshot(&mut con, s);
+        let ts: f64 = h["ts_epoch"].parse().unwrap();
+        assert!(t0 - ts < 3.0, "{s} fresh");
+    }
+    let h = snapshot(&mut con, "SYM0USDT");
+    assert_eq!(
+        (
+            h["position_amt"].as_str(),
+            h["side"].as_str(),
+            h["entry_price"].as_str(),
+            h["mark_price"].as_str(),
+            h["unrealized_pnl"].as_str(),
+            h["leverage"].as_str(),
+            h["source"].as_str()
+        ),
+        ("1.5", "LONG", "10", "11", "1.5", "3", "binance")
+    );
+    let h = snapshot(&mut con, "SYM1USDT");
+    assert_eq!(
+        (h["position_amt"].as_str(), h["side"].as_str()),
+        ("-2", "SHORT")
+    );
+    let h = snapshot(&mut con, "SYM2USDT");
+    assert_eq!(
+        (h["position_amt"].as_str(), h["side"].as_str()),
+        ("0", "NONE"),
+        "absent from a successful reply is flat"
+    );
+    assert!(
+        snapshot(&mut con, "NOTLISTEDUSDT").is_empty(),
+        "only allowlisted symbols are written"
+    );
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("quantum:position:snapshot:SYM5USDT")
+        .query(&mut con)
+        .unwrap();
+    assert!(ttl > 3500 && ttl <= 3600, "{ttl}");
+    std::thread::sleep(Duration::from_millis(3200));
+    let cycles = d.metric("p33_snapshot_cycle_seconds_count").unwrap();
+    let requests = fx.count("position_risk_ok") as f64;
+    assert!(cycles >= 3.0, "{cycles} cycles");
+    assert!(
+        requests == cycles || requests == cycles + 1.0,
+        "{requests} requests for {cycles} cycles"
+    );
+    let sum = d.metric("p33_snapshot_cycle_seconds_sum").unwrap();
+    eprintln!(
+        "566-symbol cycle (request + Redis writes): mean {:.1} ms over {cycles} cycles",
+        sum / cycles * 1000.0
+    );
+}
+
+#[test]
+fn hedge_mode_positions_and_hedged_plans_are_denied() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let fx = FakeExchange::start(KEY, SECRET);
+    fx.control(
+        "/control/positions",
+        json!([
+            {"symbol": "SOLUSDT", "positionAmt": "2", "positionSide": "LONG"},
+            {"symbol": "SOLUSDT", "positionAmt": "0", "positionSide": "SHORT"},
+            {"symbol": "ADAUSDT", "positionAmt": "0", "positionSide": "LONG"},
+            {"symbol": "ADAUSDT", "positionAmt": "-30", "positionSide": "SHORT"},
+            {"symbol": "ETHUSDT", "positionAmt": "1", "positionSide": "LONG"},
+            {"symbol": "ETHUSDT", "positionAmt": "-1", "positionSide": "SHORT"}
+        ]),
+    );
+    let env = binance_env(&redis, &fx, "SOLUSDT,ADAUSDT,ETHUSDT,BTCUSDT");
+    let d = Daemon::start(&env);
+    d.wait_log("ready: reading plans", T);
+    let h = wait_snapshot(&mut con, "SOLUSDT");
+    assert_eq!(
+        (h["position_amt"].as_str(), h["side"].as_str()),
+        ("2", "LONG")
+    );
+    let h = wait_snapshot(&mut con, "ADAUSDT");
+    assert_eq!(
+        (h["position_amt"].as_str(), h["side"].as_str()),
+        ("-30", "SHORT")
+    );
+    let h = wait_snapshot(&mut con, "ETHUSDT");
+    assert_eq!(h["side"], "HEDGED");
+    let h = wait_snapshot(&mut con, "BTCUSDT");
+    assert_eq!(
+        (h["position_amt"].as_str(), h["side"].as_str()),
+        ("0", "NONE")
+    );
+    push_plan(
+        &mut con,
+        &plan("hedged-1", "ETHUSDT", "FULL_CLOSE_PROPOSED"),
+    );
+    push_plan(&mut con, &plan("long-1", "SOLUSDT", "FULL_CLOSE_PROPOSED"));
+    let p = wait_permit(&mut con, "hedged-1");
+    assert_eq!(
+        (p["reason"].as_str(), p["context"]["field"].as_str()),
+        (Some("invalid_exchange_snapshot"), Some("side"))
+    );
+    assert_eq!(wait_permit(&mut con, "long-1")["safe_qty"].to_string(), "2");
+    d.wait_log("hedge-mode positions open on both sides", T);
+}
+
+#[test]
+fn a_failed_cycle_writes_nothing_and_plans_are_then_denied_stale() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let fx = FakeExchange::start(KEY, SECRET);
+    fx.control(
+        "/control/positions",
+        json!([{"symbol": "BTCUSDT", "positionAmt": "0.5"}]),
+    );
+    let mut env = binance_env(&redis, &fx, "BTCUSDT");
+    env.insert("P33_STALE_THRESHOLD_SEC".into(), "1.5".into());
+    let d = Daemon::start(&env);
+    let before = wait_snapshot(&mut con, "BTCUSDT");
+    fx.control("/control/mode", json!({"fail_5xx": true}));
+    std::thread::sleep(Duration::from_millis(700));
+    let frozen = snapshot(&mut con, "BTCUSDT");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        snapshot(&mut con, "BTCUSDT"),
+        frozen,
+        "a failed cycle leaves the hash untouched"
+    );
+    assert!(frozen["ts_epoch"] >= before["ts_epoch"]);
+    assert!(
+        d.metric("p33_exchange_requests_total{outcome=\"transient_error\"}")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    d.wait_log("positionRisk failed", T);
+    push_plan(&mut con, &plan("stale-1", "BTCUSDT", "FULL_CLOSE_PROPOSED"));
+    assert_eq!(
+        wait_permit(&mut con, "stale-1")["reason"],
+        "stale_exchange_state"
+    );
+}
+
+#[test]
+fn wrong_secret_is_rejected_by_the_exchange_and_counted() {
+    let redis = Redis::start();
+    let fx = FakeExchange::start(KEY, SECRET);
+    let mut env = binance_env(&redis, &fx, "BTCUSDT");
+    env.insert("BINANCE_TESTNET_API_SECRET".into(), "not-the-secret".into());
+    let d = Daemon::start(&env);
+    wait_for("a rejected signature", T, || {
+        (fx.count("rejected_signature") >= 1).then_some(())
+    });
+    wait_for("the api_error count", T, || {
+        (d.metric("p33_exchange_requests_total{outcome=\"api_error\"}")
+            .unwrap_or(0.0)
+            >= 1.0)
+            .then_some(())
+    });
+    let line = d.wait_log("api error -1022", T);
+    assert!(
+        !line.contains("not-the-secret") && !line.contains("signature="),
+        "{line}"
+    );
+    assert!(d
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|l| !l.contains("not-the-secret") && !l.contains(KEY)));
+}
+
+#[test]
+fn error_1021_resyncs_the_clock_once_and_retries_once() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let fx = FakeExchange::start(KEY, SECRET);
+    fx.control(
+        "/control/positions",
+        json!([{"symbol": "BTCUSDT", "positionAmt": "0.5"}]),
+    );
+    fx.control("/control/mode", json!({"fail_1021_once": true}));
+    let mut env = binance_env(&redis, &fx, "BTCUSDT");
+    env.insert("P33_POLL_SEC".into(), "60".into());
+    let d = Daemon::start(&env);
+    wait_snapshot(&mut con, "BTCUSDT");
+    d.wait_log("-1021 timestamp outside recvWindow", T);
+    assert_eq!(fx.count("/fapi/v1/time"), 1, "one time sync");
+    assert_eq!(
+        fx.count("/fapi/v2/positionRisk"),
+        2,
+        "the request and one retry"
+    );
+    assert_eq!(fx.count("position_risk_ok"), 1);
+}
+
+#[test]
+fn a_local_clock_an_hour_off_is_corrected_by_the_time_sync() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let fx = FakeExchange::start(KEY, SECRET);
+    fx.control(
+        "/control/positions",
+        json!([{"symbol": "BTCUSDT", "positionAmt": "0.5"}]),
+    );
+    fx.control("/control/mode", json!({"time_offset_ms": 3_600_000}));
+    let _d = Daemon::start(&binance_env(&redis, &fx, "BTCUSDT"));
+    wait_snapshot(&mut con, "BTCUSDT");
+    assert_eq!(fx.count("/fapi/v1/time"), 1);
+    assert_eq!(fx.count("rejected_timestamp"), 1);
+}
+
+#[test]
+fn rate_limit_429_holds_requests_until_retry_after() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let fx = FakeExchange::start(KEY, SECRET);
+    fx.control(
+        "/control/positions",
+        json!([{"symbol": "BTCUSDT", "positionAmt": "0.5"}]),
+    );
+    let env = binance_env(&redis, &fx, "BTCUSDT");
+    let d = Daemon::start(&env);
+    wait_snapshot(&mut con, "BTCUSDT");
+    fx.control("/control/mode", json!({"rate_limit_s": 2}));
+    wait_for("a 429", T, || {
+        (d.metric("p33_exchange_requests_total{outcome=\"rate_limited\"}")
+            .unwrap_or(0.0)
+            >= 1.0)
+            .then_some(())
+    });
+    let ok_before = fx.count("position_risk_ok");
+    wait_for("requests to resume", T, || {
+        (fx.count("position_risk_ok") > ok_before).then_some(())
+    });
+    let times: Vec<u64> = fx.stats()["position_risk_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    // The 429 is the request just before the first one that resumed.
+    let resumed = times.len() - 1 - (fx.count("position_risk_ok") - ok_before - 1) as usize;
+    let gap = times[resumed] - times[resumed - 1];
+    assert!(
+        gap >= 2000,
+        "no request before Retry-After passed: gap {gap} ms in {times:?}"
+    );
+    assert!(
+        d.metric("p33_exchange_requests_total{outcome=\"held_back\"}")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+}
+
+#[test]
+fn a_hung_exchange_does_not_delay_permits() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let fx = FakeExchange::start(KEY, SECRET);
+    fx.control(
+        "/control/positions",
+        json!([{"symbol": "BTCUSDT", "positionAmt": "0.5"}]),
+    );
+    let mut env = binance_env(&redis, &fx, "BTCUSDT");
+    env.insert("P33_STALE_THRESHOLD_SEC".into(), "2".into());
+    let d = Daemon::start(&env);
+    wait_snapshot(&mut con, "BTCUSDT");
+    fx.control("/control/mode", json!({"delay_ms": 30_000}));
+    let started = now();
+    let mut reasons = Vec::new();
+    let mut i = 0;
+    while now() - started < 4.5 {
+        let id = format!("hung-{i}");
+        i += 1;
+        let t = now();
+        push_plan(&mut con, &plan(&id, "BTCUSDT", "FULL_CLOSE_PROPOSED"));
+        let p = wait_permit(&mut con, &id);
+        let took = now() - t;
+        assert!(
+            took < 1.0,
+            "permit {id} took {took:.3}s while the exchange hangs"
+        );
+        reasons.push(p["reason"].as_str().unwrap().to_string());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(
+        reasons.first().map(String::as_str),
+        Some("sanity_checks_passed"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons.last().map(String::as_str),
+        Some("stale_exchange_state"),
+        "{reasons:?}"
+    );
+    drop(d);
+}
+
+#[test]
+fn step_sizes_from_exchange_info_set_the_safe_quantity() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let fx = FakeExchange::start(KEY, SECRET);
+    fx.control(
+        "/control/steps",
+        json!({"DOGEUSDT": "1", "ALTUSDT": "0.1", "BTCUSDT": "0.001"}),
+    );
+    fx.control(
+        "/control/positions",
+        json!([
+            {"symbol": "DOGEUSDT", "positionAmt": "1234"},
+            {"symbol": "ALTUSDT", "positionAmt": "0.35"},
+            {"symbol": "XYZUSDT", "positionAmt": "0.0375"}
+        ]),
+    );
+    let d = Daemon::start(&binance_env(&redis, &fx, "DOGEUSDT,ALTUSDT,XYZUSDT"));
+    d.wait_log("step sizes loaded for 3 symbols", T);
+    wait_snapshot(&mut con, "XYZUSDT");
+    push_plan(&mut con, &plan("step-doge", "DOGEUSDT", "PARTIAL_75"));
+    push_plan(&mut con, &plan("step-alt", "ALTUSDT", "PARTIAL_50"));
+    push_plan(
+        &mut con,
+        &plan("step-unknown", "XYZUSDT", "FULL_CLOSE_PROPOSED"),
+    );
+    let raw: String = wait_for("permit", T, || {
+        redis::cmd("GET")
+            .arg("quantum:permit:p33:step-doge")
+            .query::<Option<String>>(&mut con)
+            .ok()
+            .flatten()
+    });
+    assert!(raw.contains("\"safe_qty\":925,"), "{raw}");
+    assert_eq!(
+        wait_permit(&mut con, "step-alt")["safe_qty"].to_string(),
+        "0.1"
+    );
+    assert_eq!(
+        wait_permit(&mut con, "step-unknown")["safe_qty"].to_string(),
+        "0.037"
+    );
+    d.wait_log(
+        "XYZUSDT: no step size known from exchangeInfo; using 0.001",
+        T,
+    );
+    assert_eq!(
+        d.metric("p33_step_size_fallback_total{symbol=\"XYZUSDT\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn canonical_positions_are_written_when_enabled() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let fx = FakeExchange::start(KEY, SECRET);
+    fx.control("/control/positions", json!([{"symbol": "BTCUSDT", "positionAmt": "-0.25", "entryPrice": "60000", "markPrice": "59000", "unRealizedProfit": "250", "leverage": "5"}]));
+    let mut env = binance_env(&redis, &fx, "BTCUSDT,ETHUSDT");
+    env.insert("P33_CANONICAL_POSITIONS".into(), "true".into());
+    let _d = Daemon::start(&env);
+    let h: HashMap<String, String> = wait_for("canonical hash", T, || {
+        let h: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg("quantum:state:positions:BTCUSDT")
+            .query(&mut con)
+            .ok()?;
+        (!h.is_empty()).then_some(h)
+    });
+    for (k, v) in [
+        ("symbol", "BTCUSDT"),
+        ("position_amt", "-0.25"),
+        ("side", "SHORT"),
+        ("quantity", "0.25"),
+        ("entry_price", "60000"),
+        ("mark_price", "59000"),
+        ("current_price", "59000"),
+        ("unrealized_pnl", "250"),
+        ("leverage", "5"),
+        ("source", "position_state_brain"),
+    ] {
+        assert_eq!(h.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    let flat: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("quantum:state:positions:ETHUSDT")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(flat["side"], "FLAT");
+}
+
+#[test]
+fn a_gained_symbol_is_polled_at_once() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let fx = FakeExchange::start(KEY, SECRET);
+    let mut env = binance_env(&redis, &fx, "BTCUSDT");
+    env.insert("P33_ALLOWLIST_SOURCE".into(), "universe".into());
+    env.insert("P33_POLL_SEC".into(), "3600".into());
+    env.insert("P33_ALLOWLIST_REFRESH_S".into(), "3600".into());
+    set_universe(&mut con, &["BTCUSDT"], now(), 0);
+    let d = Daemon::start(&env);
+    wait_snapshot(&mut con, "BTCUSDT");
+    set_universe(&mut con, &["BTCUSDT", "ETHUSDT"], now(), 0);
+    d.signal("HUP");
+    wait_snapshot(&mut con, "ETHUSDT");
+    d.wait_log("allowlist gained symbols: polling positions now", T);
+}
