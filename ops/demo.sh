@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# End-to-end demo on a fresh Debian/Ubuntu machine: installs redis-server when
+# missing, builds in release mode, starts a private Redis and the fake
+# exchange on loopback, starts the daemon, and walks the operators'
+# scenarios live: universe -> permits, universe stale -> last_ok,
+# last_ok too old -> env, env empty -> FAIL-CLOSED. Everything it started is
+# stopped on exit, Ctrl-C included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "demo: installing redis-server"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+fi
+cargo build --release --quiet --bins
+BIN=target/release
+
+work=$(mktemp -d /tmp/p33-demo.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { # file pattern [after-line]
+  local from=${3:-0}
+  for _ in $(seq 1 150); do
+    if tail -n +"$((from + 1))" "$1" | grep -q -- "$2"; then
+      tail -n +"$((from + 1))" "$1" | grep -- "$2" | tail -n1
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "demo: timed out waiting for '$2' in $1" >&2
+  exit 1
+}
+lines() { wc -l < "$1"; }
+
+REDIS_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >/dev/null &
+pids+=($!)
+R() { redis-cli -p "$REDIS_PORT" "$@"; }
+for _ in $(seq 1 50); do R PING >/dev/null 2>&1 && break; sleep 0.1; done
+
+"$BIN/fake-exchange" --port 0 --api-key demo-key --api-secret demo-secret > "$work/fake.log" 2>&1 &
+pids+=($!)
+FX=$(wait_for "$work/fake.log" "listening on" | sed 's/.*http:\/\///')
+fx() { python3 - "$FX" "$1" "$2" <<'PY'
+import sys, urllib.request
+req = urllib.request.Request(f"http://{sys.argv[1]}{sys.argv[2]}", data=sys.argv[3].encode(), method="POST")
+urllib.request.urlopen(req, timeout=5).read()
+PY
+}
+fx /control/positions '[{"symbol":"BTCUSDT","positionAmt":"0.038","entryPrice":"60000","markPrice":"60500","unRealizedProfit":"19","leverage":"5"},{"symbol":"SOLUSDT","positionAmt":"-12","entryPrice":"150","markPrice":"149","unRealizedProfit":"12","leverage":"3"}]'
+fx /control/steps '{"BTCUSDT":"0.001","ETHUSDT":"0.001","SOLUSDT":"1"}'
+
+now=$(date +%s)
+universe() { # key symbols-json asof
+  R SET "$1" "{\"symbols\":$2,\"asof_epoch\":$3,\"source\":\"demo\",\"mode\":\"top\",\"filters\":{}}" >/dev/null
+}
+universe quantum:cfg:universe:active '["BTCUSDT","ETHUSDT","SOLUSDT"]' "$now"
+universe quantum:cfg:universe:last_ok '["BTCUSDT","ETHUSDT"]' "$((now - 30))"
+R HSET quantum:cfg:universe:meta stale 0 count 3 asof_epoch "$now" last_ok_epoch "$now" error "" >/dev/null
+
+METRICS_PORT=$(free_port)
+LOG="$work/daemon.log"
+start_daemon() { # P33_ALLOWLIST value
+  env -i PATH="$PATH" \
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" \
+    BINANCE_TESTNET_API_KEY=demo-key BINANCE_TESTNET_API_SECRET=demo-secret \
+    P33_EXCHANGE_BASE_URL="http://$FX" P33_POLL_SEC=0.5 \
+    P33_ALLOWLIST="$1" P33_ALLOWLIST_REFRESH_S=1 P33_UNIVERSE_MAX_AGE_S=120 \
+    P33_METRICS_ADDR=127.0.0.1 P33_METRICS_PORT="$METRICS_PORT" P33_CONSUMER_NAME=p33-demo \
+    "$BIN/position-state-brain" >> "$LOG" 2>&1 &
+  DAEMON=$!
+  pids+=($DAEMON)
+}
+gauge() {
+  python3 -c 'import sys,urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+    "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^p33_allowlist_(source\{.*\} 1|symbols )' | sed 's/^/    /'
+}
+show() { echo "  log:   ${1#*INFO *: }"; echo "  gauge:"; gauge; }
+plan() { R XADD quantum:stream:apply.plan '*' plan_id "$1" symbol "$2" decision "$3" action "$4" reduceOnly "$5" >/dev/null; }
+permit() {
+  for _ in $(seq 1 50); do
+    v=$(R GET "quantum:permit:p33:$1"); [ -n "$v" ] && { echo "    $1: $v"; return; }; sleep 0.1
+  done
+  echo "    $1: (no permit)"
+}
+
+touch "$LOG"
+echo "== 1. fresh universe: source=universe, plans get permits"
+start_daemon "BNBUSDT"
+show "$(wait_for "$LOG" 'P3.3 allowlist source=universe')"
+wait_for "$LOG" 'ready: reading plans' >/dev/null
+for _ in $(seq 1 50); do [ -n "$(R HGET quantum:position:snapshot:BTCUSDT ts_epoch)" ] && break; sleep 0.1; done
+plan demo-partial-btc BTCUSDT EXECUTE PARTIAL_75 false
+plan demo-open-eth ETHUSDT EXECUTE OPEN_LONG false
+plan demo-close-eth ETHUSDT EXECUTE FULL_CLOSE_PROPOSED true
+plan demo-close-sol SOLUSDT EXECUTE PARTIAL_50 true
+plan demo-doge DOGEUSDT EXECUTE FULL_CLOSE_PROPOSED true
+echo "  permits:"
+for p in demo-partial-btc demo-open-eth demo-close-eth demo-close-sol; do permit "$p"; done
+sleep 0.3
+echo "    demo-doge: $(R EXISTS quantum:permit:p33:demo-doge | sed 's/0/(no permit: DOGEUSDT is not allowlisted)/')"
+
+echo "== 2. universe marked stale: source=last_ok"
+mark=$(lines "$LOG")
+R HSET quantum:cfg:universe:meta stale 1 >/dev/null
+show "$(wait_for "$LOG" 'P3.3 allowlist source=last_ok' "$mark")"
+
+echo "== 3. last_ok older than P33_UNIVERSE_MAX_AGE_S: source=env"
+mark=$(lines "$LOG")
+universe quantum:cfg:universe:last_ok '["BTCUSDT","ETHUSDT"]' "$((now - 400))"
+show "$(wait_for "$LOG" 'P3.3 allowlist source=env' "$mark")"
+echo "  why:   $(wait_for "$LOG" 'allowlist source changed' "$mark" | sed 's/.*source changed: //')"
+
+echo "== 4. P33_ALLOWLIST empty too: FAIL-CLOSED (restart with the new env)"
+kill -TERM "$DAEMON"; wait "$DAEMON" 2>/dev/null || true
+mark=$(lines "$LOG")
+start_daemon ""
+echo "  error: $(wait_for "$LOG" 'FAIL-CLOSED' "$mark" | sed 's/.*ERROR [^ ]* //')"
+show "$(wait_for "$LOG" 'P3.3 allowlist source=none' "$mark")"
+plan demo-closed BTCUSDT EXECUTE FULL_CLOSE_PROPOSED true
+sleep 0.5
+echo "    demo-closed: $(R EXISTS quantum:permit:p33:demo-closed | sed 's/0/(no permit: fail-closed)/')"
+echo "== demo done; stopping Redis, the fake exchange and the daemon"
