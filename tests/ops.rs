@@ -1,0 +1,448 @@
+//! Operations: the live /metrics exposition (promtool), alert rules, the
+//! dashboard's metric names, the systemd unit, the env file, systemd
+//! notifications, and the proof script against a live daemon.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(10);
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A daemon that has done some of everything, so every labelled series exists.
+fn busy_daemon(redis: &Redis, fx: &FakeExchange) -> Daemon {
+    let mut con = redis.con();
+    fx.control(
+        "/control/positions",
+        json!([{"symbol": "BTCUSDT", "positionAmt": "0.5"}]),
+    );
+    let _: () = redis::cmd("HSET")
+        .arg("quantum:position:ledger:BTCUSDT")
+        .arg("last_known_amt")
+        .arg("0.5")
+        .query(&mut con)
+        .unwrap();
+    set_universe(&mut con, &["BTCUSDT", "ETHUSDT"], now(), 0);
+    let mut env = base_env(redis);
+    env.insert("P33_SNAPSHOT_SOURCE".into(), "binance".into());
+    env.insert("P33_EXCHANGE_BASE_URL".into(), fx.url());
+    env.insert("BINANCE_TESTNET_API_KEY".into(), "k".into());
+    env.insert("BINANCE_TESTNET_API_SECRET".into(), "s".into());
+    env.insert("P33_POLL_SEC".into(), "0.5".into());
+    let d = Daemon::start(&env);
+    wait_for("a snapshot", T, || {
+        redis::cmd("HGET")
+            .arg("quantum:position:snapshot:BTCUSDT")
+            .arg("ts_epoch")
+            .query::<Option<String>>(&mut con)
+            .ok()
+            .flatten()
+    });
+    push_plan(
+        &mut con,
+        &[
+            ("plan_id", "ops-1"),
+            ("symbol", "BTCUSDT"),
+            ("decision", "EXECUTE"),
+            ("action", "FULL_CLOSE_PROPOSED"),
+            ("reduceOnly", "true"),
+        ],
+    );
+    push_plan(
+        &mut con,
+        &[
+            ("plan_id", "ops-2"),
+            ("symbol", "ETHUSDT"),
+            ("decision", "EXECUTE"),
+            ("action", "FULL_CLOSE_PROPOSED"),
+            ("reduceOnly", "true"),
+        ],
+    );
+    wait_permit(&mut con, "ops-1");
+    wait_permit(&mut con, "ops-2");
+    d
+}
+
+#[test]
+fn live_metrics_pass_promtool_and_cover_every_name_the_dashboard_and_rules_use() {
+    let redis = Redis::start();
+    let fx = FakeExchange::start("k", "s");
+    let d = busy_daemon(&redis, &fx);
+    let text = d.scrape();
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by ops/test.sh");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let exported: BTreeSet<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect();
+    for name in [
+        "p33_permit_allow_total",
+        "p33_permit_deny_total",
+        "p33_snapshot_age_seconds",
+        "p33_ledger_position_amt",
+        "p33_exchange_position_amt",
+        "p33_allowlist_source",
+        "p33_allowlist_symbols",
+        "p33_allowlist_age_seconds",
+        "p33_plans_total",
+        "p33_permit_latency_seconds_bucket",
+        "p33_redis_up",
+        "p33_exchange_requests_total",
+        "p33_build_info",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(exported.contains(name), "{name} exported");
+    }
+    let sources: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("p33_allowlist_source{"))
+        .collect();
+    assert_eq!(sources.len(), 4, "{sources:?}");
+    assert_eq!(
+        sources.iter().filter(|l| l.ends_with(" 1")).count(),
+        1,
+        "{sources:?}"
+    );
+
+    let mut used = BTreeSet::new();
+    for f in [
+        "deploy/grafana/position-state-brain.json",
+        "deploy/prometheus/position-state-brain-rules.yml",
+    ] {
+        let s = std::fs::read_to_string(Path::new(ROOT).join(f)).unwrap();
+        let mut rest = s.as_str();
+        while let Some(i) = rest.find("p33_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            used.insert((f, name));
+        }
+    }
+    assert!(used.len() >= 10, "{used:?}");
+    for (f, name) in used {
+        assert!(
+            exported.contains(&name),
+            "{f} uses {name}, which the daemon does not export"
+        );
+    }
+}
+
+#[test]
+fn alert_rules_pass_promtool_unit_tests() {
+    let dir = Path::new(ROOT).join("deploy/prometheus");
+    let out = Command::new("promtool")
+        .args(["check", "rules", "position-state-brain-rules.yml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new("promtool")
+        .args(["test", "rules", "position-state-brain-rules.test.yml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = std::fs::read_to_string(dir.join("position-state-brain-rules.yml")).unwrap();
+    for a in [
+        "P33AllowlistFailClosed",
+        "P33AllowlistOnEnvFallback",
+        "P33TargetDown",
+        "P33RedisDown",
+        "P33SnapshotsStale",
+        "P33DenyRatioHigh",
+    ] {
+        assert!(rules.contains(a), "{a}");
+    }
+}
+
+#[test]
+fn systemd_unit_verifies_and_scores_2_or_lower() {
+    let unit = std::fs::read_to_string(
+        Path::new(ROOT).join("deploy/systemd/quantum-position-state-brain.service"),
+    )
+    .unwrap();
+    for must in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=always",
+        "RestartSec=",
+        "RestartPreventExitStatus=78",
+        "EnvironmentFile=-/etc/quantum/apply-layer.env",
+        "EnvironmentFile=/etc/quantum/position-state-brain.env",
+        "Wants=network-online.target redis-server.service",
+        "DynamicUser=yes",
+    ] {
+        assert!(unit.contains(must), "unit has {must}");
+    }
+    assert!(!unit.contains("Requires="), "Redis is wanted, not required");
+    let dir = std::env::temp_dir().join(format!("p33-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("quantum-position-state-brain.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/position-state-brain", DAEMON),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "systemd-analyze verify: {text}");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .and_then(|l| l.split(": ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no score in {text}"));
+    eprintln!("systemd-analyze security exposure: {score}");
+    assert!(score <= 2.0, "exposure {score}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn env_file() -> Vec<(String, String)> {
+    std::fs::read_to_string(Path::new(ROOT).join("deploy/position-state-brain.env"))
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("KEY=VALUE");
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn shipped_env_file_names_every_variable_and_passes_check_config() {
+    let text =
+        std::fs::read_to_string(Path::new(ROOT).join("deploy/position-state-brain.env")).unwrap();
+    for v in [
+        "REDIS_URL",
+        "REDIS_HOST",
+        "REDIS_PORT",
+        "REDIS_DB",
+        "REDIS_PASSWORD",
+        "BINANCE_TESTNET_API_KEY",
+        "BINANCE_TESTNET_API_SECRET",
+        "P33_EXCHANGE_BASE_URL",
+        "P33_SNAPSHOT_SOURCE",
+        "P33_ALLOWLIST",
+        "P33_ALLOWLIST_SOURCE",
+        "P33_UNIVERSE_KEY_ACTIVE",
+        "P33_UNIVERSE_KEY_LAST_OK",
+        "P33_UNIVERSE_KEY_META",
+        "P33_UNIVERSE_MAX_AGE_S",
+        "P33_ALLOWLIST_REFRESH_S",
+        "P33_POLL_SEC",
+        "P33_STALE_THRESHOLD_SEC",
+        "P33_COOLDOWN_SEC",
+        "P33_QTY_TOLERANCE_PCT",
+        "P33_PERMIT_TTL",
+        "P33_PLAN_MAX_AGE_S",
+        "P33_METRICS_PORT",
+        "P33_METRICS_ADDR",
+        "P33_LOG_LEVEL",
+        "P33_LOG_FORMAT",
+        "P33_DRY_RUN",
+        "P33_CONSUMER_GROUP",
+        "P33_CONSUMER_NAME",
+        "P33_CLAIM_IDLE_S",
+        "P33_CANONICAL_POSITIONS",
+    ] {
+        assert!(text.contains(v), "env file documents {v}");
+    }
+    let vars = env_file();
+    let mut with_creds: Vec<(&str, &str)> =
+        vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // The credentials come from the apply-layer file the unit reads first.
+    with_creds.push(("BINANCE_TESTNET_API_KEY", "from-apply-layer"));
+    with_creds.push(("BINANCE_TESTNET_API_SECRET", "from-apply-layer"));
+    let (code, out, err) = run_once(&["--check-config"], &with_creds);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("P33_POLL_SEC=0.5"), "{out}");
+    let alone: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, _, err) = run_once(&["--check-config"], &alone);
+    assert_eq!(code, Some(78), "without the apply-layer credentials: {err}");
+}
+
+#[test]
+fn systemd_notifications_ready_watchdog_stopping() {
+    let redis = Redis::start();
+    let sock_path = std::env::temp_dir().join(format!("p33-notify-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock_path);
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut env = base_env(&redis);
+    env.insert("P33_ALLOWLIST".into(), "BTCUSDT".into());
+    env.insert(
+        "NOTIFY_SOCKET".into(),
+        sock_path.to_string_lossy().into_owned(),
+    );
+    env.insert("WATCHDOG_USEC".into(), "400000".into());
+    let mut d = Daemon::start(&env);
+    let mut got: Vec<String> = Vec::new();
+    let mut recv = |got: &mut Vec<String>| {
+        let mut buf = [0u8; 512];
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    wait_for("READY=1 and two WATCHDOG=1", T, || {
+        recv(&mut got);
+        (got.iter().any(|m| m.contains("READY=1"))
+            && got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+            .then_some(())
+    });
+    let ready_at = got.iter().position(|m| m.contains("READY=1")).unwrap();
+    assert!(
+        d.grep("P3.3 allowlist source=").len() == 1,
+        "READY=1 after the first resolution"
+    );
+    assert!(
+        got[..ready_at].iter().all(|m| !m.contains("WATCHDOG")),
+        "{got:?}"
+    );
+    d.signal("TERM");
+    wait_for("STOPPING=1", T, || {
+        recv(&mut got);
+        got.iter().any(|m| m.contains("STOPPING=1")).then_some(())
+    });
+    assert_eq!(d.wait_exit(T), Some(0));
+    let _ = std::fs::remove_file(&sock_path);
+}
+
+#[test]
+fn http_routes_answer_404_and_405() {
+    let redis = Redis::start();
+    let d = Daemon::start(&base_env(&redis));
+    d.wait_log("ready: reading plans", T);
+    assert_eq!(d.get("/healthz").0, 200);
+    assert_eq!(d.get("/readyz").0, 200);
+    assert_eq!(d.get("/nothing").0, 404);
+    assert_eq!(http(&d.metrics_addr, "POST", "/metrics", "").0, 405);
+}
+
+fn run_proof(d: &Daemon, redis: &Redis) -> (i32, String) {
+    let log = std::env::temp_dir().join(format!(
+        "p33-proof-{}-{}.log",
+        std::process::id(),
+        redis.port
+    ));
+    std::fs::write(&log, d.lines.lock().unwrap().join("\n")).unwrap();
+    let out = Command::new("bash")
+        .arg(Path::new(ROOT).join("ops/proof_p33_universe.sh"))
+        .env("P33_STATE_CMD", "echo active")
+        .env("P33_LOG_CMD", format!("cat {}", log.display()))
+        .env(
+            "P33_METRICS_URL",
+            format!("http://{}/metrics", d.metrics_addr),
+        )
+        .env("REDIS_URL", redis.url())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&log);
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn proof_script_passes_on_a_healthy_daemon_and_fails_when_fail_closed() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_universe(&mut con, &["BTCUSDT", "ETHUSDT", "SOLUSDT"], now(), 0);
+    set_snapshot(&mut con, "BTCUSDT", "0.5", now());
+    let d = Daemon::start(&base_env(&redis));
+    d.wait_log("ready: reading plans", T);
+    push_plan(
+        &mut con,
+        &[
+            ("plan_id", "proof-1"),
+            ("symbol", "BTCUSDT"),
+            ("decision", "EXECUTE"),
+            ("action", "FULL_CLOSE_PROPOSED"),
+            ("reduceOnly", "true"),
+        ],
+    );
+    wait_permit(&mut con, "proof-1");
+    d.wait_log("P3.3 ALLOW plan proof-1", T);
+    let (code, out) = run_proof(&d, &redis);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("source=universe count=3 stale=0"), "{out}");
+    assert!(out.contains("P3.3 ALLOW plan proof-1"), "{out}");
+    assert!(
+        out.contains("PASS  metrics agree with the log (source=universe count=3)"),
+        "{out}"
+    );
+    assert!(out.contains("RESULT: OK"), "{out}");
+    drop(d);
+
+    let _: () = redis::cmd("DEL")
+        .arg("quantum:cfg:universe:active")
+        .query(&mut con)
+        .unwrap();
+    let mut env = base_env(&redis);
+    env.insert("P33_ALLOWLIST".into(), "".into());
+    let d = Daemon::start(&env);
+    d.wait_log("source=none", T);
+    let (code, out) = run_proof(&d, &redis);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("fail_closed=yes") && out.contains("RESULT: FAIL"),
+        "{out}"
+    );
+}
