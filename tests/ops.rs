@@ -330,7 +330,7 @@ fn systemd_notifications_ready_watchdog_stopping() {
     env.insert("WATCHDOG_USEC".into(), "400000".into());
     let mut d = Daemon::start(&env);
     let mut got: Vec<String> = Vec::new();
-    let mut recv = |got: &mut Vec<String>| {
+    let recv = |got: &mut Vec<String>| {
         let mut buf = [0u8; 512];
         if let Ok(n) = sock.recv(&mut buf) {
             got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
