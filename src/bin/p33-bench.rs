@@ -1,0 +1,392 @@
+//! `p33-bench`: drives the real daemon with plans and measures permits.
+//!
+//! Starts a private `redis-server` on a free loopback port and the daemon
+//! binary next to this one (external snapshot mode, so the exchange plays no
+//! part), seeds a universe of `--symbols` symbols and fresh snapshots, then
+//! XADDs plans — a mix of closes, opens, denials, other decisions and
+//! non-allowlisted symbols — and timestamps each permit as it appears
+//! (keyspace notifications). Afterwards it checks that every expected permit
+//! arrived exactly once with the expected allow/deny and reason, and prints
+//! one JSON line per run.
+//!
+//! Usage:
+//!   p33-bench [--plans 100000] [--rate 0] [--symbols 566] [--log-level INFO]
+//!   --rate 0 sends as fast as possible (throughput); --rate N offers N plans/s (latency).
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// What a plan should produce.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Expect {
+    Permit(bool, &'static str),
+    Nothing,
+}
+
+/// Plan `i`: fields and expectation. Even symbols hold a long position.
+fn make_plan(i: usize, symbols: usize) -> (String, Vec<(&'static str, String)>, Expect) {
+    let id = format!("bench-{i}");
+    let k = (i * 7) % symbols;
+    let long = |k: usize| k % 2 == 0;
+    let (k, decision, action, reduce, symbol, expect) = match i % 10 {
+        0..=3 => {
+            let k = if long(k) { k } else { (k + 1) % symbols };
+            (
+                k,
+                "EXECUTE",
+                "FULL_CLOSE_PROPOSED",
+                "true",
+                None,
+                Expect::Permit(true, "sanity_checks_passed"),
+            )
+        }
+        4 => {
+            let k = if long(k) { (k + 1) % symbols } else { k };
+            (
+                k,
+                "EXECUTE",
+                "OPEN_LONG",
+                "false",
+                None,
+                Expect::Permit(true, "open_permit_granted"),
+            )
+        }
+        5 => {
+            let k = if long(k) { (k + 1) % symbols } else { k };
+            (
+                k,
+                "EXECUTE",
+                "FULL_CLOSE_PROPOSED",
+                "true",
+                None,
+                Expect::Permit(false, "no_position"),
+            )
+        }
+        6 => {
+            let k = if long(k) { k } else { (k + 1) % symbols };
+            (
+                k,
+                "EXECUTE",
+                "OPEN_LONG",
+                "false",
+                None,
+                Expect::Permit(false, "position_exists"),
+            )
+        }
+        7 => (k, "SKIP", "HOLD", "false", None, Expect::Nothing),
+        8 => (
+            k,
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+            Some("NOTLISTEDUSDT".to_string()),
+            Expect::Nothing,
+        ),
+        _ => {
+            let k = if long(k) { k } else { (k + 1) % symbols };
+            (
+                k,
+                "EXECUTE",
+                "PARTIAL_75",
+                "false",
+                None,
+                Expect::Permit(true, "sanity_checks_passed"),
+            )
+        }
+    };
+    // An odd symbol count would make the last symbol's neighbour wrap to 0.
+    let symbol = symbol.unwrap_or_else(|| format!("SYM{k}USDT"));
+    let fields = vec![
+        ("plan_id", id.clone()),
+        ("symbol", symbol),
+        ("decision", decision.to_string()),
+        ("action", action.to_string()),
+        ("reduceOnly", reduce.to_string()),
+        ("kill_score", "0.42".to_string()),
+        ("timestamp", "0".to_string()),
+    ];
+    (id, fields, expect)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+struct Guard(Vec<std::process::Child>);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help") {
+        println!("usage: p33-bench [--plans N] [--rate PLANS_PER_S (0 = flat out)] [--symbols N] [--log-level INFO]");
+        return Ok(());
+    }
+    let plans: usize = arg(&args, "--plans", "100000").parse()?;
+    let rate: f64 = arg(&args, "--rate", "0").parse()?;
+    let symbols: usize = arg(&args, "--symbols", "566").parse::<usize>()?.max(2) & !1;
+    let log_level = arg(&args, "--log-level", "INFO");
+
+    let port = free_port()?;
+    let dir = std::env::temp_dir().join(format!("p33-bench-{port}"));
+    std::fs::create_dir_all(&dir)?;
+    let mut guard = Guard(Vec::new());
+    guard.0.push(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let client = redis::Client::open(url.as_str())?;
+    let mut con = loop {
+        if let Ok(c) = client.get_multiplexed_async_connection().await {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("K$")
+        .query_async(&mut con)
+        .await?;
+
+    // Universe and snapshots.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let names: Vec<String> = (0..symbols).map(|k| format!("SYM{k}USDT")).collect();
+    let doc = json!({"symbols": names, "asof_epoch": now as i64, "source": "bench", "mode": "top", "filters": {}});
+    let mut p = redis::pipe();
+    p.cmd("SET")
+        .arg("quantum:cfg:universe:active")
+        .arg(doc.to_string())
+        .ignore();
+    p.cmd("HSET")
+        .arg("quantum:cfg:universe:meta")
+        .arg("stale")
+        .arg(0)
+        .arg("count")
+        .arg(symbols)
+        .arg("asof_epoch")
+        .arg(now as i64)
+        .ignore();
+    for (k, s) in names.iter().enumerate() {
+        let amt = if k % 2 == 0 { "1.5" } else { "0" };
+        p.cmd("HSET")
+            .arg(format!("quantum:position:snapshot:{s}"))
+            .arg("position_amt")
+            .arg(amt)
+            .arg("side")
+            .arg(if k % 2 == 0 { "LONG" } else { "NONE" })
+            .arg("ts_epoch")
+            .arg(format!("{now:.3}"))
+            .ignore();
+    }
+    p.query_async::<()>(&mut con).await?;
+
+    let daemon = std::env::current_exe()?.with_file_name("position-state-brain");
+    let log = std::fs::File::create(dir.join("daemon.log"))?;
+    guard.0.push(
+        Command::new(&daemon)
+            .env_clear()
+            .env("REDIS_URL", &url)
+            .env("P33_SNAPSHOT_SOURCE", "external")
+            .env(
+                "P33_EXCHANGE_BASE_URL",
+                format!("http://127.0.0.1:{}", free_port()?),
+            )
+            .env("P33_METRICS_ADDR", "127.0.0.1")
+            .env("P33_METRICS_PORT", "0")
+            .env("P33_STALE_THRESHOLD_SEC", "600")
+            .env("P33_PLAN_MAX_AGE_S", "600")
+            .env("P33_PERMIT_TTL", "600")
+            .env("P33_COOLDOWN_SEC", "0")
+            .env("P33_LOG_LEVEL", &log_level)
+            .env("P33_CONSUMER_NAME", "p33-bench")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?,
+    );
+    // Ready once the group exists and the allowlist line was logged.
+    let log_path = dir.join("daemon.log");
+    let start_wait = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("ready: reading plans") {
+            break;
+        }
+        if start_wait.elapsed() > Duration::from_secs(30) {
+            anyhow::bail!("daemon did not become ready:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Permit arrivals, by plan id.
+    let arrivals: Arc<Mutex<HashMap<String, (Instant, u32)>>> =
+        Arc::new(Mutex::new(HashMap::new()));
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub
+        .psubscribe("__keyspace@0__:quantum:permit:p33:*")
+        .await?;
+    let arr = arrivals.clone();
+    let listener = tokio::spawn(async move {
+        let mut stream = pubsub.on_message();
+        while let Some(msg) = stream.next().await {
+            let t = Instant::now();
+            let payload: String = msg.get_payload().unwrap_or_default();
+            if payload != "set" {
+                continue;
+            }
+            let ch = msg.get_channel_name();
+            if let Some(id) = ch.rsplit("quantum:permit:p33:").next() {
+                let mut a = arr.lock().unwrap_or_else(|p| p.into_inner());
+                let e = a.entry(id.to_string()).or_insert((t, 0));
+                e.1 += 1;
+            }
+        }
+    });
+
+    let mut expected: HashMap<String, Expect> = HashMap::with_capacity(plans);
+    let mut sent: HashMap<String, Instant> = HashMap::with_capacity(plans);
+    let started = Instant::now();
+    let chunk = if rate > 0.0 { 1 } else { 200 };
+    let mut i = 0;
+    while i < plans {
+        let n = chunk.min(plans - i);
+        let mut p = redis::pipe();
+        let mut ids = Vec::with_capacity(n);
+        for j in i..i + n {
+            let (id, fields, exp) = make_plan(j, symbols);
+            let mut c = redis::cmd("XADD");
+            c.arg("quantum:stream:apply.plan").arg("*");
+            for (k, v) in &fields {
+                c.arg(*k).arg(v);
+            }
+            p.add_command(c).ignore();
+            expected.insert(id.clone(), exp);
+            ids.push(id);
+        }
+        if rate > 0.0 {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let t = Instant::now();
+        p.query_async::<()>(&mut con).await?;
+        for id in ids {
+            sent.insert(id, t);
+        }
+        i += n;
+    }
+    let want = expected
+        .values()
+        .filter(|e| matches!(e, Expect::Permit(..)))
+        .count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = arrivals.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if got >= want || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    listener.abort();
+    let arrivals = arrivals.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let last = arrivals.values().map(|(t, _)| *t).max().unwrap_or(started);
+    let elapsed = last.duration_since(started).as_secs_f64();
+
+    // Check every permit: present once, right allow/deny and reason.
+    let mut missing = 0usize;
+    let mut unexpected = 0usize;
+    let ids: Vec<&String> = expected.keys().collect();
+    for batch in ids.chunks(1000) {
+        let mut p = redis::pipe();
+        for id in batch {
+            p.cmd("GET").arg(format!("quantum:permit:p33:{id}"));
+        }
+        let vals: Vec<Option<String>> = p.query_async(&mut con).await?;
+        for (id, v) in batch.iter().zip(vals) {
+            let count = arrivals.get(*id).map_or(0, |a| a.1);
+            match (expected[*id], v) {
+                (Expect::Nothing, None) => {}
+                (Expect::Nothing, Some(_)) => unexpected += 1,
+                (Expect::Permit(..), None) => missing += 1,
+                (Expect::Permit(allow, reason), Some(s)) => {
+                    let j: Value = serde_json::from_str(&s).unwrap_or(Value::Null);
+                    if j["allow"] != allow || j["reason"] != reason || count != 1 {
+                        unexpected += 1;
+                    }
+                }
+            }
+        }
+    }
+    let mut lat: Vec<f64> = arrivals
+        .iter()
+        .filter_map(|(id, (t, _))| Some(t.duration_since(*sent.get(id)?).as_secs_f64() * 1000.0))
+        .collect();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let out = json!({
+        "mode": if rate > 0.0 { "latency" } else { "throughput" },
+        "plans": plans,
+        "permits_expected": want,
+        "symbols": symbols,
+        "offered_per_s": if rate > 0.0 { json!(rate) } else { Value::Null },
+        "throughput_per_s": (plans as f64 / elapsed).round(),
+        "p50_ms": (pct(&lat, 0.50) * 1000.0).round() / 1000.0,
+        "p99_ms": (pct(&lat, 0.99) * 1000.0).round() / 1000.0,
+        "max_ms": (lat.last().copied().unwrap_or(f64::NAN) * 1000.0).round() / 1000.0,
+        "missing": missing,
+        "unexpected": unexpected,
+        "log_level": log_level,
+    });
+    println!("{out}");
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
+    if missing > 0 || unexpected > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
