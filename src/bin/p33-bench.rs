@@ -46,7 +46,7 @@ enum Expect {
 fn make_plan(i: usize, symbols: usize) -> (String, Vec<(&'static str, String)>, Expect) {
     let id = format!("bench-{i}");
     let k = (i * 7) % symbols;
-    let long = |k: usize| k % 2 == 0;
+    let long = |k: usize| k.is_multiple_of(2);
     let (k, decision, action, reduce, symbol, expect) = match i % 10 {
         0..=3 => {
             let k = if long(k) { k } else { (k + 1) % symbols };
@@ -214,13 +214,13 @@ async fn main() -> anyhow::Result<()> {
         .arg(now as i64)
         .ignore();
     for (k, s) in names.iter().enumerate() {
-        let amt = if k % 2 == 0 { "1.5" } else { "0" };
+        let amt = if k.is_multiple_of(2) { "1.5" } else { "0" };
         p.cmd("HSET")
             .arg(format!("quantum:position:snapshot:{s}"))
             .arg("position_amt")
             .arg(amt)
             .arg("side")
-            .arg(if k % 2 == 0 { "LONG" } else { "NONE" })
+            .arg(if k.is_multiple_of(2) { "LONG" } else { "NONE" })
             .arg("ts_epoch")
             .arg(format!("{now:.3}"))
             .ignore();
