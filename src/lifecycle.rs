@@ -202,20 +202,28 @@ pub async fn run(
         });
     }
 
-    let outcome = start_and_supervise(&cfg, &metrics, reload, &cancel, &mut tasks).await;
+    let mut outcome = start_and_supervise(&cfg, &metrics, reload, &cancel, &mut tasks).await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     cancel.cancel();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let mut panicked = None;
         while let Some(r) = tasks.join_next().await {
             if let Err(e) = r {
                 if e.is_panic() {
-                    error!("a task panicked during shutdown: {e}");
+                    panicked = Some(anyhow!("a task panicked during shutdown: {e}"));
                 }
             }
         }
+        panicked
     })
     .await;
-    if drained.is_err() {
+    let timed_out = drained.is_err();
+    if let Ok(Some(e)) = drained {
+        if outcome.is_ok() {
+            outcome = Err(e);
+        }
+    }
+    if timed_out {
         warn!(
             "shutdown: tasks still running after {:?}; exiting anyway",
             SHUTDOWN_GRACE
@@ -319,10 +327,13 @@ async fn start_and_supervise(
     info!("ready: reading plans from {PLAN_STREAM}");
 
     tokio::select! {
+        biased;
         _ = cancel.cancelled() => Ok(()),
         ended = tasks.join_next() => match ended {
-            Some(Ok(name)) => Err(anyhow!("task `{name}` stopped unexpectedly")),
             Some(Err(e)) if e.is_panic() => Err(anyhow!("a task panicked: {e}")),
+            // A task that ended because shutdown began is no failure.
+            _ if cancel.is_cancelled() => Ok(()),
+            Some(Ok(name)) => Err(anyhow!("task `{name}` stopped unexpectedly")),
             Some(Err(e)) => Err(anyhow!("a task failed: {e}")),
             None => Err(anyhow!("no task left running")),
         },
