@@ -370,8 +370,9 @@ impl Consumer {
         let state = read_state(con, &self.state_script, &symbols).await?;
         let now = store::now_epoch();
         let mut evaluated: Vec<Option<Pending>> = (0..entries.len()).map(|_| None).collect();
+        let absent = SymbolState::default();
         for (i, plan) in to_eval {
-            let st = state.get(&plan.symbol).cloned().unwrap_or_default();
+            let st = state.get(&plan.symbol).unwrap_or(&absent);
             debug!(
                 "Evaluating plan {} symbol={} decision={} action={} reduceOnly={}",
                 id8(&plan.plan_id),
@@ -380,7 +381,7 @@ impl Consumer {
                 plan.action,
                 plan.reduce_only
             );
-            let decision = self.decide(&plan, &st, now);
+            let decision = self.decide(&plan, st, now);
             evaluated[i] = Some(Pending { plan, decision });
         }
         for (i, e) in entries.iter().enumerate() {
