@@ -292,7 +292,13 @@ async fn main() -> anyhow::Result<()> {
     let mut expected: HashMap<String, Expect> = HashMap::with_capacity(plans);
     let mut sent: HashMap<String, Instant> = HashMap::with_capacity(plans);
     let started = Instant::now();
-    let chunk = if rate > 0.0 { 1 } else { 200 };
+    // Paced runs send one batch per millisecond, so high offered rates are
+    // not limited by one round trip per plan.
+    let chunk = if rate > 0.0 {
+        ((rate / 1000.0).ceil() as usize).max(1)
+    } else {
+        200
+    };
     let mut i = 0;
     while i < plans {
         let n = chunk.min(plans - i);
