@@ -622,14 +622,23 @@ pub async fn run(
     watchdog: Arc<Watchdog>,
     cancel: CancellationToken,
 ) {
-    let Some(mut con) = store::connect(
+    // Keep the watchdog fed while Redis is away: the loop is healthy, Redis
+    // is not, and a restart would not bring Redis back.
+    let connect = store::connect(
         &cfg.redis,
         "plan consumer",
         Duration::from_millis(BLOCK_MS + 5000),
         &cancel,
-    )
-    .await
-    else {
+    );
+    tokio::pin!(connect);
+    let mut feed = tokio::time::interval(Duration::from_secs(1));
+    let connected = loop {
+        tokio::select! {
+            c = &mut connect => break c,
+            _ = feed.tick() => watchdog.ping(&metrics),
+        }
+    };
+    let Some(mut con) = connected else {
         return;
     };
     let c = Consumer::new(cfg.clone(), allowlist, steps, metrics.clone());

@@ -325,7 +325,15 @@ async fn start_and_supervise(
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!("ready: reading plans from {PLAN_STREAM}");
+    supervise(tasks, cancel).await
+}
 
+/// Waits for shutdown (Ok) or for the first task to end before it (Err): a
+/// panic, or a task that returned although nothing asked it to.
+pub async fn supervise(
+    tasks: &mut JoinSet<&'static str>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
     tokio::select! {
         biased;
         _ = cancel.cancelled() => Ok(()),
@@ -343,6 +351,35 @@ async fn start_and_supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_or_returning_task_fails_the_daemon_and_shutdown_does_not() {
+        let cancel = CancellationToken::new();
+        let mut set = JoinSet::new();
+        spawn_named(&mut set, "waits", {
+            let c = cancel.clone();
+            async move { c.cancelled().await }
+        });
+        spawn_named(&mut set, "boom", async { panic!("injected") });
+        let e = supervise(&mut set, &cancel).await.unwrap_err();
+        assert!(e.to_string().contains("panicked"), "{e}");
+
+        let mut set = JoinSet::new();
+        spawn_named(&mut set, "quits", async {});
+        let e = supervise(&mut set, &cancel).await.unwrap_err();
+        assert!(
+            e.to_string().contains("task `quits` stopped unexpectedly"),
+            "{e}"
+        );
+
+        let mut set = JoinSet::new();
+        spawn_named(&mut set, "waits", {
+            let c = cancel.clone();
+            async move { c.cancelled().await }
+        });
+        cancel.cancel();
+        assert!(supervise(&mut set, &cancel).await.is_ok());
+    }
 
     #[test]
     fn cli_flags() {
