@@ -372,14 +372,7 @@ fn an_expired_plan_is_denied_plan_expired() {
     let redis = Redis::start();
     let mut con = redis.con();
     set_snapshot(&mut con, "BTCUSDT", "1", now());
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(PLAN_STREAM)
-        .arg("p33")
-        .arg("0")
-        .arg("MKSTREAM")
-        .query(&mut con)
-        .unwrap();
+    create_plan_group(&mut con, "0");
     let old = format!("{}-0", ((now() - 120.0) * 1000.0) as u64);
     let mut c = redis::cmd("XADD");
     c.arg(PLAN_STREAM).arg(&old);
@@ -527,14 +520,7 @@ fn entries_left_by_a_consumer_that_never_returns_are_claimed() {
     let redis = Redis::start();
     let mut con = redis.con();
     set_snapshot(&mut con, "BTCUSDT", "1", now());
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(PLAN_STREAM)
-        .arg("p33")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query(&mut con)
-        .unwrap();
+    create_plan_group(&mut con, "$");
     for i in 0..5 {
         push_plan(
             &mut con,

@@ -484,6 +484,19 @@ pub fn set_snapshot(con: &mut redis::Connection, symbol: &str, amt: &str, ts: f6
         .unwrap();
 }
 
+/// Creates the `p33` group on the plan stream at `start` (`0` or `$`), as the
+/// daemon would, before the daemon runs.
+pub fn create_plan_group(con: &mut redis::Connection, start: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(PLAN_STREAM)
+        .arg("p33")
+        .arg(start)
+        .arg("MKSTREAM")
+        .query(con)
+        .unwrap();
+}
+
 /// XADDs a plan; returns its entry ID.
 pub fn push_plan(con: &mut redis::Connection, fields: &[(&str, &str)]) -> String {
     let mut c = redis::cmd("XADD");
