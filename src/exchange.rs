@@ -32,6 +32,8 @@ use crate::store;
 pub const SNAPSHOT_TTL_S: i64 = 3600;
 /// How often step sizes are reloaded.
 pub const STEP_REFRESH: Duration = Duration::from_secs(3600);
+/// Retry period after a failed exchangeInfo load.
+pub const STEP_RETRY: Duration = Duration::from_secs(30);
 /// Request timeout.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -305,7 +307,7 @@ pub async fn run_step_sizes(
             return cancel.cancelled().await;
         }
     };
-    let mut backoff = store::Backoff::default();
+    let mut failures = 0u64;
     loop {
         let wait = match client.step_sizes().await {
             Ok(t) => {
@@ -314,12 +316,17 @@ pub async fn run_step_sizes(
                     t.len()
                 );
                 steps.set(t);
-                backoff.reset();
+                failures = 0;
                 STEP_REFRESH
             }
             Err(e) => {
-                warn!("step sizes: exchangeInfo failed: {e}; keeping the last table");
-                backoff.next_delay().max(Duration::from_secs(5)) * 6
+                failures += 1;
+                // An exchange that stays away (external mode without one) is
+                // named a few times, then every 20th try, not every 30 s.
+                if failures <= 3 || failures.is_multiple_of(20) {
+                    warn!("step sizes: exchangeInfo failed ({failures} in a row): {e}; keeping the last table");
+                }
+                STEP_RETRY
             }
         };
         tokio::select! {
