@@ -30,6 +30,9 @@ use crate::store;
 pub const MAX_DOC_BYTES: usize = 1024 * 1024;
 /// Most symbols accepted in one document.
 pub const MAX_SYMBOLS: usize = 10_000;
+/// The shortest time between two re-resolutions at an expiry instant.
+const MIN_EXPIRY_GAP: Duration = Duration::from_secs(1);
+
 /// How far in the future an `asof_epoch` may be (clock skew), seconds.
 pub const MAX_FUTURE_S: f64 = 60.0;
 
@@ -208,6 +211,15 @@ fn num(v: &serde_json::Value) -> Option<f64> {
     .filter(|x| x.is_finite())
 }
 
+/// A document's `asof_epoch`: absent is `None` ("too old" later); present
+/// but not a finite number is a parse error.
+fn doc_asof(v: &serde_json::Value) -> Result<Option<f64>, Refusal> {
+    match v.get("asof_epoch") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(x) => num(x).map(Some).ok_or(Refusal::ParseError),
+    }
+}
+
 fn parse_doc(doc: &Doc) -> Result<ParsedDoc, Refusal> {
     let text = match doc {
         Doc::Missing => return Err(Refusal::Missing),
@@ -238,7 +250,7 @@ fn parse_doc(doc: &Doc) -> Result<ParsedDoc, Refusal> {
     Ok(ParsedDoc {
         symbols,
         dropped,
-        asof: v.get("asof_epoch").and_then(num),
+        asof: doc_asof(&v)?,
     })
 }
 
@@ -259,16 +271,29 @@ fn tier_universe(read: &UniverseRead, now: f64, lim: &Limits) -> Result<Resoluti
     if read.active == Doc::Missing {
         return Err(Refusal::Missing);
     }
-    let meta_num = |k: &str| read.meta.get(k).and_then(|v| v.trim().parse::<f64>().ok());
-    // meta `stale` must parse as 0; missing or unparseable counts as stale.
-    if meta_num("stale") != Some(0.0) {
+    // A meta number present but not finite (NaN, inf, text) is a
+    // parse_error: NaN would pass every comparison (SPEC §3).
+    let meta_num = |k: &str| -> Result<Option<f64>, Refusal> {
+        match read.meta.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or(Refusal::ParseError),
+        }
+    };
+    // meta `stale` must parse as 0; missing counts as stale.
+    if meta_num("stale")? != Some(0.0) {
         return Err(Refusal::Stale);
     }
-    let meta_count = meta_num("count").unwrap_or(0.0);
+    let meta_count = meta_num("count")?.unwrap_or(0.0);
     if meta_count <= 0.0 {
         return Err(Refusal::Empty);
     }
-    let (asof, age) = check_age(meta_num("asof_epoch"), now, lim)?;
+    let (asof, age) = check_age(meta_num("asof_epoch")?, now, lim)?;
     let doc = parse_doc(&read.active)?;
     if doc.symbols.is_empty() {
         return Err(Refusal::NoSymbols);
@@ -580,17 +605,30 @@ pub async fn run_refresher(
     cancel: CancellationToken,
 ) {
     let period = resolver.cfg.allowlist_refresh;
+    let mut last_expiry_wake: Option<std::time::Instant> = None;
     loop {
         let mut wait = period;
+        let mut expiry_wake = false;
         if let Some(e) = expires_at {
-            // Wake just past the expiry instant, so the age check refuses it.
+            // Wake just past the expiry instant, so the age check refuses it
+            // — but at most once per second: no value may make this spin.
             let until = (e - store::now_epoch()).max(0.0) + 0.001;
-            wait = wait.min(Duration::from_secs_f64(until));
+            let mut at = Duration::try_from_secs_f64(until).unwrap_or(period);
+            if let Some(last) = last_expiry_wake {
+                at = at.max(MIN_EXPIRY_GAP.saturating_sub(last.elapsed()));
+            }
+            if at < wait {
+                wait = at;
+                expiry_wake = true;
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
             _ = reload.notified() => info!("SIGHUP: re-resolving the allowlist"),
+        }
+        if expiry_wake {
+            last_expiry_wake = Some(std::time::Instant::now());
         }
         let res = resolver.refresh(con.as_mut()).await;
         expires_at = res.expires_at;
@@ -705,7 +743,55 @@ mod tests {
                 now: NOW,
                 source: LastOk,
                 count: 1,
-                refused: vec![(Universe, Stale)],
+                refused: vec![(Universe, ParseError)],
+            },
+            Row {
+                name: "meta asof_epoch NaN",
+                read: with(|r| {
+                    r.meta.insert("asof_epoch".into(), "NaN".into());
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, ParseError)],
+            },
+            Row {
+                name: "meta count NaN",
+                read: with(|r| {
+                    r.meta.insert("count".into(), "NaN".into());
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, ParseError)],
+            },
+            Row {
+                name: "meta stale inf",
+                read: with(|r| {
+                    r.meta.insert("stale".into(), "inf".into());
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, ParseError)],
+            },
+            Row {
+                name: "meta asof_epoch -inf",
+                read: with(|r| {
+                    r.meta.insert("asof_epoch".into(), "-inf".into());
+                }),
+                env: vec![],
+                mode: u,
+                now: NOW,
+                source: LastOk,
+                count: 1,
+                refused: vec![(Universe, ParseError)],
             },
             Row {
                 name: "meta count 0",

@@ -763,12 +763,27 @@ fn redis_target(p: &mut Parser, o: &RawOther) -> RedisTarget {
     RedisTarget { info }
 }
 
-/// A URL with its user-info part replaced, for error messages.
+/// A URL with everything that may be a credential replaced, for error
+/// messages (SPEC §11: anything after a `:` before an `@` is a password).
+/// It must hold for malformed URLs too (`redis//:pw@host`, `:pw@host`), so
+/// it does not parse: everything before the last `@` goes, but for a
+/// well-formed `scheme://`; a `password=` query value goes too.
 fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(a)) if a > s => format!("{}[redacted]{}", &url[..s + 3], &url[a..]),
-        _ => url.to_string(),
+    let mut out = match url.rfind('@') {
+        None => url.to_string(),
+        Some(at) => {
+            let scheme = url[..at]
+                .find("://")
+                .filter(|&i| i > 0 && url[..i].bytes().all(|b| b.is_ascii_alphanumeric()))
+                .map_or("", |i| &url[..i + 3]);
+            format!("{scheme}[redacted]{}", &url[at..])
+        }
+    };
+    if let Some(i) = out.to_ascii_lowercase().find("password=") {
+        let end = out[i..].find('&').map_or(out.len(), |e| i + e);
+        out.replace_range(i + "password=".len()..end, "[redacted]");
     }
+    crate::text::clip(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -891,6 +906,21 @@ mod tests {
         assert!(!format!("{c:?}").contains("s3cret"));
         let e = cfg(&[("REDIS_URL", "http://:pw@x")]).unwrap_err();
         assert!(!e.to_string().contains("pw@"), "{e}");
+        for bad in [
+            "redis//:hunter2@host:6379",
+            ":hunter2@host",
+            "redis:/user:hunter2@host",
+            "redis://:hunter2@@host:notaport",
+            "hunter2@",
+        ] {
+            let e = cfg(&[("REDIS_URL", bad)]).unwrap_err().to_string();
+            assert!(!e.contains("hunter2"), "{bad} -> {e}");
+            assert!(e.contains("REDIS_URL"), "{e}");
+        }
+        assert_eq!(
+            redact_url("redis//host:6379?password=hunter2&x=1"),
+            "redis//host:6379?password=[redacted]&x=1"
+        );
     }
 
     #[test]

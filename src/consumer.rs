@@ -27,7 +27,8 @@ use crate::lifecycle::{Watchdog, PLAN_STREAM};
 use crate::metrics::Metrics;
 use crate::permits::{self, Write, Written};
 use crate::rules::{self, dec_str, Decision, Plan};
-use crate::store::{self, Backoff};
+use crate::store::{self, Backoff, StreamId};
+use crate::text::clip;
 
 /// Entries read per `XREADGROUP`.
 pub const BATCH: usize = 256;
@@ -40,6 +41,9 @@ const BLOCK_MS: u64 = 500;
 pub struct Entry {
     pub id: String,
     pub fields: Option<HashMap<String, String>>,
+    /// The first field whose name or value is not valid UTF-8 (escaped and
+    /// cut for the log): such an entry is malformed, never "repaired".
+    pub not_utf8: Option<String>,
 }
 
 /// The milliseconds part of a stream entry ID.
@@ -56,18 +60,53 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
+/// A field name or value: its text, or `Err(escaped)` when it is not UTF-8.
+fn strict_text(v: &Value) -> Option<Result<String, String>> {
+    match v {
+        Value::BulkString(b) => {
+            Some(String::from_utf8(b.clone()).map_err(|_| crate::text::clip_bytes(b)))
+        }
+        Value::SimpleString(s) => Some(Ok(s.clone())),
+        Value::Int(i) => Some(Ok(i.to_string())),
+        _ => None,
+    }
+}
+
 fn parse_entry(v: &Value) -> Option<Entry> {
     let Value::Array(parts) = v else { return None };
     let id = text(parts.first()?)?;
+    let mut not_utf8 = None;
     let fields = match parts.get(1) {
-        Some(Value::Array(kv)) => Some(
-            kv.chunks_exact(2)
-                .filter_map(|c| Some((text(&c[0])?, text(&c[1])?)))
-                .collect(),
-        ),
+        Some(Value::Array(kv)) => {
+            let mut map = HashMap::with_capacity(kv.len() / 2);
+            for c in kv.chunks_exact(2) {
+                match (strict_text(&c[0]), strict_text(&c[1])) {
+                    (Some(Ok(k)), Some(Ok(v))) => {
+                        map.insert(k, v);
+                    }
+                    (Some(Err(k)), _) => {
+                        not_utf8.get_or_insert(format!("a field name ({k})"));
+                    }
+                    (Some(Ok(k)), Some(Err(_))) => {
+                        not_utf8.get_or_insert(format!("field {}", crate::text::clip(&k)));
+                    }
+                    _ => {}
+                }
+            }
+            Some(map)
+        }
         _ => None,
     };
-    Some(Entry { id, fields })
+    Some(Entry {
+        id,
+        fields,
+        not_utf8,
+    })
+}
+
+/// The highest entry ID of `entries`, if any parses.
+pub fn max_id(entries: &[Entry]) -> Option<StreamId> {
+    entries.iter().filter_map(|e| StreamId::parse(&e.id)).max()
 }
 
 /// Parses a list of entries (`[[id, [k, v, …]], …]`).
@@ -269,11 +308,14 @@ pub fn classify(e: &Entry, allow: &Allowlist, now: f64) -> Result<Plan, Filtered
             "entry deleted from the stream while pending".into(),
         ));
     };
+    if let Some(what) = &e.not_utf8 {
+        return Err(Filtered::Malformed(format!("{what} is not valid UTF-8")));
+    }
     let plan_id = f.get("plan_id").map(String::as_str).unwrap_or("");
     if !valid_plan_id(plan_id) {
-        let shown: String = plan_id.chars().take(140).collect();
         return Err(Filtered::Malformed(format!(
-            "invalid plan_id {shown:?} (must be 1-128 bytes without whitespace or control characters)"
+            "invalid plan_id {:?} (must be 1-128 bytes without whitespace or control characters)",
+            crate::text::clip(plan_id)
         )));
     }
     let decision = f.get("decision").map(String::as_str).unwrap_or("");
@@ -443,7 +485,7 @@ impl Consumer {
         }
         if let Some(s) = &st.snapshot {
             if let (Some(ts), Some(a)) = (
-                s.get("ts_epoch").and_then(|v| v.parse::<f64>().ok()),
+                rules::snapshot_ts(s),
                 s.get("position_amt").and_then(|v| v.parse::<f64>().ok()),
             ) {
                 if ts.is_finite() && a.is_finite() {
@@ -507,11 +549,11 @@ impl Consumer {
                 "malformed"
             }
             Filtered::SkipDecision => {
-                let d = e.fields.as_ref().and_then(|f| f.get("decision")).cloned();
+                let d = e.fields.as_ref().and_then(|f| f.get("decision"));
                 debug!(
                     "plan entry {}: decision={} - ACK, no permit",
                     e.id,
-                    d.as_deref().unwrap_or("<missing>")
+                    d.map_or("<missing>".into(), |d| clip(d))
                 );
                 "skip_decision"
             }
@@ -522,7 +564,8 @@ impl Consumer {
                     .map_or("UNKNOWN", String::as_str);
                 let id = f.and_then(|f| f.get("plan_id")).map_or("", String::as_str);
                 debug!(
-                    "{sym}: Not in allowlist (source={}) - ACK plan {}",
+                    "{}: Not in allowlist (source={}) - ACK plan {}",
+                    clip(sym),
                     allow.source.label(),
                     id8(id)
                 );
@@ -539,6 +582,17 @@ impl Consumer {
             self.metrics
                 .plans_total
                 .with_label_values(&["duplicate"])
+                .inc();
+            return;
+        }
+        if res == Written::DuplicatePlanId {
+            error!(
+                "{sym}: duplicate plan_id {:?}: a permit for it already exists - ACK, no permit (the first decision stands)",
+                p.plan.plan_id
+            );
+            self.metrics
+                .plans_total
+                .with_label_values(&["duplicate_plan_id"])
                 .inc();
             return;
         }
@@ -645,6 +699,9 @@ pub async fn run(
     let mut backoff = Backoff::default();
     let mut replay_pending = true;
     let mut next_claim = Instant::now();
+    // The last entry this process finished: where a vanished group is
+    // recreated, so no plan published meanwhile is skipped (SPEC §4).
+    let mut last_done: Option<StreamId> = None;
     loop {
         watchdog.ping(&metrics);
         if cancel.is_cancelled() {
@@ -669,6 +726,7 @@ pub async fn run(
                     );
                     for chunk in claimed.chunks(BATCH) {
                         c.handle_batch(&mut con, chunk).await?;
+                        last_done = last_done.max(max_id(chunk));
                     }
                 }
             }
@@ -694,7 +752,9 @@ pub async fn run(
                     info!("re-reading {} own pending plan entries", entries.len());
                 }
             }
-            c.handle_batch(&mut con, &entries).await
+            c.handle_batch(&mut con, &entries).await?;
+            last_done = last_done.max(max_id(&entries));
+            Ok(())
         }
         .await;
         match step {
@@ -707,8 +767,10 @@ pub async fn run(
                 replay_pending = true;
                 if store::is_nogroup(&e) {
                     metrics.set_group_ok(false);
-                    warn!("plan consumer group missing ({e}); recreating it");
-                    match store::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group).await {
+                    let at = store::recreate_at(last_done);
+                    warn!("plan consumer group missing ({e}); recreating it at {at} (the last entry finished here)");
+                    match store::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group, &at).await
+                    {
                         Ok(()) => {
                             metrics.set_group_ok(true);
                             continue;
@@ -740,6 +802,7 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
             ),
+            not_utf8: None,
         }
     }
 
@@ -827,6 +890,7 @@ mod tests {
         let deleted = Entry {
             id: "1-0".into(),
             fields: None,
+            not_utf8: None,
         };
         assert!(matches!(
             classify(&deleted, &allow, 0.0),

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::allowlist::AllowlistHandle;
 use crate::config::{Config, Secret};
 use crate::metrics::Metrics;
-use crate::rules::{dec_str, parse_dec};
+use crate::rules::{dec_str, parse_amount, parse_dec, valid_step};
 use crate::store;
 
 /// Snapshot and canonical hash lifetime, seconds.
@@ -34,8 +34,15 @@ pub const SNAPSHOT_TTL_S: i64 = 3600;
 pub const STEP_REFRESH: Duration = Duration::from_secs(3600);
 /// Retry period after a failed exchangeInfo load.
 pub const STEP_RETRY: Duration = Duration::from_secs(30);
-/// Request timeout.
+/// Request timeout (the body is read under it too).
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest reply body read; a larger one fails the request (SPEC §11).
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// The longest `Retry-After` obeyed (SPEC §11); the default when absent or
+/// unreadable is 60 s.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// The shortest time between two polls triggered by allowlist gains.
+pub const MIN_EXTRA_POLL_GAP: Duration = Duration::from_secs(1);
 
 /// What went wrong talking to the exchange. Messages never hold secrets:
 /// request URLs (which carry the signature) are stripped.
@@ -65,6 +72,47 @@ impl ExchangeError {
             ExchangeError::Malformed(_) => "malformed",
         }
     }
+}
+
+/// How long to hold requests after a 429/418: `Retry-After` in seconds
+/// (integer or decimal), capped at [`MAX_RETRY_AFTER`]; 60 s when absent or
+/// unreadable.
+pub fn retry_after(header: Option<&str>) -> Duration {
+    let default = Duration::from_secs(60);
+    let Some(secs) = header.and_then(|v| v.trim().parse::<f64>().ok()) else {
+        return default;
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return default;
+    }
+    Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64()))
+}
+
+/// Reads a reply body of at most `cap` bytes, chunk by chunk.
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, ExchangeError> {
+    let too_big = |n: String| {
+        ExchangeError::Malformed(format!(
+            "reply body of {n} bytes exceeds the {} MiB cap",
+            cap / (1024 * 1024)
+        ))
+    };
+    if let Some(len) = resp.content_length() {
+        if len > cap as u64 {
+            return Err(too_big(len.to_string()));
+        }
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ExchangeError::Transient(e.without_url().to_string()))?
+    {
+        if body.len().saturating_add(chunk.len()) > cap {
+            return Err(too_big(format!("more than {cap}")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Hex HMAC-SHA256 of `query` with `secret` (Binance request signing).
@@ -150,26 +198,24 @@ impl Client {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, ExchangeError> {
+        // (The body is read chunk by chunk and given up past the cap: a
+        // 100 MB reply must not cost 2 GB.)
         let resp = req
             .send()
             .await
             .map_err(|e| ExchangeError::Transient(e.without_url().to_string()))?;
         let status = resp.status();
         if status.as_u16() == 429 || status.as_u16() == 418 {
-            let wait = resp
-                .headers()
-                .get("Retry-After")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map_or(Duration::from_secs(60), Duration::from_secs);
+            let wait = retry_after(
+                resp.headers()
+                    .get("Retry-After")
+                    .and_then(|v| v.to_str().ok()),
+            );
             *self.hold_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Instant::now() + wait);
+                Instant::now().checked_add(wait);
             return Err(ExchangeError::RateLimited(wait));
         }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| ExchangeError::Transient(e.without_url().to_string()))?;
+        let body = read_capped(resp, MAX_BODY_BYTES).await?;
         if status.is_server_error() {
             return Err(ExchangeError::Transient(format!("HTTP {status}")));
         }
@@ -258,7 +304,7 @@ pub fn parse_step_sizes(v: &Value) -> Result<HashMap<String, Decimal>, ExchangeE
                 .and_then(|f| f.get("stepSize"))
                 .and_then(Value::as_str)
                 .and_then(parse_dec)
-                .filter(|d| *d > Decimal::ZERO)
+                .filter(|d| valid_step(*d))
         };
         if let Some(step) = step_of("MARKET_LOT_SIZE").or_else(|| step_of("LOT_SIZE")) {
             out.insert(name.to_string(), step.normalize());
@@ -346,6 +392,9 @@ pub struct Position {
     pub mark_price: String,
     pub unrealized_pnl: String,
     pub leverage: String,
+    /// Why the rows of this symbol could not be taken as one position
+    /// (written as `HEDGED`, so its plans are denied), for the WARN line.
+    pub problem: Option<&'static str>,
 }
 
 impl Position {
@@ -357,71 +406,130 @@ impl Position {
             mark_price: "0".into(),
             unrealized_pnl: "0".into(),
             leverage: "0".into(),
+            problem: None,
+        }
+    }
+
+    /// A symbol whose rows make no single position: written as `HEDGED`
+    /// with amount 0, so every plan for it is denied (SPEC §7, §11).
+    fn invalid(problem: &'static str) -> Self {
+        Position {
+            side: "HEDGED",
+            problem: Some(problem),
+            ..Position::flat()
         }
     }
 }
 
-/// Folds a positionRisk reply into one position per symbol. Hedge mode: one
-/// non-zero side is the position; two non-zero sides are HEDGED.
+/// A raw field of a positionRisk row as a string, cut to 64 characters.
+fn row_field(r: &Value, k: &str) -> String {
+    let s = match r.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "0".into(),
+        Some(other) => other.to_string(),
+    };
+    crate::text::clip(&s).into_owned()
+}
+
+/// One symbol's rows → its position. One-way mode has one `BOTH` row; hedge
+/// mode a `LONG` and a `SHORT` row, of which one non-zero is the position
+/// and two are `HEDGED`. An amount that is not a number or beyond 1e12, or
+/// two one-way rows with different amounts, make the symbol invalid (never
+/// a sum): its plans are denied.
+fn fold_rows(rows: &[(Option<Decimal>, &Value)]) -> Position {
+    let mut amts = Vec::with_capacity(rows.len());
+    for (amt, r) in rows {
+        match amt {
+            Some(a) => amts.push((*a, *r)),
+            None => return Position::invalid("positionAmt not a number within ±1e12"),
+        }
+    }
+    let one_way = |r: &Value| {
+        r.get("positionSide")
+            .and_then(Value::as_str)
+            .is_none_or(|s| s.eq_ignore_ascii_case("BOTH"))
+    };
+    let both: Vec<Decimal> = amts
+        .iter()
+        .filter(|(_, r)| one_way(r))
+        .map(|(a, _)| *a)
+        .collect();
+    if both.windows(2).any(|w| w[0] != w[1]) {
+        return Position::invalid("duplicate one-way rows with different amounts");
+    }
+    // Identical duplicate one-way rows are one position, not two.
+    let mut seen_both = false;
+    let open: Vec<(Decimal, &Value)> = amts
+        .into_iter()
+        .filter(|(_, r)| !one_way(r) || !std::mem::replace(&mut seen_both, true))
+        .filter(|(a, _)| !a.is_zero())
+        .collect();
+    match open.as_slice() {
+        [] => Position::flat(),
+        [(amt, r)] => Position {
+            amt: *amt,
+            side: if amt.is_sign_positive() {
+                "LONG"
+            } else {
+                "SHORT"
+            },
+            entry_price: row_field(r, "entryPrice"),
+            mark_price: row_field(r, "markPrice"),
+            unrealized_pnl: row_field(r, "unRealizedProfit"),
+            leverage: row_field(r, "leverage"),
+            problem: None,
+        },
+        [(_, r), ..] => {
+            let Some(amt) = open
+                .iter()
+                .try_fold(Decimal::ZERO, |acc, (a, _)| acc.checked_add(*a))
+            else {
+                return Position::invalid("hedge-mode amounts overflow");
+            };
+            let pnl = open
+                .iter()
+                .map(|(_, r)| parse_dec(&row_field(r, "unRealizedProfit")))
+                .try_fold(Decimal::ZERO, |acc, p| acc.checked_add(p?))
+                .map_or_else(|| "0".to_string(), dec_str);
+            Position {
+                amt,
+                side: "HEDGED",
+                entry_price: row_field(r, "entryPrice"),
+                mark_price: row_field(r, "markPrice"),
+                unrealized_pnl: pnl,
+                leverage: row_field(r, "leverage"),
+                problem: None,
+            }
+        }
+    }
+}
+
+/// Folds a positionRisk reply into one position per symbol (see
+/// [`fold_rows`]). A row without a symbol fails the whole reply: the
+/// position it holds could not be attributed, and an absent symbol would
+/// read as flat.
 pub fn parse_positions(v: &Value) -> Result<HashMap<String, Position>, ExchangeError> {
     let rows = v
         .as_array()
         .ok_or_else(|| ExchangeError::Malformed("positionRisk reply is not a list".into()))?;
-    let mut by_symbol: HashMap<String, Vec<(Decimal, &Value)>> = HashMap::new();
+    let mut by_symbol: HashMap<&str, Vec<(Option<Decimal>, &Value)>> = HashMap::new();
     for r in rows {
-        let (Some(sym), Some(amt)) = (
-            r.get("symbol").and_then(Value::as_str),
-            r.get("positionAmt")
-                .and_then(Value::as_str)
-                .and_then(parse_dec),
-        ) else {
+        let Some(sym) = r.get("symbol").and_then(Value::as_str) else {
             return Err(ExchangeError::Malformed(
-                "positionRisk row without symbol/positionAmt".into(),
+                "positionRisk row without a symbol".into(),
             ));
         };
-        by_symbol.entry(sym.to_string()).or_default().push((amt, r));
-    }
-    let s = |r: &Value, k: &str| {
-        r.get(k)
-            .map(|v| match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            })
-            .unwrap_or_else(|| "0".into())
-    };
-    let mut out = HashMap::with_capacity(by_symbol.len());
-    for (sym, rows) in by_symbol {
-        let open: Vec<&(Decimal, &Value)> = rows.iter().filter(|(a, _)| !a.is_zero()).collect();
-        let pos = match open.as_slice() {
-            [] => Position::flat(),
-            [(amt, r)] => Position {
-                amt: *amt,
-                side: if amt.is_sign_positive() {
-                    "LONG"
-                } else {
-                    "SHORT"
-                },
-                entry_price: s(r, "entryPrice"),
-                mark_price: s(r, "markPrice"),
-                unrealized_pnl: s(r, "unRealizedProfit"),
-                leverage: s(r, "leverage"),
-            },
-            [(_, r), ..] => Position {
-                amt: open.iter().map(|(a, _)| *a).sum(),
-                side: "HEDGED",
-                entry_price: s(r, "entryPrice"),
-                mark_price: s(r, "markPrice"),
-                unrealized_pnl: open
-                    .iter()
-                    .filter_map(|(_, r)| parse_dec(&s(r, "unRealizedProfit")))
-                    .sum::<Decimal>()
-                    .to_string(),
-                leverage: s(r, "leverage"),
-            },
+        let amt = match r.get("positionAmt") {
+            Some(Value::String(s)) => parse_amount(s),
+            Some(Value::Number(n)) => parse_amount(&n.to_string()),
+            _ => None,
         };
-        out.insert(sym, pos);
+        by_symbol.entry(sym).or_default().push((amt, r));
     }
-    Ok(out)
+    Ok(by_symbol
+        .into_iter()
+        .map(|(sym, rows)| (sym.to_string(), fold_rows(&rows)))
+        .collect())
 }
 
 /// `binance_testnet` when the base URL's host contains `testnet`.
@@ -442,12 +550,14 @@ pub async fn write_snapshots(
     con: &mut redis::aio::ConnectionManager,
     symbols: &[String],
     positions: &HashMap<String, Position>,
-    ts: f64,
+    ts_ms: u64,
     source: &str,
     canonical: bool,
 ) -> Result<(), redis::RedisError> {
     let mut p = redis::pipe();
-    let ts = format!("{ts:.3}");
+    // Whole seconds: the pipeline's Python readers call int() on it (§7).
+    let ts = (ts_ms / 1000).to_string();
+    let ts_ms = ts_ms.to_string();
     let flat = Position::flat();
     for sym in symbols {
         let pos = positions.get(sym).unwrap_or(&flat);
@@ -469,6 +579,8 @@ pub async fn write_snapshots(
             .arg(&pos.leverage)
             .arg("ts_epoch")
             .arg(&ts)
+            .arg("ts_epoch_ms")
+            .arg(&ts_ms)
             .arg("source")
             .arg(source)
             .ignore();
@@ -514,7 +626,9 @@ pub async fn write_snapshots(
 }
 
 /// Polls positions until `cancel` fires: every `P33_POLL_SEC`, and at once
-/// when `gained` changes (the allowlist gained symbols).
+/// when `gained` changes (the allowlist gained symbols) — but such an extra
+/// poll comes at least [`MIN_EXTRA_POLL_GAP`] after the previous one, so a
+/// flapping universe cannot multiply the request rate (SPEC §7).
 pub async fn run_poller(
     cfg: Arc<Config>,
     allowlist: AllowlistHandle,
@@ -543,15 +657,28 @@ pub async fn run_poller(
     let mut tick = tokio::time::interval(cfg.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures = 0u64;
+    let mut last_poll: Option<Instant> = None;
+    // The symbols last named in the "plans denied" WARN: it is repeated only
+    // when that set changes, not every cycle.
+    let mut warned_invalid = String::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
             r = gained.changed() => {
                 if r.is_err() { return cancel.cancelled().await; }
+                if let Some(at) = last_poll.and_then(|t| t.checked_add(MIN_EXTRA_POLL_GAP)) {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                    }
+                }
+                // Gains that came while waiting are covered by this poll.
+                gained.borrow_and_update();
                 info!("allowlist gained symbols: polling positions now");
             }
         }
+        last_poll = Some(Instant::now());
         let allow = allowlist.load();
         let mut symbols: Vec<String> = allow.symbols.iter().cloned().collect();
         symbols.sort();
@@ -575,12 +702,13 @@ pub async fn run_poller(
                 continue;
             }
         };
-        let ts = store::now_epoch();
+        let ts_ms = store::now_ms();
+        let ts = ts_ms as f64 / 1000.0;
         match write_snapshots(
             &mut con,
             &symbols,
             &positions,
-            ts,
+            ts_ms,
             source,
             cfg.canonical_positions,
         )
@@ -591,16 +719,20 @@ pub async fn run_poller(
                     info!("snapshots: positionRisk recovered after {failures} failed cycle(s)");
                 }
                 failures = 0;
-                let hedged: Vec<&str> = symbols
-                    .iter()
-                    .filter(|s| positions.get(*s).is_some_and(|p| p.side == "HEDGED"))
-                    .map(String::as_str)
-                    .collect();
-                if !hedged.is_empty() {
-                    warn!(
-                        "snapshots: hedge-mode positions open on both sides (plans denied): {}",
-                        hedged.join(",")
-                    );
+                let mut invalid = String::new();
+                for s in &symbols {
+                    if let Some(p) = positions.get(s).filter(|p| p.side == "HEDGED") {
+                        let why = p
+                            .problem
+                            .unwrap_or("hedge-mode positions open on both sides");
+                        invalid.push_str(&format!(" {s} ({why})"));
+                    }
+                }
+                if invalid != warned_invalid {
+                    if !invalid.is_empty() {
+                        warn!("snapshots: written as HEDGED, plans denied:{invalid}");
+                    }
+                    warned_invalid = invalid;
                 }
                 for s in &symbols {
                     let amt = positions
@@ -676,6 +808,60 @@ mod tests {
         assert_eq!(t["DOGEUSDT"], Decimal::ONE);
         assert_eq!(t["ODDUSDT"], Decimal::from_str("0.1").unwrap());
         assert!(!t.contains_key("NONEUSDT"));
+    }
+
+    #[test]
+    fn hostile_position_rows_make_the_symbol_invalid_never_a_panic() {
+        let v = json!([
+            {"symbol": "DUPUSDT", "positionAmt": "79228162514264337593543950335", "positionSide": "BOTH"},
+            {"symbol": "DUPUSDT", "positionAmt": "79228162514264337593543950335", "positionSide": "BOTH"},
+            {"symbol": "TWINUSDT", "positionAmt": "1.5", "positionSide": "BOTH"},
+            {"symbol": "TWINUSDT", "positionAmt": "1.5", "positionSide": "BOTH"},
+            {"symbol": "SPLITUSDT", "positionAmt": "1.5"},
+            {"symbol": "SPLITUSDT", "positionAmt": "2"},
+            {"symbol": "HUGEUSDT", "positionAmt": "1e27"},
+            {"symbol": "TEXTUSDT", "positionAmt": "lots"},
+            {"symbol": "NUMUSDT", "positionAmt": 0.25}
+        ]);
+        let p = parse_positions(&v).unwrap();
+        assert_eq!(p["DUPUSDT"].side, "HEDGED");
+        assert!(p["DUPUSDT"].problem.is_some());
+        assert_eq!(
+            (p["TWINUSDT"].side, p["TWINUSDT"].amt),
+            ("LONG", Decimal::from_str("1.5").unwrap())
+        );
+        assert_eq!(p["SPLITUSDT"].side, "HEDGED");
+        assert_eq!(p["HUGEUSDT"].side, "HEDGED");
+        assert_eq!(p["TEXTUSDT"].side, "HEDGED");
+        assert_eq!(p["NUMUSDT"].side, "LONG");
+        assert!(parse_positions(&json!([{"positionAmt": "1"}])).is_err());
+    }
+
+    #[test]
+    fn step_sizes_outside_1e_12_to_1e9_are_ignored() {
+        let v = json!({"symbols": [
+            {"symbol": "TINYUSDT", "filters": [{"filterType": "MARKET_LOT_SIZE", "stepSize": "1e-28"}]},
+            {"symbol": "HUGEUSDT", "filters": [{"filterType": "LOT_SIZE", "stepSize": "1e10"}]},
+            {"symbol": "NANUSDT", "filters": [{"filterType": "LOT_SIZE", "stepSize": "NaN"}]},
+            {"symbol": "OKUSDT", "filters": [{"filterType": "LOT_SIZE", "stepSize": "0.000000000001"}]}
+        ]});
+        let t = parse_step_sizes(&v).unwrap();
+        assert_eq!(t.keys().collect::<Vec<_>>(), vec!["OKUSDT"]);
+    }
+
+    #[test]
+    fn retry_after_is_capped_and_never_overflows() {
+        assert_eq!(retry_after(Some("18446744073709551615")), MAX_RETRY_AFTER);
+        assert_eq!(retry_after(Some("1000000000")), MAX_RETRY_AFTER);
+        assert_eq!(retry_after(Some("1e300")), MAX_RETRY_AFTER);
+        assert_eq!(retry_after(Some("2")), Duration::from_secs(2));
+        assert_eq!(retry_after(Some("0.5")), Duration::from_millis(500));
+        assert_eq!(retry_after(Some("-1")), Duration::from_secs(60));
+        assert_eq!(retry_after(Some("NaN")), Duration::from_secs(60));
+        assert_eq!(retry_after(None), Duration::from_secs(60));
+        assert!(Instant::now()
+            .checked_add(retry_after(Some("1e300")))
+            .is_some());
     }
 
     #[test]

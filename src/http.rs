@@ -7,15 +7,17 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::store;
@@ -72,15 +74,48 @@ pub fn handle(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<B
     }
 }
 
+/// The most connections served at once; more wait in the kernel backlog,
+/// so a flood of the metrics port cannot take the file descriptors the plan
+/// path needs (SPEC §11).
+pub const MAX_CONNECTIONS: usize = 512;
+/// Request headers (and the first bytes of an idle keep-alive connection's
+/// next request) must arrive within this, or the connection is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest pause after a failed `accept` (EMFILE, ENFILE, …): the loop
+/// backs off instead of spinning at 100 % CPU.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Serves until `cancel` fires.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut accept_backoff = Duration::from_millis(10);
+    let mut accept_errors = 0u64;
     loop {
+        // A slot first: at the cap, nothing is accepted (no descriptor used).
+        let slot = tokio::select! {
+            _ = cancel.cancelled() => return,
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    accept_backoff = Duration::from_millis(10);
+                    x
+                }
                 Err(e) => {
-                    debug!("metrics accept failed: {e}");
+                    accept_errors += 1;
+                    if accept_errors <= 5 || accept_errors.is_multiple_of(100) {
+                        warn!("metrics: accept failed ({accept_errors} so far): {e}; backing off {accept_backoff:?}");
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(accept_backoff) => {}
+                    }
+                    accept_backoff = (accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
@@ -88,11 +123,14 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: Cancell
         let metrics = metrics.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let r = handle(&metrics, req.method(), req.uri().path());
                 async move { Ok::<_, Infallible>(r) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {

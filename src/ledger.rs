@@ -22,7 +22,8 @@ use crate::config::Config;
 use crate::consumer::{read_group, Entry};
 use crate::lifecycle::RESULT_STREAM;
 use crate::metrics::Metrics;
-use crate::store::{self, Backoff};
+use crate::store::{self, Backoff, StreamId};
+use crate::text::clip;
 
 /// The metadata one result entry writes.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,9 +70,12 @@ pub fn interpret(fields: &HashMap<String, String>) -> ResultAction {
         return ResultAction::Skip;
     }
     let Some(raw) = fields.get("steps_results") else {
-        return ResultAction::Malformed("executed without steps_results".into());
+        return match fields.get("details") {
+            Some(details) => interpret_details(fields, details),
+            None => ResultAction::Malformed("executed without steps_results or details".into()),
+        };
     };
-    let steps: Value = match serde_json::from_str(raw) {
+    let steps: Value = match parse_json(raw) {
         Ok(v) => v,
         Err(e) => return ResultAction::Malformed(format!("steps_results is not JSON: {e}")),
     };
@@ -83,27 +87,86 @@ pub fn interpret(fields: &HashMap<String, String>) -> ResultAction {
         .cloned()
         .or_else(|| field(last, &["symbol"]).map(scalar))
         .unwrap_or_default();
-    if !valid_symbol(&symbol) {
-        return ResultAction::Malformed(format!("invalid symbol {symbol:?}"));
+    meta(
+        fields,
+        symbol,
+        last,
+        "last step",
+        &["executed_qty", "executedQty", "qty", "quantity"],
+    )
+}
+
+/// The largest `steps_results` / `details` JSON taken (an order result is a
+/// few hundred bytes).
+const MAX_JSON_BYTES: usize = 64 * 1024;
+
+fn parse_json(raw: &str) -> Result<Value, String> {
+    if raw.len() > MAX_JSON_BYTES {
+        return Err(format!("{} bytes, more than {MAX_JSON_BYTES}", raw.len()));
     }
-    let side = field(last, &["side", "order_side"])
+    serde_json::from_str(raw).map_err(|e| e.to_string())
+}
+
+/// The intent executor's shape: `details` is a JSON object with
+/// `order_id`, `filled_qty` (else `qty`), `side` and `order_status`; only a
+/// FILLED or PARTIALLY_FILLED order is an execution (SPEC §8).
+fn interpret_details(fields: &HashMap<String, String>, raw: &str) -> ResultAction {
+    let details: Value = match parse_json(raw) {
+        Ok(v) if v.is_object() => v,
+        Ok(_) => return ResultAction::Malformed("details is not a JSON object".into()),
+        Err(e) => return ResultAction::Malformed(format!("details is not JSON: {e}")),
+    };
+    let status = field(&details, &["order_status", "status"])
+        .map(scalar)
+        .unwrap_or_default()
+        .to_ascii_uppercase();
+    match status.as_str() {
+        "FILLED" | "PARTIALLY_FILLED" => {}
+        "" => return ResultAction::Malformed("details has no order_status".into()),
+        _ => return ResultAction::Skip,
+    }
+    let symbol = fields
+        .get("symbol")
+        .cloned()
+        .or_else(|| field(&details, &["symbol"]).map(scalar))
+        .unwrap_or_default();
+    meta(
+        fields,
+        symbol,
+        &details,
+        "details",
+        &["filled_qty", "executed_qty", "executedQty", "qty"],
+    )
+}
+
+/// The metadata of one execution from its order object (`last` step or
+/// `details`); `what` names the object in WARN lines. Echoed values are cut.
+fn meta(
+    fields: &HashMap<String, String>,
+    symbol: String,
+    order: &Value,
+    what: &str,
+    qty_names: &[&str],
+) -> ResultAction {
+    if !valid_symbol(&symbol) {
+        return ResultAction::Malformed(format!("invalid symbol {:?}", clip(&symbol)));
+    }
+    let side = field(order, &["side", "order_side"])
         .map(scalar)
         .unwrap_or_default()
         .to_ascii_uppercase();
     if side != "BUY" && side != "SELL" {
-        return ResultAction::Malformed(format!("last step side {side:?} is not BUY/SELL"));
+        return ResultAction::Malformed(format!("{what} side {:?} is not BUY/SELL", clip(&side)));
     }
-    let Some(order_id) = field(last, &["order_id", "orderId"]).map(scalar) else {
-        return ResultAction::Malformed("last step has no order_id".into());
+    let Some(order_id) = field(order, &["order_id", "orderId"]).map(scalar) else {
+        return ResultAction::Malformed(format!("{what} has no order_id"));
     };
-    let executed_qty = field(last, &["executed_qty", "executedQty", "qty", "quantity"])
-        .map(scalar)
-        .unwrap_or_default();
+    let executed_qty = field(order, qty_names).map(scalar).unwrap_or_default();
     ResultAction::Apply(LedgerMeta {
         symbol,
-        order_id,
-        plan_id: fields.get("plan_id").cloned().unwrap_or_default(),
-        executed_qty,
+        order_id: clip(&order_id).into_owned(),
+        plan_id: clip(fields.get("plan_id").map_or("", String::as_str)).into_owned(),
+        executed_qty: clip(&executed_qty).into_owned(),
         order_side: side,
     })
 }
@@ -135,6 +198,7 @@ pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, cancel: CancellationTo
     let group = cfg.ledger_group();
     let mut backoff = Backoff::default();
     let mut pending = true;
+    let mut last_done: Option<StreamId> = None;
     loop {
         if cancel.is_cancelled() {
             return;
@@ -158,6 +222,7 @@ pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, cancel: CancellationTo
             }
             for e in &entries {
                 apply(&mut con, &script, &cfg, group, e, &metrics).await?;
+                last_done = last_done.max(StreamId::parse(&e.id));
             }
             Ok(())
         }
@@ -167,8 +232,9 @@ pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, cancel: CancellationTo
             Err(e) => {
                 pending = true;
                 if store::is_nogroup(&e) {
-                    warn!("ledger follower group missing ({e}); recreating it");
-                    if store::ensure_group(&mut con, RESULT_STREAM, group)
+                    let at = store::recreate_at(last_done);
+                    warn!("ledger follower group missing ({e}); recreating it at {at}");
+                    if store::ensure_group(&mut con, RESULT_STREAM, group, &at)
                         .await
                         .is_ok()
                     {
@@ -193,9 +259,10 @@ async fn apply(
     e: &Entry,
     metrics: &Metrics,
 ) -> Result<(), redis::RedisError> {
-    let action = match &e.fields {
-        Some(f) => interpret(f),
-        None => ResultAction::Malformed("entry deleted while pending".into()),
+    let action = match (&e.fields, &e.not_utf8) {
+        (None, _) => ResultAction::Malformed("entry deleted while pending".into()),
+        (Some(_), Some(what)) => ResultAction::Malformed(format!("{what} is not valid UTF-8")),
+        (Some(f), None) => interpret(f),
     };
     let mut inv = script.prepare_invoke();
     inv.arg(RESULT_STREAM).arg(group).arg(&e.id);
@@ -348,6 +415,69 @@ mod tests {
                 ResultAction::Malformed(_) => "malformed",
             };
             assert_eq!(got, want, "{name}");
+        }
+        let details = |status: &str| {
+            format!(
+                r#"{{"order_id": 987, "filled_qty": "0.5", "side": "BUY", "order_status": "{status}"}}"#
+            )
+        };
+        for (status, want) in [
+            ("FILLED", "apply"),
+            ("PARTIALLY_FILLED", "apply"),
+            ("NEW", "skip"),
+            ("CANCELED", "skip"),
+            ("REJECTED", "skip"),
+        ] {
+            let d = details(status);
+            let got = match interpret(&f(&[
+                ("executed", "true"),
+                ("symbol", "ETHUSDT"),
+                ("plan_id", "p9"),
+                ("details", d.as_str()),
+            ])) {
+                ResultAction::Apply(m) => {
+                    assert_eq!(
+                        (
+                            m.order_id.as_str(),
+                            m.executed_qty.as_str(),
+                            m.order_side.as_str()
+                        ),
+                        ("987", "0.5", "BUY")
+                    );
+                    "apply"
+                }
+                ResultAction::Skip => "skip",
+                ResultAction::Malformed(w) => panic!("{status}: malformed {w}"),
+            };
+            assert_eq!(got, want, "{status}");
+        }
+        for (name, d) in [
+            ("details not JSON", "{"),
+            ("details a list", "[]"),
+            (
+                "details without status",
+                r#"{"order_id": 1, "side": "BUY"}"#,
+            ),
+            (
+                "details without order_id",
+                r#"{"side": "BUY", "order_status": "FILLED"}"#,
+            ),
+            (
+                "details side LONG",
+                r#"{"order_id": 1, "side": "LONG", "order_status": "FILLED"}"#,
+            ),
+        ] {
+            assert!(
+                matches!(
+                    interpret(&f(&[
+                        ("executed", "true"),
+                        ("symbol", "ETHUSDT"),
+                        ("details", d)
+                    ])),
+                    ResultAction::Malformed(_)
+                ),
+                "{name}"
+            );
         }
         let ResultAction::Apply(m) = interpret(&f(&[
             ("executed", "true"),

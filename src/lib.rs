@@ -30,3 +30,4 @@ pub mod permits;
 pub mod rules;
 pub mod store;
 pub mod telemetry;
+pub mod text;

@@ -252,8 +252,8 @@ async fn start_and_supervise(
     let mut backoff = store::Backoff::default();
     loop {
         let r = async {
-            store::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group).await?;
-            store::ensure_group(&mut con, RESULT_STREAM, cfg.ledger_group()).await
+            store::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group, "$").await?;
+            store::ensure_group(&mut con, RESULT_STREAM, cfg.ledger_group(), "$").await
         }
         .await;
         match r {

@@ -102,11 +102,17 @@ pub enum Written {
     Permit,
     /// ACKed and the hold denial written instead of the allow.
     HoldDenied,
+    /// ACKed without a permit: a permit for this `plan_id` already exists
+    /// (an earlier entry with the same id); the first decision stands.
+    DuplicatePlanId,
 }
 
 /// KEYS: per entry, the permit key and the hold key.
 /// ARGV: stream, group, ttl ms, then per entry: id, mode, body, hold body.
 /// mode 0 = ACK only, 1 = permit, 2 = permit unless held.
+/// Returns per entry: 0 not pending any more (nothing written), 1 ACKed,
+/// 2 permit written, 3 hold denial written, 4 a permit for the plan_id
+/// already exists (ACKed, nothing written: a permit is never overwritten).
 const WRITE_SCRIPT: &str = r#"
 local stream, group, ttl = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
@@ -119,6 +125,8 @@ for i = 1, n do
     out[i] = 0
   elseif mode == '0' then
     out[i] = 1
+  elseif redis.call('EXISTS', KEYS[2 * i - 1]) == 1 then
+    out[i] = 4
   else
     local body, res = ARGV[a + 3], 2
     if mode == '2' then
@@ -132,7 +140,7 @@ for i = 1, n do
       end
       if held then body, res = ARGV[a + 4], 3 end
     end
-    redis.call('SET', KEYS[2 * i - 1], body, 'PX', ttl)
+    redis.call('SET', KEYS[2 * i - 1], body, 'PX', ttl, 'NX')
     out[i] = res
   end
 end
@@ -183,15 +191,30 @@ pub async fn write_batch(
         }
     }
     let codes: Vec<i64> = inv.invoke_async(con).await?;
-    Ok(codes
+    if codes.len() != writes.len() {
+        return Err(script_error(format!(
+            "write script returned {} results for {} entries",
+            codes.len(),
+            writes.len()
+        )));
+    }
+    codes
         .into_iter()
         .map(|c| match c {
-            0 => Written::AlreadyAcked,
-            1 => Written::Acked,
-            3 => Written::HoldDenied,
-            _ => Written::Permit,
+            0 => Ok(Written::AlreadyAcked),
+            1 => Ok(Written::Acked),
+            2 => Ok(Written::Permit),
+            3 => Ok(Written::HoldDenied),
+            4 => Ok(Written::DuplicatePlanId),
+            other => Err(script_error(format!(
+                "write script returned the unknown code {other}"
+            ))),
         })
-        .collect())
+        .collect()
+}
+
+fn script_error(msg: String) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::TypeError, "unexpected reply", msg))
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 
+use crate::text::clip;
+
 /// A position smaller than this is flat.
 pub fn dust() -> Decimal {
     Decimal::new(1, 4)
@@ -26,6 +28,23 @@ pub fn dust() -> Decimal {
 pub fn fallback_step() -> Decimal {
     Decimal::new(1, 3)
 }
+
+/// The largest position or ledger magnitude taken as real (SPEC §11 "Input
+/// bounds"): anything above is an invalid value, never arithmetic input.
+pub fn max_amount() -> Decimal {
+    Decimal::from(1_000_000_000_000i64)
+}
+
+/// Whether a step size is usable: between 1e-12 and 1e9 (SPEC §11).
+pub fn valid_step(step: Decimal) -> bool {
+    step >= Decimal::new(1, 12) && step <= Decimal::from(1_000_000_000i64)
+}
+
+/// How far ahead of `now` a plan's entry ID or a snapshot may be, seconds.
+pub const MAX_FUTURE_SKEW_S: f64 = 5.0;
+
+/// The largest cooldown timestamp taken as real, ms (year 33658).
+const MAX_COOLDOWN_MS: f64 = 1e15;
 
 /// The plan fields the rules read.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +104,8 @@ impl AllowReason {
 pub enum Reason {
     /// Row 0: the plan's stream entry is older than `P33_PLAN_MAX_AGE_S`.
     PlanExpired,
+    /// Row 0b: the plan's stream entry ID is more than 5 s ahead of `now`.
+    PlanFromFuture,
     /// A `side` field that is not BUY/SELL/LONG/SHORT: never guessed.
     InvalidPlan,
     /// Row 1: no snapshot hash for the symbol.
@@ -119,6 +140,7 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::PlanExpired => "plan_expired",
+            Reason::PlanFromFuture => "plan_from_future",
             Reason::InvalidPlan => "invalid_plan",
             Reason::NoExchangeSnapshot => "no_exchange_snapshot",
             Reason::InvalidExchangeSnapshot => "invalid_exchange_snapshot",
@@ -190,21 +212,46 @@ fn secs_json(s: f64) -> Value {
     serde_json::Number::from_f64(r).map_or(Value::Null, Value::Number)
 }
 
-/// Parses a stored number: finite, decimal or scientific notation.
+/// Parses a stored number: finite, decimal or scientific notation, within
+/// what a [`Decimal`] holds (about ±7.9e28). Never panics.
 pub fn parse_dec(s: &str) -> Option<Decimal> {
     let s = s.trim();
+    if s.len() > 256 {
+        return None;
+    }
     let f: f64 = s.parse().ok()?;
-    if !f.is_finite() {
+    if !f.is_finite() || f.abs() >= 7.9e28 {
         return None;
     }
     Decimal::from_str(s)
-        .or_else(|_| Decimal::from_scientific(s))
         .ok()
+        .or_else(|| {
+            // `from_scientific` is only asked about exponents a Decimal can
+            // hold; anything else goes through the (checked) float path.
+            let exp = s
+                .split(['e', 'E'])
+                .nth(1)
+                .and_then(|e| e.parse::<i32>().ok())?;
+            (-28..=28)
+                .contains(&exp)
+                .then(|| Decimal::from_scientific(s).ok())
+                .flatten()
+        })
         .or_else(|| Decimal::from_f64(f))
 }
 
+/// A position or ledger amount: a number (as [`parse_dec`]) whose magnitude
+/// is at most [`max_amount`].
+pub fn parse_amount(s: &str) -> Option<Decimal> {
+    parse_dec(s).filter(|d| d.abs() <= max_amount())
+}
+
 fn parse_f64(s: &str) -> Option<f64> {
-    s.trim().parse::<f64>().ok().filter(|f| f.is_finite())
+    let s = s.trim();
+    if s.len() > 256 {
+        return None;
+    }
+    s.parse::<f64>().ok().filter(|f| f.is_finite())
 }
 
 /// LONG / SHORT / NONE from a signed amount (sides come from signs only).
@@ -218,12 +265,16 @@ pub fn side_of(amt: Decimal) -> &'static str {
     }
 }
 
-/// Rounds `qty` down to a whole number of `step`s.
+/// Rounds `qty` down to a whole number of `step`s; zero when the step is
+/// not positive or the arithmetic would overflow (which the input bounds
+/// rule out, and which then denies `safe_qty_below_step`: fail closed).
 pub fn floor_to_step(qty: Decimal, step: Decimal) -> Decimal {
     if step <= Decimal::ZERO {
         return Decimal::ZERO;
     }
-    ((qty / step).floor() * step).normalize()
+    qty.checked_div(step)
+        .and_then(|n| n.floor().checked_mul(step))
+        .map_or(Decimal::ZERO, |d| d.normalize())
 }
 
 fn deny(reason: Reason, context: Value) -> Decision {
@@ -239,6 +290,8 @@ fn deny(reason: Reason, context: Value) -> Decision {
 enum PlanSide {
     Buy,
     Sell,
+    /// `side=CLOSE`: close in whatever direction the position requires.
+    Close,
 }
 
 fn plan_side(side: Option<&str>) -> Result<Option<PlanSide>, ()> {
@@ -247,6 +300,8 @@ fn plan_side(side: Option<&str>) -> Result<Option<PlanSide>, ()> {
         Some(s) => match s.as_str() {
             "BUY" | "LONG" => Ok(Some(PlanSide::Buy)),
             "SELL" | "SHORT" => Ok(Some(PlanSide::Sell)),
+            "CLOSE" => Ok(Some(PlanSide::Close)),
+            "" => Ok(None),
             _ => Err(()),
         },
     }
@@ -258,6 +313,7 @@ fn closes(plan: &Plan, side: Option<PlanSide>, amt: Decimal) -> bool {
     plan.reduce_only
         || matches!(a, "FULL_CLOSE_PROPOSED" | "PARTIAL_75" | "PARTIAL_50")
         || a.contains("CLOSE")
+        || side == Some(PlanSide::Close)
         || matches!(
             (side, side_of(amt)),
             (Some(PlanSide::Sell), "LONG") | (Some(PlanSide::Buy), "SHORT")
@@ -276,8 +332,8 @@ fn close_fraction(action: &str) -> Decimal {
 /// Row 8: `Some(deny)` while in cooldown or when the value is unusable.
 fn cooldown_check(cooldown: Option<&str>, now: f64, lim: &Limits) -> Option<Decision> {
     let raw = cooldown?;
-    let Some(ms) = parse_f64(raw) else {
-        return Some(deny(Reason::InvalidCooldown, json!({ "value": raw })));
+    let Some(ms) = parse_f64(raw).filter(|ms| (0.0..=MAX_COOLDOWN_MS).contains(ms)) else {
+        return Some(deny(Reason::InvalidCooldown, json!({ "value": clip(raw) })));
     };
     let since = now - ms / 1000.0;
     (since < lim.cooldown_s).then(|| {
@@ -290,6 +346,16 @@ fn cooldown_check(cooldown: Option<&str>, now: f64, lim: &Limits) -> Option<Deci
             }),
         )
     })
+}
+
+/// The snapshot time, epoch seconds: `ts_epoch_ms` when present and valid,
+/// else `ts_epoch` (whole or decimal seconds, SPEC §7).
+pub fn snapshot_ts(snap: &HashMap<String, String>) -> Option<f64> {
+    snap.get("ts_epoch_ms")
+        .and_then(|v| parse_f64(v))
+        .filter(|ms| *ms > 0.0 && *ms < 1e15)
+        .map(|ms| ms / 1000.0)
+        .or_else(|| snap.get("ts_epoch").and_then(|v| parse_f64(v)))
 }
 
 /// Evaluates one plan against the state read for its symbol (SPEC §5).
@@ -312,6 +378,13 @@ pub fn evaluate(
             json!({ "age_seconds": secs_json(age) }),
         );
     }
+    // Row 0b: a future entry ID would make every later auto ID look young.
+    if -age > MAX_FUTURE_SKEW_S {
+        return deny(
+            Reason::PlanFromFuture,
+            json!({ "skew_seconds": secs_json(-age) }),
+        );
+    }
     let Ok(side) = plan_side(plan.side.as_deref()) else {
         return deny(Reason::InvalidPlan, json!({ "field": "side" }));
     };
@@ -320,19 +393,19 @@ pub fn evaluate(
         return deny(Reason::NoExchangeSnapshot, json!({}));
     };
     // Row 2.
-    let Some(ex) = snap.get("position_amt").and_then(|v| parse_dec(v)) else {
+    let Some(ex) = snap.get("position_amt").and_then(|v| parse_amount(v)) else {
         return deny(
             Reason::InvalidExchangeSnapshot,
             json!({ "field": "position_amt" }),
         );
     };
-    let Some(ts) = snap.get("ts_epoch").and_then(|v| parse_f64(v)) else {
+    let Some(ts) = snapshot_ts(snap) else {
         return deny(
             Reason::InvalidExchangeSnapshot,
             json!({ "field": "ts_epoch" }),
         );
     };
-    if ts > now + 5.0 {
+    if ts > now + MAX_FUTURE_SKEW_S {
         return deny(
             Reason::InvalidExchangeSnapshot,
             json!({ "field": "ts_epoch" }),
@@ -405,10 +478,10 @@ pub fn evaluate(
     });
     let mut ledger_amt = Decimal::ZERO;
     if let Some((field, raw)) = ledger_raw {
-        let Some(la) = parse_dec(raw) else {
+        let Some(la) = parse_amount(raw) else {
             return deny(
                 Reason::InvalidLedger,
-                json!({ "field": field, "value": raw }),
+                json!({ "field": field, "value": clip(raw) }),
             );
         };
         ledger_amt = la;
@@ -420,8 +493,14 @@ pub fn evaluate(
             );
         }
         // Row 7b.
+        // Both amounts are bounded by `max_amount`, so this cannot
+        // overflow; checked all the same, an overflow is a zero tolerance.
         let pct = Decimal::from_f64(lim.qty_tolerance_pct).unwrap_or(Decimal::ONE);
-        let tolerance = (abs_ex * pct / Decimal::ONE_HUNDRED).max(fallback_step());
+        let tolerance = abs_ex
+            .checked_mul(pct)
+            .and_then(|t| t.checked_div(Decimal::ONE_HUNDRED))
+            .unwrap_or(Decimal::ZERO)
+            .max(fallback_step());
         let diff = (abs_ex - la.abs()).abs();
         if diff > tolerance {
             return deny(
@@ -440,7 +519,9 @@ pub fn evaluate(
         return d;
     }
     // Row 9.
-    let requested = abs_ex * close_fraction(&plan.action);
+    let requested = abs_ex
+        .checked_mul(close_fraction(&plan.action))
+        .unwrap_or(Decimal::ZERO);
     let safe = floor_to_step(requested.min(abs_ex), step);
     if safe.is_zero() {
         return deny(
@@ -549,7 +630,154 @@ mod tests {
         let mut at_limit = plan("EXECUTE", "FULL_CLOSE_PROPOSED", true, None);
         at_limit.entry_ms = ((NOW - 60.0) * 1000.0) as u64;
         let close = || plan("EXECUTE", "FULL_CLOSE_PROPOSED", false, None);
+        let mut future = close();
+        future.entry_ms = ((NOW + 6.0) * 1000.0) as u64;
+        let mut near_future = close();
+        near_future.entry_ms = ((NOW + 4.0) * 1000.0) as u64;
+        let mut far_future = close();
+        far_future.entry_ms = 9_999_999_999_999;
+        let big: &'static str = Box::leak("9".repeat(1 << 20).into_boxed_str());
+        let with_ms = |amt: &str, ts: &str, ms: &str| {
+            hash(&[("position_amt", amt), ("ts_epoch", ts), ("ts_epoch_ms", ms)])
+        };
+        let now_s: &'static str = Box::leak(format!("{}", NOW as i64).into_boxed_str());
+        let now_ms: &'static str =
+            Box::leak(format!("{}", (NOW * 1000.0) as i64 - 1500).into_boxed_str());
+        let old_ms: &'static str =
+            Box::leak(format!("{}", (NOW * 1000.0) as i64 - 30_000).into_boxed_str());
         let rows = vec![
+            row(
+                "entry ID 6 s ahead of now",
+                future,
+                snap("0.5", 1.0),
+                "deny:plan_from_future",
+            ),
+            row(
+                "entry ID 4 s ahead is clock skew",
+                near_future,
+                snap("0.5", 1.0),
+                "allow:sanity_checks_passed:0.5",
+            ),
+            row(
+                "entry ID 9999999999999 (a hostile XADD)",
+                far_future,
+                snap("0.5", 1.0),
+                "deny:plan_from_future",
+            ),
+            row(
+                "side=CLOSE with reduceOnly closes",
+                plan("EXECUTE", "EXIT", true, Some("CLOSE")),
+                snap("0.5", 1.0),
+                "allow:sanity_checks_passed:0.5",
+            ),
+            row(
+                "side=close without reduceOnly closes too",
+                plan("EXECUTE", "EXIT", false, Some("close")),
+                snap("-0.5", 1.0),
+                "allow:sanity_checks_passed:0.5",
+            ),
+            row(
+                "side=CLOSE while flat is no_position",
+                plan("EXECUTE", "EXIT", true, Some("CLOSE")),
+                snap("0", 1.0),
+                "deny:no_position",
+            ),
+            row(
+                "empty side counts as absent",
+                plan("EXECUTE", "OPEN_LONG", false, Some("")),
+                snap("0", 1.0),
+                "allow:open_permit_granted:0",
+            ),
+            row(
+                "position_amt 1e27",
+                close(),
+                snap("1e27", 1.0),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "position_amt Decimal::MAX",
+                close(),
+                snap("79228162514264337593543950335", 1.0),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "position_amt just above 1e12",
+                close(),
+                snap("1000000000000.001", 1.0),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "position_amt 1e12 is in bounds",
+                close(),
+                snap("1e12", 1.0),
+                "allow:sanity_checks_passed:1000000000000",
+            ),
+            row(
+                "position_amt of a million digits",
+                close(),
+                snap(big, 1.0),
+                "deny:invalid_exchange_snapshot",
+            ),
+            row(
+                "position_amt 1e-400 is flat",
+                close(),
+                snap("1e-400", 1.0),
+                "deny:no_position",
+            ),
+            row(
+                "whole-second ts_epoch with a fresh ts_epoch_ms",
+                close(),
+                with_ms("0.5", now_s, now_ms),
+                "allow:sanity_checks_passed:0.5",
+            ),
+            row(
+                "ts_epoch_ms wins over a fresh ts_epoch",
+                close(),
+                with_ms("0.5", now_s, old_ms),
+                "deny:stale_exchange_state",
+            ),
+            row(
+                "ts_epoch_ms unusable: ts_epoch applies",
+                close(),
+                with_ms("0.5", now_s, "NaN"),
+                "allow:sanity_checks_passed:0.5",
+            ),
+            Row {
+                ledger: hash(&[("last_known_amt", "1e27")]),
+                ..row(
+                    "ledger 1e27",
+                    close(),
+                    snap("0.5", 1.0),
+                    "deny:invalid_ledger",
+                )
+            },
+            Row {
+                cooldown: Some("1e300"),
+                ..row(
+                    "cooldown 1e300 ms",
+                    plan("EXECUTE", "OPEN_LONG", false, None),
+                    snap("0", 1.0),
+                    "deny:invalid_cooldown",
+                )
+            },
+            Row {
+                cooldown: Some("-5"),
+                ..row(
+                    "negative cooldown",
+                    plan("EXECUTE", "OPEN_LONG", false, None),
+                    snap("0", 1.0),
+                    "deny:invalid_cooldown",
+                )
+            },
+            Row {
+                step: "0.0000000000000000000000000001",
+                ..row(
+                    "step 1e-28 with 1e12: no overflow, no panic",
+                    close(),
+                    snap("1e12", 1.0),
+                    "deny:safe_qty_below_step",
+                )
+            },
             row(
                 "expired plan",
                 expired,
@@ -899,6 +1127,40 @@ mod tests {
             );
             assert_eq!(outcome(&got), r.want, "{}", r.name);
         }
+    }
+
+    #[test]
+    fn echoed_raw_values_are_cut_to_64_characters() {
+        let raw = "x".repeat(1 << 20);
+        let ledger = hash(&[("last_known_amt", raw.as_str())]);
+        let got = evaluate(
+            &plan("EXECUTE", "FULL_CLOSE_PROPOSED", false, None),
+            snap("0.5", 1.0).as_ref(),
+            ledger.as_ref(),
+            Some(raw.as_str()),
+            NOW,
+            &LIM,
+            d("0.001"),
+        );
+        let Decision::Deny(dn) = got else {
+            panic!("deny expected")
+        };
+        let v = dn.context["value"].as_str().unwrap();
+        assert_eq!(v.chars().count(), 65);
+        let got = evaluate(
+            &plan("EXECUTE", "OPEN_LONG", false, None),
+            snap("0", 1.0).as_ref(),
+            None,
+            Some(raw.as_str()),
+            NOW,
+            &LIM,
+            d("0.001"),
+        );
+        let Decision::Deny(dn) = got else {
+            panic!("deny expected")
+        };
+        assert_eq!(dn.reason, Reason::InvalidCooldown);
+        assert!(serde_json::Value::Object(dn.context).to_string().len() < 200);
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //!   (`symbol`, `positionAmt`, optional `positionSide`, `entryPrice`, …);
 //! - `POST /control/steps` — `{"SYMBOL": "stepSize", …}` for exchangeInfo;
 //! - `POST /control/mode` — `{"delay_ms", "fail_5xx", "rate_limit_s",
-//!   "fail_1021_once", "time_offset_ms"}` (fields absent are left as they are);
+//!   "retry_after", "fail_1021_once", "time_offset_ms", "pad_bytes"}` (fields
+//!   absent are left as they are): `retry_after` is the raw `Retry-After`
+//!   header of the next 429 (default: `rate_limit_s`), `pad_bytes` pads
+//!   every positionRisk body with that many blanks (a huge reply);
 //! - `GET /control/stats` — request counts and positionRisk request times.
 //!
 //! Usage: `fake-exchange [--addr 127.0.0.1] [--port 0] [--api-key K] [--api-secret S]`
@@ -44,6 +47,8 @@ struct State {
     delay_ms: u64,
     fail_5xx: bool,
     rate_limit_s: u64,
+    retry_after: Option<String>,
+    pad_bytes: usize,
     fail_1021_once: bool,
     time_offset_ms: i64,
     counts: HashMap<String, u64>,
@@ -148,14 +153,20 @@ async fn handle(st: Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             s.position_risk_ms.push(now_ms());
         }
         let rate = std::mem::take(&mut s.rate_limit_s);
-        (s.delay_ms, s.fail_5xx, rate)
+        let header = if rate > 0 {
+            s.retry_after.take().unwrap_or_else(|| rate.to_string())
+        } else {
+            String::new()
+        };
+        (s.delay_ms, s.fail_5xx, (rate, header))
     };
+    let (rate, retry_after) = rate;
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     if rate > 0 {
         let mut r = api_error(StatusCode::TOO_MANY_REQUESTS, -1003, "Too many requests.");
-        if let Ok(v) = rate.to_string().parse() {
+        if let Ok(v) = retry_after.parse() {
             r.headers_mut().insert("Retry-After", v);
         }
         return r;
@@ -194,6 +205,16 @@ async fn handle(st: Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 return api_error(status, code, msg);
             }
             count(&mut s, "position_risk_ok");
+            if s.pad_bytes > 0 {
+                let mut body = Value::Array(s.positions.clone()).to_string().into_bytes();
+                body.resize(body.len() + s.pad_bytes, b' ');
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                return r;
+            }
             reply(StatusCode::OK, Value::Array(s.positions.clone()))
         }
         _ => api_error(StatusCode::NOT_FOUND, -1000, "unknown endpoint"),
@@ -251,6 +272,12 @@ fn control(st: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<Fu
             }
             if let Some(r) = v.get("rate_limit_s").and_then(Value::as_u64) {
                 s.rate_limit_s = r;
+            }
+            if let Some(h) = v.get("retry_after").and_then(Value::as_str) {
+                s.retry_after = Some(h.to_string());
+            }
+            if let Some(n) = v.get("pad_bytes").and_then(Value::as_u64) {
+                s.pad_bytes = usize::try_from(n).unwrap_or(0);
             }
             if let Some(f) = v.get("fail_1021_once").and_then(Value::as_bool) {
                 s.fail_1021_once = f;
