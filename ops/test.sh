@@ -16,6 +16,9 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# Property tests (tests/props.rs): a few thousand arbitrary inputs per parser.
+export PROPTEST_CASES="${PROPTEST_CASES:-3000}"
+
 if cargo nextest --version >/dev/null 2>&1; then
   # (The crate has no doctests, which nextest would not run.)
   cargo nextest run --workspace --all-targets --no-fail-fast "$@"

@@ -301,6 +301,14 @@ impl Parser {
     fn secs(&mut self, var: &str, raw: &Option<String>, default: f64, positive: bool) -> f64 {
         let Some(s) = raw else { return default };
         match parse_secs(s) {
+            Some(v) if v > MAX_SECS => {
+                self.err(
+                    var,
+                    s,
+                    format!("must be at most {MAX_SECS} (a year, in seconds)"),
+                );
+                default
+            }
             Some(v) if positive && v > 0.0 => v,
             Some(v) if !positive && v >= 0.0 => v,
             Some(_) if positive => {
@@ -338,9 +346,13 @@ impl Parser {
     }
 }
 
-/// A `Duration` from positive, finite seconds.
+/// The longest duration or age any variable takes, seconds (a year): a
+/// larger one would overflow timer arithmetic, and no setting needs it.
+const MAX_SECS: f64 = 31_536_000.0;
+
+/// A `Duration` from positive, finite seconds (at most [`MAX_SECS`]).
 fn dur(secs: f64) -> Duration {
-    Duration::from_secs_f64(secs)
+    Duration::try_from_secs_f64(secs.clamp(0.0, MAX_SECS)).unwrap_or(Duration::ZERO)
 }
 
 /// This machine's host name, for the default consumer name.
@@ -867,6 +879,8 @@ mod tests {
             ("P33_LOG_FORMAT", "xml"),
             ("P33_ALLOWLIST_SOURCE", "magic"),
             ("P33_UNIVERSE_MAX_AGE_S", "NaN"),
+            ("P33_PERMIT_TTL", "1e300"),
+            ("P33_CLAIM_IDLE_S", "31536001"),
         ])
         .unwrap_err();
         let vars: Vec<&str> = e.0.iter().map(|e| e.var.as_str()).collect();
@@ -877,12 +891,14 @@ mod tests {
             "P33_LOG_FORMAT",
             "P33_ALLOWLIST_SOURCE",
             "P33_UNIVERSE_MAX_AGE_S",
+            "P33_PERMIT_TTL",
+            "P33_CLAIM_IDLE_S",
         ] {
             assert!(vars.contains(&v), "{v} reported in {vars:?}");
         }
         let text = e.to_string();
         assert!(text.contains("P33_POLL_SEC=\"abc\""), "{text}");
-        assert_eq!(text.lines().count(), 6, "one line per variable: {text}");
+        assert_eq!(text.lines().count(), 8, "one line per variable: {text}");
     }
 
     #[test]

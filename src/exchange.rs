@@ -41,6 +41,8 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// The longest `Retry-After` obeyed (SPEC §11); the default when absent or
 /// unreadable is 60 s.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// The largest exchange clock offset taken from `/fapi/v1/time`, ms.
+const MAX_CLOCK_OFFSET_MS: i64 = 86_400_000;
 /// The shortest time between two polls triggered by allowlist gains.
 pub const MIN_EXTRA_POLL_GAP: Duration = Duration::from_secs(1);
 
@@ -244,7 +246,14 @@ impl Client {
             .get("serverTime")
             .and_then(Value::as_i64)
             .ok_or_else(|| ExchangeError::Malformed("no serverTime".into()))?;
-        let off = server - store::now_ms() as i64;
+        // An offset beyond a day is no clock drift but a broken reply; it
+        // would also push signed timestamps past any sane range.
+        let off = server
+            .checked_sub(store::now_ms() as i64)
+            .filter(|o| o.abs() <= MAX_CLOCK_OFFSET_MS)
+            .ok_or_else(|| {
+                ExchangeError::Malformed(format!("serverTime {server} is more than a day off"))
+            })?;
         self.offset_ms.store(off, Ordering::Relaxed);
         info!("exchange clock offset resynced: {off} ms");
         Ok(())
@@ -261,7 +270,8 @@ impl Client {
         };
         let mut retried = false;
         loop {
-            let ts = store::now_ms() as i64 + self.offset_ms.load(Ordering::Relaxed);
+            let ts =
+                (store::now_ms() as i64).saturating_add(self.offset_ms.load(Ordering::Relaxed));
             let q = format!("timestamp={ts}&recvWindow=5000");
             let sig = sign(secret.expose(), &q);
             match self

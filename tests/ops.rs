@@ -185,6 +185,7 @@ fn alert_rules_pass_promtool_unit_tests() {
         "P33RedisDown",
         "P33SnapshotsStale",
         "P33DenyRatioHigh",
+        "P33PlansFromFuture",
     ] {
         assert!(rules.contains(a), "{a}");
     }

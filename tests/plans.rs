@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -387,40 +387,6 @@ fn an_expired_plan_is_denied_plan_expired() {
         p["context"]["age_seconds"].as_f64().unwrap() >= 120.0,
         "{p}"
     );
-}
-
-/// Counts `set` keyspace events per permit key.
-fn count_permit_sets(
-    redis: &Redis,
-    stop: Arc<AtomicBool>,
-) -> (
-    Arc<Mutex<HashMap<String, u32>>>,
-    std::thread::JoinHandle<()>,
-) {
-    let counts = Arc::new(Mutex::new(HashMap::new()));
-    let c2 = counts.clone();
-    let mut con = redis.con();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        con.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut ps = con.as_pubsub();
-        ps.psubscribe("__keyspace@0__:quantum:permit:p33:*")
-            .unwrap();
-        tx.send(()).unwrap();
-        while !stop.load(Ordering::SeqCst) {
-            if let Ok(m) = ps.get_message() {
-                let event: String = m.get_payload().unwrap_or_default();
-                if event == "set" {
-                    let ch = m.get_channel_name().to_string();
-                    let id = ch.rsplit("quantum:permit:p33:").next().unwrap().to_string();
-                    *c2.lock().unwrap().entry(id).or_insert(0) += 1;
-                }
-            }
-        }
-    });
-    rx.recv().unwrap();
-    (counts, h)
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -136,6 +137,15 @@ impl Redis {
         self.kill();
         self.spawn();
     }
+
+    /// SIGKILL, wipe the data directory, start again on the same port: a
+    /// Redis that comes back empty (no stream, no group, no keys).
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::create_dir_all(&self.dir).unwrap();
+        self.spawn();
+    }
 }
 
 impl Drop for Redis {
@@ -179,20 +189,39 @@ impl Daemon {
     /// until it logs its metrics address.
     pub fn start(env: &HashMap<String, String>) -> Daemon {
         let mut d = Self::spawn(env);
-        let addr = d.wait_log("metrics listening", Duration::from_secs(20));
-        d.metrics_addr = addr
+        d.wait_metrics_addr();
+        d
+    }
+
+    /// Starts the daemon with its open-files limit (soft and hard) at
+    /// `nofile`, through `prlimit`, and waits for its metrics address.
+    pub fn start_with_nofile(env: &HashMap<String, String>, nofile: u32) -> Daemon {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(DAEMON);
+        let mut d = Self::spawn_cmd(cmd, env);
+        d.wait_metrics_addr();
+        d
+    }
+
+    fn wait_metrics_addr(&mut self) {
+        let addr = self.wait_log("metrics listening", Duration::from_secs(20));
+        self.metrics_addr = addr
             .split("http://")
             .nth(1)
             .expect("metrics line carries the address")
             .chars()
             .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
             .collect();
-        d
     }
 
     /// Starts the daemon without waiting for anything.
     pub fn spawn(env: &HashMap<String, String>) -> Daemon {
-        let mut cmd = Command::new(DAEMON);
+        Self::spawn_cmd(Command::new(DAEMON), env)
+    }
+
+    fn spawn_cmd(mut cmd: Command, env: &HashMap<String, String>) -> Daemon {
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in env {
@@ -538,4 +567,38 @@ pub fn pending(con: &mut redis::Connection, stream: &str, group: &str) -> i64 {
         },
         _ => 0,
     }
+}
+
+/// Counts `set` keyspace events per permit key.
+pub fn count_permit_sets(
+    redis: &Redis,
+    stop: Arc<AtomicBool>,
+) -> (
+    Arc<Mutex<HashMap<String, u32>>>,
+    std::thread::JoinHandle<()>,
+) {
+    let counts = Arc::new(Mutex::new(HashMap::new()));
+    let c2 = counts.clone();
+    let mut con = redis.con();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        con.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut ps = con.as_pubsub();
+        ps.psubscribe("__keyspace@0__:quantum:permit:p33:*")
+            .unwrap();
+        tx.send(()).unwrap();
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok(m) = ps.get_message() {
+                let event: String = m.get_payload().unwrap_or_default();
+                if event == "set" {
+                    let ch = m.get_channel_name().to_string();
+                    let id = ch.rsplit("quantum:permit:p33:").next().unwrap().to_string();
+                    *c2.lock().unwrap().entry(id).or_insert(0) += 1;
+                }
+            }
+        }
+    });
+    rx.recv().unwrap();
+    (counts, h)
 }
