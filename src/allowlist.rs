@@ -186,13 +186,7 @@ impl Resolution {
     }
 }
 
-/// `^[A-Z0-9]{1,32}$`.
-pub fn valid_symbol(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
-}
+pub use crate::keys::valid_symbol;
 
 /// A parsed universe document.
 struct ParsedDoc {
@@ -439,27 +433,13 @@ impl AllowlistHandle {
     }
 }
 
-/// The script that reads the three universe keys in one round trip. Each
-/// string key comes back as `{type, value}` so a key of another type is a
-/// parse error for its tier, not a failure of the whole read.
-const READ_SCRIPT: &str = r#"
-local function str(k)
-  local t = redis.call('TYPE', k).ok
-  if t == 'string' then return {t, redis.call('GET', k)} end
-  return {t, ''}
-end
-local meta = {}
-if redis.call('TYPE', KEYS[2]).ok == 'hash' then meta = redis.call('HGETALL', KEYS[2]) end
-return {str(KEYS[1]), meta, str(KEYS[3])}
-"#;
-
 /// Reads active, meta and last_ok in one round trip.
 pub async fn read_universe(
     con: &mut redis::aio::ConnectionManager,
     cfg: &Config,
 ) -> Result<UniverseRead, redis::RedisError> {
     type Str = (String, Vec<u8>);
-    let (active, meta, last_ok): (Str, Vec<String>, Str) = redis::Script::new(READ_SCRIPT)
+    let (active, meta, last_ok): (Str, Vec<String>, Str) = crate::scripts::READ_UNIVERSE
         .key(&cfg.universe_key_active)
         .key(&cfg.universe_key_meta)
         .key(&cfg.universe_key_last_ok)

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::keys;
+
 /// Exit code for a configuration error (sysexits `EX_CONFIG`); the systemd unit
 /// sets `RestartPreventExitStatus=78` so a typo does not crash-loop.
 pub const EXIT_CONFIG: i32 = 78;
@@ -470,17 +472,17 @@ impl Config {
         let universe_key_active = p.key(
             "P33_UNIVERSE_KEY_ACTIVE",
             &p33.universe_key_active,
-            "quantum:cfg:universe:active",
+            keys::UNIVERSE_ACTIVE,
         );
         let universe_key_last_ok = p.key(
             "P33_UNIVERSE_KEY_LAST_OK",
             &p33.universe_key_last_ok,
-            "quantum:cfg:universe:last_ok",
+            keys::UNIVERSE_LAST_OK,
         );
         let universe_key_meta = p.key(
             "P33_UNIVERSE_KEY_META",
             &p33.universe_key_meta,
-            "quantum:cfg:universe:meta",
+            keys::UNIVERSE_META,
         );
 
         let universe_max_age_s = p.secs(
@@ -586,7 +588,11 @@ impl Config {
         let dry_run = p.boolean("P33_DRY_RUN", &p33.dry_run, false);
         let canonical_positions =
             p.boolean("P33_CANONICAL_POSITIONS", &p33.canonical_positions, false);
-        let default_group = if dry_run { "p33-dryrun" } else { "p33" };
+        let default_group = if dry_run {
+            keys::PLAN_GROUP_DRY_RUN
+        } else {
+            keys::PLAN_GROUP
+        };
         let consumer_group = p.key("P33_CONSUMER_GROUP", &p33.consumer_group, default_group);
         let consumer_name = p.key(
             "P33_CONSUMER_NAME",
@@ -634,9 +640,9 @@ impl Config {
     /// never takes entries from the live follower.
     pub fn ledger_group(&self) -> &'static str {
         if self.dry_run {
-            "p33-ledger-dryrun"
+            keys::LEDGER_GROUP_DRY_RUN
         } else {
-            "p33-ledger"
+            keys::LEDGER_GROUP
         }
     }
 
@@ -812,9 +818,9 @@ mod tests {
     fn defaults_match_the_spec_table() {
         let c = cfg(&[]).expect("defaults are valid");
         assert_eq!(c.redis.display(), "redis://localhost:6379/0");
-        assert_eq!(c.universe_key_active, "quantum:cfg:universe:active");
-        assert_eq!(c.universe_key_last_ok, "quantum:cfg:universe:last_ok");
-        assert_eq!(c.universe_key_meta, "quantum:cfg:universe:meta");
+        assert_eq!(c.universe_key_active, keys::UNIVERSE_ACTIVE);
+        assert_eq!(c.universe_key_last_ok, keys::UNIVERSE_LAST_OK);
+        assert_eq!(c.universe_key_meta, keys::UNIVERSE_META);
         assert_eq!(c.universe_max_age_s, 300.0);
         assert_eq!(c.allowlist_refresh, Duration::from_secs(60));
         assert_eq!(c.poll_interval, Duration::from_secs(5));

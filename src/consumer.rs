@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::Value;
@@ -23,176 +23,20 @@ use tracing::{debug, error, info, warn};
 use crate::allowlist::{Allowlist, AllowlistHandle};
 use crate::config::Config;
 use crate::exchange::StepSizes;
-use crate::lifecycle::{Watchdog, PLAN_STREAM};
+use crate::keys::{self, PLAN_STREAM};
 use crate::metrics::Metrics;
 use crate::permits::{self, Write, Written};
 use crate::rules::{self, dec_str, Decision, Plan};
-use crate::store::{self, Backoff, StreamId};
+use crate::scripts;
+use crate::store;
+use crate::stream::{entry_ms, text, BatchHandler, Entry, GroupReader};
 use crate::text::clip;
+use crate::watchdog::Watchdog;
 
 /// Entries read per `XREADGROUP`.
 pub const BATCH: usize = 256;
 /// `BLOCK` of the read, ms; also bounds how long shutdown waits for a read.
 const BLOCK_MS: u64 = 500;
-
-/// One stream entry: its ID and fields (`None` when the entry was deleted
-/// while pending).
-#[derive(Debug, Clone)]
-pub struct Entry {
-    pub id: String,
-    pub fields: Option<HashMap<String, String>>,
-    /// The first field whose name or value is not valid UTF-8 (escaped and
-    /// cut for the log): such an entry is malformed, never "repaired".
-    pub not_utf8: Option<String>,
-}
-
-/// The milliseconds part of a stream entry ID.
-pub fn entry_ms(id: &str) -> Option<u64> {
-    id.split('-').next()?.parse().ok()
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
-}
-
-/// A field name or value: its text, or `Err(escaped)` when it is not UTF-8.
-fn strict_text(v: &Value) -> Option<Result<String, String>> {
-    match v {
-        Value::BulkString(b) => {
-            Some(String::from_utf8(b.clone()).map_err(|_| crate::text::clip_bytes(b)))
-        }
-        Value::SimpleString(s) => Some(Ok(s.clone())),
-        Value::Int(i) => Some(Ok(i.to_string())),
-        _ => None,
-    }
-}
-
-fn parse_entry(v: &Value) -> Option<Entry> {
-    let Value::Array(parts) = v else { return None };
-    let id = text(parts.first()?)?;
-    let mut not_utf8 = None;
-    let fields = match parts.get(1) {
-        Some(Value::Array(kv)) => {
-            let mut map = HashMap::with_capacity(kv.len() / 2);
-            for c in kv.chunks_exact(2) {
-                match (strict_text(&c[0]), strict_text(&c[1])) {
-                    (Some(Ok(k)), Some(Ok(v))) => {
-                        map.insert(k, v);
-                    }
-                    (Some(Err(k)), _) => {
-                        not_utf8.get_or_insert(format!("a field name ({k})"));
-                    }
-                    (Some(Ok(k)), Some(Err(_))) => {
-                        not_utf8.get_or_insert(format!("field {}", crate::text::clip(&k)));
-                    }
-                    _ => {}
-                }
-            }
-            Some(map)
-        }
-        _ => None,
-    };
-    Some(Entry {
-        id,
-        fields,
-        not_utf8,
-    })
-}
-
-/// The highest entry ID of `entries`, if any parses.
-pub fn max_id(entries: &[Entry]) -> Option<StreamId> {
-    entries.iter().filter_map(|e| StreamId::parse(&e.id)).max()
-}
-
-/// Parses a list of entries (`[[id, [k, v, …]], …]`).
-pub fn parse_entries(v: &Value) -> Vec<Entry> {
-    match v {
-        Value::Array(items) => items.iter().filter_map(parse_entry).collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// Parses an `XREADGROUP` reply for one stream (`Nil` on timeout).
-pub fn parse_xread(v: &Value) -> Vec<Entry> {
-    match v {
-        Value::Array(streams) => streams
-            .iter()
-            .filter_map(|s| match s {
-                Value::Array(p) if p.len() == 2 => Some(parse_entries(&p[1])),
-                _ => None,
-            })
-            .flatten()
-            .collect(),
-        Value::Map(m) => m.iter().flat_map(|(_, e)| parse_entries(e)).collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// Reads this consumer's entries: own pending ones from `0`, or new ones.
-pub async fn read_group(
-    con: &mut ConnectionManager,
-    stream: &str,
-    group: &str,
-    consumer: &str,
-    pending: bool,
-    count: usize,
-    block_ms: u64,
-) -> Result<Vec<Entry>, redis::RedisError> {
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
-        .arg(group)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(count);
-    if !pending {
-        cmd.arg("BLOCK").arg(block_ms);
-    }
-    cmd.arg("STREAMS")
-        .arg(stream)
-        .arg(if pending { "0" } else { ">" });
-    let v: Value = cmd.query_async(con).await?;
-    Ok(parse_xread(&v))
-}
-
-/// Claims entries idle `min_idle` on any consumer of `group` (XAUTOCLAIM,
-/// Redis ≥ 6.2), walking the whole pending list once.
-pub async fn autoclaim(
-    con: &mut ConnectionManager,
-    stream: &str,
-    group: &str,
-    consumer: &str,
-    min_idle: Duration,
-) -> Result<Vec<Entry>, redis::RedisError> {
-    let mut start = "0-0".to_string();
-    let mut out = Vec::new();
-    for _ in 0..100 {
-        let v: Value = redis::cmd("XAUTOCLAIM")
-            .arg(stream)
-            .arg(group)
-            .arg(consumer)
-            .arg(min_idle.as_millis() as u64)
-            .arg(&start)
-            .arg("COUNT")
-            .arg(BATCH)
-            .query_async(con)
-            .await?;
-        let Value::Array(parts) = &v else { break };
-        let next = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
-        if let Some(e) = parts.get(1) {
-            out.extend(parse_entries(e));
-        }
-        if next == "0-0" || out.len() >= 10 * BATCH {
-            break;
-        }
-        start = next;
-    }
-    Ok(out)
-}
 
 /// The raw state of one symbol, as read.
 #[derive(Debug, Default, Clone)]
@@ -204,21 +48,6 @@ pub struct SymbolState {
     pub ledger_wrong_type: bool,
     pub cooldown: Option<String>,
 }
-
-/// Per symbol: `{snapshot type, HGETALL…, ledger type, HGETALL…, cooldown type, value}`.
-const STATE_SCRIPT: &str = r#"
-local out = {}
-for i = 1, #KEYS, 3 do
-  local s, l, c = KEYS[i], KEYS[i + 1], KEYS[i + 2]
-  local st, lt, ct = redis.call('TYPE', s).ok, redis.call('TYPE', l).ok, redis.call('TYPE', c).ok
-  local sv, lv, cv = {}, {}, ''
-  if st == 'hash' then sv = redis.call('HGETALL', s) end
-  if lt == 'hash' then lv = redis.call('HGETALL', l) end
-  if ct == 'string' then cv = redis.call('GET', c) end
-  table.insert(out, {st, sv, lt, lv, ct, cv})
-end
-return out
-"#;
 
 fn pairs(v: &Value) -> HashMap<String, String> {
     match v {
@@ -233,17 +62,16 @@ fn pairs(v: &Value) -> HashMap<String, String> {
 /// Reads snapshot, ledger and cooldown of every symbol in one round trip.
 pub async fn read_state(
     con: &mut ConnectionManager,
-    script: &redis::Script,
     symbols: &[String],
 ) -> Result<HashMap<String, SymbolState>, redis::RedisError> {
     if symbols.is_empty() {
         return Ok(HashMap::new());
     }
-    let mut inv = script.prepare_invoke();
+    let mut inv = scripts::READ_STATE.prepare_invoke();
     for s in symbols {
-        inv.key(format!("quantum:position:snapshot:{s}"))
-            .key(format!("quantum:position:ledger:{s}"))
-            .key(format!("quantum:cooldown:last_exec_ts:{s}"));
+        inv.key(keys::snapshot(s))
+            .key(keys::ledger(s))
+            .key(keys::cooldown(s));
     }
     let v: Value = inv.invoke_async(con).await?;
     let Value::Array(rows) = v else {
@@ -347,8 +175,6 @@ pub struct Consumer {
     allowlist: AllowlistHandle,
     steps: StepSizes,
     metrics: Arc<Metrics>,
-    state_script: redis::Script,
-    write_script: redis::Script,
     limits: rules::Limits,
 }
 
@@ -377,8 +203,6 @@ impl Consumer {
             allowlist,
             steps,
             metrics,
-            state_script: redis::Script::new(STATE_SCRIPT),
-            write_script: permits::script(),
             limits,
         }
     }
@@ -409,7 +233,7 @@ impl Consumer {
         let mut symbols: Vec<String> = to_eval.iter().map(|(_, p)| p.symbol.clone()).collect();
         symbols.sort();
         symbols.dedup();
-        let state = read_state(con, &self.state_script, &symbols).await?;
+        let state = read_state(con, &symbols).await?;
         let now = store::now_epoch();
         let mut evaluated: Vec<Option<Pending>> = (0..entries.len()).map(|_| None).collect();
         let absent = SymbolState::default();
@@ -420,7 +244,7 @@ impl Consumer {
                 id8(&plan.plan_id),
                 plan.symbol,
                 plan.decision,
-                plan.action,
+                clip(&plan.action),
                 plan.reduce_only
             );
             let decision = self.decide(&plan, st, now);
@@ -437,7 +261,6 @@ impl Consumer {
         }
         let results = permits::write_batch(
             con,
-            &self.write_script,
             PLAN_STREAM,
             &self.cfg.consumer_group,
             self.cfg.permit_ttl.as_millis() as u64,
@@ -665,9 +488,44 @@ fn json_obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> 
     }
 }
 
-/// Runs the plan loop until `cancel` fires. Never returns early: Redis
-/// errors are retried with backoff (after which own pending entries are read
-/// again), NOGROUP recreates the group.
+/// The plan consumer as a handler of the shared group reader: feeds the
+/// systemd watchdog on every turn and reports Redis and group health.
+struct PlanHandler {
+    consumer: Consumer,
+    metrics: Arc<Metrics>,
+    watchdog: Arc<Watchdog>,
+}
+
+impl BatchHandler for PlanHandler {
+    async fn handle(
+        &mut self,
+        con: &mut ConnectionManager,
+        entries: &[Entry],
+    ) -> Result<(), redis::RedisError> {
+        self.consumer.handle_batch(con, entries).await
+    }
+
+    // Fed while Redis is away too: the loop is healthy, Redis is not, and
+    // a restart would not bring Redis back.
+    fn on_turn(&mut self) {
+        self.watchdog.ping(&self.metrics);
+    }
+
+    fn on_healthy(&mut self) {
+        self.metrics.set_redis_up(true);
+        self.metrics.set_group_ok(true);
+    }
+
+    fn on_error(&mut self, group_missing: bool) {
+        if group_missing {
+            self.metrics.set_group_ok(false);
+        } else {
+            self.metrics.set_redis_up(false);
+        }
+    }
+}
+
+/// Runs the plan loop until `cancel` fires (see [`GroupReader::run`]).
 pub async fn run(
     cfg: Arc<Config>,
     allowlist: AllowlistHandle,
@@ -676,117 +534,22 @@ pub async fn run(
     watchdog: Arc<Watchdog>,
     cancel: CancellationToken,
 ) {
-    // Keep the watchdog fed while Redis is away: the loop is healthy, Redis
-    // is not, and a restart would not bring Redis back.
-    let connect = store::connect(
-        &cfg.redis,
-        "plan consumer",
-        Duration::from_millis(BLOCK_MS + 5000),
-        &cancel,
-    );
-    tokio::pin!(connect);
-    let mut feed = tokio::time::interval(Duration::from_secs(1));
-    let connected = loop {
-        tokio::select! {
-            c = &mut connect => break c,
-            _ = feed.tick() => watchdog.ping(&metrics),
-        }
+    let reader = GroupReader {
+        who: "plan consumer",
+        what: "plan",
+        stream: PLAN_STREAM,
+        group: cfg.consumer_group.clone(),
+        consumer: cfg.consumer_name.clone(),
+        batch: BATCH,
+        block: Duration::from_millis(BLOCK_MS),
+        claim_idle: cfg.claim_idle,
     };
-    let Some(mut con) = connected else {
-        return;
+    let mut handler = PlanHandler {
+        consumer: Consumer::new(cfg.clone(), allowlist, steps, metrics.clone()),
+        metrics,
+        watchdog,
     };
-    let c = Consumer::new(cfg.clone(), allowlist, steps, metrics.clone());
-    let mut backoff = Backoff::default();
-    let mut replay_pending = true;
-    let mut next_claim = Instant::now();
-    // The last entry this process finished: where a vanished group is
-    // recreated, so no plan published meanwhile is skipped (SPEC §4).
-    let mut last_done: Option<StreamId> = None;
-    loop {
-        watchdog.ping(&metrics);
-        if cancel.is_cancelled() {
-            return;
-        }
-        let step: Result<(), redis::RedisError> = async {
-            if Instant::now() >= next_claim {
-                next_claim = Instant::now() + cfg.claim_idle;
-                let claimed = autoclaim(
-                    &mut con,
-                    PLAN_STREAM,
-                    &cfg.consumer_group,
-                    &cfg.consumer_name,
-                    cfg.claim_idle,
-                )
-                .await?;
-                if !claimed.is_empty() {
-                    info!(
-                        "claimed {} plan entries idle ≥ {:?} on other consumers",
-                        claimed.len(),
-                        cfg.claim_idle
-                    );
-                    for chunk in claimed.chunks(BATCH) {
-                        c.handle_batch(&mut con, chunk).await?;
-                        last_done = last_done.max(max_id(chunk));
-                    }
-                }
-            }
-            let read = read_group(
-                &mut con,
-                PLAN_STREAM,
-                &cfg.consumer_group,
-                &cfg.consumer_name,
-                replay_pending,
-                BATCH,
-                BLOCK_MS,
-            );
-            // A read cut short by shutdown leaves its entries pending for the
-            // next start (same consumer name): nothing is lost.
-            let entries = tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                r = read => r?,
-            };
-            if replay_pending {
-                if entries.is_empty() {
-                    replay_pending = false;
-                } else {
-                    info!("re-reading {} own pending plan entries", entries.len());
-                }
-            }
-            c.handle_batch(&mut con, &entries).await?;
-            last_done = last_done.max(max_id(&entries));
-            Ok(())
-        }
-        .await;
-        match step {
-            Ok(()) => {
-                metrics.set_redis_up(true);
-                metrics.set_group_ok(true);
-                backoff.reset();
-            }
-            Err(e) => {
-                replay_pending = true;
-                if store::is_nogroup(&e) {
-                    metrics.set_group_ok(false);
-                    let at = store::recreate_at(last_done);
-                    warn!("plan consumer group missing ({e}); recreating it at {at} (the last entry finished here)");
-                    match store::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group, &at).await
-                    {
-                        Ok(()) => {
-                            metrics.set_group_ok(true);
-                            continue;
-                        }
-                        Err(e) => warn!("recreating the plan consumer group failed: {e}"),
-                    }
-                } else {
-                    metrics.set_redis_up(false);
-                    warn!("plan consumer: redis error: {e}; retrying with backoff");
-                }
-                if !backoff.wait(&cancel).await {
-                    return;
-                }
-            }
-        }
-    }
+    reader.run(&cfg.redis, &mut handler, &cancel).await;
 }
 
 #[cfg(test)]
@@ -905,23 +668,5 @@ mod tests {
         assert_eq!(id8("abcdef0123"), "abcdef01");
         assert_eq!(id8("abc"), "abc");
         assert_eq!(id8("ééééééééé"), "éééééééé");
-    }
-
-    #[test]
-    fn parses_xreadgroup_replies() {
-        let b = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        let v = Value::Array(vec![Value::Array(vec![
-            b("quantum:stream:apply.plan"),
-            Value::Array(vec![
-                Value::Array(vec![b("5-0"), Value::Array(vec![b("plan_id"), b("p")])]),
-                Value::Array(vec![b("6-0"), Value::Nil]),
-            ]),
-        ])]);
-        let e = parse_xread(&v);
-        assert_eq!(e.len(), 2);
-        assert_eq!(e[0].fields.as_ref().unwrap()["plan_id"], "p");
-        assert!(e[1].fields.is_none());
-        assert!(parse_xread(&Value::Nil).is_empty());
-        assert_eq!(entry_ms("1769920000123-4"), Some(1769920000123));
     }
 }

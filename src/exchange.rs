@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::allowlist::AllowlistHandle;
 use crate::config::{Config, Secret};
+use crate::keys;
 use crate::metrics::Metrics;
 use crate::rules::{dec_str, parse_amount, parse_dec, valid_step};
 use crate::store;
@@ -571,7 +572,7 @@ pub async fn write_snapshots(
     let flat = Position::flat();
     for sym in symbols {
         let pos = positions.get(sym).unwrap_or(&flat);
-        let key = format!("quantum:position:snapshot:{sym}");
+        let key = keys::snapshot(sym);
         let amt = dec_str(pos.amt);
         p.cmd("HSET")
             .arg(&key)
@@ -598,7 +599,7 @@ pub async fn write_snapshots(
         // The canonical hash knows LONG/SHORT/FLAT only: a hedged symbol is
         // left out rather than written with a side that would mislead.
         if canonical && pos.side != "HEDGED" {
-            let ckey = format!("quantum:state:positions:{sym}");
+            let ckey = keys::canonical_position(sym);
             let side = match pos.side {
                 "LONG" => "LONG",
                 "SHORT" => "SHORT",

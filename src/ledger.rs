@@ -17,13 +17,17 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::allowlist::valid_symbol;
 use crate::config::Config;
-use crate::consumer::{read_group, Entry};
-use crate::lifecycle::RESULT_STREAM;
+use crate::keys::{self, valid_symbol, RESULT_STREAM};
 use crate::metrics::Metrics;
-use crate::store::{self, Backoff, StreamId};
+use crate::store;
+use crate::stream::{BatchHandler, Entry, GroupReader};
 use crate::text::clip;
+
+/// Result entries per read.
+const BATCH: usize = 64;
+/// `BLOCK` of a read, ms.
+const BLOCK_MS: u64 = 1000;
 
 /// The metadata one result entry writes.
 #[derive(Debug, Clone, PartialEq)]
@@ -171,89 +175,49 @@ fn meta(
     })
 }
 
-/// HSET + EXPIRE + XACK in one step; with ARGV[3] = '0' only the ACK.
-const APPLY_SCRIPT: &str = r#"
-if redis.call('XACK', ARGV[1], ARGV[2], ARGV[3]) == 0 then return 0 end
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'last_order_id', ARGV[5], 'last_result_plan_id', ARGV[6],
-    'last_executed_qty', ARGV[7], 'last_order_side', ARGV[8], 'updated_at', ARGV[9])
-  redis.call('EXPIRE', KEYS[1], 86400)
-end
-return 1
-"#;
+/// The ledger follower as a handler of the shared group reader.
+struct LedgerHandler {
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+}
 
-/// Runs the follower until `cancel` fires.
-pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, cancel: CancellationToken) {
-    let Some(mut con) = store::connect(
-        &cfg.redis,
-        "ledger follower",
-        Duration::from_secs(7),
-        &cancel,
-    )
-    .await
-    else {
-        return;
-    };
-    let script = redis::Script::new(APPLY_SCRIPT);
-    let group = cfg.ledger_group();
-    let mut backoff = Backoff::default();
-    let mut pending = true;
-    let mut last_done: Option<StreamId> = None;
-    loop {
-        if cancel.is_cancelled() {
-            return;
+impl BatchHandler for LedgerHandler {
+    async fn handle(
+        &mut self,
+        con: &mut redis::aio::ConnectionManager,
+        entries: &[Entry],
+    ) -> Result<(), redis::RedisError> {
+        let group = self.cfg.ledger_group();
+        for e in entries {
+            apply(con, &self.cfg, group, e, &self.metrics).await?;
         }
-        let step: Result<(), redis::RedisError> = async {
-            let read = read_group(
-                &mut con,
-                RESULT_STREAM,
-                group,
-                &cfg.consumer_name,
-                pending,
-                64,
-                1000,
-            );
-            let entries = tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                r = read => r?,
-            };
-            if pending && entries.is_empty() {
-                pending = false;
-            }
-            for e in &entries {
-                apply(&mut con, &script, &cfg, group, e, &metrics).await?;
-                last_done = last_done.max(StreamId::parse(&e.id));
-            }
-            Ok(())
-        }
-        .await;
-        match step {
-            Ok(()) => backoff.reset(),
-            Err(e) => {
-                pending = true;
-                if store::is_nogroup(&e) {
-                    let at = store::recreate_at(last_done);
-                    warn!("ledger follower group missing ({e}); recreating it at {at}");
-                    if store::ensure_group(&mut con, RESULT_STREAM, group, &at)
-                        .await
-                        .is_ok()
-                    {
-                        continue;
-                    }
-                } else {
-                    warn!("ledger follower: redis error: {e}; retrying with backoff");
-                }
-                if !backoff.wait(&cancel).await {
-                    return;
-                }
-            }
-        }
+        Ok(())
     }
+}
+
+/// Runs the follower until `cancel` fires (see [`GroupReader::run`]): own
+/// pending entries first, entries idle on other consumers claimed, a
+/// vanished group recreated at the last entry finished here.
+pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    let reader = GroupReader {
+        who: "ledger follower",
+        what: "apply.result",
+        stream: RESULT_STREAM,
+        group: cfg.ledger_group().to_string(),
+        consumer: cfg.consumer_name.clone(),
+        batch: BATCH,
+        block: Duration::from_millis(BLOCK_MS),
+        claim_idle: cfg.claim_idle,
+    };
+    let mut handler = LedgerHandler {
+        cfg: cfg.clone(),
+        metrics,
+    };
+    reader.run(&cfg.redis, &mut handler, &cancel).await;
 }
 
 async fn apply(
     con: &mut redis::aio::ConnectionManager,
-    script: &redis::Script,
     cfg: &Config,
     group: &str,
     e: &Entry,
@@ -264,11 +228,11 @@ async fn apply(
         (Some(_), Some(what)) => ResultAction::Malformed(format!("{what} is not valid UTF-8")),
         (Some(f), None) => interpret(f),
     };
-    let mut inv = script.prepare_invoke();
+    let mut inv = crate::scripts::APPLY_LEDGER.prepare_invoke();
     inv.arg(RESULT_STREAM).arg(group).arg(&e.id);
     let outcome = match (&action, cfg.dry_run) {
         (ResultAction::Apply(m), false) => {
-            inv.key(format!("quantum:position:ledger:{}", m.symbol));
+            inv.key(keys::ledger(&m.symbol));
             inv.arg("1")
                 .arg(&m.order_id)
                 .arg(&m.plan_id)
@@ -278,15 +242,15 @@ async fn apply(
             "applied"
         }
         (ResultAction::Apply(_), true) => {
-            inv.key("quantum:position:ledger:-").arg("0");
+            inv.key(keys::unused(keys::ledger)).arg("0");
             "dry_run"
         }
         (ResultAction::Skip, _) => {
-            inv.key("quantum:position:ledger:-").arg("0");
+            inv.key(keys::unused(keys::ledger)).arg("0");
             "skipped"
         }
         (ResultAction::Malformed(_), _) => {
-            inv.key("quantum:position:ledger:-").arg("0");
+            inv.key(keys::unused(keys::ledger)).arg("0");
             "malformed"
         }
     };

@@ -10,9 +10,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use tokio::sync::Notify;
@@ -22,61 +21,14 @@ use tracing::{error, info, warn};
 
 use crate::allowlist::{self, AllowlistHandle, Resolver};
 use crate::config::Config;
+use crate::keys::{PLAN_STREAM, RESULT_STREAM};
 use crate::metrics::Metrics;
-use crate::{consumer, exchange, http, ledger, store};
+use crate::watchdog::Watchdog;
+use crate::{consumer, exchange, http, ledger, store, stream};
 
 /// How long shutdown waits for tasks before giving up on them; SPEC §10 wants
 /// the process gone within 5 s of SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
-
-/// The plan stream (SPEC §4).
-pub const PLAN_STREAM: &str = "quantum:stream:apply.plan";
-/// The result stream the ledger follower reads (SPEC §8).
-pub const RESULT_STREAM: &str = "quantum:stream:apply.result";
-
-/// systemd watchdog pings, sent from the plan loop while it turns.
-pub struct Watchdog {
-    interval: Option<Duration>,
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Watchdog {
-    /// Reads `WATCHDOG_USEC` (and `WATCHDOG_PID`, which, when set, must be
-    /// this process, as libsystemd's `sd_watchdog_enabled` checks); pings at
-    /// half of it.
-    pub fn from_env() -> Self {
-        let usec = std::env::var("WATCHDOG_USEC")
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .filter(|u| *u > 0);
-        let pid_ok = std::env::var("WATCHDOG_PID")
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .is_none_or(|p| p == std::process::id());
-        Watchdog {
-            interval: usec
-                .filter(|_| pid_ok)
-                .map(|u| Duration::from_micros(u / 2)),
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    /// Sends `WATCHDOG=1` when half the watchdog period has passed since the
-    /// last one. Called by the plan loop on every turn, so a stalled loop
-    /// stops pinging and systemd restarts the daemon.
-    pub fn ping(&self, metrics: &Metrics) {
-        let Some(iv) = self.interval else { return };
-        let now = self.start.elapsed().as_millis() as u64;
-        let last = self.last_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= iv.as_millis() as u64 || last == 0 {
-            self.last_ms.store(now.max(1), Ordering::Relaxed);
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-            metrics.watchdog_pings_total.inc();
-        }
-    }
-}
 
 /// What `main` does with the command line.
 #[derive(Debug, PartialEq, Eq)]
@@ -252,8 +204,8 @@ async fn start_and_supervise(
     let mut backoff = store::Backoff::default();
     loop {
         let r = async {
-            store::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group, "$").await?;
-            store::ensure_group(&mut con, RESULT_STREAM, cfg.ledger_group(), "$").await
+            stream::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group, "$").await?;
+            stream::ensure_group(&mut con, RESULT_STREAM, cfg.ledger_group(), "$").await
         }
         .await;
         match r {

@@ -13,17 +13,8 @@
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
+use crate::keys;
 use crate::rules::{dec_json, Allow, Deny, Reason};
-
-/// The permit key of a plan.
-pub fn permit_key(plan_id: &str) -> String {
-    format!("quantum:permit:p33:{plan_id}")
-}
-
-/// The reconcile-hold key of a symbol.
-pub fn hold_key(symbol: &str) -> String {
-    format!("quantum:reconcile:hold:{symbol}")
-}
 
 /// `created_at`: epoch seconds as a float, rounded to microseconds.
 fn created(now: f64) -> Value {
@@ -107,55 +98,9 @@ pub enum Written {
     DuplicatePlanId,
 }
 
-/// KEYS: per entry, the permit key and the hold key.
-/// ARGV: stream, group, ttl ms, then per entry: id, mode, body, hold body.
-/// mode 0 = ACK only, 1 = permit, 2 = permit unless held.
-/// Returns per entry: 0 not pending any more (nothing written), 1 ACKed,
-/// 2 permit written, 3 hold denial written, 4 a permit for the plan_id
-/// already exists (ACKed, nothing written: a permit is never overwritten).
-const WRITE_SCRIPT: &str = r#"
-local stream, group, ttl = ARGV[1], ARGV[2], ARGV[3]
-local out = {}
-local n = (#ARGV - 3) / 4
-for i = 1, n do
-  local a = 3 + (i - 1) * 4
-  local id, mode = ARGV[a + 1], ARGV[a + 2]
-  local acked = redis.call('XACK', stream, group, id)
-  if acked == 0 then
-    out[i] = 0
-  elseif mode == '0' then
-    out[i] = 1
-  elseif redis.call('EXISTS', KEYS[2 * i - 1]) == 1 then
-    out[i] = 4
-  else
-    local body, res = ARGV[a + 3], 2
-    if mode == '2' then
-      local hk = KEYS[2 * i]
-      local t = redis.call('TYPE', hk).ok
-      local held = false
-      if t == 'string' then
-        held = string.len(redis.call('GET', hk)) > 0
-      elseif t ~= 'none' then
-        held = true
-      end
-      if held then body, res = ARGV[a + 4], 3 end
-    end
-    redis.call('SET', KEYS[2 * i - 1], body, 'PX', ttl, 'NX')
-    out[i] = res
-  end
-end
-return out
-"#;
-
-/// The script object (its SHA is computed once).
-pub fn script() -> redis::Script {
-    redis::Script::new(WRITE_SCRIPT)
-}
-
 /// Writes a batch atomically; one result per write, in order.
 pub async fn write_batch(
     con: &mut redis::aio::ConnectionManager,
-    script: &redis::Script,
     stream: &str,
     group: &str,
     ttl_ms: u64,
@@ -164,14 +109,14 @@ pub async fn write_batch(
     if writes.is_empty() {
         return Ok(Vec::new());
     }
-    let mut inv = script.prepare_invoke();
+    let mut inv = crate::scripts::WRITE_PERMITS.prepare_invoke();
     inv.arg(stream).arg(group).arg(ttl_ms);
     // Unused key slots still need a name; the ACK-only placeholder is never touched.
     for w in writes {
         match w {
             Write::AckOnly { entry_id } => {
-                inv.key("quantum:permit:p33:-")
-                    .key("quantum:reconcile:hold:-");
+                inv.key(keys::unused(keys::permit))
+                    .key(keys::unused(keys::hold));
                 inv.arg(entry_id).arg("0").arg("").arg("");
             }
             Write::Permit {
@@ -181,7 +126,7 @@ pub async fn write_batch(
                 body,
                 hold,
             } => {
-                inv.key(permit_key(plan_id)).key(hold_key(symbol));
+                inv.key(keys::permit(plan_id)).key(keys::hold(symbol));
                 let mode = if hold.is_some() { "2" } else { "1" };
                 inv.arg(entry_id)
                     .arg(mode)

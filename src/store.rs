@@ -133,85 +133,9 @@ async fn try_connect(
     }
 }
 
-/// Whether an error says the consumer group or its stream is gone.
-pub fn is_nogroup(e: &redis::RedisError) -> bool {
-    e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
-}
-
-/// A stream entry ID, `<ms>-<seq>`, ordered as Redis orders them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct StreamId {
-    pub ms: u64,
-    pub seq: u64,
-}
-
-impl StreamId {
-    /// Parses `<ms>-<seq>` (or `<ms>`); `None` for anything else.
-    pub fn parse(id: &str) -> Option<StreamId> {
-        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-        Some(StreamId {
-            ms: ms.parse().ok()?,
-            seq: seq.parse().ok()?,
-        })
-    }
-}
-
-impl std::fmt::Display for StreamId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
-    }
-}
-
-/// Where a group is (re)created: at `$` when the daemon starts, at the last
-/// entry this process finished (`0` when none) when the group vanished while
-/// running (SPEC §4): plans published between Redis coming back empty and
-/// the recreation must still be read.
-pub fn recreate_at(last_done: Option<StreamId>) -> String {
-    last_done.map_or_else(|| "0".to_string(), |id| id.to_string())
-}
-
-/// Creates `group` on `stream` at `start` (`$`, `0` or an entry ID) with
-/// MKSTREAM; BUSYGROUP is fine.
-pub async fn ensure_group(
-    con: &mut ConnectionManager,
-    stream: &str,
-    group: &str,
-    start: &str,
-) -> Result<(), redis::RedisError> {
-    let r: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg(group)
-        .arg(start)
-        .arg("MKSTREAM")
-        .query_async(con)
-        .await;
-    match r {
-        Ok(()) => {
-            info!("redis: created consumer group {group} on {stream} at {start}");
-            Ok(())
-        }
-        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stream_ids_order_and_recreate_points() {
-        let a = StreamId::parse("1769920000123-4").unwrap();
-        let b = StreamId::parse("1769920000123-10").unwrap();
-        let c = StreamId::parse("1769920000124-0").unwrap();
-        assert!(a < b && b < c);
-        assert_eq!(StreamId::parse("5"), Some(StreamId { ms: 5, seq: 0 }));
-        assert_eq!(StreamId::parse("x-1"), None);
-        assert_eq!(StreamId::parse("99999999999999999999-0"), None);
-        assert_eq!(recreate_at(None), "0");
-        assert_eq!(recreate_at(Some(b)), "1769920000123-10");
-    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap_and_resets() {

@@ -605,6 +605,9 @@ fn echoed_values_are_cut_to_64_characters() {
     d.wait_log("ready: reading plans", T);
     push_plan(&mut con, &open_plan("echo-cooldown", "ETHUSDT"));
     push_plan(&mut con, &close_plan("echo-ledger", "BTCUSDT"));
+    let mut long_action = open_plan("echo-action", "BTCUSDT");
+    long_action[3] = ("action", big.as_str());
+    push_plan(&mut con, &long_action);
     push_plan(&mut con, &close_plan("echo-symbol", &big));
     push_plan(
         &mut con,
@@ -619,6 +622,7 @@ fn echoed_values_are_cut_to_64_characters() {
     assert!(p.to_string().len() < 1024, "{} bytes", p.to_string().len());
     let p = wait_permit(&mut con, "echo-ledger");
     assert_eq!(p["reason"], "invalid_ledger");
+    wait_permit(&mut con, "echo-action");
     assert!(p.to_string().len() < 1024, "{} bytes", p.to_string().len());
     wait_metric(&d, "p33_plans_total{outcome=\"not_allowlisted\"}", 1.0);
     wait_metric(&d, "p33_plans_total{outcome=\"skip_decision\"}", 1.0);

@@ -662,3 +662,60 @@ fn ledger_follower_writes_metadata_once_and_keeps_the_executors_amount() {
     );
     assert!(d.grep("ledger metadata from result").is_empty());
 }
+
+#[test]
+fn the_ledger_follower_claims_results_left_by_a_consumer_that_never_returns() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let stream = "quantum:stream:apply.result";
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("p33-ledger")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(&mut con)
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg("plan_id")
+        .arg("orphan")
+        .arg("symbol")
+        .arg("BTCUSDT")
+        .arg("executed")
+        .arg("true")
+        .arg("details")
+        .arg(r#"{"order_id": 77, "filled_qty": "0.1", "side": "BUY", "order_status": "FILLED"}"#)
+        .query(&mut con)
+        .unwrap();
+    // Delivered to a consumer that dies before it ACKs.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("p33-ledger")
+        .arg("p33-gone")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(pending(&mut con, stream, "p33-ledger"), 1);
+    let mut env = env_with(&redis, "BTCUSDT");
+    env.insert("P33_CLAIM_IDLE_S".into(), "0.5".into());
+    let d = Daemon::start(&env);
+    d.wait_log("claimed 1 apply.result entries", T);
+    let h: HashMap<String, String> = wait_for("ledger metadata", T, || {
+        let h: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg("quantum:position:ledger:BTCUSDT")
+            .query(&mut con)
+            .ok()?;
+        h.contains_key("last_order_id").then_some(h)
+    });
+    assert_eq!(h["last_order_id"], "77");
+    assert_eq!(h["last_result_plan_id"], "orphan");
+    wait_for("nothing pending", T, || {
+        (pending(&mut con, stream, "p33-ledger") == 0).then_some(())
+    });
+}

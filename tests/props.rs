@@ -10,10 +10,11 @@ use std::str::FromStr;
 
 use position_state_brain::allowlist::{self, Allowlist, Doc, Source, UniverseRead};
 use position_state_brain::config::{AllowlistMode, Config};
-use position_state_brain::consumer::{classify, parse_xread};
+use position_state_brain::consumer::classify;
 use position_state_brain::exchange::{parse_positions, parse_step_sizes, retry_after};
 use position_state_brain::ledger::{interpret, ResultAction};
 use position_state_brain::rules::{self, evaluate, Decision, Limits, Plan};
+use position_state_brain::stream::parse_xread;
 use proptest::prelude::*;
 use redis::Value;
 use rust_decimal::Decimal;

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use position_state_brain::keys;
 use serde_json::{json, Value};
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
@@ -201,11 +202,11 @@ async fn main() -> anyhow::Result<()> {
     let doc = json!({"symbols": names, "asof_epoch": now as i64, "source": "bench", "mode": "top", "filters": {}});
     let mut p = redis::pipe();
     p.cmd("SET")
-        .arg("quantum:cfg:universe:active")
+        .arg(keys::UNIVERSE_ACTIVE)
         .arg(doc.to_string())
         .ignore();
     p.cmd("HSET")
-        .arg("quantum:cfg:universe:meta")
+        .arg(keys::UNIVERSE_META)
         .arg("stale")
         .arg(0)
         .arg("count")
@@ -216,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
     for (k, s) in names.iter().enumerate() {
         let amt = if k.is_multiple_of(2) { "1.5" } else { "0" };
         p.cmd("HSET")
-            .arg(format!("quantum:position:snapshot:{s}"))
+            .arg(keys::snapshot(s))
             .arg("position_amt")
             .arg(amt)
             .arg("side")
@@ -269,7 +270,7 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(Mutex::new(HashMap::new()));
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub
-        .psubscribe("__keyspace@0__:quantum:permit:p33:*")
+        .psubscribe(format!("__keyspace@0__:{}*", keys::PERMIT_PREFIX))
         .await?;
     let arr = arrivals.clone();
     let listener = tokio::spawn(async move {
@@ -281,7 +282,7 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
             let ch = msg.get_channel_name();
-            if let Some(id) = ch.rsplit("quantum:permit:p33:").next() {
+            if let Some(id) = ch.rsplit(keys::PERMIT_PREFIX).next() {
                 let mut a = arr.lock().unwrap_or_else(|p| p.into_inner());
                 let e = a.entry(id.to_string()).or_insert((t, 0));
                 e.1 += 1;
@@ -307,7 +308,7 @@ async fn main() -> anyhow::Result<()> {
         for j in i..i + n {
             let (id, fields, exp) = make_plan(j, symbols);
             let mut c = redis::cmd("XADD");
-            c.arg("quantum:stream:apply.plan").arg("*");
+            c.arg(keys::PLAN_STREAM).arg("*");
             for (k, v) in &fields {
                 c.arg(*k).arg(v);
             }
@@ -351,7 +352,7 @@ async fn main() -> anyhow::Result<()> {
     for batch in ids.chunks(1000) {
         let mut p = redis::pipe();
         for id in batch {
-            p.cmd("GET").arg(format!("quantum:permit:p33:{id}"));
+            p.cmd("GET").arg(keys::permit(id));
         }
         let vals: Vec<Option<String>> = p.query_async(&mut con).await?;
         for (id, v) in batch.iter().zip(vals) {

@@ -1,0 +1,126 @@
+//! Every Redis stream, consumer group and key name the daemon reads or
+//! writes (SPEC §3–§8), built here and nowhere else. Other services parse
+//! these names: a change here is a change of the contract.
+//!
+//! Per-symbol and per-plan keys are built from a symbol that passed
+//! [`valid_symbol`] or a `plan_id` that passed the plan checks, so a key
+//! never carries an untrusted byte.
+
+/// The plan stream the apply layer publishes to (SPEC §4).
+pub const PLAN_STREAM: &str = "quantum:stream:apply.plan";
+/// The result stream of the apply layer and the intent executor (SPEC §8).
+pub const RESULT_STREAM: &str = "quantum:stream:apply.result";
+
+/// The plan consumer group (SPEC §2 `P33_CONSUMER_GROUP` default).
+pub const PLAN_GROUP: &str = "p33";
+/// The plan consumer group in dry run.
+pub const PLAN_GROUP_DRY_RUN: &str = "p33-dryrun";
+/// The ledger follower's group on [`RESULT_STREAM`].
+pub const LEDGER_GROUP: &str = "p33-ledger";
+/// The ledger follower's group in dry run.
+pub const LEDGER_GROUP_DRY_RUN: &str = "p33-ledger-dryrun";
+
+/// Default of `P33_UNIVERSE_KEY_ACTIVE` (SPEC §3).
+pub const UNIVERSE_ACTIVE: &str = "quantum:cfg:universe:active";
+/// Default of `P33_UNIVERSE_KEY_LAST_OK`.
+pub const UNIVERSE_LAST_OK: &str = "quantum:cfg:universe:last_ok";
+/// Default of `P33_UNIVERSE_KEY_META`.
+pub const UNIVERSE_META: &str = "quantum:cfg:universe:meta";
+
+/// The prefix of every permit key; keyspace listeners match on it.
+pub const PERMIT_PREFIX: &str = "quantum:permit:p33:";
+
+/// The permit of a plan (SPEC §6), a string with a TTL.
+pub fn permit(plan_id: &str) -> String {
+    format!("{PERMIT_PREFIX}{plan_id}")
+}
+
+/// The reconcile hold of a symbol (SPEC §5), set by the reconcile engine.
+pub fn hold(symbol: &str) -> String {
+    format!("quantum:reconcile:hold:{symbol}")
+}
+
+/// The exchange snapshot hash of a symbol (SPEC §7).
+pub fn snapshot(symbol: &str) -> String {
+    format!("quantum:position:snapshot:{symbol}")
+}
+
+/// The canonical position hash newer services read (SPEC §7).
+pub fn canonical_position(symbol: &str) -> String {
+    format!("quantum:state:positions:{symbol}")
+}
+
+/// The ledger hash of a symbol (SPEC §5 row 7, §8).
+pub fn ledger(symbol: &str) -> String {
+    format!("quantum:position:ledger:{symbol}")
+}
+
+/// The last-execution timestamp (epoch ms) of a symbol (SPEC §5 row 8).
+pub fn cooldown(symbol: &str) -> String {
+    format!("quantum:cooldown:last_exec_ts:{symbol}")
+}
+
+/// A key slot a script is given but never touches (an ACK-only entry still
+/// fills its KEYS positions; Redis Cluster would route on it, so it is a
+/// name in the same family).
+pub fn unused(family: fn(&str) -> String) -> String {
+    family("-")
+}
+
+/// A symbol as the universe and the exchange spell them: `^[A-Z0-9]{1,32}$`.
+pub fn valid_symbol(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_contract() {
+        assert_eq!(permit("p1"), "quantum:permit:p33:p1");
+        assert_eq!(hold("BTCUSDT"), "quantum:reconcile:hold:BTCUSDT");
+        assert_eq!(snapshot("BTCUSDT"), "quantum:position:snapshot:BTCUSDT");
+        assert_eq!(
+            canonical_position("BTCUSDT"),
+            "quantum:state:positions:BTCUSDT"
+        );
+        assert_eq!(ledger("BTCUSDT"), "quantum:position:ledger:BTCUSDT");
+        assert_eq!(cooldown("BTCUSDT"), "quantum:cooldown:last_exec_ts:BTCUSDT");
+        assert_eq!(unused(permit), "quantum:permit:p33:-");
+    }
+
+    /// Every `"quantum:` literal of the crate is in this file (SPEC names
+    /// are spelled once). Doc comments may quote them.
+    #[test]
+    fn no_other_module_spells_a_key() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+        let mut offenders = Vec::new();
+        let mut stack = vec![std::path::PathBuf::from(dir)];
+        while let Some(p) = stack.pop() {
+            for e in std::fs::read_dir(&p).unwrap().flatten() {
+                let path = e.path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|x| x != "rs") || path.ends_with("keys.rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (n, line) in text.lines().enumerate() {
+                    let code = line.trim_start();
+                    if code.starts_with("//") {
+                        continue;
+                    }
+                    if code.contains("\"quantum:") {
+                        offenders.push(format!("{}:{}: {code}", path.display(), n + 1));
+                    }
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "{}", offenders.join("\n"));
+    }
+}
