@@ -17,17 +17,21 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::Value;
+use rust_decimal::prelude::ToPrimitive;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::allowlist::{Allowlist, AllowlistHandle};
 use crate::config::Config;
-use crate::exchange::StepSizes;
+use crate::domain::{dec_str, fallback_step};
 use crate::keys::{self, PLAN_STREAM};
 use crate::metrics::Metrics;
 use crate::permits::{self, Write, Written};
-use crate::rules::{self, dec_str, Decision, Plan};
+use crate::rules::{
+    self, Decision, Inputs, LedgerInput, Plan, PlanKind, PlanSide, Raw, SnapshotInput,
+};
 use crate::scripts;
+use crate::steps::StepSizes;
 use crate::store;
 use crate::stream::{entry_ms, text, BatchHandler, Entry, GroupReader};
 use crate::text::clip;
@@ -38,15 +42,23 @@ pub const BATCH: usize = 256;
 /// `BLOCK` of the read, ms; also bounds how long shutdown waits for a read.
 const BLOCK_MS: u64 = 500;
 
-/// The raw state of one symbol, as read.
+/// The raw state of one symbol, as read (parsed by [`Inputs::parse`]).
 #[derive(Debug, Default, Clone)]
 pub struct SymbolState {
-    /// `None` when the key is missing or not a hash.
-    pub snapshot: Option<HashMap<String, String>>,
-    pub snapshot_wrong_type: bool,
-    pub ledger: Option<HashMap<String, String>>,
-    pub ledger_wrong_type: bool,
-    pub cooldown: Option<String>,
+    pub snapshot: Raw<HashMap<String, String>>,
+    pub ledger: Raw<HashMap<String, String>>,
+    pub cooldown: Raw<String>,
+}
+
+impl SymbolState {
+    /// The typed inputs of the rules.
+    pub fn inputs(&self) -> Inputs {
+        Inputs::parse(
+            self.snapshot.as_ref(),
+            self.ledger.as_ref(),
+            self.cooldown.as_ref().map(String::as_str),
+        )
+    }
 }
 
 fn pairs(v: &Value) -> HashMap<String, String> {
@@ -84,21 +96,22 @@ pub async fn read_state(
     for (sym, row) in symbols.iter().zip(rows.iter()) {
         let Value::Array(f) = row else { continue };
         let t = |i: usize| f.get(i).and_then(text).unwrap_or_default();
-        let hash =
-            |ty: &str, i: usize| (ty == "hash").then(|| f.get(i).map(pairs).unwrap_or_default());
-        let (st, lt, ct) = (t(0), t(2), t(4));
+        let raw = |ty: String, want: &str, value: &dyn Fn() -> String| match ty.as_str() {
+            "none" => Raw::Missing,
+            x if x == want => Raw::Present(value()),
+            _ => Raw::WrongType(ty),
+        };
+        let hash = |ty: String, i: usize| match ty.as_str() {
+            "none" => Raw::Missing,
+            "hash" => Raw::Present(f.get(i).map(pairs).unwrap_or_default()),
+            _ => Raw::WrongType(ty),
+        };
         out.insert(
             sym.clone(),
             SymbolState {
-                snapshot: hash(&st, 1),
-                snapshot_wrong_type: st != "hash" && st != "none",
-                ledger: hash(&lt, 3),
-                ledger_wrong_type: lt != "hash" && lt != "none",
-                cooldown: match ct.as_str() {
-                    "string" => Some(t(5)),
-                    "none" => None,
-                    other => Some(format!("<{other}>")),
-                },
+                snapshot: hash(t(0), 1),
+                ledger: hash(t(2), 3),
+                cooldown: raw(t(4), "string", &|| t(5)),
             },
         );
     }
@@ -108,7 +121,7 @@ pub async fn read_state(
 /// Why an entry gets no permit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Filtered {
-    /// Bad `plan_id` (ERROR line).
+    /// Bad `plan_id`, fields that are not UTF-8, a deleted entry (ERROR line).
     Malformed(String),
     /// `decision` is not EXECUTE / RECONCILE_CLOSE.
     SkipDecision,
@@ -143,13 +156,12 @@ pub fn classify(e: &Entry, allow: &Allowlist, now: f64) -> Result<Plan, Filtered
     if !valid_plan_id(plan_id) {
         return Err(Filtered::Malformed(format!(
             "invalid plan_id {:?} (must be 1-128 bytes without whitespace or control characters)",
-            crate::text::clip(plan_id)
+            clip(plan_id)
         )));
     }
-    let decision = f.get("decision").map(String::as_str).unwrap_or("");
-    if decision != "EXECUTE" && decision != "RECONCILE_CLOSE" {
+    let Some(kind) = PlanKind::parse(f.get("decision").map(String::as_str).unwrap_or("")) else {
         return Err(Filtered::SkipDecision);
-    }
+    };
     let symbol = f
         .get("symbol")
         .map(String::as_str)
@@ -161,27 +173,69 @@ pub fn classify(e: &Entry, allow: &Allowlist, now: f64) -> Result<Plan, Filtered
     Ok(Plan {
         plan_id: plan_id.to_string(),
         symbol,
-        decision: decision.to_string(),
+        kind,
         action: f.get("action").cloned().unwrap_or_default(),
         reduce_only: rules::parse_reduce_only(f.get("reduceOnly").map(String::as_str)),
-        side: f.get("side").cloned(),
+        side: PlanSide::parse(f.get("side").map(String::as_str)),
         entry_ms: entry_ms(&e.id).unwrap_or(0),
     })
 }
 
-/// The plan consumer: its connection, scripts and limits.
+/// The `outcome` label of `p33_plans_total`: every entry of a batch ends in
+/// exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Label {
+    Allow,
+    Deny,
+    SkipDecision,
+    NotAllowlisted,
+    Malformed,
+    /// Another consumer had already finished the entry (after a claim).
+    Duplicate,
+    /// A permit for the entry's `plan_id` already existed.
+    DuplicatePlanId,
+    DryRunAllow,
+    DryRunDeny,
+}
+
+impl Label {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Label::Allow => "allow",
+            Label::Deny => "deny",
+            Label::SkipDecision => "skip_decision",
+            Label::NotAllowlisted => "not_allowlisted",
+            Label::Malformed => "malformed",
+            Label::Duplicate => "duplicate",
+            Label::DuplicatePlanId => "duplicate_plan_id",
+            Label::DryRunAllow => "dry_run_allow",
+            Label::DryRunDeny => "dry_run_deny",
+        }
+    }
+}
+
+/// One evaluated plan, waiting for its write.
+struct Evaluated {
+    plan: Plan,
+    decision: Decision,
+}
+
+/// What became of one entry of a batch, before the write.
+enum Outcome {
+    /// ACK only, and why.
+    Filtered(Filtered),
+    /// A permit to write.
+    Evaluated(Evaluated),
+}
+
+/// The plan consumer: configuration, shared tables, metrics, limits.
 pub struct Consumer {
     cfg: Arc<Config>,
     allowlist: AllowlistHandle,
     steps: StepSizes,
     metrics: Arc<Metrics>,
     limits: rules::Limits,
-}
-
-/// One evaluated plan waiting for its write.
-struct Pending {
-    plan: Plan,
-    decision: Decision,
 }
 
 impl Consumer {
@@ -207,9 +261,9 @@ impl Consumer {
         }
     }
 
-    /// Handles one batch: filter, read state, evaluate, write + ACK. On a
-    /// Redis error nothing was ACKed (the script is atomic), so every entry
-    /// stays pending and is read again.
+    /// Handles one batch: filter, read state, evaluate, write + ACK, then
+    /// log and count each outcome. On a Redis error nothing was ACKed (the
+    /// script is atomic), so every entry stays pending and is read again.
     pub async fn handle_batch(
         &self,
         con: &mut ConnectionManager,
@@ -219,62 +273,68 @@ impl Consumer {
             return Ok(());
         }
         self.metrics.batch_size.observe(entries.len() as f64);
-        let now = store::now_epoch();
         let allow = self.allowlist.load();
-        let mut writes: Vec<Write> = Vec::with_capacity(entries.len());
-        let mut filtered: Vec<(usize, Filtered)> = Vec::new();
-        let mut to_eval: Vec<(usize, Plan)> = Vec::new();
-        for (i, e) in entries.iter().enumerate() {
-            match classify(e, &allow, now) {
-                Ok(p) => to_eval.push((i, p)),
-                Err(f) => filtered.push((i, f)),
-            }
-        }
-        let mut symbols: Vec<String> = to_eval.iter().map(|(_, p)| p.symbol.clone()).collect();
+        let read_at = store::now_epoch();
+        let classified: Vec<Result<Plan, Filtered>> = entries
+            .iter()
+            .map(|e| classify(e, &allow, read_at))
+            .collect();
+        let mut symbols: Vec<String> = classified
+            .iter()
+            .filter_map(|c| c.as_ref().ok().map(|p| p.symbol.clone()))
+            .collect();
         symbols.sort();
         symbols.dedup();
         let state = read_state(con, &symbols).await?;
         let now = store::now_epoch();
-        let mut evaluated: Vec<Option<Pending>> = (0..entries.len()).map(|_| None).collect();
         let absent = SymbolState::default();
-        for (i, plan) in to_eval {
-            let st = state.get(&plan.symbol).unwrap_or(&absent);
-            debug!(
-                "Evaluating plan {} symbol={} decision={} action={} reduceOnly={}",
-                id8(&plan.plan_id),
-                plan.symbol,
-                plan.decision,
-                clip(&plan.action),
-                plan.reduce_only
-            );
-            let decision = self.decide(&plan, st, now);
-            evaluated[i] = Some(Pending { plan, decision });
-        }
-        for (i, e) in entries.iter().enumerate() {
-            let w = match &evaluated[i] {
-                Some(p) if !self.cfg.dry_run => self.permit_write(&e.id, p, now),
+        let outcomes: Vec<Outcome> = classified
+            .into_iter()
+            .map(|c| match c {
+                Err(f) => Outcome::Filtered(f),
+                Ok(plan) => {
+                    let st = state.get(&plan.symbol).unwrap_or(&absent);
+                    debug!(
+                        "Evaluating plan {} symbol={} decision={} action={} reduceOnly={}",
+                        id8(&plan.plan_id),
+                        plan.symbol,
+                        plan.kind.as_str(),
+                        clip(&plan.action),
+                        plan.reduce_only
+                    );
+                    let decision = self.decide(&plan, st, now);
+                    Outcome::Evaluated(Evaluated { plan, decision })
+                }
+            })
+            .collect();
+        let writes: Vec<Write> = entries
+            .iter()
+            .zip(&outcomes)
+            .map(|(e, o)| match o {
+                Outcome::Evaluated(ev) if !self.cfg.dry_run => self.permit_write(&e.id, ev, now),
                 _ => Write::AckOnly {
                     entry_id: e.id.clone(),
                 },
-            };
-            writes.push(w);
-        }
+            })
+            .collect();
         let results = permits::write_batch(
             con,
             PLAN_STREAM,
             &self.cfg.consumer_group,
-            self.cfg.permit_ttl.as_millis() as u64,
+            u64::try_from(self.cfg.permit_ttl.as_millis()).unwrap_or(u64::MAX),
             &writes,
         )
         .await?;
         let done = store::now_epoch();
-        for (i, f) in filtered {
-            self.log_filtered(&entries[i], &f, &allow);
-        }
-        for (i, res) in results.iter().enumerate() {
-            if let Some(p) = &evaluated[i] {
-                self.record(p, *res, done);
-            }
+        for ((e, o), res) in entries.iter().zip(&outcomes).zip(results) {
+            let label = match o {
+                Outcome::Filtered(f) => self.log_filtered(e, f, &allow),
+                Outcome::Evaluated(ev) => self.log_evaluated(ev, res, done),
+            };
+            self.metrics
+                .plans_total
+                .with_label_values(&[label.as_str()])
+                .inc();
         }
         Ok(())
     }
@@ -291,85 +351,55 @@ impl Consumer {
                 if self.steps.warn_once(sym) {
                     warn!("{sym}: no step size known from exchangeInfo; using 0.001");
                 }
-                rules::fallback_step()
+                fallback_step()
             }
         };
-        if st.snapshot_wrong_type {
-            return Decision::Deny(rules::Deny {
-                reason: rules::Reason::InvalidExchangeSnapshot,
-                context: json_obj(serde_json::json!({"field": "type"})),
-            });
+        let inputs = st.inputs();
+        if let SnapshotInput::Valid(s) = &inputs.snapshot {
+            self.metrics
+                .observe_snapshot(sym, s.ts, s.amt.to_f64().unwrap_or(0.0));
         }
-        if st.ledger_wrong_type {
-            return Decision::Deny(rules::Deny {
-                reason: rules::Reason::InvalidLedger,
-                context: json_obj(serde_json::json!({"field": "type"})),
-            });
-        }
-        if let Some(s) = &st.snapshot {
-            if let (Some(ts), Some(a)) = (
-                rules::snapshot_ts(s),
-                s.get("position_amt").and_then(|v| v.parse::<f64>().ok()),
-            ) {
-                if ts.is_finite() && a.is_finite() {
-                    self.metrics.observe_snapshot(sym, ts, a);
-                }
-            }
-        }
-        if let Some(la) = st.ledger.as_ref().and_then(|l| {
-            l.get("last_known_amt")
-                .or_else(|| l.get("ledger_amt"))
-                .and_then(|v| v.parse::<f64>().ok())
-                .filter(|v| v.is_finite())
-        }) {
+        if let LedgerInput::Amount(a) = &inputs.ledger {
             self.metrics
                 .ledger_position_amt
                 .with_label_values(&[sym])
-                .set(la);
+                .set(a.to_f64().unwrap_or(0.0));
         }
-        rules::evaluate(
-            plan,
-            st.snapshot.as_ref(),
-            st.ledger.as_ref(),
-            st.cooldown.as_deref(),
-            now,
-            &self.limits,
-            step,
-        )
+        rules::evaluate(plan, &inputs, now, &self.limits, step)
     }
 
-    fn permit_write(&self, entry_id: &str, p: &Pending, now: f64) -> Write {
-        let (body, hold) = match &p.decision {
+    fn permit_write(&self, entry_id: &str, ev: &Evaluated, now: f64) -> Write {
+        let (body, hold) = match &ev.decision {
             Decision::Allow(a) => (
-                permits::allow_json(&p.plan.plan_id, &p.plan.symbol, a, now),
+                permits::allow_json(&ev.plan.plan_id, &ev.plan.symbol, a, now),
                 a.hold_applies.then(|| {
                     permits::deny_json(
-                        &p.plan.plan_id,
-                        &p.plan.symbol,
+                        &ev.plan.plan_id,
+                        &ev.plan.symbol,
                         &permits::hold_deny(a.exchange_amt, a.ledger_amt),
                         now,
                     )
                 }),
             ),
             Decision::Deny(d) => (
-                permits::deny_json(&p.plan.plan_id, &p.plan.symbol, d, now),
+                permits::deny_json(&ev.plan.plan_id, &ev.plan.symbol, d, now),
                 None,
             ),
         };
         Write::Permit {
             entry_id: entry_id.to_string(),
-            plan_id: p.plan.plan_id.clone(),
-            symbol: p.plan.symbol.clone(),
+            plan_id: ev.plan.plan_id.clone(),
+            symbol: ev.plan.symbol.clone(),
             body,
             hold,
         }
     }
 
-    fn log_filtered(&self, e: &Entry, f: &Filtered, allow: &Allowlist) {
-        let outcome = match f {
+    fn log_filtered(&self, e: &Entry, f: &Filtered, allow: &Allowlist) -> Label {
+        match f {
             Filtered::Malformed(why) => {
                 error!("malformed plan entry {}: {why} - ACK, no permit", e.id);
-                "malformed"
+                Label::Malformed
             }
             Filtered::SkipDecision => {
                 let d = e.fields.as_ref().and_then(|f| f.get("decision"));
@@ -378,7 +408,7 @@ impl Consumer {
                     e.id,
                     d.map_or("<missing>".into(), |d| clip(d))
                 );
-                "skip_decision"
+                Label::SkipDecision
             }
             Filtered::NotAllowlisted => {
                 let f = e.fields.as_ref();
@@ -392,35 +422,29 @@ impl Consumer {
                     allow.source.label(),
                     id8(id)
                 );
-                "not_allowlisted"
+                Label::NotAllowlisted
             }
-        };
-        self.metrics.plans_total.with_label_values(&[outcome]).inc();
+        }
     }
 
-    fn record(&self, p: &Pending, res: Written, done: f64) {
-        let (sym, id) = (p.plan.symbol.as_str(), id8(&p.plan.plan_id));
-        if res == Written::AlreadyAcked {
-            warn!("{sym}: plan {id} was already handled by another consumer; no second permit");
-            self.metrics
-                .plans_total
-                .with_label_values(&["duplicate"])
-                .inc();
-            return;
-        }
-        if res == Written::DuplicatePlanId {
-            error!(
-                "{sym}: duplicate plan_id {:?}: a permit for it already exists - ACK, no permit (the first decision stands)",
-                p.plan.plan_id
-            );
-            self.metrics
-                .plans_total
-                .with_label_values(&["duplicate_plan_id"])
-                .inc();
-            return;
+    fn log_evaluated(&self, ev: &Evaluated, res: Written, done: f64) -> Label {
+        let (sym, id) = (ev.plan.symbol.as_str(), id8(&ev.plan.plan_id));
+        match res {
+            Written::AlreadyAcked => {
+                warn!("{sym}: plan {id} was already handled by another consumer; no second permit");
+                return Label::Duplicate;
+            }
+            Written::DuplicatePlanId => {
+                error!(
+                    "{sym}: duplicate plan_id {:?}: a permit for it already exists - ACK, no permit (the first decision stands)",
+                    ev.plan.plan_id
+                );
+                return Label::DuplicatePlanId;
+            }
+            Written::Acked | Written::Permit | Written::HoldDenied => {}
         }
         if self.cfg.dry_run {
-            let outcome = match &p.decision {
+            return match &ev.decision {
                 Decision::Allow(a) => {
                     info!(
                         "{sym}: DRY-RUN would ALLOW plan {id} (safe_qty={}, exchange_amt={}, reason={})",
@@ -428,7 +452,7 @@ impl Consumer {
                         dec_str(a.exchange_amt),
                         a.reason.as_str()
                     );
-                    "dry_run_allow"
+                    Label::DryRunAllow
                 }
                 Decision::Deny(d) => {
                     warn!(
@@ -436,20 +460,20 @@ impl Consumer {
                         d.reason.as_str(),
                         serde_json::Value::Object(d.context.clone())
                     );
-                    "dry_run_deny"
+                    Label::DryRunDeny
                 }
             };
-            self.metrics.plans_total.with_label_values(&[outcome]).inc();
-            return;
         }
         let held;
-        let decision = match (&p.decision, res) {
+        let decision = match (&ev.decision, res) {
             (Decision::Allow(a), Written::HoldDenied) => {
                 held = Decision::Deny(permits::hold_deny(a.exchange_amt, a.ledger_amt));
                 &held
             }
             (d, _) => d,
         };
+        let lat = done - ev.plan.entry_ms as f64 / 1000.0;
+        self.metrics.permit_latency_seconds.observe(lat.max(0.0));
         match decision {
             Decision::Allow(a) => {
                 info!(
@@ -461,7 +485,7 @@ impl Consumer {
                     .permit_allow_total
                     .with_label_values(&[sym])
                     .inc();
-                self.metrics.plans_total.with_label_values(&["allow"]).inc();
+                Label::Allow
             }
             Decision::Deny(d) => {
                 warn!(
@@ -473,18 +497,9 @@ impl Consumer {
                     .permit_deny_total
                     .with_label_values(&[sym, d.reason.as_str()])
                     .inc();
-                self.metrics.plans_total.with_label_values(&["deny"]).inc();
+                Label::Deny
             }
         }
-        let lat = done - p.plan.entry_ms as f64 / 1000.0;
-        self.metrics.permit_latency_seconds.observe(lat.max(0.0));
-    }
-}
-
-fn json_obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
-    match v {
-        serde_json::Value::Object(m) => m,
-        _ => serde_json::Map::new(),
     }
 }
 

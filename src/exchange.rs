@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use hmac::{Hmac, Mac};
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -24,9 +23,10 @@ use tracing::{info, warn};
 
 use crate::allowlist::AllowlistHandle;
 use crate::config::{Config, Secret};
+use crate::domain::{dec_str, parse_amount, parse_dec, valid_step, PositionSide};
 use crate::keys;
 use crate::metrics::Metrics;
-use crate::rules::{dec_str, parse_amount, parse_dec, valid_step};
+use crate::steps::StepSizes;
 use crate::store;
 
 /// Snapshot and canonical hash lifetime, seconds.
@@ -324,31 +324,6 @@ pub fn parse_step_sizes(v: &Value) -> Result<HashMap<String, Decimal>, ExchangeE
     Ok(out)
 }
 
-/// The step-size table, shared lock-free with plan handling.
-#[derive(Clone, Default)]
-pub struct StepSizes {
-    table: Arc<ArcSwap<HashMap<String, Decimal>>>,
-    warned: Arc<Mutex<HashSet<String>>>,
-}
-
-impl StepSizes {
-    /// The step of `symbol`, if the exchange gave one.
-    pub fn get(&self, symbol: &str) -> Option<Decimal> {
-        self.table.load().get(symbol).copied()
-    }
-    /// Replaces the table.
-    pub fn set(&self, t: HashMap<String, Decimal>) {
-        self.table.store(Arc::new(t));
-    }
-    /// True the first time it is called for `symbol` (one WARN per symbol).
-    pub fn warn_once(&self, symbol: &str) -> bool {
-        self.warned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(symbol.to_string())
-    }
-}
-
 /// Loads step sizes at start and hourly; a failed load keeps the last good
 /// table and retries sooner.
 pub async fn run_step_sizes(
@@ -397,8 +372,7 @@ pub async fn run_step_sizes(
 #[derive(Debug, Clone, PartialEq)]
 pub struct Position {
     pub amt: Decimal,
-    /// LONG / SHORT / NONE / HEDGED.
-    pub side: &'static str,
+    pub side: PositionSide,
     pub entry_price: String,
     pub mark_price: String,
     pub unrealized_pnl: String,
@@ -412,7 +386,7 @@ impl Position {
     fn flat() -> Self {
         Position {
             amt: Decimal::ZERO,
-            side: "NONE",
+            side: PositionSide::None,
             entry_price: "0".into(),
             mark_price: "0".into(),
             unrealized_pnl: "0".into(),
@@ -425,7 +399,7 @@ impl Position {
     /// with amount 0, so every plan for it is denied (SPEC §7, §11).
     fn invalid(problem: &'static str) -> Self {
         Position {
-            side: "HEDGED",
+            side: PositionSide::Hedged,
             problem: Some(problem),
             ..Position::flat()
         }
@@ -479,10 +453,12 @@ fn fold_rows(rows: &[(Option<Decimal>, &Value)]) -> Position {
         [] => Position::flat(),
         [(amt, r)] => Position {
             amt: *amt,
+            // Any non-zero row is a position, dust included: the rules
+            // decide what is flat.
             side: if amt.is_sign_positive() {
-                "LONG"
+                PositionSide::Long
             } else {
-                "SHORT"
+                PositionSide::Short
             },
             entry_price: row_field(r, "entryPrice"),
             mark_price: row_field(r, "markPrice"),
@@ -504,7 +480,7 @@ fn fold_rows(rows: &[(Option<Decimal>, &Value)]) -> Position {
                 .map_or_else(|| "0".to_string(), dec_str);
             Position {
                 amt,
-                side: "HEDGED",
+                side: PositionSide::Hedged,
                 entry_price: row_field(r, "entryPrice"),
                 mark_price: row_field(r, "markPrice"),
                 unrealized_pnl: pnl,
@@ -579,7 +555,7 @@ pub async fn write_snapshots(
             .arg("position_amt")
             .arg(&amt)
             .arg("side")
-            .arg(pos.side)
+            .arg(pos.side.as_str())
             .arg("entry_price")
             .arg(&pos.entry_price)
             .arg("mark_price")
@@ -598,12 +574,12 @@ pub async fn write_snapshots(
         p.cmd("EXPIRE").arg(&key).arg(SNAPSHOT_TTL_S).ignore();
         // The canonical hash knows LONG/SHORT/FLAT only: a hedged symbol is
         // left out rather than written with a side that would mislead.
-        if canonical && pos.side != "HEDGED" {
+        if canonical && pos.side != PositionSide::Hedged {
             let ckey = keys::canonical_position(sym);
             let side = match pos.side {
-                "LONG" => "LONG",
-                "SHORT" => "SHORT",
-                _ => "FLAT",
+                PositionSide::Long => "LONG",
+                PositionSide::Short => "SHORT",
+                PositionSide::None | PositionSide::Hedged => "FLAT",
             };
             p.cmd("HSET")
                 .arg(&ckey)
@@ -732,7 +708,7 @@ pub async fn run_poller(
                 failures = 0;
                 let mut invalid = String::new();
                 for s in &symbols {
-                    if let Some(p) = positions.get(s).filter(|p| p.side == "HEDGED") {
+                    if let Some(p) = positions.get(s).filter(|p| p.side == PositionSide::Hedged) {
                         let why = p
                             .problem
                             .unwrap_or("hedge-mode positions open on both sides");
@@ -791,16 +767,16 @@ mod tests {
         ]);
         let p = parse_positions(&v).unwrap();
         assert_eq!(
-            (p["BTCUSDT"].side, dec_str(p["BTCUSDT"].amt)),
+            (p["BTCUSDT"].side.as_str(), dec_str(p["BTCUSDT"].amt)),
             ("LONG", "0.038".into())
         );
         assert_eq!(
-            (p["ETHUSDT"].side, dec_str(p["ETHUSDT"].amt)),
+            (p["ETHUSDT"].side.as_str(), dec_str(p["ETHUSDT"].amt)),
             ("SHORT", "-1.5".into())
         );
-        assert_eq!(p["SOLUSDT"].side, "HEDGED");
+        assert_eq!(p["SOLUSDT"].side, PositionSide::Hedged);
         assert_eq!(
-            (p["XRPUSDT"].side, dec_str(p["XRPUSDT"].amt)),
+            (p["XRPUSDT"].side.as_str(), dec_str(p["XRPUSDT"].amt)),
             ("NONE", "0".into())
         );
         assert!(parse_positions(&json!({"code": -1})).is_err());
@@ -835,16 +811,16 @@ mod tests {
             {"symbol": "NUMUSDT", "positionAmt": 0.25}
         ]);
         let p = parse_positions(&v).unwrap();
-        assert_eq!(p["DUPUSDT"].side, "HEDGED");
+        assert_eq!(p["DUPUSDT"].side, PositionSide::Hedged);
         assert!(p["DUPUSDT"].problem.is_some());
         assert_eq!(
-            (p["TWINUSDT"].side, p["TWINUSDT"].amt),
+            (p["TWINUSDT"].side.as_str(), p["TWINUSDT"].amt),
             ("LONG", Decimal::from_str("1.5").unwrap())
         );
-        assert_eq!(p["SPLITUSDT"].side, "HEDGED");
-        assert_eq!(p["HUGEUSDT"].side, "HEDGED");
-        assert_eq!(p["TEXTUSDT"].side, "HEDGED");
-        assert_eq!(p["NUMUSDT"].side, "LONG");
+        assert_eq!(p["SPLITUSDT"].side, PositionSide::Hedged);
+        assert_eq!(p["HUGEUSDT"].side, PositionSide::Hedged);
+        assert_eq!(p["TEXTUSDT"].side, PositionSide::Hedged);
+        assert_eq!(p["NUMUSDT"].side, PositionSide::Long);
         assert!(parse_positions(&json!([{"positionAmt": "1"}])).is_err());
     }
 

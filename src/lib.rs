@@ -9,7 +9,8 @@
 //!   none (SPEC §3); a pure resolver plus the Redis read and the refresher.
 //! - [`consumer`]: plans from `quantum:stream:apply.plan` (SPEC §4), a batch
 //!   at a time, a constant number of Redis round trips per batch.
-//! - [`rules`]: the pure evaluation of one plan (SPEC §5).
+//! - [`rules`]: the pure evaluation of one plan (SPEC §5), on typed inputs
+//!   parsed from the raw Redis values.
 //! - [`permits`]: permit JSON and the one atomic write + ACK (SPEC §6).
 //!
 //! Feeding the rules: [`exchange`] (positionRisk snapshots, step sizes,
@@ -17,10 +18,18 @@
 //! SPEC §8). Around it all: [`metrics`] and [`http`] (SPEC §9), [`store`]
 //! (Redis connections that survive outages), [`telemetry`] (logging) and
 //! [`lifecycle`] (start order, supervision, signals, systemd; SPEC §10).
+//!
+//! Shared underneath: [`stream`] (the one consumer-group reader the plan
+//! consumer and the ledger follower are handlers of), [`keys`] (every
+//! stream, group and key name), [`scripts`] (the Lua files), [`domain`]
+//! (bounded numbers, sides), [`steps`] (the step-size table), [`watchdog`]
+//! and [`text`]. Imports run only downward — lifecycle → workers → core →
+//! vocabulary — which `tests/layout.rs` checks.
 
 pub mod allowlist;
 pub mod config;
 pub mod consumer;
+pub mod domain;
 pub mod exchange;
 pub mod http;
 pub mod keys;
@@ -30,6 +39,7 @@ pub mod metrics;
 pub mod permits;
 pub mod rules;
 pub mod scripts;
+pub mod steps;
 pub mod store;
 pub mod stream;
 pub mod telemetry;

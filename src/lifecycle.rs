@@ -224,7 +224,7 @@ async fn start_and_supervise(
     let handle = AllowlistHandle::default();
     let mut resolver = Resolver::new(cfg.clone(), handle.clone(), metrics.clone());
     let first = resolver.refresh(Some(&mut con)).await;
-    let steps = exchange::StepSizes::default();
+    let steps = crate::steps::StepSizes::default();
     let (gained_tx, gained_rx) = tokio::sync::watch::channel(0u64);
     resolver.on_gain(gained_tx);
 

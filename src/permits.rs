@@ -13,8 +13,9 @@
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
+use crate::domain::dec_json;
 use crate::keys;
-use crate::rules::{dec_json, Allow, Deny, Reason};
+use crate::rules::{Allow, Deny, Reason};
 
 /// `created_at`: epoch seconds as a float, rounded to microseconds.
 fn created(now: f64) -> Value {

@@ -1,9 +1,11 @@
 //! Rules: the pure evaluation of one plan (SPEC §5). No I/O, no clock.
 //!
-//! [`evaluate`] takes the plan, the raw snapshot hash
-//! (`quantum:position:snapshot:<symbol>`), the raw ledger hash
-//! (`quantum:position:ledger:<symbol>`), the raw cooldown value
-//! (`quantum:cooldown:last_exec_ts:<symbol>`), `now`, the limits and the
+//! Raw values as read from Redis (the snapshot hash
+//! `quantum:position:snapshot:<symbol>`, the ledger hash
+//! `quantum:position:ledger:<symbol>`, the cooldown value
+//! `quantum:cooldown:last_exec_ts:<symbol>`) are parsed by [`Inputs::parse`]
+//! into typed inputs — each either the value or the denial it implies — and
+//! [`evaluate`] takes the plan, those inputs, `now`, the limits and the
 //! symbol's step size, and returns a [`Decision`]. Missing or doubtful input
 //! is a denial: the gate fails closed. Quantities are [`Decimal`]s, rounded
 //! down to whole steps, so JSON shows `0.028`, never `0.028000000000000004`.
@@ -11,34 +13,15 @@
 //! atomic permit write, see `permits`.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 
-use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
+use rust_decimal::prelude::FromPrimitive;
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 
+use crate::domain::{
+    dec_json, dust, fallback_step, parse_amount, parse_f64, secs_json, PositionSide,
+};
 use crate::text::clip;
-
-/// A position smaller than this is flat.
-pub fn dust() -> Decimal {
-    Decimal::new(1, 4)
-}
-
-/// The step used when the exchange did not give one for the symbol.
-pub fn fallback_step() -> Decimal {
-    Decimal::new(1, 3)
-}
-
-/// The largest position or ledger magnitude taken as real (SPEC §11 "Input
-/// bounds"): anything above is an invalid value, never arithmetic input.
-pub fn max_amount() -> Decimal {
-    Decimal::from(1_000_000_000_000i64)
-}
-
-/// Whether a step size is usable: between 1e-12 and 1e9 (SPEC §11).
-pub fn valid_step(step: Decimal) -> bool {
-    step >= Decimal::new(1, 12) && step <= Decimal::from(1_000_000_000i64)
-}
 
 /// How far ahead of `now` a plan's entry ID or a snapshot may be, seconds.
 pub const MAX_FUTURE_SKEW_S: f64 = 5.0;
@@ -46,16 +29,72 @@ pub const MAX_FUTURE_SKEW_S: f64 = 5.0;
 /// The largest cooldown timestamp taken as real, ms (year 33658).
 const MAX_COOLDOWN_MS: f64 = 1e15;
 
+/// The `decision` field of a plan the rules evaluate (others are filtered
+/// out before, SPEC §4 step 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanKind {
+    /// `EXECUTE`: an open or a close, judged by every row.
+    Execute,
+    /// `RECONCILE_CLOSE`: row 4, needs only a real, fresh position.
+    ReconcileClose,
+}
+
+impl PlanKind {
+    /// `EXECUTE` / `RECONCILE_CLOSE`, else `None` (not evaluated).
+    pub fn parse(decision: &str) -> Option<Self> {
+        match decision {
+            "EXECUTE" => Some(PlanKind::Execute),
+            "RECONCILE_CLOSE" => Some(PlanKind::ReconcileClose),
+            _ => None,
+        }
+    }
+
+    /// The plan field's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanKind::Execute => "EXECUTE",
+            PlanKind::ReconcileClose => "RECONCILE_CLOSE",
+        }
+    }
+}
+
+/// The plan's `side` field, parsed (SPEC §5 "A plan closes when…").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanSide {
+    /// No `side`, or an empty one.
+    Absent,
+    /// `BUY` / `LONG`.
+    Buy,
+    /// `SELL` / `SHORT`.
+    Sell,
+    /// `CLOSE`: close in whatever direction the position requires.
+    Close,
+    /// Anything else: deny `invalid_plan`, never guessed.
+    Invalid,
+}
+
+impl PlanSide {
+    /// Parses the field, any case, blanks trimmed.
+    pub fn parse(side: Option<&str>) -> Self {
+        match side.map(|s| s.trim().to_ascii_uppercase()).as_deref() {
+            None | Some("") => PlanSide::Absent,
+            Some("BUY" | "LONG") => PlanSide::Buy,
+            Some("SELL" | "SHORT") => PlanSide::Sell,
+            Some("CLOSE") => PlanSide::Close,
+            Some(_) => PlanSide::Invalid,
+        }
+    }
+}
+
 /// The plan fields the rules read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub plan_id: String,
     pub symbol: String,
-    pub decision: String,
+    pub kind: PlanKind,
     pub action: String,
     pub reduce_only: bool,
-    /// The `side` field, if present (validated by the rules).
-    pub side: Option<String>,
+    pub side: PlanSide,
     /// Milliseconds part of the stream entry ID.
     pub entry_ms: u64,
 }
@@ -185,83 +224,183 @@ pub enum Decision {
     Deny(Deny),
 }
 
-/// A decimal as a JSON number with no binary-float noise: integers as
-/// integers (`925`), others through their shortest round-trip form (`0.028`).
-pub fn dec_json(d: Decimal) -> Value {
-    let d = d.normalize();
-    if d.fract().is_zero() {
-        if let Some(i) = d.to_i64() {
-            return Value::from(i);
+/// A value as read from Redis: missing, of another Redis type (named), or
+/// present.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Raw<T> {
+    #[default]
+    Missing,
+    WrongType(String),
+    Present(T),
+}
+
+impl<T> Raw<T> {
+    /// Borrows the present value.
+    pub fn as_ref(&self) -> Raw<&T> {
+        match self {
+            Raw::Missing => Raw::Missing,
+            Raw::WrongType(t) => Raw::WrongType(t.clone()),
+            Raw::Present(v) => Raw::Present(v),
         }
     }
-    d.to_string()
-        .parse::<f64>()
-        .ok()
-        .and_then(serde_json::Number::from_f64)
-        .map_or(Value::Null, Value::Number)
-}
 
-/// A clean decimal string for log lines.
-pub fn dec_str(d: Decimal) -> String {
-    d.normalize().to_string()
-}
-
-/// Seconds rounded to milliseconds, for context fields.
-fn secs_json(s: f64) -> Value {
-    let r = (s * 1000.0).round() / 1000.0;
-    serde_json::Number::from_f64(r).map_or(Value::Null, Value::Number)
-}
-
-/// Parses a stored number: finite, decimal or scientific notation, within
-/// what a [`Decimal`] holds (about ±7.9e28). Never panics.
-pub fn parse_dec(s: &str) -> Option<Decimal> {
-    let s = s.trim();
-    if s.len() > 256 {
-        return None;
+    /// Maps the present value.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Raw<U> {
+        match self {
+            Raw::Missing => Raw::Missing,
+            Raw::WrongType(t) => Raw::WrongType(t),
+            Raw::Present(v) => Raw::Present(f(v)),
+        }
     }
-    let f: f64 = s.parse().ok()?;
-    if !f.is_finite() || f.abs() >= 7.9e28 {
-        return None;
+}
+
+/// The exchange snapshot of a symbol (rows 1–2), parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SnapshotInput {
+    /// Row 1: no snapshot hash (or an empty one).
+    Missing,
+    /// Row 2: a field missing or unusable (`type` when the key is not a
+    /// hash): `invalid_exchange_snapshot {field}`.
+    Invalid { field: &'static str },
+    /// A usable snapshot; `ts` and `hedged` are judged against `now` by the
+    /// rules (rows 2–3).
+    Valid(Snapshot),
+}
+
+/// A snapshot whose numbers parsed within bounds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Snapshot {
+    /// Signed position amount, |amt| ≤ 1e12.
+    pub amt: Decimal,
+    /// Snapshot time, epoch seconds (`ts_epoch_ms` preferred, SPEC §7).
+    pub ts: f64,
+    /// `side=HEDGED`: both hedge-mode sides open (row 2 denies).
+    pub hedged: bool,
+}
+
+/// The ledger amount of a symbol (row 7), parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LedgerInput {
+    /// Neither `last_known_amt` nor `ledger_amt`: no ledger position, rows
+    /// 7 and 7b are skipped (metadata alone is no position).
+    Absent,
+    /// Present but unusable (`type` when the key is not a hash):
+    /// `invalid_ledger {field, value}` with the value cut to 64 characters.
+    Invalid { field: &'static str, value: String },
+    /// The signed ledger amount, |amt| ≤ 1e12.
+    Amount(Decimal),
+}
+
+/// The last-execution time of a symbol (row 8), parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CooldownInput {
+    /// No key: no cooldown.
+    Absent,
+    /// Present but not a timestamp: `invalid_cooldown {value}` (cut).
+    Invalid { value: String },
+    /// Epoch milliseconds.
+    At(f64),
+}
+
+/// Everything the rules read besides the plan, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inputs {
+    pub snapshot: SnapshotInput,
+    pub ledger: LedgerInput,
+    pub cooldown: CooldownInput,
+}
+
+impl Inputs {
+    /// Parses the raw values of one symbol.
+    pub fn parse(
+        snapshot: Raw<&HashMap<String, String>>,
+        ledger: Raw<&HashMap<String, String>>,
+        cooldown: Raw<&str>,
+    ) -> Inputs {
+        Inputs {
+            snapshot: parse_snapshot(snapshot),
+            ledger: parse_ledger(ledger),
+            cooldown: parse_cooldown(cooldown),
+        }
     }
-    Decimal::from_str(s)
-        .ok()
-        .or_else(|| {
-            // `from_scientific` is only asked about exponents a Decimal can
-            // hold; anything else goes through the (checked) float path.
-            let exp = s
-                .split(['e', 'E'])
-                .nth(1)
-                .and_then(|e| e.parse::<i32>().ok())?;
-            (-28..=28)
-                .contains(&exp)
-                .then(|| Decimal::from_scientific(s).ok())
-                .flatten()
-        })
-        .or_else(|| Decimal::from_f64(f))
 }
 
-/// A position or ledger amount: a number (as [`parse_dec`]) whose magnitude
-/// is at most [`max_amount`].
-pub fn parse_amount(s: &str) -> Option<Decimal> {
-    parse_dec(s).filter(|d| d.abs() <= max_amount())
+/// The snapshot time, epoch seconds: `ts_epoch_ms` when present and valid,
+/// else `ts_epoch` (whole or decimal seconds, SPEC §7).
+pub fn snapshot_ts(snap: &HashMap<String, String>) -> Option<f64> {
+    snap.get("ts_epoch_ms")
+        .and_then(|v| parse_f64(v))
+        .filter(|ms| *ms > 0.0 && *ms < 1e15)
+        .map(|ms| ms / 1000.0)
+        .or_else(|| snap.get("ts_epoch").and_then(|v| parse_f64(v)))
 }
 
-fn parse_f64(s: &str) -> Option<f64> {
-    let s = s.trim();
-    if s.len() > 256 {
-        return None;
+/// Rows 1–2 as far as they need no clock.
+pub fn parse_snapshot(raw: Raw<&HashMap<String, String>>) -> SnapshotInput {
+    let snap = match raw {
+        Raw::Missing => return SnapshotInput::Missing,
+        Raw::WrongType(_) => return SnapshotInput::Invalid { field: "type" },
+        Raw::Present(s) if s.is_empty() => return SnapshotInput::Missing,
+        Raw::Present(s) => s,
+    };
+    let Some(amt) = snap.get("position_amt").and_then(|v| parse_amount(v)) else {
+        return SnapshotInput::Invalid {
+            field: "position_amt",
+        };
+    };
+    let Some(ts) = snapshot_ts(snap) else {
+        return SnapshotInput::Invalid { field: "ts_epoch" };
+    };
+    let hedged = snap
+        .get("side")
+        .is_some_and(|s| s.trim().eq_ignore_ascii_case(PositionSide::Hedged.as_str()));
+    SnapshotInput::Valid(Snapshot { amt, ts, hedged })
+}
+
+/// Row 7's ledger amount: `last_known_amt`, else `ledger_amt`.
+pub fn parse_ledger(raw: Raw<&HashMap<String, String>>) -> LedgerInput {
+    let l = match raw {
+        Raw::Missing => return LedgerInput::Absent,
+        Raw::WrongType(t) => {
+            return LedgerInput::Invalid {
+                field: "type",
+                value: clip(&t).into_owned(),
+            }
+        }
+        Raw::Present(l) => l,
+    };
+    let Some((field, raw)) = l
+        .get("last_known_amt")
+        .map(|v| ("last_known_amt", v))
+        .or_else(|| l.get("ledger_amt").map(|v| ("ledger_amt", v)))
+    else {
+        return LedgerInput::Absent;
+    };
+    match parse_amount(raw) {
+        Some(a) => LedgerInput::Amount(a),
+        None => LedgerInput::Invalid {
+            field,
+            value: clip(raw).into_owned(),
+        },
     }
-    s.parse::<f64>().ok().filter(|f| f.is_finite())
 }
 
-/// LONG / SHORT / NONE from a signed amount (sides come from signs only).
-pub fn side_of(amt: Decimal) -> &'static str {
-    if amt.abs() < dust() {
-        "NONE"
-    } else if amt.is_sign_positive() {
-        "LONG"
-    } else {
-        "SHORT"
+/// Row 8's timestamp: epoch ms within [0, 1e15].
+pub fn parse_cooldown(raw: Raw<&str>) -> CooldownInput {
+    let v = match raw {
+        Raw::Missing => return CooldownInput::Absent,
+        Raw::WrongType(t) => {
+            return CooldownInput::Invalid {
+                value: clip(&format!("<{t}>")).into_owned(),
+            }
+        }
+        Raw::Present(v) => v,
+    };
+    match parse_f64(v).filter(|ms| (0.0..=MAX_COOLDOWN_MS).contains(ms)) {
+        Some(ms) => CooldownInput::At(ms),
+        None => CooldownInput::Invalid {
+            value: clip(v).into_owned(),
+        },
     }
 }
 
@@ -285,38 +424,16 @@ fn deny(reason: Reason, context: Value) -> Decision {
     Decision::Deny(Deny { reason, context })
 }
 
-/// The plan's intended direction, from a `side` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PlanSide {
-    Buy,
-    Sell,
-    /// `side=CLOSE`: close in whatever direction the position requires.
-    Close,
-}
-
-fn plan_side(side: Option<&str>) -> Result<Option<PlanSide>, ()> {
-    match side.map(|s| s.trim().to_ascii_uppercase()) {
-        None => Ok(None),
-        Some(s) => match s.as_str() {
-            "BUY" | "LONG" => Ok(Some(PlanSide::Buy)),
-            "SELL" | "SHORT" => Ok(Some(PlanSide::Sell)),
-            "CLOSE" => Ok(Some(PlanSide::Close)),
-            "" => Ok(None),
-            _ => Err(()),
-        },
-    }
-}
-
 /// Whether the plan closes (reduces) the position `amt`.
-fn closes(plan: &Plan, side: Option<PlanSide>, amt: Decimal) -> bool {
+fn closes(plan: &Plan, amt: Decimal) -> bool {
     let a = plan.action.as_str();
     plan.reduce_only
         || matches!(a, "FULL_CLOSE_PROPOSED" | "PARTIAL_75" | "PARTIAL_50")
         || a.contains("CLOSE")
-        || side == Some(PlanSide::Close)
+        || plan.side == PlanSide::Close
         || matches!(
-            (side, side_of(amt)),
-            (Some(PlanSide::Sell), "LONG") | (Some(PlanSide::Buy), "SHORT")
+            (plan.side, PositionSide::of(amt)),
+            (PlanSide::Sell, PositionSide::Long) | (PlanSide::Buy, PositionSide::Short)
         )
 }
 
@@ -330,10 +447,13 @@ fn close_fraction(action: &str) -> Decimal {
 }
 
 /// Row 8: `Some(deny)` while in cooldown or when the value is unusable.
-fn cooldown_check(cooldown: Option<&str>, now: f64, lim: &Limits) -> Option<Decision> {
-    let raw = cooldown?;
-    let Some(ms) = parse_f64(raw).filter(|ms| (0.0..=MAX_COOLDOWN_MS).contains(ms)) else {
-        return Some(deny(Reason::InvalidCooldown, json!({ "value": clip(raw) })));
+fn cooldown_check(cooldown: &CooldownInput, now: f64, lim: &Limits) -> Option<Decision> {
+    let ms = match cooldown {
+        CooldownInput::Absent => return None,
+        CooldownInput::Invalid { value } => {
+            return Some(deny(Reason::InvalidCooldown, json!({ "value": value })))
+        }
+        CooldownInput::At(ms) => *ms,
     };
     let since = now - ms / 1000.0;
     (since < lim.cooldown_s).then(|| {
@@ -348,28 +468,16 @@ fn cooldown_check(cooldown: Option<&str>, now: f64, lim: &Limits) -> Option<Deci
     })
 }
 
-/// The snapshot time, epoch seconds: `ts_epoch_ms` when present and valid,
-/// else `ts_epoch` (whole or decimal seconds, SPEC §7).
-pub fn snapshot_ts(snap: &HashMap<String, String>) -> Option<f64> {
-    snap.get("ts_epoch_ms")
-        .and_then(|v| parse_f64(v))
-        .filter(|ms| *ms > 0.0 && *ms < 1e15)
-        .map(|ms| ms / 1000.0)
-        .or_else(|| snap.get("ts_epoch").and_then(|v| parse_f64(v)))
-}
-
-/// Evaluates one plan against the state read for its symbol (SPEC §5).
-/// `snapshot` and `ledger` are the raw hashes (`None` when absent or of the
-/// wrong Redis type — `Some(empty)` never happens for a real hash).
-pub fn evaluate(
-    plan: &Plan,
-    snapshot: Option<&HashMap<String, String>>,
-    ledger: Option<&HashMap<String, String>>,
-    cooldown: Option<&str>,
-    now: f64,
-    lim: &Limits,
-    step: Decimal,
-) -> Decision {
+/// Evaluates one plan against the parsed inputs of its symbol (SPEC §5).
+pub fn evaluate(plan: &Plan, inputs: &Inputs, now: f64, lim: &Limits, step: Decimal) -> Decision {
+    // A key of the wrong Redis type is corruption: denied before anything,
+    // whatever the plan.
+    if inputs.snapshot == (SnapshotInput::Invalid { field: "type" }) {
+        return deny(Reason::InvalidExchangeSnapshot, json!({ "field": "type" }));
+    }
+    if let LedgerInput::Invalid { field: "type", .. } = inputs.ledger {
+        return deny(Reason::InvalidLedger, json!({ "field": "type" }));
+    }
     // Row 0: expired plans are never judged on today's state.
     let age = now - plan.entry_ms as f64 / 1000.0;
     if age > lim.plan_max_age_s {
@@ -385,50 +493,39 @@ pub fn evaluate(
             json!({ "skew_seconds": secs_json(-age) }),
         );
     }
-    let Ok(side) = plan_side(plan.side.as_deref()) else {
+    if plan.side == PlanSide::Invalid {
         return deny(Reason::InvalidPlan, json!({ "field": "side" }));
+    }
+    // Rows 1–2.
+    let snap = match &inputs.snapshot {
+        SnapshotInput::Missing => return deny(Reason::NoExchangeSnapshot, json!({})),
+        SnapshotInput::Invalid { field } => {
+            return deny(Reason::InvalidExchangeSnapshot, json!({ "field": field }))
+        }
+        SnapshotInput::Valid(s) => *s,
     };
-    // Row 1.
-    let Some(snap) = snapshot.filter(|s| !s.is_empty()) else {
-        return deny(Reason::NoExchangeSnapshot, json!({}));
-    };
-    // Row 2.
-    let Some(ex) = snap.get("position_amt").and_then(|v| parse_amount(v)) else {
-        return deny(
-            Reason::InvalidExchangeSnapshot,
-            json!({ "field": "position_amt" }),
-        );
-    };
-    let Some(ts) = snapshot_ts(snap) else {
-        return deny(
-            Reason::InvalidExchangeSnapshot,
-            json!({ "field": "ts_epoch" }),
-        );
-    };
-    if ts > now + MAX_FUTURE_SKEW_S {
+    if snap.ts > now + MAX_FUTURE_SKEW_S {
         return deny(
             Reason::InvalidExchangeSnapshot,
             json!({ "field": "ts_epoch" }),
         );
     }
-    if snap
-        .get("side")
-        .is_some_and(|s| s.trim().eq_ignore_ascii_case("HEDGED"))
-    {
+    if snap.hedged {
         return deny(Reason::InvalidExchangeSnapshot, json!({ "field": "side" }));
     }
     // Row 3.
-    let snap_age = now - ts;
+    let snap_age = now - snap.ts;
     if snap_age > lim.stale_threshold_s {
         return deny(
             Reason::StaleExchangeState,
             json!({ "age_seconds": secs_json(snap_age) }),
         );
     }
+    let ex = snap.amt;
     let abs_ex = ex.abs();
     let flat = abs_ex < dust();
     // Row 4: a reconcile close needs only a real, fresh position.
-    if plan.decision == "RECONCILE_CLOSE" {
+    if plan.kind == PlanKind::ReconcileClose {
         if flat {
             return deny(Reason::NoPosition, json!({ "exchange_amt": dec_json(ex) }));
         }
@@ -447,7 +544,7 @@ pub fn evaluate(
             hold_applies: false,
         });
     }
-    if !closes(plan, side, ex) {
+    if !closes(plan, ex) {
         // Rows 5 / 5b.
         if !flat {
             return deny(
@@ -455,7 +552,7 @@ pub fn evaluate(
                 json!({ "exchange_amt": dec_json(ex) }),
             );
         }
-        if let Some(d) = cooldown_check(cooldown, now, lim) {
+        if let Some(d) = cooldown_check(&inputs.cooldown, now, lim) {
             return d;
         }
         return Decision::Allow(Allow {
@@ -471,51 +568,49 @@ pub fn evaluate(
         return deny(Reason::NoPosition, json!({ "exchange_amt": dec_json(ex) }));
     }
     // Row 7: metadata alone is no ledger position.
-    let ledger_raw = ledger.and_then(|l| {
-        l.get("last_known_amt")
-            .map(|v| ("last_known_amt", v))
-            .or_else(|| l.get("ledger_amt").map(|v| ("ledger_amt", v)))
-    });
-    let mut ledger_amt = Decimal::ZERO;
-    if let Some((field, raw)) = ledger_raw {
-        let Some(la) = parse_amount(raw) else {
+    let ledger_amt = match &inputs.ledger {
+        LedgerInput::Absent => Decimal::ZERO,
+        LedgerInput::Invalid { field, value } => {
             return deny(
                 Reason::InvalidLedger,
-                json!({ "field": field, "value": clip(raw) }),
-            );
-        };
-        ledger_amt = la;
-        let (es, ls) = (side_of(ex), side_of(la));
-        if es != ls && es != "NONE" && ls != "NONE" {
-            return deny(
-                Reason::ReconcileRequiredSideMismatch,
-                json!({ "exchange_side": es, "ledger_side": ls }),
-            );
+                json!({ "field": field, "value": value }),
+            )
         }
-        // Row 7b.
-        // Both amounts are bounded by `max_amount`, so this cannot
-        // overflow; checked all the same, an overflow is a zero tolerance.
-        let pct = Decimal::from_f64(lim.qty_tolerance_pct).unwrap_or(Decimal::ONE);
-        let tolerance = abs_ex
-            .checked_mul(pct)
-            .and_then(|t| t.checked_div(Decimal::ONE_HUNDRED))
-            .unwrap_or(Decimal::ZERO)
-            .max(fallback_step());
-        let diff = (abs_ex - la.abs()).abs();
-        if diff > tolerance {
-            return deny(
-                Reason::ReconcileRequiredQtyMismatch,
-                json!({
-                    "exchange_amt": dec_json(ex),
-                    "ledger_amt": dec_json(la),
-                    "diff": dec_json(diff),
-                    "tolerance": dec_json(tolerance),
-                }),
-            );
+        LedgerInput::Amount(la) => {
+            let la = *la;
+            let (es, ls) = (PositionSide::of(ex), PositionSide::of(la));
+            if es != ls && es != PositionSide::None && ls != PositionSide::None {
+                return deny(
+                    Reason::ReconcileRequiredSideMismatch,
+                    json!({ "exchange_side": es.as_str(), "ledger_side": ls.as_str() }),
+                );
+            }
+            // Row 7b. Both amounts are bounded by `max_amount`, so this
+            // cannot overflow; checked all the same, an overflow is a zero
+            // tolerance (fail closed).
+            let pct = Decimal::from_f64(lim.qty_tolerance_pct).unwrap_or(Decimal::ONE);
+            let tolerance = abs_ex
+                .checked_mul(pct)
+                .and_then(|t| t.checked_div(Decimal::ONE_HUNDRED))
+                .unwrap_or(Decimal::ZERO)
+                .max(fallback_step());
+            let diff = (abs_ex - la.abs()).abs();
+            if diff > tolerance {
+                return deny(
+                    Reason::ReconcileRequiredQtyMismatch,
+                    json!({
+                        "exchange_amt": dec_json(ex),
+                        "ledger_amt": dec_json(la),
+                        "diff": dec_json(diff),
+                        "tolerance": dec_json(tolerance),
+                    }),
+                );
+            }
+            la
         }
-    }
+    };
     // Row 8.
-    if let Some(d) = cooldown_check(cooldown, now, lim) {
+    if let Some(d) = cooldown_check(&inputs.cooldown, now, lim) {
         return d;
     }
     // Row 9.
@@ -550,16 +645,37 @@ mod tests {
         plan_max_age_s: 60.0,
     };
 
+    use crate::domain::dec_str;
+    use std::str::FromStr;
+
     fn plan(decision: &str, action: &str, reduce_only: bool, side: Option<&str>) -> Plan {
         Plan {
             plan_id: "abcdef0123456789".into(),
             symbol: "BTCUSDT".into(),
-            decision: decision.into(),
+            kind: PlanKind::parse(decision).expect("a test plan is evaluated"),
             action: action.into(),
             reduce_only,
-            side: side.map(str::to_string),
+            side: PlanSide::parse(side),
             entry_ms: (NOW * 1000.0) as u64 - 500,
         }
+    }
+
+    /// The rules on raw values, as the consumer feeds them.
+    fn evaluate(
+        plan: &Plan,
+        snap: Option<&HashMap<String, String>>,
+        ledger: Option<&HashMap<String, String>>,
+        cooldown: Option<&str>,
+        now: f64,
+        lim: &Limits,
+        step: Decimal,
+    ) -> Decision {
+        let inputs = Inputs::parse(
+            snap.map_or(Raw::Missing, Raw::Present),
+            ledger.map_or(Raw::Missing, Raw::Present),
+            cooldown.map_or(Raw::Missing, Raw::Present),
+        );
+        super::evaluate(plan, &inputs, now, lim, step)
     }
     fn snap(amt: &str, age: f64) -> Option<HashMap<String, String>> {
         Some(

@@ -11,9 +11,12 @@ use std::str::FromStr;
 use position_state_brain::allowlist::{self, Allowlist, Doc, Source, UniverseRead};
 use position_state_brain::config::{AllowlistMode, Config};
 use position_state_brain::consumer::classify;
+use position_state_brain::domain;
 use position_state_brain::exchange::{parse_positions, parse_step_sizes, retry_after};
 use position_state_brain::ledger::{interpret, ResultAction};
-use position_state_brain::rules::{self, evaluate, Decision, Limits, Plan};
+use position_state_brain::rules::{
+    self, evaluate, Decision, Inputs, Limits, Plan, PlanKind, PlanSide, Raw,
+};
 use position_state_brain::stream::parse_xread;
 use proptest::prelude::*;
 use redis::Value;
@@ -83,13 +86,13 @@ fn hash(pairs: Vec<(&str, Option<String>)>) -> HashMap<String, String> {
 proptest! {
     #[test]
     fn parse_dec_never_panics(s in anything()) {
-        if let Some(d) = rules::parse_dec(&s) {
+        if let Some(d) = domain::parse_dec(&s) {
             let f: f64 = s.trim().parse().expect("a parsed decimal was a float first");
             prop_assert!(f.is_finite());
             prop_assert!(d.abs() <= Decimal::MAX);
         }
-        if let Some(a) = rules::parse_amount(&s) {
-            prop_assert!(a.abs() <= rules::max_amount());
+        if let Some(a) = domain::parse_amount(&s) {
+            prop_assert!(a.abs() <= domain::max_amount());
         }
     }
 
@@ -113,10 +116,10 @@ proptest! {
         let plan = Plan {
             plan_id: "p".into(),
             symbol: "BTCUSDT".into(),
-            decision: if reconcile { "RECONCILE_CLOSE" } else { "EXECUTE" }.into(),
+            kind: if reconcile { PlanKind::ReconcileClose } else { PlanKind::Execute },
             action,
             reduce_only,
-            side,
+            side: PlanSide::parse(side.as_deref()),
             entry_ms,
         };
         let snap = hash(vec![
@@ -126,21 +129,18 @@ proptest! {
             ("side", snap_side),
         ]);
         let led = hash(vec![("last_known_amt", ledger), ("ledger_amt", ledger_amt)]);
-        let step = rules::parse_dec(&step)
-            .filter(|s| rules::valid_step(*s))
-            .unwrap_or_else(rules::fallback_step);
-        let got = evaluate(
-            &plan,
-            snapshot_present.then_some(&snap),
-            Some(&led),
-            cooldown.as_deref(),
-            NOW,
-            &LIM,
-            step,
+        let step = domain::parse_dec(&step)
+            .filter(|s| domain::valid_step(*s))
+            .unwrap_or_else(domain::fallback_step);
+        let inputs = Inputs::parse(
+            if snapshot_present { Raw::Present(&snap) } else { Raw::Missing },
+            Raw::Present(&led),
+            cooldown.as_deref().map_or(Raw::Missing, Raw::Present),
         );
+        let got = evaluate(&plan, &inputs, NOW, &LIM, step);
         if let Decision::Allow(a) = got {
             // An allow needs a real, bounded amount and a fresh snapshot.
-            let ex = amt.as_deref().and_then(rules::parse_amount);
+            let ex = amt.as_deref().and_then(domain::parse_amount);
             prop_assert!(snapshot_present && ex.is_some(), "allowed without a valid amount");
             let ex = ex.unwrap_or_default();
             prop_assert!(a.safe_qty >= Decimal::ZERO);
@@ -257,8 +257,8 @@ proptest! {
     ) {
         if let Ok(p) = parse_positions(&body) {
             for pos in p.values() {
-                prop_assert!(pos.amt.abs() <= rules::max_amount() * Decimal::from(2));
-                prop_assert!(["LONG", "SHORT", "NONE", "HEDGED"].contains(&pos.side));
+                prop_assert!(pos.amt.abs() <= domain::max_amount() * Decimal::from(2));
+                prop_assert!(["LONG", "SHORT", "NONE", "HEDGED"].contains(&pos.side.as_str()));
             }
         }
     }
@@ -277,7 +277,7 @@ proptest! {
     ) {
         if let Ok(t) = parse_step_sizes(&body) {
             for step in t.values() {
-                prop_assert!(rules::valid_step(*step), "step {step}");
+                prop_assert!(domain::valid_step(*step), "step {step}");
             }
         }
     }
@@ -350,8 +350,8 @@ proptest! {
 #[test]
 fn decimal_max_step_and_amount_are_in_the_strategies() {
     // The strategies above reach the values that crashed the daemon.
-    assert!(rules::parse_amount("79228162514264337593543950335").is_none());
-    assert!(!rules::valid_step(
+    assert!(domain::parse_amount("79228162514264337593543950335").is_none());
+    assert!(!domain::valid_step(
         Decimal::from_str("0.0000000000000000000000000001").unwrap()
     ));
 }
