@@ -118,22 +118,27 @@ pub enum Doc {
 /// What one round trip read from Redis.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UniverseRead {
+    /// The active document (`quantum:cfg:universe:active`).
     pub active: Doc,
     /// The meta hash (empty when missing or of another type).
     pub meta: HashMap<String, String>,
+    /// The last good document (`quantum:cfg:universe:last_ok`).
     pub last_ok: Doc,
 }
 
 /// The limits resolution applies.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Oldest universe data ever used, seconds (`P33_UNIVERSE_MAX_AGE_S`).
     pub max_age_s: f64,
 }
 
 /// The outcome of one resolution.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolution {
+    /// The tier that won.
     pub source: Source,
+    /// The valid symbols it holds.
     pub symbols: HashSet<String>,
     /// The `asof_epoch` the log line shows (meta's for tier 1, the document's
     /// for tier 2).
@@ -391,7 +396,9 @@ pub fn resolve(
 /// The allowlist in force.
 #[derive(Debug, Clone)]
 pub struct Allowlist {
+    /// The tier the list came from.
     pub source: Source,
+    /// The symbols that get permits.
     pub symbols: HashSet<String>,
     /// Past this instant the list refuses every symbol (tiers 1–2).
     pub expires_at: Option<f64>,

@@ -1,21 +1,24 @@
 //! Configuration: every variable of SPEC §2, parsed once and validated.
 //!
-//! Raw values are read with `envy` into structs of `Option<String>` (one for the
-//! `P33_` prefix, one for the unprefixed `REDIS_*`, `BINANCE_*` and legacy
-//! names) and then parsed here, so that every bad variable is reported with its
-//! name and value before the process exits 78. Tests feed an iterator of pairs
-//! (`Config::from_pairs`); nothing here calls `std::env::set_var`.
+//! Each variable is named once, in [`VARS`]: its name, default, kind and
+//! meaning. Everything else is derived from that table: which names are
+//! known (an unknown `P33_*` is a likely typo), how each raw value is parsed
+//! (by its [`Kind`]; a default is parsed by the same code as a user's
+//! value), the one error line per bad variable, and the `--check-config`
+//! printout. Cross-variable rules (credentials in binance mode, `REDIS_URL`
+//! over host/port/db, `RUST_LOG` over `P33_LOG_LEVEL`) come after, and never
+//! add a follow-on error to a variable that was already wrong. Tests feed an
+//! iterator of pairs (`Config::from_pairs`); nothing here calls
+//! `std::env::set_var` (the model: linkerd2-proxy's `env.rs`).
 //!
 //! Secrets (exchange key and secret, the Redis password) live in [`Secret`],
 //! whose `Debug` prints `[redacted]`; only request signing and the Redis
 //! connection call [`Secret::expose`].
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
-
-use serde::Deserialize;
 
 use crate::keys;
 
@@ -106,53 +109,403 @@ impl fmt::Debug for RedisTarget {
     }
 }
 
+/// How a variable's value is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Seconds, fractions allowed, finite, at most a year; `positive`
+    /// excludes 0.
+    Seconds {
+        /// Whether 0 is refused.
+        positive: bool,
+    },
+    /// A finite number ≥ 0 (a percentage).
+    Number,
+    /// true/false/1/0/yes/no/on/off, any case.
+    Bool,
+    /// A TCP port, 0-65535.
+    Port,
+    /// An IP address.
+    Addr,
+    /// One of the listed words (lower case).
+    Choice(&'static [&'static str]),
+    /// A non-empty string (a key or group name).
+    Name,
+    /// Any string, comma-separated into a list (the allowlist).
+    List,
+    /// An http(s) URL.
+    HttpUrl,
+    /// A Redis URL: parsed by the Redis client, shown redacted.
+    RedisUrl,
+    /// A host name (non-empty).
+    Host,
+    /// A Redis database number ≥ 0.
+    Db,
+    /// DEBUG / INFO / WARNING / ERROR / CRITICAL (Python's names).
+    LogLevel,
+    /// A `tracing` filter directive.
+    Filter,
+    /// Never parsed, never printed.
+    Secret,
+}
+
+/// One environment variable of SPEC §2.
+#[derive(Debug, Clone, Copy)]
+pub struct Var {
+    /// The variable's name.
+    pub name: &'static str,
+    /// Its default, as a user would write it; `None` when there is none or
+    /// it depends on other variables (said in `doc`).
+    pub default: Option<&'static str>,
+    /// How its value is read.
+    pub kind: Kind,
+    /// What it means.
+    pub doc: &'static str,
+}
+
+const fn var(
+    name: &'static str,
+    default: Option<&'static str>,
+    kind: Kind,
+    doc: &'static str,
+) -> Var {
+    Var {
+        name,
+        default,
+        kind,
+        doc,
+    }
+}
+
+/// Every variable, in the order of SPEC §2: the one place each is named.
+pub const VARS: &[Var] = &[
+    var("REDIS_URL", None, Kind::RedisUrl, "redis://[user:pass@]host:port/db, rediss://… (TLS) or unix:///path; wins over REDIS_HOST/PORT/DB"),
+    var("REDIS_HOST", Some("localhost"), Kind::Host, "Redis host when REDIS_URL is unset"),
+    var("REDIS_PORT", Some("6379"), Kind::Port, "Redis port when REDIS_URL is unset"),
+    var("REDIS_DB", Some("0"), Kind::Db, "Redis database when REDIS_URL is unset"),
+    var("REDIS_PASSWORD", None, Kind::Secret, "Redis AUTH password, used when the URL carries none"),
+    var("BINANCE_TESTNET_API_KEY", None, Kind::Secret, "exchange API key (else BINANCE_API_KEY); required with P33_SNAPSHOT_SOURCE=binance"),
+    var("BINANCE_TESTNET_API_SECRET", None, Kind::Secret, "exchange API secret (else BINANCE_API_SECRET); required with P33_SNAPSHOT_SOURCE=binance"),
+    var("BINANCE_API_KEY", None, Kind::Secret, "exchange API key when BINANCE_TESTNET_API_KEY is unset"),
+    var("BINANCE_API_SECRET", None, Kind::Secret, "exchange API secret when BINANCE_TESTNET_API_SECRET is unset"),
+    var("P33_EXCHANGE_BASE_URL", Some("https://testnet.binancefuture.com"), Kind::HttpUrl, "exchange REST base URL"),
+    var("P33_SNAPSHOT_SOURCE", Some("binance"), Kind::Choice(&["binance", "external"]), "binance: poll positionRisk and write snapshots; external: only read them"),
+    var("P33_ALLOWLIST", None, Kind::List, "tier-3 symbols, comma separated (default: APPLY_ALLOWLIST, else empty)"),
+    var("APPLY_ALLOWLIST", None, Kind::List, "the apply layer's list: tier 3 when P33_ALLOWLIST is unset"),
+    var("P33_ALLOWLIST_SOURCE", Some("universe"), Kind::Choice(&["universe", "env"]), "universe: tiers 1→2→3→4; env: tiers 3→4"),
+    var("P33_UNIVERSE_KEY_ACTIVE", Some(keys::UNIVERSE_ACTIVE), Kind::Name, "the universe's active document"),
+    var("P33_UNIVERSE_KEY_LAST_OK", Some(keys::UNIVERSE_LAST_OK), Kind::Name, "the universe's last good document"),
+    var("P33_UNIVERSE_KEY_META", Some(keys::UNIVERSE_META), Kind::Name, "the universe's meta hash"),
+    var("P33_UNIVERSE_MAX_AGE_S", Some("300"), Kind::Seconds { positive: true }, "oldest universe data ever used"),
+    var("P33_ALLOWLIST_REFRESH_S", Some("60"), Kind::Seconds { positive: true }, "period of the allowlist refresh"),
+    var("P33_POLL_SEC", Some("5"), Kind::Seconds { positive: true }, "exchange snapshot period"),
+    var("P33_STALE_THRESHOLD_SEC", Some("10"), Kind::Seconds { positive: true }, "oldest snapshot a plan may be judged on"),
+    var("P33_COOLDOWN_SEC", Some("15"), Kind::Seconds { positive: false }, "quiet time after an execution"),
+    var("P33_QTY_TOLERANCE_PCT", Some("1.0"), Kind::Number, "ledger vs exchange quantity tolerance, percent"),
+    var("P33_PERMIT_TTL", Some("60"), Kind::Seconds { positive: true }, "permit key lifetime"),
+    var("P33_PLAN_MAX_AGE_S", Some("60"), Kind::Seconds { positive: true }, "older plans (by stream entry ID) are denied plan_expired"),
+    var("P33_METRICS_PORT", Some("8045"), Kind::Port, "HTTP port of /metrics, /healthz, /readyz (0: any free port)"),
+    var("P33_METRICS_ADDR", Some("0.0.0.0"), Kind::Addr, "HTTP listen address"),
+    var("P33_LOG_LEVEL", Some("INFO"), Kind::LogLevel, "DEBUG, INFO, WARNING, ERROR or CRITICAL; RUST_LOG wins when set"),
+    var("RUST_LOG", None, Kind::Filter, "a tracing filter directive; wins over P33_LOG_LEVEL"),
+    var("P33_LOG_FORMAT", Some("text"), Kind::Choice(&["text", "json"]), "log line format"),
+    var("P33_DRY_RUN", Some("false"), Kind::Bool, "evaluate and log, write no permits and no ledger metadata"),
+    var("P33_CONSUMER_GROUP", None, Kind::Name, "plan consumer group (default p33, p33-dryrun in dry run)"),
+    var("P33_CONSUMER_NAME", None, Kind::Name, "consumer name, stable across restarts (default p33-<hostname>)"),
+    var("P33_CLAIM_IDLE_S", Some("30"), Kind::Seconds { positive: true }, "entries idle this long on other consumers are claimed"),
+    var("P33_CANONICAL_POSITIONS", Some("false"), Kind::Bool, "also write quantum:state:positions:<symbol>"),
+];
+
+/// The variable called `name` in [`VARS`].
+pub fn var_named(name: &str) -> Option<&'static Var> {
+    VARS.iter().find(|v| v.name == name)
+}
+
+/// A parsed value.
+#[derive(Clone)]
+enum Value {
+    Secs(f64),
+    Number(f64),
+    Bool(bool),
+    Port(u16),
+    Addr(IpAddr),
+    Word(&'static str),
+    Text(String),
+    List(Vec<String>),
+    RedisUrl(Box<redis::ConnectionInfo>, String),
+    Db(i64),
+    Level(&'static str),
+    Secret(Secret),
+}
+
+impl Value {
+    /// For `--check-config`: secrets and Redis credentials redacted.
+    fn shown(&self) -> String {
+        match self {
+            Value::Secs(s) | Value::Number(s) => s.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Port(p) => p.to_string(),
+            Value::Addr(a) => a.to_string(),
+            Value::Word(w) | Value::Level(w) => (*w).to_string(),
+            Value::Text(t) => t.clone(),
+            Value::List(l) => l.join(","),
+            Value::RedisUrl(_, shown) => shown.clone(),
+            Value::Db(d) => d.to_string(),
+            Value::Secret(_) => "[redacted]".to_string(),
+        }
+    }
+}
+
+/// Parses one raw value by its kind; the error says what is wanted.
+fn parse_value(kind: Kind, raw: &str) -> Result<Value, String> {
+    let s = raw.trim();
+    match kind {
+        Kind::Seconds { positive } => match s.parse::<f64>().ok().filter(|v| v.is_finite()) {
+            Some(v) if v > MAX_SECS => {
+                Err(format!("must be at most {MAX_SECS} (a year, in seconds)"))
+            }
+            Some(v) if positive && v > 0.0 => Ok(Value::Secs(v)),
+            Some(v) if !positive && v >= 0.0 => Ok(Value::Secs(v)),
+            Some(_) if positive => Err("must be a number of seconds greater than 0".into()),
+            _ => Err("must be a number of seconds (fractions allowed), e.g. 0.5".into()),
+        },
+        Kind::Number => match s.parse::<f64>().ok().filter(|v| v.is_finite()) {
+            Some(v) if (0.0..=MAX_SECS).contains(&v) => Ok(Value::Number(v)),
+            _ => Err("must be a finite number ≥ 0".into()),
+        },
+        Kind::Bool => parse_bool(s)
+            .map(Value::Bool)
+            .ok_or_else(|| "must be one of true/false/1/0/yes/no/on/off".into()),
+        Kind::Port => s
+            .parse::<u16>()
+            .map(Value::Port)
+            .map_err(|_| "must be a TCP port number 0-65535".into()),
+        Kind::Addr => s
+            .parse::<IpAddr>()
+            .map(Value::Addr)
+            .map_err(|_| "must be an IP address, e.g. 0.0.0.0 or 127.0.0.1".into()),
+        Kind::Choice(words) => words
+            .iter()
+            .find(|w| s.eq_ignore_ascii_case(w))
+            .map(|w| Value::Word(w))
+            .ok_or_else(|| format!("must be one of: {}", words.join(", "))),
+        Kind::Name | Kind::Host => {
+            if s.is_empty() {
+                Err("must not be empty".into())
+            } else {
+                Ok(Value::Text(s.to_string()))
+            }
+        }
+        Kind::List => Ok(Value::List(
+            s.split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect(),
+        )),
+        Kind::HttpUrl => match url::Url::parse(s) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {
+                Ok(Value::Text(s.trim_end_matches('/').to_string()))
+            }
+            _ => Err("must be an http(s) URL".into()),
+        },
+        Kind::RedisUrl => {
+            use redis::IntoConnectionInfo;
+            match s.into_connection_info() {
+                Ok(i) => {
+                    let shown = RedisTarget { info: i.clone() }.display();
+                    Ok(Value::RedisUrl(Box::new(i), shown))
+                }
+                Err(_) => Err("is not a redis://, rediss:// or unix:// URL".into()),
+            }
+        }
+        Kind::Db => s
+            .parse::<i64>()
+            .ok()
+            .filter(|d| *d >= 0)
+            .map(Value::Db)
+            .ok_or_else(|| "must be a database number ≥ 0".into()),
+        Kind::LogLevel => match s.to_ascii_uppercase().as_str() {
+            "TRACE" => Ok(Value::Level("trace")),
+            "DEBUG" => Ok(Value::Level("debug")),
+            "INFO" => Ok(Value::Level("info")),
+            "WARN" | "WARNING" => Ok(Value::Level("warn")),
+            "ERROR" | "CRITICAL" | "FATAL" => Ok(Value::Level("error")),
+            _ => Err("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL".into()),
+        },
+        Kind::Filter => match tracing_subscriber::EnvFilter::try_new(s) {
+            Ok(_) => Ok(Value::Text(s.to_string())),
+            Err(_) => Err("is not a valid tracing filter directive".into()),
+        },
+        Kind::Secret => Ok(Value::Secret(Secret(raw.to_string()))),
+    }
+}
+
+/// The parsed variables, by name: each set one (or its default), when valid.
+struct Parsed {
+    values: HashMap<&'static str, Value>,
+    /// Names given a value (as opposed to defaulted), empty ones included.
+    given: HashMap<&'static str, String>,
+    errors: Vec<ConfigError>,
+}
+
+impl Parsed {
+    fn read(env: &HashMap<String, String>) -> Parsed {
+        let mut p = Parsed {
+            values: HashMap::new(),
+            given: HashMap::new(),
+            errors: Vec::new(),
+        };
+        for v in VARS {
+            let raw = env.get(v.name);
+            if let Some(r) = raw {
+                p.given.insert(v.name, r.clone());
+            }
+            // An empty value is "unset" (as an env file line `X=` means),
+            // except for the list, where an explicit empty list wins.
+            let raw = raw.filter(|r| !r.trim().is_empty() || v.kind == Kind::List);
+            let Some(text) = raw.map(String::as_str).or(v.default) else {
+                continue;
+            };
+            match parse_value(v.kind, text) {
+                Ok(val) => {
+                    p.values.insert(v.name, val);
+                }
+                Err(why) => {
+                    let shown = match v.kind {
+                        Kind::Secret => "[redacted]".to_string(),
+                        Kind::RedisUrl => redact_url(text),
+                        _ => crate::text::clip(text).into_owned(),
+                    };
+                    p.errors.push(ConfigError {
+                        var: v.name.to_string(),
+                        value: shown,
+                        why,
+                    });
+                }
+            }
+        }
+        p
+    }
+
+    fn failed(&self, name: &str) -> bool {
+        self.errors.iter().any(|e| e.var == name)
+    }
+    fn secs(&self, name: &str) -> f64 {
+        match self.values.get(name) {
+            Some(Value::Secs(s) | Value::Number(s)) => *s,
+            _ => default_f64(name),
+        }
+    }
+    fn bool(&self, name: &str) -> bool {
+        matches!(self.values.get(name), Some(Value::Bool(true)))
+    }
+    fn word(&self, name: &str) -> &'static str {
+        match self.values.get(name) {
+            Some(Value::Word(w)) => w,
+            _ => var_named(name).and_then(|v| v.default).unwrap_or(""),
+        }
+    }
+    fn text(&self, name: &str) -> Option<String> {
+        match self.values.get(name) {
+            Some(Value::Text(t)) => Some(t.clone()),
+            _ => None,
+        }
+    }
+    fn secret(&self, name: &str) -> Option<Secret> {
+        match self.values.get(name) {
+            Some(Value::Secret(s)) if !s.expose().trim().is_empty() => Some(s.clone()),
+            _ => None,
+        }
+    }
+    fn list(&self, name: &str) -> Option<Vec<String>> {
+        match self.values.get(name) {
+            Some(Value::List(l)) => Some(l.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// A table default as a number (defaults are checked by a unit test).
+fn default_f64(name: &str) -> f64 {
+    var_named(name)
+        .and_then(|v| v.default)
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The effective configuration of the daemon.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The Redis server (`REDIS_URL`, else host/port/db, plus password).
     pub redis: RedisTarget,
+    /// Exchange API key (testnet name first).
     pub binance_api_key: Option<Secret>,
+    /// Exchange API secret (testnet name first).
     pub binance_api_secret: Option<Secret>,
+    /// REST base URL, no trailing slash.
     pub exchange_base_url: String,
+    /// Who writes the snapshot hashes.
     pub snapshot_source: SnapshotSource,
     /// Raw tier-3 list (validated at resolution time, so that the WARN about
     /// dropped entries is logged with the resolution that drops them).
     pub allowlist_env: Vec<String>,
+    /// Where allowlist resolution starts.
     pub allowlist_mode: AllowlistMode,
+    /// The universe's active document key.
     pub universe_key_active: String,
+    /// The universe's last good document key.
     pub universe_key_last_ok: String,
+    /// The universe's meta hash key.
     pub universe_key_meta: String,
     /// Oldest universe data ever used, seconds.
     pub universe_max_age_s: f64,
+    /// Period of the allowlist refresh.
     pub allowlist_refresh: Duration,
+    /// Exchange snapshot period.
     pub poll_interval: Duration,
     /// Oldest snapshot a plan may be judged on, seconds.
     pub stale_threshold_s: f64,
+    /// Quiet time after an execution, seconds.
     pub cooldown_s: f64,
+    /// Ledger vs exchange quantity tolerance, percent.
     pub qty_tolerance_pct: f64,
+    /// Permit key lifetime.
     pub permit_ttl: Duration,
+    /// Older plans are denied `plan_expired`, seconds.
     pub plan_max_age_s: f64,
+    /// HTTP listen address.
     pub metrics_addr: IpAddr,
+    /// HTTP port (0: any free port).
     pub metrics_port: u16,
     /// `tracing` filter directive (from `RUST_LOG` when set).
     pub log_filter: String,
+    /// Log line format.
     pub log_format: LogFormat,
+    /// Evaluate and log only.
     pub dry_run: bool,
+    /// Plan consumer group.
     pub consumer_group: String,
+    /// This consumer's name in every group.
     pub consumer_name: String,
+    /// Entries idle this long on other consumers are claimed.
     pub claim_idle: Duration,
+    /// Also write the canonical position hashes.
     pub canonical_positions: bool,
     /// Legacy variables that were set and are ignored (named once in a WARN).
     pub legacy_present: Vec<&'static str>,
     /// `P33_*` variables that this daemon does not know (likely typos).
     pub unknown_p33: Vec<String>,
+    /// `NAME=value` of every variable as in effect, secrets redacted.
+    shown: Vec<(&'static str, String)>,
 }
 
 /// One variable that could not be used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError {
+    /// The variable (or the pair of them, for a cross-variable rule).
     pub var: String,
-    /// The value as given (never a secret: secrets are not parsed).
+    /// The value as given (secrets and Redis passwords redacted).
     pub value: String,
+    /// What is wanted instead.
     pub why: String,
 }
 
@@ -184,80 +537,6 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// `P33_*` variables, read with `envy::prefixed("P33_")`.
-#[derive(Debug, Default, Deserialize)]
-struct RawP33 {
-    exchange_base_url: Option<String>,
-    snapshot_source: Option<String>,
-    allowlist: Option<String>,
-    allowlist_source: Option<String>,
-    universe_key_active: Option<String>,
-    universe_key_last_ok: Option<String>,
-    universe_key_meta: Option<String>,
-    universe_max_age_s: Option<String>,
-    allowlist_refresh_s: Option<String>,
-    poll_sec: Option<String>,
-    stale_threshold_sec: Option<String>,
-    cooldown_sec: Option<String>,
-    qty_tolerance_pct: Option<String>,
-    permit_ttl: Option<String>,
-    plan_max_age_s: Option<String>,
-    metrics_port: Option<String>,
-    metrics_addr: Option<String>,
-    log_level: Option<String>,
-    log_format: Option<String>,
-    dry_run: Option<String>,
-    consumer_group: Option<String>,
-    consumer_name: Option<String>,
-    claim_idle_s: Option<String>,
-    canonical_positions: Option<String>,
-}
-
-/// Unprefixed variables, read with `envy::from_iter`. Secrets go straight
-/// into [`Secret`] and are never echoed.
-#[derive(Default, Deserialize)]
-struct RawOther {
-    redis_url: Option<String>,
-    redis_host: Option<String>,
-    redis_port: Option<String>,
-    redis_db: Option<String>,
-    redis_password: Option<String>,
-    binance_testnet_api_key: Option<String>,
-    binance_testnet_api_secret: Option<String>,
-    binance_api_key: Option<String>,
-    binance_api_secret: Option<String>,
-    apply_allowlist: Option<String>,
-    rust_log: Option<String>,
-}
-
-/// Names of the known `P33_` variables, to spot typos and legacy names.
-const KNOWN_P33: &[&str] = &[
-    "P33_EXCHANGE_BASE_URL",
-    "P33_SNAPSHOT_SOURCE",
-    "P33_ALLOWLIST",
-    "P33_ALLOWLIST_SOURCE",
-    "P33_UNIVERSE_KEY_ACTIVE",
-    "P33_UNIVERSE_KEY_LAST_OK",
-    "P33_UNIVERSE_KEY_META",
-    "P33_UNIVERSE_MAX_AGE_S",
-    "P33_ALLOWLIST_REFRESH_S",
-    "P33_POLL_SEC",
-    "P33_STALE_THRESHOLD_SEC",
-    "P33_COOLDOWN_SEC",
-    "P33_QTY_TOLERANCE_PCT",
-    "P33_PERMIT_TTL",
-    "P33_PLAN_MAX_AGE_S",
-    "P33_METRICS_PORT",
-    "P33_METRICS_ADDR",
-    "P33_LOG_LEVEL",
-    "P33_LOG_FORMAT",
-    "P33_DRY_RUN",
-    "P33_CONSUMER_GROUP",
-    "P33_CONSUMER_NAME",
-    "P33_CLAIM_IDLE_S",
-    "P33_CANONICAL_POSITIONS",
-];
-
 /// Variables of older env files: accepted, ignored, named once in a WARN.
 pub const LEGACY_VARS: &[&str] = &[
     "UNIVERSE_ENABLE",
@@ -276,75 +555,6 @@ pub fn parse_bool(s: &str) -> Option<bool> {
         "true" | "1" | "yes" | "on" => Some(true),
         "false" | "0" | "no" | "off" => Some(false),
         _ => None,
-    }
-}
-
-/// Parses a number of seconds, fractions allowed (`0.5`).
-fn parse_secs(s: &str) -> Option<f64> {
-    let v: f64 = s.trim().parse().ok()?;
-    v.is_finite().then_some(v)
-}
-
-/// Collects parse errors while building the config.
-struct Parser {
-    errors: Vec<ConfigError>,
-}
-
-impl Parser {
-    fn err(&mut self, var: &str, value: &str, why: impl Into<String>) {
-        self.errors.push(ConfigError {
-            var: var.to_string(),
-            value: value.to_string(),
-            why: why.into(),
-        });
-    }
-
-    /// Seconds, `min_exclusive`: value must be > 0; else ≥ 0.
-    fn secs(&mut self, var: &str, raw: &Option<String>, default: f64, positive: bool) -> f64 {
-        let Some(s) = raw else { return default };
-        match parse_secs(s) {
-            Some(v) if v > MAX_SECS => {
-                self.err(
-                    var,
-                    s,
-                    format!("must be at most {MAX_SECS} (a year, in seconds)"),
-                );
-                default
-            }
-            Some(v) if positive && v > 0.0 => v,
-            Some(v) if !positive && v >= 0.0 => v,
-            Some(_) if positive => {
-                self.err(var, s, "must be a number of seconds greater than 0");
-                default
-            }
-            _ => {
-                self.err(
-                    var,
-                    s,
-                    "must be a number of seconds (fractions allowed), e.g. 0.5",
-                );
-                default
-            }
-        }
-    }
-
-    fn boolean(&mut self, var: &str, raw: &Option<String>, default: bool) -> bool {
-        let Some(s) = raw else { return default };
-        parse_bool(s).unwrap_or_else(|| {
-            self.err(var, s, "must be one of true/false/1/0/yes/no/on/off");
-            default
-        })
-    }
-
-    fn key(&mut self, var: &str, raw: &Option<String>, default: &str) -> String {
-        match raw {
-            Some(s) if s.trim().is_empty() => {
-                self.err(var, s, "must not be empty");
-                default.to_string()
-            }
-            Some(s) => s.trim().to_string(),
-            None => default.to_string(),
-        }
     }
 }
 
@@ -373,266 +583,175 @@ impl Config {
         Self::from_pairs(std::env::vars())
     }
 
-    /// Builds the configuration from `(name, value)` pairs.
+    /// Builds the configuration from `(name, value)` pairs (a later pair
+    /// wins, as in an environment).
     pub fn from_pairs<I>(vars: I) -> Result<Config, ConfigErrors>
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let vars: Vec<(String, String)> = vars.into_iter().collect();
-        let mut p = Parser { errors: Vec::new() };
-        // envy fails as a whole only on a type error; every field is a string,
-        // so these cannot fail on values, only on a non-UTF-8 environment,
-        // which std::env::vars already refuses.
-        let p33: RawP33 = envy::prefixed("P33_")
-            .from_iter(vars.iter().cloned())
-            .unwrap_or_default();
-        let other: RawOther = envy::from_iter(vars.iter().cloned()).unwrap_or_default();
+        let env: HashMap<String, String> = vars.into_iter().collect();
+        let mut p = Parsed::read(&env);
 
         let legacy_present: Vec<&'static str> = LEGACY_VARS
             .iter()
             .copied()
-            .filter(|n| vars.iter().any(|(k, _)| k == n))
+            .filter(|n| env.contains_key(*n))
             .collect();
-        let mut unknown_p33: Vec<String> = vars
-            .iter()
-            .map(|(k, _)| k)
+        let mut unknown_p33: Vec<String> = env
+            .keys()
             .filter(|k| k.starts_with("P33_"))
-            .filter(|k| !KNOWN_P33.contains(&k.as_str()) && !LEGACY_VARS.contains(&k.as_str()))
+            .filter(|k| var_named(k).is_none() && !LEGACY_VARS.contains(&k.as_str()))
             .cloned()
             .collect();
         unknown_p33.sort();
 
-        let redis = redis_target(&mut p, &other);
+        let redis = redis_target(&p);
 
-        let snapshot_source = match p33.snapshot_source.as_deref().map(str::trim) {
-            None | Some("binance") => SnapshotSource::Binance,
-            Some("external") => SnapshotSource::External,
-            Some(s) => {
-                p.err("P33_SNAPSHOT_SOURCE", s, "must be `binance` or `external`");
-                SnapshotSource::Binance
-            }
+        let snapshot_source = match p.word("P33_SNAPSHOT_SOURCE") {
+            "external" => SnapshotSource::External,
+            _ => SnapshotSource::Binance,
         };
-        let nonempty = |s: &Option<String>| s.clone().filter(|v| !v.trim().is_empty());
-        let (key_name, key) = match nonempty(&other.binance_testnet_api_key) {
-            Some(k) => ("BINANCE_TESTNET_API_KEY", Some(k)),
-            None => ("BINANCE_API_KEY", nonempty(&other.binance_api_key)),
-        };
-        let (secret_name, secret) = match nonempty(&other.binance_testnet_api_secret) {
-            Some(s) => ("BINANCE_TESTNET_API_SECRET", Some(s)),
-            None => ("BINANCE_API_SECRET", nonempty(&other.binance_api_secret)),
-        };
-        if snapshot_source == SnapshotSource::Binance && (key.is_none() || secret.is_none()) {
-            let missing: Vec<&str> = [(key.is_none(), key_name), (secret.is_none(), secret_name)]
-                .iter()
-                .filter(|(m, _)| *m)
-                .map(|(_, n)| *n)
-                .collect();
-            p.err(
-                "BINANCE_TESTNET_API_KEY/BINANCE_TESTNET_API_SECRET",
-                "",
-                format!(
+        let key = p
+            .secret("BINANCE_TESTNET_API_KEY")
+            .map(|k| ("BINANCE_TESTNET_API_KEY", k))
+            .or_else(|| p.secret("BINANCE_API_KEY").map(|k| ("BINANCE_API_KEY", k)));
+        let secret = p
+            .secret("BINANCE_TESTNET_API_SECRET")
+            .map(|k| ("BINANCE_TESTNET_API_SECRET", k))
+            .or_else(|| {
+                p.secret("BINANCE_API_SECRET")
+                    .map(|k| ("BINANCE_API_SECRET", k))
+            });
+        // Credentials matter only in binance mode, and only when the mode
+        // itself was valid: a misspelt mode is one error, not two.
+        if snapshot_source == SnapshotSource::Binance
+            && !p.failed("P33_SNAPSHOT_SOURCE")
+            && (key.is_none() || secret.is_none())
+        {
+            let missing: Vec<&str> = [
+                (key.is_none(), "BINANCE_TESTNET_API_KEY"),
+                (secret.is_none(), "BINANCE_TESTNET_API_SECRET"),
+            ]
+            .iter()
+            .filter(|(m, _)| *m)
+            .map(|(_, n)| *n)
+            .collect();
+            p.errors.push(ConfigError {
+                var: "BINANCE_TESTNET_API_KEY/BINANCE_TESTNET_API_SECRET".into(),
+                value: String::new(),
+                why: format!(
                     "{} unset: exchange credentials (or BINANCE_API_KEY/BINANCE_API_SECRET) are required when P33_SNAPSHOT_SOURCE=binance",
                     missing.join(" and ")
                 ),
-            );
+            });
         }
 
-        let exchange_base_url = p33
-            .exchange_base_url
-            .clone()
-            .unwrap_or_else(|| "https://testnet.binancefuture.com".to_string());
-        match url::Url::parse(exchange_base_url.trim()) {
-            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-            _ => p.err(
-                "P33_EXCHANGE_BASE_URL",
-                &exchange_base_url,
-                "must be an http(s) URL",
-            ),
-        }
-        let exchange_base_url = exchange_base_url.trim().trim_end_matches('/').to_string();
-
-        let allowlist_raw = p33.allowlist.clone().or(other.apply_allowlist.clone());
-        let allowlist_env: Vec<String> = allowlist_raw
-            .as_deref()
-            .unwrap_or("")
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-
-        let allowlist_mode = match p33.allowlist_source.as_deref().map(str::trim) {
-            None | Some("universe") => AllowlistMode::Universe,
-            Some("env") => AllowlistMode::Env,
-            Some(s) => {
-                p.err("P33_ALLOWLIST_SOURCE", s, "must be `universe` or `env`");
-                AllowlistMode::Universe
-            }
-        };
-
-        let universe_key_active = p.key(
-            "P33_UNIVERSE_KEY_ACTIVE",
-            &p33.universe_key_active,
-            keys::UNIVERSE_ACTIVE,
-        );
-        let universe_key_last_ok = p.key(
-            "P33_UNIVERSE_KEY_LAST_OK",
-            &p33.universe_key_last_ok,
-            keys::UNIVERSE_LAST_OK,
-        );
-        let universe_key_meta = p.key(
-            "P33_UNIVERSE_KEY_META",
-            &p33.universe_key_meta,
-            keys::UNIVERSE_META,
-        );
-
-        let universe_max_age_s = p.secs(
-            "P33_UNIVERSE_MAX_AGE_S",
-            &p33.universe_max_age_s,
-            300.0,
-            true,
-        );
-        let refresh = p.secs(
-            "P33_ALLOWLIST_REFRESH_S",
-            &p33.allowlist_refresh_s,
-            60.0,
-            true,
-        );
-        let poll = p.secs("P33_POLL_SEC", &p33.poll_sec, 5.0, true);
-        let stale_threshold_s = p.secs(
-            "P33_STALE_THRESHOLD_SEC",
-            &p33.stale_threshold_sec,
-            10.0,
-            true,
-        );
-        let cooldown_s = p.secs("P33_COOLDOWN_SEC", &p33.cooldown_sec, 15.0, false);
-        let qty_tolerance_pct = p.secs("P33_QTY_TOLERANCE_PCT", &p33.qty_tolerance_pct, 1.0, false);
-        let permit_ttl = p.secs("P33_PERMIT_TTL", &p33.permit_ttl, 60.0, true);
-        if permit_ttl < 0.001 {
-            p.err(
-                "P33_PERMIT_TTL",
-                p33.permit_ttl.as_deref().unwrap_or(""),
-                "must be at least 0.001 seconds",
-            );
-        }
-        let plan_max_age_s = p.secs("P33_PLAN_MAX_AGE_S", &p33.plan_max_age_s, 60.0, true);
-        let claim_idle = p.secs("P33_CLAIM_IDLE_S", &p33.claim_idle_s, 30.0, true);
-
-        let metrics_port = match &p33.metrics_port {
-            None => 8045,
-            Some(s) => s.trim().parse::<u16>().unwrap_or_else(|_| {
-                p.err("P33_METRICS_PORT", s, "must be a TCP port number 0-65535");
-                8045
-            }),
-        };
-        let metrics_addr = match &p33.metrics_addr {
-            None => IpAddr::from([0, 0, 0, 0]),
-            Some(s) => s.trim().parse::<IpAddr>().unwrap_or_else(|_| {
-                p.err(
-                    "P33_METRICS_ADDR",
-                    s,
-                    "must be an IP address, e.g. 0.0.0.0 or 127.0.0.1",
-                );
-                IpAddr::from([0, 0, 0, 0])
-            }),
-        };
-
-        let level = match p33
-            .log_level
-            .as_deref()
-            .map(|s| s.trim().to_ascii_uppercase())
-        {
-            None => "info".to_string(),
-            Some(l) => match l.as_str() {
-                "TRACE" => "trace".into(),
-                "DEBUG" => "debug".into(),
-                "INFO" => "info".into(),
-                "WARN" | "WARNING" => "warn".into(),
-                "ERROR" | "CRITICAL" | "FATAL" => "error".into(),
-                _ => {
-                    p.err(
-                        "P33_LOG_LEVEL",
-                        p33.log_level.as_deref().unwrap_or(""),
-                        "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
-                    );
-                    "info".into()
-                }
-            },
-        };
-        let log_filter = match other.rust_log.as_deref().map(str::trim) {
-            Some(f) if !f.is_empty() => {
-                if tracing_subscriber::EnvFilter::try_new(f).is_err() {
-                    p.err("RUST_LOG", f, "is not a valid tracing filter directive");
-                }
-                f.to_string()
-            }
-            _ => level,
-        };
-        let log_format = match p33
-            .log_format
-            .as_deref()
-            .map(|s| s.trim().to_ascii_lowercase())
-        {
-            None => LogFormat::Text,
-            Some(f) if f == "text" => LogFormat::Text,
-            Some(f) if f == "json" => LogFormat::Json,
-            Some(_) => {
-                p.err(
-                    "P33_LOG_FORMAT",
-                    p33.log_format.as_deref().unwrap_or(""),
-                    "must be `text` or `json`",
-                );
-                LogFormat::Text
-            }
-        };
-
-        let dry_run = p.boolean("P33_DRY_RUN", &p33.dry_run, false);
-        let canonical_positions =
-            p.boolean("P33_CANONICAL_POSITIONS", &p33.canonical_positions, false);
-        let default_group = if dry_run {
-            keys::PLAN_GROUP_DRY_RUN
+        // P33_ALLOWLIST wins when set, even empty; else APPLY_ALLOWLIST.
+        let allowlist_env = if p.given.contains_key("P33_ALLOWLIST") {
+            p.list("P33_ALLOWLIST")
         } else {
-            keys::PLAN_GROUP
+            p.list("APPLY_ALLOWLIST")
+        }
+        .unwrap_or_default();
+        let allowlist_mode = match p.word("P33_ALLOWLIST_SOURCE") {
+            "env" => AllowlistMode::Env,
+            _ => AllowlistMode::Universe,
         };
-        let consumer_group = p.key("P33_CONSUMER_GROUP", &p33.consumer_group, default_group);
-        let consumer_name = p.key(
-            "P33_CONSUMER_NAME",
-            &p33.consumer_name,
-            &format!("p33-{}", hostname()),
-        );
+
+        let permit_ttl = p.secs("P33_PERMIT_TTL");
+        if permit_ttl < 0.001 && !p.failed("P33_PERMIT_TTL") {
+            p.errors.push(ConfigError {
+                var: "P33_PERMIT_TTL".into(),
+                value: p.given.get("P33_PERMIT_TTL").cloned().unwrap_or_default(),
+                why: "must be at least 0.001 seconds".into(),
+            });
+        }
+
+        let level = match p.values.get("P33_LOG_LEVEL") {
+            Some(Value::Level(l)) => *l,
+            _ => "info",
+        };
+        let log_filter = p.text("RUST_LOG").unwrap_or_else(|| level.to_string());
+        let log_format = match p.word("P33_LOG_FORMAT") {
+            "json" => LogFormat::Json,
+            _ => LogFormat::Text,
+        };
+
+        let dry_run = p.bool("P33_DRY_RUN");
+        let consumer_group = p.text("P33_CONSUMER_GROUP").unwrap_or_else(|| {
+            if dry_run {
+                keys::PLAN_GROUP_DRY_RUN
+            } else {
+                keys::PLAN_GROUP
+            }
+            .to_string()
+        });
+        let consumer_name = p
+            .text("P33_CONSUMER_NAME")
+            .unwrap_or_else(|| format!("p33-{}", hostname()));
 
         if !p.errors.is_empty() {
             return Err(ConfigErrors(p.errors));
         }
+        // What --check-config prints: the table's parsed values, with the
+        // values other variables decided filled in.
+        p.values
+            .insert("P33_CONSUMER_GROUP", Value::Text(consumer_group.clone()));
+        p.values
+            .insert("P33_CONSUMER_NAME", Value::Text(consumer_name.clone()));
+        p.values
+            .insert("P33_ALLOWLIST", Value::List(allowlist_env.clone()));
+        let shown = VARS
+            .iter()
+            .map(|v| {
+                let value = p
+                    .values
+                    .get(v.name)
+                    .map_or_else(|| "(unset)".to_string(), Value::shown);
+                (v.name, value)
+            })
+            .chain([
+                ("REDIS", redis.display()),
+                ("LOG_FILTER", log_filter.clone()),
+            ])
+            .collect();
         Ok(Config {
             redis,
-            binance_api_key: key.map(Secret),
-            binance_api_secret: secret.map(Secret),
-            exchange_base_url,
+            binance_api_key: key.map(|(_, k)| k),
+            binance_api_secret: secret.map(|(_, s)| s),
+            exchange_base_url: p.text("P33_EXCHANGE_BASE_URL").unwrap_or_default(),
             snapshot_source,
             allowlist_env,
             allowlist_mode,
-            universe_key_active,
-            universe_key_last_ok,
-            universe_key_meta,
-            universe_max_age_s,
-            allowlist_refresh: dur(refresh),
-            poll_interval: dur(poll),
-            stale_threshold_s,
-            cooldown_s,
-            qty_tolerance_pct,
+            universe_key_active: p.text("P33_UNIVERSE_KEY_ACTIVE").unwrap_or_default(),
+            universe_key_last_ok: p.text("P33_UNIVERSE_KEY_LAST_OK").unwrap_or_default(),
+            universe_key_meta: p.text("P33_UNIVERSE_KEY_META").unwrap_or_default(),
+            universe_max_age_s: p.secs("P33_UNIVERSE_MAX_AGE_S"),
+            allowlist_refresh: dur(p.secs("P33_ALLOWLIST_REFRESH_S")),
+            poll_interval: dur(p.secs("P33_POLL_SEC")),
+            stale_threshold_s: p.secs("P33_STALE_THRESHOLD_SEC"),
+            cooldown_s: p.secs("P33_COOLDOWN_SEC"),
+            qty_tolerance_pct: p.secs("P33_QTY_TOLERANCE_PCT"),
             permit_ttl: dur(permit_ttl),
-            plan_max_age_s,
-            metrics_addr,
-            metrics_port,
+            plan_max_age_s: p.secs("P33_PLAN_MAX_AGE_S"),
+            metrics_addr: match p.values.get("P33_METRICS_ADDR") {
+                Some(Value::Addr(a)) => *a,
+                _ => IpAddr::from([0, 0, 0, 0]),
+            },
+            metrics_port: match p.values.get("P33_METRICS_PORT") {
+                Some(Value::Port(n)) => *n,
+                _ => 8045,
+            },
             log_filter,
             log_format,
             dry_run,
             consumer_group,
             consumer_name,
-            claim_idle: dur(claim_idle),
-            canonical_positions,
+            claim_idle: dur(p.secs("P33_CLAIM_IDLE_S")),
+            canonical_positions: p.bool("P33_CANONICAL_POSITIONS"),
             legacy_present,
             unknown_p33,
+            shown,
         })
     }
 
@@ -646,137 +765,64 @@ impl Config {
         }
     }
 
-    /// The effective configuration as `NAME=value` lines, secrets redacted,
-    /// for `--check-config`.
-    pub fn effective(&self) -> BTreeMap<&'static str, String> {
-        let secret = |s: &Option<Secret>| match s {
-            Some(_) => "[redacted]".to_string(),
-            None => "(unset)".to_string(),
-        };
-        let mut m = BTreeMap::new();
-        m.insert("REDIS", self.redis.display());
-        m.insert("BINANCE_API_KEY", secret(&self.binance_api_key));
-        m.insert("BINANCE_API_SECRET", secret(&self.binance_api_secret));
-        m.insert("P33_EXCHANGE_BASE_URL", self.exchange_base_url.clone());
-        m.insert(
-            "P33_SNAPSHOT_SOURCE",
-            match self.snapshot_source {
-                SnapshotSource::Binance => "binance",
-                SnapshotSource::External => "external",
+    /// The effective configuration as `NAME=value` pairs in table order,
+    /// secrets redacted, for `--check-config`.
+    pub fn effective(&self) -> &[(&'static str, String)] {
+        &self.shown
+    }
+
+    /// Every WARN start-up gives about the configuration itself: unknown
+    /// `P33_*` names, legacy variables, and each tier-3 allowlist entry that
+    /// will be dropped, by name and why.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if !self.legacy_present.is_empty() {
+            w.push(format!(
+                "ignoring legacy variables (no longer used): {}",
+                self.legacy_present.join(", ")
+            ));
+        }
+        if !self.unknown_p33.is_empty() {
+            w.push(format!(
+                "unknown P33_ variables (typo?), ignored: {}",
+                self.unknown_p33.join(", ")
+            ));
+        }
+        for s in &self.allowlist_env {
+            if let Some(why) = keys::symbol_problem(s) {
+                w.push(format!(
+                    "P3.3 allowlist: tier-3 entry {:?} will be dropped: {why}",
+                    crate::text::clip(s)
+                ));
             }
-            .into(),
-        );
-        m.insert("P33_ALLOWLIST", self.allowlist_env.join(","));
-        m.insert(
-            "P33_ALLOWLIST_SOURCE",
-            match self.allowlist_mode {
-                AllowlistMode::Universe => "universe",
-                AllowlistMode::Env => "env",
-            }
-            .into(),
-        );
-        m.insert("P33_UNIVERSE_KEY_ACTIVE", self.universe_key_active.clone());
-        m.insert(
-            "P33_UNIVERSE_KEY_LAST_OK",
-            self.universe_key_last_ok.clone(),
-        );
-        m.insert("P33_UNIVERSE_KEY_META", self.universe_key_meta.clone());
-        m.insert(
-            "P33_UNIVERSE_MAX_AGE_S",
-            self.universe_max_age_s.to_string(),
-        );
-        m.insert(
-            "P33_ALLOWLIST_REFRESH_S",
-            self.allowlist_refresh.as_secs_f64().to_string(),
-        );
-        m.insert("P33_POLL_SEC", self.poll_interval.as_secs_f64().to_string());
-        m.insert(
-            "P33_STALE_THRESHOLD_SEC",
-            self.stale_threshold_s.to_string(),
-        );
-        m.insert("P33_COOLDOWN_SEC", self.cooldown_s.to_string());
-        m.insert("P33_QTY_TOLERANCE_PCT", self.qty_tolerance_pct.to_string());
-        m.insert("P33_PERMIT_TTL", self.permit_ttl.as_secs_f64().to_string());
-        m.insert("P33_PLAN_MAX_AGE_S", self.plan_max_age_s.to_string());
-        m.insert("P33_METRICS_ADDR", self.metrics_addr.to_string());
-        m.insert("P33_METRICS_PORT", self.metrics_port.to_string());
-        m.insert("LOG_FILTER", self.log_filter.clone());
-        m.insert(
-            "P33_LOG_FORMAT",
-            match self.log_format {
-                LogFormat::Text => "text",
-                LogFormat::Json => "json",
-            }
-            .into(),
-        );
-        m.insert("P33_DRY_RUN", self.dry_run.to_string());
-        m.insert("P33_CONSUMER_GROUP", self.consumer_group.clone());
-        m.insert("P33_CONSUMER_NAME", self.consumer_name.clone());
-        m.insert(
-            "P33_CLAIM_IDLE_S",
-            self.claim_idle.as_secs_f64().to_string(),
-        );
-        m.insert(
-            "P33_CANONICAL_POSITIONS",
-            self.canonical_positions.to_string(),
-        );
-        m
+        }
+        w
     }
 }
 
 /// `REDIS_URL` wins over host/port/db; `REDIS_PASSWORD` applies when the URL
 /// carries none.
-fn redis_target(p: &mut Parser, o: &RawOther) -> RedisTarget {
-    use redis::IntoConnectionInfo;
-    let password = o.redis_password.clone().filter(|s| !s.is_empty());
-    let fallback = || redis::ConnectionInfo {
-        addr: redis::ConnectionAddr::Tcp("localhost".into(), 6379),
-        redis: redis::RedisConnectionInfo::default(),
-    };
-    let mut info = if let Some(url) = o.redis_url.as_deref().filter(|s| !s.trim().is_empty()) {
-        match url.trim().into_connection_info() {
-            Ok(i) => i,
-            Err(_) => {
-                p.err(
-                    "REDIS_URL",
-                    &redact_url(url),
-                    "is not a redis://, rediss:// or unix:// URL",
-                );
-                fallback()
+fn redis_target(p: &Parsed) -> RedisTarget {
+    let mut info = match p.values.get("REDIS_URL") {
+        Some(Value::RedisUrl(i, _)) => (**i).clone(),
+        _ => {
+            let host = p.text("REDIS_HOST").unwrap_or_else(|| "localhost".into());
+            let port = match p.values.get("REDIS_PORT") {
+                Some(Value::Port(n)) => *n,
+                _ => 6379,
+            };
+            let mut info = redis::ConnectionInfo {
+                addr: redis::ConnectionAddr::Tcp(host, port),
+                redis: redis::RedisConnectionInfo::default(),
+            };
+            if let Some(Value::Db(d)) = p.values.get("REDIS_DB") {
+                info.redis.db = *d;
             }
+            info
         }
-    } else {
-        let host = o
-            .redis_host
-            .clone()
-            .filter(|s| !s.trim().is_empty())
-            .unwrap_or_else(|| "localhost".into());
-        let port = match &o.redis_port {
-            None => 6379,
-            Some(s) => s.trim().parse::<u16>().unwrap_or_else(|_| {
-                p.err("REDIS_PORT", s, "must be a TCP port number");
-                6379
-            }),
-        };
-        let db = match &o.redis_db {
-            None => 0,
-            Some(s) => s
-                .trim()
-                .parse::<i64>()
-                .ok()
-                .filter(|d| *d >= 0)
-                .unwrap_or_else(|| {
-                    p.err("REDIS_DB", s, "must be a database number ≥ 0");
-                    0
-                }),
-        };
-        let mut i = fallback();
-        i.addr = redis::ConnectionAddr::Tcp(host.trim().to_string(), port);
-        i.redis.db = db;
-        i
     };
     if info.redis.password.is_none() {
-        info.redis.password = password;
+        info.redis.password = p.secret("REDIS_PASSWORD").map(|s| s.expose().to_string());
     }
     RedisTarget { info }
 }
@@ -841,6 +887,52 @@ mod tests {
         assert!(c.allowlist_env.is_empty(), "no hard-coded symbol");
         assert_eq!(c.allowlist_mode, AllowlistMode::Universe);
         assert_eq!(c.exchange_base_url, "https://testnet.binancefuture.com");
+    }
+
+    #[test]
+    fn the_table_is_the_one_list_of_names_and_every_default_parses() {
+        let mut names = std::collections::HashSet::new();
+        for v in VARS {
+            assert!(names.insert(v.name), "{} twice", v.name);
+            if let Some(d) = v.default {
+                assert!(parse_value(v.kind, d).is_ok(), "default of {}", v.name);
+            }
+            assert!(!v.doc.is_empty(), "{} has a doc", v.name);
+        }
+        let c = cfg(&[]).unwrap();
+        let shown: Vec<&str> = c.effective().iter().map(|(k, _)| *k).collect();
+        for v in VARS {
+            assert!(shown.contains(&v.name), "--check-config shows {}", v.name);
+        }
+    }
+
+    #[test]
+    fn one_error_per_bad_variable_and_no_follow_on() {
+        // A misspelt mode is one error, not also "credentials missing".
+        let e = Config::from_pairs([("P33_SNAPSHOT_SOURCE".to_string(), "extrenal".to_string())])
+            .unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].var, "P33_SNAPSHOT_SOURCE");
+        // A bad TTL is one error, not also "at least 0.001".
+        let e = cfg(&[("P33_PERMIT_TTL", "-1")]).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+    }
+
+    #[test]
+    fn warnings_name_every_dropped_entry_and_why() {
+        let c = cfg(&[
+            ("P33_ALLOWLIST", "btcusdt,ETHUSDT,BTC-USDT"),
+            ("P33_POLL_SECS", "3"),
+        ])
+        .unwrap();
+        let w = c.warnings().join("\n");
+        assert!(w.contains("\"btcusdt\" will be dropped: lower case"), "{w}");
+        assert!(
+            w.contains("\"BTC-USDT\" will be dropped: holds characters"),
+            "{w}"
+        );
+        assert!(!w.contains("ETHUSDT"), "{w}");
+        assert!(w.contains("P33_POLL_SECS"), "{w}");
     }
 
     #[test]

@@ -45,8 +45,11 @@ const BLOCK_MS: u64 = 500;
 /// The raw state of one symbol, as read (parsed by [`Inputs::parse`]).
 #[derive(Debug, Default, Clone)]
 pub struct SymbolState {
+    /// `quantum:position:snapshot:<symbol>`.
     pub snapshot: Raw<HashMap<String, String>>,
+    /// `quantum:position:ledger:<symbol>`.
     pub ledger: Raw<HashMap<String, String>>,
+    /// `quantum:cooldown:last_exec_ts:<symbol>`.
     pub cooldown: Raw<String>,
 }
 
@@ -185,16 +188,23 @@ pub fn classify(e: &Entry, allow: &Allowlist, now: f64) -> Result<Plan, Filtered
 /// exactly one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Label {
+    /// An allow permit was written.
     Allow,
+    /// A deny permit was written (a hold denial included).
     Deny,
+    /// `decision` is not EXECUTE / RECONCILE_CLOSE: ACK, no permit.
     SkipDecision,
+    /// The symbol is not on the allowlist: ACK, no permit.
     NotAllowlisted,
+    /// A malformed entry: ACK, no permit, ERROR line.
     Malformed,
     /// Another consumer had already finished the entry (after a claim).
     Duplicate,
     /// A permit for the entry's `plan_id` already existed.
     DuplicatePlanId,
+    /// Dry run: would have allowed.
     DryRunAllow,
+    /// Dry run: would have denied.
     DryRunDeny,
 }
 
@@ -436,6 +446,8 @@ impl Consumer {
             }
             Written::DuplicatePlanId => {
                 error!(
+                    symbol = %sym,
+                    plan = %id,
                     "{sym}: duplicate plan_id {:?}: a permit for it already exists - ACK, no permit (the first decision stands)",
                     ev.plan.plan_id
                 );
@@ -477,6 +489,8 @@ impl Consumer {
         match decision {
             Decision::Allow(a) => {
                 info!(
+                    symbol = %sym,
+                    plan = %id,
                     "{sym}: P3.3 ALLOW plan {id} (safe_qty={}, exchange_amt={})",
                     dec_str(a.safe_qty),
                     dec_str(a.exchange_amt)
@@ -489,6 +503,9 @@ impl Consumer {
             }
             Decision::Deny(d) => {
                 warn!(
+                    symbol = %sym,
+                    plan = %id,
+                    reason = d.reason.as_str(),
                     "{sym}: P3.3 DENY plan {id} reason={} context={}",
                     d.reason.as_str(),
                     serde_json::Value::Object(d.context.clone())

@@ -108,7 +108,9 @@ pub fn secs_json(s: f64) -> Value {
 /// whose rows make no single position (SPEC §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PositionSide {
+    /// Positive amount.
     Long,
+    /// Negative amount.
     Short,
     /// Flat: below [`dust`].
     None,

@@ -59,7 +59,12 @@ pub enum ExchangeError {
     RateLimited(Duration),
     /// An API error code (e.g. -1022 bad signature, -2015 bad key).
     #[error("api error {code}: {msg}")]
-    Api { code: i64, msg: String },
+    Api {
+        /// The API's error code.
+        code: i64,
+        /// The API's message.
+        msg: String,
+    },
     /// A reply that is not what the API documents.
     #[error("malformed reply: {0}")]
     Malformed(String),
@@ -371,11 +376,17 @@ pub async fn run_step_sizes(
 /// One symbol's position as written to its snapshot hash.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Position {
+    /// Signed amount (0 when flat or invalid).
     pub amt: Decimal,
+    /// The side written to the snapshot hash.
     pub side: PositionSide,
+    /// `entryPrice`, as the exchange wrote it (cut to 64 characters).
     pub entry_price: String,
+    /// `markPrice`, as the exchange wrote it.
     pub mark_price: String,
+    /// `unRealizedProfit` (summed for a hedged symbol).
     pub unrealized_pnl: String,
+    /// `leverage`, as the exchange wrote it.
     pub leverage: String,
     /// Why the rows of this symbol could not be taken as one position
     /// (written as `HEDGED`, so its plans are denied), for the WARN line.
@@ -492,7 +503,7 @@ fn fold_rows(rows: &[(Option<Decimal>, &Value)]) -> Position {
 }
 
 /// Folds a positionRisk reply into one position per symbol (see
-/// [`fold_rows`]). A row without a symbol fails the whole reply: the
+/// `fold_rows`). A row without a symbol fails the whole reply: the
 /// position it holds could not be attributed, and an absent symbol would
 /// read as flat.
 pub fn parse_positions(v: &Value) -> Result<HashMap<String, Position>, ExchangeError> {

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::store;
 
 /// Binds the listener; the error names the address.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let l = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the metrics port {addr}: {e}"))?;
@@ -41,7 +41,7 @@ fn reply(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>>
 }
 
 /// Answers one request.
-pub fn handle(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes>> {
+pub(crate) fn handle(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
     if !known {
@@ -77,16 +77,16 @@ pub fn handle(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<B
 /// The most connections served at once; more wait in the kernel backlog,
 /// so a flood of the metrics port cannot take the file descriptors the plan
 /// path needs (SPEC §11).
-pub const MAX_CONNECTIONS: usize = 512;
+pub(crate) const MAX_CONNECTIONS: usize = 512;
 /// Request headers (and the first bytes of an idle keep-alive connection's
 /// next request) must arrive within this, or the connection is closed.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest pause after a failed `accept` (EMFILE, ENFILE, …): the loop
 /// backs off instead of spinning at 100 % CPU.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Serves until `cancel` fires.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut accept_backoff = Duration::from_millis(10);
     let mut accept_errors = 0u64;

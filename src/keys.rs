@@ -69,9 +69,28 @@ pub fn unused(family: fn(&str) -> String) -> String {
 
 /// A symbol as the universe and the exchange spell them: `^[A-Z0-9]{1,32}$`.
 pub fn valid_symbol(s: &str) -> bool {
-    (1..=32).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    symbol_problem(s).is_none()
+}
+
+/// Why `s` is not a valid symbol, in words an operator can act on.
+pub fn symbol_problem(s: &str) -> Option<&'static str> {
+    if s.is_empty() {
+        Some("empty")
+    } else if s.len() > 32 {
+        Some("longer than 32 characters")
+    } else if s
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    {
+        None
+    } else if s
+        .bytes()
+        .all(|b| b.is_ascii_alphabetic() || b.is_ascii_digit())
+    {
+        Some("lower case; symbols are upper case (BTCUSDT)")
+    } else {
+        Some("holds characters other than A-Z and 0-9")
+    }
 }
 
 #[cfg(test)]
@@ -90,6 +109,20 @@ mod tests {
         assert_eq!(ledger("BTCUSDT"), "quantum:position:ledger:BTCUSDT");
         assert_eq!(cooldown("BTCUSDT"), "quantum:cooldown:last_exec_ts:BTCUSDT");
         assert_eq!(unused(permit), "quantum:permit:p33:-");
+        assert_eq!(
+            symbol_problem("btcusdt"),
+            Some("lower case; symbols are upper case (BTCUSDT)")
+        );
+        assert_eq!(
+            symbol_problem("BTC-USDT"),
+            Some("holds characters other than A-Z and 0-9")
+        );
+        assert_eq!(symbol_problem(""), Some("empty"));
+        assert_eq!(
+            symbol_problem(&"A".repeat(33)),
+            Some("longer than 32 characters")
+        );
+        assert!(valid_symbol("1000PEPEUSDT"));
     }
 
     /// Every `"quantum:` literal of the crate is in this file (SPEC names

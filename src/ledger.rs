@@ -32,10 +32,15 @@ const BLOCK_MS: u64 = 1000;
 /// The metadata one result entry writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LedgerMeta {
+    /// The symbol (valid, so safe in a key).
     pub symbol: String,
+    /// `last_order_id`.
     pub order_id: String,
+    /// `last_result_plan_id`.
     pub plan_id: String,
+    /// `last_executed_qty`.
     pub executed_qty: String,
+    /// `last_order_side`: BUY or SELL.
     pub order_side: String,
 }
 

@@ -30,45 +30,34 @@ use crate::{consumer, exchange, http, ledger, store, stream};
 /// the process gone within 5 s of SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
 
-/// What `main` does with the command line.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Cli {
-    Run,
-    Help,
-    Version,
-    CheckConfig,
-    Bad(String),
+/// The version and the git commit it was built from (`unknown` outside a
+/// git checkout).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("P33_GIT_COMMIT"),
+    ")"
+);
+
+/// Exit code for a usage error (sysexits `EX_USAGE`).
+pub const EXIT_USAGE: i32 = 64;
+
+/// The command line. Configuration comes from the environment only; the
+/// variables are listed by `--check-config` and in the README.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "position-state-brain",
+    version = VERSION,
+    about = "P3.3 Position State Brain: the fail-closed pre-trade permit gate",
+    after_help = "Configuration comes from the environment (see README.md, Configuration).\n\
+                  Exit codes: 0 clean, 64 usage error, 78 configuration error, 1 other fatal error."
+)]
+pub struct Cli {
+    /// Print the effective configuration (secrets redacted) and every
+    /// warning start-up would give, then exit 0 (or 78 on an error).
+    #[arg(long)]
+    pub check_config: bool,
 }
-
-/// Parses the command line (program name excluded).
-pub fn parse_cli<I: IntoIterator<Item = String>>(args: I) -> Cli {
-    let args: Vec<String> = args.into_iter().collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        [] => Cli::Run,
-        ["--help"] | ["-h"] => Cli::Help,
-        ["--version"] | ["-V"] => Cli::Version,
-        ["--check-config"] => Cli::CheckConfig,
-        other => Cli::Bad(other.join(" ")),
-    }
-}
-
-/// `--help` text.
-pub const USAGE: &str = "\
-position-state-brain — P3.3 Position State Brain, the fail-closed pre-trade permit gate
-
-USAGE:
-    position-state-brain [--help | --version | --check-config]
-
-Configuration comes from the environment only (see README.md, SPEC §2).
-    --check-config   print the effective configuration (secrets redacted); exit 0 or 78
-    --version        print the version
-Exit codes: 0 clean, 78 configuration error, 1 other fatal error.
-";
 
 /// Spawns `fut` as a named task whose end is reported to the supervisor.
 fn spawn_named<F>(set: &mut JoinSet<&'static str>, name: &'static str, fut: F)
@@ -104,17 +93,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     info!("P3.3_BUILD_TAG={}", env!("CARGO_PKG_VERSION"));
-    if !cfg.legacy_present.is_empty() {
-        warn!(
-            "ignoring legacy variables (no longer used): {}",
-            cfg.legacy_present.join(", ")
-        );
-    }
-    if !cfg.unknown_p33.is_empty() {
-        warn!(
-            "unknown P33_ variables (typo?), ignored: {}",
-            cfg.unknown_p33.join(", ")
-        );
+    info!("position-state-brain {VERSION}");
+    for w in cfg.warnings() {
+        warn!("{w}");
     }
     info!(
         "starting: redis={} group={} consumer={} snapshot_source={:?} allowlist_source={:?} dry_run={}",
@@ -335,11 +316,14 @@ mod tests {
 
     #[test]
     fn cli_flags() {
-        let p = |a: &[&str]| parse_cli(a.iter().map(|s| s.to_string()));
-        assert_eq!(p(&[]), Cli::Run);
-        assert_eq!(p(&["--help"]), Cli::Help);
-        assert_eq!(p(&["--version"]), Cli::Version);
-        assert_eq!(p(&["--check-config"]), Cli::CheckConfig);
-        assert_eq!(p(&["--frobnicate"]), Cli::Bad("--frobnicate".into()));
+        use clap::Parser;
+        let p = |a: &[&str]| Cli::try_parse_from(std::iter::once("p").chain(a.iter().copied()));
+        assert!(!p(&[]).unwrap().check_config);
+        assert!(p(&["--check-config"]).unwrap().check_config);
+        assert!(p(&["--frobnicate"]).is_err());
+        assert_eq!(
+            p(&["--version"]).unwrap_err().kind(),
+            clap::error::ErrorKind::DisplayVersion
+        );
     }
 }

@@ -1,24 +1,28 @@
 //! `position-state-brain`: parse the command line and the environment, set up
-//! logging, run the daemon until SIGTERM/SIGINT, exit 0 / 78 / 1 (SPEC §10).
+//! logging, run the daemon until SIGTERM/SIGINT, exit 0 / 78 / 1 (SPEC §10);
+//! a usage error exits 64.
 
 use std::sync::Arc;
 
+use clap::Parser;
 use position_state_brain::config::{Config, EXIT_CONFIG};
-use position_state_brain::lifecycle::{self, Cli};
+use position_state_brain::lifecycle::{self, Cli, EXIT_USAGE, VERSION};
 use position_state_brain::{metrics::Metrics, telemetry};
 use tokio_util::sync::CancellationToken;
 
 fn main() {
-    let cli = lifecycle::parse_cli(std::env::args().skip(1));
-    match cli {
-        Cli::Help => return print!("{}", lifecycle::USAGE),
-        Cli::Version => return println!("position-state-brain {}", env!("CARGO_PKG_VERSION")),
-        Cli::Bad(a) => {
-            eprintln!("unknown argument: {a}\n\n{}", lifecycle::USAGE);
-            std::process::exit(EXIT_CONFIG);
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                _ => EXIT_USAGE,
+            };
+            let _ = e.print();
+            std::process::exit(code);
         }
-        Cli::Run | Cli::CheckConfig => {}
-    }
+    };
     let cfg = match Config::from_env() {
         Ok(c) => c,
         Err(errors) => {
@@ -26,11 +30,14 @@ fn main() {
             std::process::exit(EXIT_CONFIG);
         }
     };
-    if cli == Cli::CheckConfig {
+    if cli.check_config {
         for (k, v) in cfg.effective() {
             println!("{k}={v}");
         }
-        return println!("configuration OK");
+        for w in cfg.warnings() {
+            println!("WARN {w}");
+        }
+        return println!("configuration OK (position-state-brain {VERSION})");
     }
     let guard = telemetry::init(&cfg.log_filter, cfg.log_format);
     let code = match tokio::runtime::Runtime::new() {

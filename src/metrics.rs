@@ -22,25 +22,45 @@ pub const SOURCES: [&str; 4] = ["universe", "last_ok", "env", "none"];
 /// Every metric the daemon exports, plus readiness latches.
 pub struct Metrics {
     registry: Registry,
+    /// `p33_permit_allow_total{symbol}`.
     pub permit_allow_total: IntCounterVec,
+    /// `p33_permit_deny_total{symbol,reason}`.
     pub permit_deny_total: IntCounterVec,
+    /// `p33_snapshot_age_seconds{symbol}`.
     pub snapshot_age_seconds: GaugeVec,
+    /// `p33_ledger_position_amt{symbol}`.
     pub ledger_position_amt: GaugeVec,
+    /// `p33_exchange_position_amt{symbol}`.
     pub exchange_position_amt: GaugeVec,
+    /// `p33_allowlist_source{source}`: 1 on the current source.
     pub allowlist_source: GaugeVec,
+    /// `p33_allowlist_symbols`.
     pub allowlist_symbols: IntGauge,
+    /// `p33_allowlist_age_seconds`.
     pub allowlist_age_seconds: Gauge,
+    /// `p33_allowlist_resolutions_total{source}`.
     pub allowlist_resolutions_total: IntCounterVec,
+    /// `p33_plans_total{outcome}`.
     pub plans_total: IntCounterVec,
+    /// `p33_permit_latency_seconds`: entry ID time → permit written.
     pub permit_latency_seconds: Histogram,
+    /// `p33_plan_batch_size`.
     pub batch_size: Histogram,
+    /// `p33_redis_up`.
     pub redis_up: IntGauge,
+    /// `p33_exchange_requests_total{outcome}`.
     pub exchange_requests_total: IntCounterVec,
+    /// `p33_exchange_request_duration_seconds{endpoint}`.
     pub exchange_request_duration_seconds: HistogramVec,
+    /// `p33_snapshot_cycle_seconds`.
     pub snapshot_cycle_seconds: Histogram,
+    /// `p33_step_size_fallback_total{symbol}`.
     pub step_size_fallback_total: IntCounterVec,
+    /// `p33_ledger_updates_total{outcome}`.
     pub ledger_updates_total: IntCounterVec,
+    /// `p33_build_info{version}`.
     pub build_info: GaugeVec,
+    /// `p33_watchdog_pings_total`.
     pub watchdog_pings_total: IntCounter,
     /// `ts_epoch` of the newest snapshot seen per symbol; ages are computed
     /// at scrape time so a stalled poller shows growing ages.

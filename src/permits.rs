@@ -71,14 +71,22 @@ pub fn hold_deny(exchange_amt: Decimal, ledger_amt: Decimal) -> Deny {
 #[derive(Debug, Clone)]
 pub enum Write {
     /// ACK only (filtered, malformed, dry run).
-    AckOnly { entry_id: String },
+    AckOnly {
+        /// The stream entry to ACK.
+        entry_id: String,
+    },
     /// ACK and write `body`; with `hold`, write `hold_body` instead when the
     /// symbol's hold key holds a value.
     Permit {
+        /// The stream entry to ACK.
         entry_id: String,
+        /// The plan, for the permit key.
         plan_id: String,
+        /// The symbol, for the hold key.
         symbol: String,
+        /// The permit JSON as evaluated.
         body: String,
+        /// The hold-deny JSON, when a hold would turn this allow into a deny.
         hold: Option<String>,
     },
 }

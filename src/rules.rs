@@ -89,11 +89,17 @@ impl PlanSide {
 /// The plan fields the rules read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// The permit key's id (valid: 1-128 bytes, no blanks or controls).
     pub plan_id: String,
+    /// An allowlisted symbol.
     pub symbol: String,
+    /// EXECUTE or RECONCILE_CLOSE.
     pub kind: PlanKind,
+    /// The `action` field (close actions, or anything else).
     pub action: String,
+    /// The `reduceOnly` field, parsed.
     pub reduce_only: bool,
+    /// The `side` field, parsed.
     pub side: PlanSide,
     /// Milliseconds part of the stream entry ID.
     pub entry_ms: u64,
@@ -110,9 +116,13 @@ pub fn parse_reduce_only(v: Option<&str>) -> bool {
 /// Thresholds from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// `P33_STALE_THRESHOLD_SEC`.
     pub stale_threshold_s: f64,
+    /// `P33_COOLDOWN_SEC`.
     pub cooldown_s: f64,
+    /// `P33_QTY_TOLERANCE_PCT`.
     pub qty_tolerance_pct: f64,
+    /// `P33_PLAN_MAX_AGE_S`.
     pub plan_max_age_s: f64,
 }
 
@@ -200,7 +210,9 @@ impl Reason {
 /// An allow.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Allow {
+    /// Which row allowed it.
     pub reason: AllowReason,
+    /// The quantity the executor may close, in whole steps (0 for opens).
     pub safe_qty: Decimal,
     /// Signed exchange amount (0 for opens, as in the original).
     pub exchange_amt: Decimal,
@@ -213,14 +225,18 @@ pub struct Allow {
 /// A denial, with the context the permit carries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Deny {
+    /// Which row denied it.
     pub reason: Reason,
+    /// The permit's `context` object.
     pub context: Map<String, Value>,
 }
 
 /// The outcome of evaluating one plan.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
+    /// Write an allow permit (unless the hold turns it into a deny).
     Allow(Allow),
+    /// Write a deny permit.
     Deny(Deny),
 }
 
@@ -229,8 +245,11 @@ pub enum Decision {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum Raw<T> {
     #[default]
+    /// The key does not exist.
     Missing,
+    /// The key holds another Redis type (named).
     WrongType(String),
+    /// The value.
     Present(T),
 }
 
@@ -261,7 +280,10 @@ pub enum SnapshotInput {
     Missing,
     /// Row 2: a field missing or unusable (`type` when the key is not a
     /// hash): `invalid_exchange_snapshot {field}`.
-    Invalid { field: &'static str },
+    Invalid {
+        /// The snapshot field at fault (`type` for a wrong Redis type).
+        field: &'static str,
+    },
     /// A usable snapshot; `ts` and `hedged` are judged against `now` by the
     /// rules (rows 2–3).
     Valid(Snapshot),
@@ -286,7 +308,12 @@ pub enum LedgerInput {
     Absent,
     /// Present but unusable (`type` when the key is not a hash):
     /// `invalid_ledger {field, value}` with the value cut to 64 characters.
-    Invalid { field: &'static str, value: String },
+    Invalid {
+        /// `last_known_amt`, `ledger_amt` or `type`.
+        field: &'static str,
+        /// The raw value, cut to 64 characters.
+        value: String,
+    },
     /// The signed ledger amount, |amt| ≤ 1e12.
     Amount(Decimal),
 }
@@ -297,7 +324,10 @@ pub enum CooldownInput {
     /// No key: no cooldown.
     Absent,
     /// Present but not a timestamp: `invalid_cooldown {value}` (cut).
-    Invalid { value: String },
+    Invalid {
+        /// The raw value, cut to 64 characters.
+        value: String,
+    },
     /// Epoch milliseconds.
     At(f64),
 }
@@ -305,8 +335,11 @@ pub enum CooldownInput {
 /// Everything the rules read besides the plan, parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Inputs {
+    /// Rows 1–3.
     pub snapshot: SnapshotInput,
+    /// Row 7.
     pub ledger: LedgerInput,
+    /// Row 8.
     pub cooldown: CooldownInput,
 }
 

@@ -8,18 +8,18 @@ use std::sync::LazyLock;
 use redis::Script;
 
 /// The universe keys in one round trip (`allowlist`).
-pub static READ_UNIVERSE: LazyLock<Script> =
+pub(crate) static READ_UNIVERSE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/read_universe.lua")));
 
 /// Snapshot, ledger and cooldown of a batch's symbols (`consumer`).
-pub static READ_STATE: LazyLock<Script> =
+pub(crate) static READ_STATE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/read_state.lua")));
 
 /// A batch's permits and ACKs, with the hold and the no-overwrite guard
 /// (`permits`).
-pub static WRITE_PERMITS: LazyLock<Script> =
+pub(crate) static WRITE_PERMITS: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/write_permits.lua")));
 
 /// One result entry's ledger metadata and ACK (`ledger`).
-pub static APPLY_LEDGER: LazyLock<Script> =
+pub(crate) static APPLY_LEDGER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/apply_ledger.lua")));

@@ -15,7 +15,8 @@ use tracing::{info, warn};
 
 use crate::config::RedisTarget;
 
-/// Wall-clock epoch seconds (fractional).
+/// Wall-clock epoch seconds (fractional). The daemon's one clock.
+#[allow(clippy::disallowed_methods)]
 pub fn now_epoch() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -23,6 +24,7 @@ pub fn now_epoch() -> f64 {
 }
 
 /// Wall-clock epoch milliseconds.
+#[allow(clippy::disallowed_methods)]
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

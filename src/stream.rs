@@ -25,7 +25,9 @@ use crate::text::{clip, clip_bytes};
 /// while pending).
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// The entry ID, `<ms>-<seq>`.
     pub id: String,
+    /// The fields; `None` when the entry was deleted while pending.
     pub fields: Option<HashMap<String, String>>,
     /// The first field whose name or value is not valid UTF-8 (escaped and
     /// cut for the log): such an entry is malformed, never "repaired".
@@ -188,7 +190,9 @@ pub fn is_nogroup(e: &redis::RedisError) -> bool {
 /// A stream entry ID, `<ms>-<seq>`, ordered as Redis orders them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct StreamId {
+    /// Milliseconds part.
     pub ms: u64,
+    /// Sequence part.
     pub seq: u64,
 }
 
@@ -291,8 +295,11 @@ pub struct GroupReader {
     pub who: &'static str,
     /// What an entry is called in log lines (`plan`, `apply.result`).
     pub what: &'static str,
+    /// The stream (a `keys` constant).
     pub stream: &'static str,
+    /// The consumer group.
     pub group: String,
+    /// This consumer's name, stable across restarts.
     pub consumer: String,
     /// Entries per read.
     pub batch: usize,

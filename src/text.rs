@@ -8,10 +8,10 @@
 use std::borrow::Cow;
 
 /// The most characters of a raw value ever echoed.
-pub const ECHO_MAX_CHARS: usize = 64;
+pub(crate) const ECHO_MAX_CHARS: usize = 64;
 
 /// `s` cut to [`ECHO_MAX_CHARS`] characters, with `…` when something was cut.
-pub fn clip(s: &str) -> Cow<'_, str> {
+pub(crate) fn clip(s: &str) -> Cow<'_, str> {
     match s.char_indices().nth(ECHO_MAX_CHARS) {
         None => Cow::Borrowed(s),
         Some((i, _)) => Cow::Owned(format!("{}…", &s[..i])),
@@ -20,7 +20,7 @@ pub fn clip(s: &str) -> Cow<'_, str> {
 
 /// Raw bytes for an echo: valid UTF-8 as text, anything else with its
 /// invalid bytes escaped (`\xNN`), then cut like [`clip`].
-pub fn clip_bytes(b: &[u8]) -> String {
+pub(crate) fn clip_bytes(b: &[u8]) -> String {
     let head = &b[..b.len().min(ECHO_MAX_CHARS * 4)];
     let text = escape_lossy(head);
     let cut = clip(&text).into_owned();

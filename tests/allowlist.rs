@@ -296,7 +296,11 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() {
     );
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("P33_POLL_SEC=0.5"), "{out}");
-    assert!(out.contains("BINANCE_API_KEY=[redacted]"), "{out}");
+    assert!(out.contains("BINANCE_TESTNET_API_KEY=[redacted]"), "{out}");
+    assert!(
+        out.contains("REDIS_URL=redis://[redacted]@127.0.0.1:6390/1"),
+        "{out}"
+    );
     assert!(!out.contains("very-secret"), "{out}");
 }
 
@@ -317,11 +321,12 @@ fn version_and_help() {
     let (code, out, _) = run_once(&["--version"], &[]);
     assert_eq!(code, Some(0));
     assert!(out.starts_with("position-state-brain "), "{out}");
+    assert!(out.contains("commit"), "{out}");
     let (code, out, _) = run_once(&["--help"], &[]);
     assert_eq!(code, Some(0));
     assert!(out.contains("--check-config"), "{out}");
-    let (code, _, _) = run_once(&["--bogus"], &[]);
-    assert_eq!(code, Some(78));
+    let (code, _, err) = run_once(&["--bogus"], &[]);
+    assert_eq!(code, Some(64), "a usage error is 64: {err}");
 }
 
 #[test]

@@ -265,42 +265,20 @@ fn env_file() -> Vec<(String, String)> {
 fn shipped_env_file_names_every_variable_and_passes_check_config() {
     let text =
         std::fs::read_to_string(Path::new(ROOT).join("deploy/position-state-brain.env")).unwrap();
-    for v in [
-        "REDIS_URL",
-        "REDIS_HOST",
-        "REDIS_PORT",
-        "REDIS_DB",
-        "REDIS_PASSWORD",
-        "BINANCE_TESTNET_API_KEY",
-        "BINANCE_TESTNET_API_SECRET",
-        "P33_EXCHANGE_BASE_URL",
-        "P33_SNAPSHOT_SOURCE",
-        "P33_ALLOWLIST",
-        "P33_ALLOWLIST_SOURCE",
-        "P33_UNIVERSE_KEY_ACTIVE",
-        "P33_UNIVERSE_KEY_LAST_OK",
-        "P33_UNIVERSE_KEY_META",
-        "P33_UNIVERSE_MAX_AGE_S",
-        "P33_ALLOWLIST_REFRESH_S",
-        "P33_POLL_SEC",
-        "P33_STALE_THRESHOLD_SEC",
-        "P33_COOLDOWN_SEC",
-        "P33_QTY_TOLERANCE_PCT",
-        "P33_PERMIT_TTL",
-        "P33_PLAN_MAX_AGE_S",
-        "P33_METRICS_PORT",
-        "P33_METRICS_ADDR",
-        "P33_LOG_LEVEL",
-        "P33_LOG_FORMAT",
-        "P33_DRY_RUN",
-        "P33_CONSUMER_GROUP",
-        "P33_CONSUMER_NAME",
-        "P33_CLAIM_IDLE_S",
-        "P33_CANONICAL_POSITIONS",
-    ] {
+    for v in position_state_brain::config::VARS.iter().map(|v| v.name) {
         assert!(text.contains(v), "env file documents {v}");
     }
     let vars = env_file();
+    // The file says every value is the default: hold it to that.
+    for (k, v) in &vars {
+        let var = position_state_brain::config::var_named(k)
+            .unwrap_or_else(|| panic!("{k} in the env file is not a variable"));
+        assert_eq!(
+            Some(v.as_str()),
+            var.default,
+            "{k} in the env file is its default"
+        );
+    }
     let mut with_creds: Vec<(&str, &str)> =
         vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     // The credentials come from the apply-layer file the unit reads first.
@@ -308,7 +286,7 @@ fn shipped_env_file_names_every_variable_and_passes_check_config() {
     with_creds.push(("BINANCE_TESTNET_API_SECRET", "from-apply-layer"));
     let (code, out, err) = run_once(&["--check-config"], &with_creds);
     assert_eq!(code, Some(0), "{out}{err}");
-    assert!(out.contains("P33_POLL_SEC=0.5"), "{out}");
+    assert!(out.contains("P33_POLL_SEC=5"), "{out}");
     let alone: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let (code, _, err) = run_once(&["--check-config"], &alone);
     assert_eq!(code, Some(78), "without the apply-layer credentials: {err}");

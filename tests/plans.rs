@@ -719,3 +719,50 @@ fn the_ledger_follower_claims_results_left_by_a_consumer_that_never_returns() {
         (pending(&mut con, stream, "p33-ledger") == 0).then_some(())
     });
 }
+
+#[test]
+fn json_logs_carry_symbol_and_plan_fields_and_text_lines_stay_exact() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    set_snapshot(&mut con, "BTCUSDT", "0.5", now());
+    let mut env = env_with(&redis, "BTCUSDT");
+    env.insert("P33_LOG_FORMAT".into(), "json".into());
+    let d = Daemon::start(&env);
+    d.wait_log("ready: reading plans", T);
+    push_plan(
+        &mut con,
+        &plan(
+            "json-plan-1",
+            "BTCUSDT",
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+        ),
+    );
+    let line = d.wait_log("P3.3 ALLOW plan", T);
+    let v: Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(v["symbol"], "BTCUSDT", "{line}");
+    assert_eq!(v["plan"], "json-pla", "{line}");
+    assert_eq!(
+        v["message"],
+        "BTCUSDT: P3.3 ALLOW plan json-pla (safe_qty=0.5, exchange_amt=0.5)"
+    );
+    drop(d);
+    let d = Daemon::start(&env_with(&redis, "BTCUSDT"));
+    d.wait_log("ready: reading plans", T);
+    push_plan(
+        &mut con,
+        &plan(
+            "text-plan-1",
+            "BTCUSDT",
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+        ),
+    );
+    let line = d.wait_log("P3.3 ALLOW plan", T);
+    assert!(
+        line.ends_with("BTCUSDT: P3.3 ALLOW plan text-pla (safe_qty=0.5, exchange_amt=0.5)"),
+        "the text line is the SPEC's, no fields appended: {line}"
+    );
+}

@@ -298,34 +298,34 @@ fn control(st: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<Fu
     }
 }
 
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
+/// A local stand-in for the Binance USDⓈ-M futures REST API.
+#[derive(Debug, clap::Parser)]
+#[command(name = "fake-exchange")]
+struct Args {
+    /// Address to listen on (loopback only is the point).
+    #[arg(long, default_value = "127.0.0.1")]
+    addr: std::net::IpAddr,
+    /// Port; 0 picks a free one (printed on the first line).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// The API key signed requests must carry.
+    #[arg(long, env = "FAKE_API_KEY", default_value = "fake-key")]
+    api_key: String,
+    /// The secret signatures are checked with.
+    #[arg(
+        long,
+        env = "FAKE_API_SECRET",
+        default_value = "fake-secret",
+        hide_env_values = true
+    )]
+    api_secret: String,
 }
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--help") {
-        println!(
-            "usage: fake-exchange [--addr 127.0.0.1] [--port 0] [--api-key K] [--api-secret S]"
-        );
-        return;
-    }
-    let addr = arg(&args, "--addr").unwrap_or_else(|| "127.0.0.1".into());
-    let port = arg(&args, "--port").unwrap_or_else(|| "0".into());
-    let key = arg(&args, "--api-key")
-        .or_else(|| std::env::var("FAKE_API_KEY").ok())
-        .unwrap_or_else(|| "fake-key".into());
-    let secret = arg(&args, "--api-secret")
-        .or_else(|| std::env::var("FAKE_API_SECRET").ok())
-        .unwrap_or_else(|| "fake-secret".into());
-    let Ok(sock) = format!("{addr}:{port}").parse::<SocketAddr>() else {
-        eprintln!("fake-exchange: bad --addr/--port {addr}:{port}");
-        std::process::exit(2);
-    };
+    let args = <Args as clap::Parser>::parse();
+    let (key, secret) = (args.api_key, args.api_secret);
+    let sock = SocketAddr::new(args.addr, args.port);
     let listener = match tokio::net::TcpListener::bind(sock).await {
         Ok(l) => l,
         Err(e) => {

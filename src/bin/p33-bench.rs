@@ -22,12 +22,22 @@ use futures_util::StreamExt;
 use position_state_brain::keys;
 use serde_json::{json, Value};
 
-fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
+/// Drives the real daemon with plans and measures permits (one JSON line).
+#[derive(Debug, clap::Parser)]
+#[command(name = "p33-bench")]
+struct Args {
+    /// Plans to send.
+    #[arg(long, default_value_t = 100_000)]
+    plans: usize,
+    /// Plans per second offered; 0 sends as fast as possible (throughput).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Universe size (rounded down to an even number, at least 2).
+    #[arg(long, default_value_t = 566)]
+    symbols: usize,
+    /// The daemon's P33_LOG_LEVEL.
+    #[arg(long, default_value = "INFO")]
+    log_level: String,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -148,15 +158,11 @@ impl Drop for Guard {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--help") {
-        println!("usage: p33-bench [--plans N] [--rate PLANS_PER_S (0 = flat out)] [--symbols N] [--log-level INFO]");
-        return Ok(());
-    }
-    let plans: usize = arg(&args, "--plans", "100000").parse()?;
-    let rate: f64 = arg(&args, "--rate", "0").parse()?;
-    let symbols: usize = arg(&args, "--symbols", "566").parse::<usize>()?.max(2) & !1;
-    let log_level = arg(&args, "--log-level", "INFO");
+    let args = <Args as clap::Parser>::parse();
+    let plans = args.plans;
+    let rate = args.rate;
+    let symbols = args.symbols.max(2) & !1;
+    let log_level = args.log_level;
 
     let port = free_port()?;
     let dir = std::env::temp_dir().join(format!("p33-bench-{port}"));
@@ -195,9 +201,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     // Universe and snapshots.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs_f64();
+    let now = position_state_brain::store::now_epoch();
     let names: Vec<String> = (0..symbols).map(|k| format!("SYM{k}USDT")).collect();
     let doc = json!({"symbols": names, "asof_epoch": now as i64, "source": "bench", "mode": "top", "filters": {}});
     let mut p = redis::pipe();

@@ -1,7 +1,7 @@
 //! Test harness: a private `redis-server` on a free loopback port, the real
 //! daemon binary, and the project's fake exchange. Everything started here
 //! is killed on `Drop`, also when a test panics.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -16,6 +16,7 @@ pub const DAEMON: &str = env!("CARGO_BIN_EXE_position-state-brain");
 pub const FAKE_EXCHANGE: &str = env!("CARGO_BIN_EXE_fake-exchange");
 pub const PLAN_STREAM: &str = "quantum:stream:apply.plan";
 
+#[allow(clippy::disallowed_methods)] // the test's own clock, not the daemon's
 pub fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
