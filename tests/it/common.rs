@@ -603,3 +603,196 @@ pub fn count_permit_sets(
     rx.recv().unwrap();
     (counts, h)
 }
+
+/// How a test daemon is set up (see [`spawn_daemon`]).
+#[derive(Debug, Clone, Default)]
+pub struct Opts {
+    env: Vec<(String, String)>,
+    exchange: Option<(String, String)>,
+    deferred: bool,
+    nofile: Option<u32>,
+}
+
+impl Opts {
+    /// Tier 3 only (`P33_ALLOWLIST_SOURCE=env`) with these symbols; the
+    /// daemon reads external snapshots (the test writes them).
+    pub fn env_allowlist(symbols: &str) -> Opts {
+        Opts::default()
+            .set("P33_ALLOWLIST_SOURCE", "env")
+            .set("P33_ALLOWLIST", symbols)
+    }
+
+    /// The universe tiers (the test writes the universe keys).
+    pub fn universe() -> Opts {
+        Opts::default().set("P33_ALLOWLIST_SOURCE", "universe")
+    }
+
+    /// One more variable (a later one wins).
+    pub fn set(mut self, k: &str, v: &str) -> Opts {
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+
+    /// Start the fake exchange with this key and secret, and poll it
+    /// (`P33_SNAPSHOT_SOURCE=binance`, `P33_POLL_SEC=0.5`, log level INFO).
+    pub fn exchange(mut self, key: &str, secret: &str) -> Opts {
+        self.exchange = Some((key.to_string(), secret.to_string()));
+        self
+    }
+
+    /// Set up Redis (and the exchange) but start the daemon only on
+    /// [`TestDaemon::start`], so the test can seed state first.
+    pub fn deferred(mut self) -> Opts {
+        self.deferred = true;
+        self
+    }
+
+    /// Run the daemon with this open-files limit (through `prlimit`).
+    pub fn nofile(mut self, n: u32) -> Opts {
+        self.nofile = Some(n);
+        self
+    }
+}
+
+/// A daemon with its own Redis, a connection to it and, when asked, the
+/// fake exchange. Everything is killed on drop. Derefs to the running
+/// [`Daemon`] (logs, metrics, HTTP).
+pub struct TestDaemon {
+    /// The daemon (`None` until started, or after [`TestDaemon::kill`]).
+    daemon: Option<Daemon>,
+    /// The fake exchange, when asked for.
+    pub fx: Option<FakeExchange>,
+    /// A connection to the private Redis.
+    pub con: redis::Connection,
+    /// The private Redis.
+    pub redis: Redis,
+    /// The daemon's environment.
+    pub env: HashMap<String, String>,
+    nofile: Option<u32>,
+}
+
+/// Starts a private Redis, the fake exchange when asked, and the daemon
+/// (unless deferred), waiting until the daemon logs its metrics address.
+pub fn spawn_daemon(opts: Opts) -> TestDaemon {
+    let redis = Redis::start();
+    let con = redis.con();
+    let mut env = base_env(&redis);
+    let fx = opts.exchange.as_ref().map(|(key, secret)| {
+        let fx = FakeExchange::start(key, secret);
+        for (k, v) in [
+            ("P33_SNAPSHOT_SOURCE", "binance"),
+            ("P33_EXCHANGE_BASE_URL", fx.url().as_str()),
+            ("BINANCE_TESTNET_API_KEY", key),
+            ("BINANCE_TESTNET_API_SECRET", secret),
+            ("P33_POLL_SEC", "0.5"),
+            ("P33_LOG_LEVEL", "INFO"),
+        ] {
+            env.insert(k.to_string(), v.to_string());
+        }
+        fx
+    });
+    env.extend(opts.env.iter().cloned());
+    let mut t = TestDaemon {
+        daemon: None,
+        fx,
+        con,
+        redis,
+        env,
+        nofile: opts.nofile,
+    };
+    if !opts.deferred {
+        t.start();
+    }
+    t
+}
+
+impl TestDaemon {
+    /// Starts the daemon (again) with [`TestDaemon::env`].
+    pub fn start(&mut self) {
+        self.daemon = Some(match self.nofile {
+            Some(n) => Daemon::start_with_nofile(&self.env, n),
+            None => Daemon::start(&self.env),
+        });
+    }
+
+    /// Starts it and waits until it reads plans.
+    pub fn start_ready(&mut self) {
+        self.start();
+        self.wait_log("ready: reading plans", Duration::from_secs(10));
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill();
+        }
+    }
+
+    /// SIGKILL and start again with the same environment (and consumer name).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.start();
+    }
+
+    /// The running daemon, to stop it the way a test needs.
+    pub fn daemon_mut(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("the daemon was started")
+    }
+
+    /// The fake exchange (asked for in [`Opts::exchange`]).
+    pub fn fx(&self) -> &FakeExchange {
+        self.fx.as_ref().expect("Opts::exchange was given")
+    }
+
+    /// XADDs a plan; returns its entry ID.
+    pub fn push_plan(&mut self, fields: &[(&str, &str)]) -> String {
+        push_plan(&mut self.con, fields)
+    }
+
+    /// Waits (10 s at most) for the permit of `plan_id`.
+    pub fn wait_permit(&mut self, plan_id: &str) -> serde_json::Value {
+        wait_permit(&mut self.con, plan_id)
+    }
+
+    /// The permit of `plan_id`, if any.
+    pub fn permit(&mut self, plan_id: &str) -> Option<serde_json::Value> {
+        read_permit(&mut self.con, plan_id)
+    }
+
+    /// Writes a fresh snapshot hash.
+    pub fn snapshot(&mut self, symbol: &str, amt: &str, ts: f64) {
+        set_snapshot(&mut self.con, symbol, amt, ts);
+    }
+
+    /// Pending entries of `group` on the plan stream.
+    pub fn pending(&mut self, group: &str) -> i64 {
+        pending(&mut self.con, PLAN_STREAM, group)
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until `series` reaches `want`.
+    pub fn wait_metric(&self, series: &str, want: f64) {
+        wait_for(
+            &format!("{series} to reach {want}"),
+            Duration::from_secs(10),
+            || (self.metric(series).unwrap_or(0.0) >= want).then_some(()),
+        );
+    }
+}
+
+impl std::ops::Deref for TestDaemon {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        self.daemon.as_ref().expect("the daemon was started")
+    }
+}
+
+impl std::ops::DerefMut for TestDaemon {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("the daemon was started")
+    }
+}

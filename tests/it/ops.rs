@@ -2,24 +2,22 @@
 //! dashboard's metric names, the systemd unit, the env file, systemd
 //! notifications, and the proof script against a live daemon.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(10);
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// A daemon that has done some of everything, so every labelled series exists.
-fn busy_daemon(redis: &Redis, fx: &FakeExchange) -> Daemon {
-    let mut con = redis.con();
-    fx.control(
+fn busy_daemon() -> TestDaemon {
+    let mut t = spawn_daemon(Opts::universe().exchange("k", "s").deferred());
+    t.fx().control(
         "/control/positions",
         json!([{"symbol": "BTCUSDT", "positionAmt": "0.5"}]),
     );
@@ -27,54 +25,34 @@ fn busy_daemon(redis: &Redis, fx: &FakeExchange) -> Daemon {
         .arg("quantum:position:ledger:BTCUSDT")
         .arg("last_known_amt")
         .arg("0.5")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
-    set_universe(&mut con, &["BTCUSDT", "ETHUSDT"], now(), 0);
-    let mut env = base_env(redis);
-    env.insert("P33_SNAPSHOT_SOURCE".into(), "binance".into());
-    env.insert("P33_EXCHANGE_BASE_URL".into(), fx.url());
-    env.insert("BINANCE_TESTNET_API_KEY".into(), "k".into());
-    env.insert("BINANCE_TESTNET_API_SECRET".into(), "s".into());
-    env.insert("P33_POLL_SEC".into(), "0.5".into());
-    let d = Daemon::start(&env);
+    set_universe(&mut t.con, &["BTCUSDT", "ETHUSDT"], now(), 0);
+    t.start();
     wait_for("a snapshot", T, || {
         redis::cmd("HGET")
             .arg("quantum:position:snapshot:BTCUSDT")
             .arg("ts_epoch")
-            .query::<Option<String>>(&mut con)
+            .query::<Option<String>>(&mut t.con)
             .ok()
             .flatten()
     });
-    push_plan(
-        &mut con,
-        &[
-            ("plan_id", "ops-1"),
-            ("symbol", "BTCUSDT"),
+    for (id, sym) in [("ops-1", "BTCUSDT"), ("ops-2", "ETHUSDT")] {
+        t.push_plan(&[
+            ("plan_id", id),
+            ("symbol", sym),
             ("decision", "EXECUTE"),
             ("action", "FULL_CLOSE_PROPOSED"),
             ("reduceOnly", "true"),
-        ],
-    );
-    push_plan(
-        &mut con,
-        &[
-            ("plan_id", "ops-2"),
-            ("symbol", "ETHUSDT"),
-            ("decision", "EXECUTE"),
-            ("action", "FULL_CLOSE_PROPOSED"),
-            ("reduceOnly", "true"),
-        ],
-    );
-    wait_permit(&mut con, "ops-1");
-    wait_permit(&mut con, "ops-2");
-    d
+        ]);
+        t.wait_permit(id);
+    }
+    t
 }
 
 #[test]
 fn live_metrics_pass_promtool_and_cover_every_name_the_dashboard_and_rules_use() {
-    let redis = Redis::start();
-    let fx = FakeExchange::start("k", "s");
-    let d = busy_daemon(&redis, &fx);
+    let d = busy_daemon();
     let text = d.scrape();
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
@@ -294,20 +272,18 @@ fn shipped_env_file_names_every_variable_and_passes_check_config() {
 
 #[test]
 fn systemd_notifications_ready_watchdog_stopping() {
-    let redis = Redis::start();
+    let mut t = spawn_daemon(Opts::default().set("P33_ALLOWLIST", "BTCUSDT").deferred());
     let sock_path = std::env::temp_dir().join(format!("p33-notify-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock_path);
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let mut env = base_env(&redis);
-    env.insert("P33_ALLOWLIST".into(), "BTCUSDT".into());
-    env.insert(
+    t.env.insert(
         "NOTIFY_SOCKET".into(),
         sock_path.to_string_lossy().into_owned(),
     );
-    env.insert("WATCHDOG_USEC".into(), "400000".into());
-    let mut d = Daemon::start(&env);
+    t.env.insert("WATCHDOG_USEC".into(), "400000".into());
+    t.start();
     let mut got: Vec<String> = Vec::new();
     let recv = |got: &mut Vec<String>| {
         let mut buf = [0u8; 512];
@@ -323,31 +299,31 @@ fn systemd_notifications_ready_watchdog_stopping() {
     });
     let ready_at = got.iter().position(|m| m.contains("READY=1")).unwrap();
     assert!(
-        d.grep("P3.3 allowlist source=").len() == 1,
+        t.grep("P3.3 allowlist source=").len() == 1,
         "READY=1 after the first resolution"
     );
     assert!(
         got[..ready_at].iter().all(|m| !m.contains("WATCHDOG")),
         "{got:?}"
     );
-    d.signal("TERM");
+    t.signal("TERM");
     wait_for("STOPPING=1", T, || {
         recv(&mut got);
         got.iter().any(|m| m.contains("STOPPING=1")).then_some(())
     });
-    assert_eq!(d.wait_exit(T), Some(0));
+    assert_eq!(t.wait_exit(T), Some(0));
     let _ = std::fs::remove_file(&sock_path);
 }
 
 #[test]
 fn http_routes_answer_404_and_405() {
-    let redis = Redis::start();
-    let d = Daemon::start(&base_env(&redis));
-    d.wait_log("ready: reading plans", T);
-    assert_eq!(d.get("/healthz").0, 200);
-    assert_eq!(d.get("/readyz").0, 200);
-    assert_eq!(d.get("/nothing").0, 404);
-    assert_eq!(http(&d.metrics_addr, "POST", "/metrics", "").0, 405);
+    let mut t = spawn_daemon(Opts::default().deferred());
+    t.start();
+    t.wait_log("ready: reading plans", T);
+    assert_eq!(t.get("/healthz").0, 200);
+    assert_eq!(t.get("/readyz").0, 200);
+    assert_eq!(t.get("/nothing").0, 404);
+    assert_eq!(http(&t.metrics_addr, "POST", "/metrics", "").0, 405);
 }
 
 fn run_proof(d: &Daemon, redis: &Redis) -> (i32, String) {
@@ -381,14 +357,12 @@ fn run_proof(d: &Daemon, redis: &Redis) -> (i32, String) {
 
 #[test]
 fn proof_script_passes_on_a_healthy_daemon_and_fails_when_fail_closed() {
-    let redis = Redis::start();
-    let mut con = redis.con();
-    set_universe(&mut con, &["BTCUSDT", "ETHUSDT", "SOLUSDT"], now(), 0);
-    set_snapshot(&mut con, "BTCUSDT", "0.5", now());
-    let d = Daemon::start(&base_env(&redis));
-    d.wait_log("ready: reading plans", T);
+    let mut t = spawn_daemon(Opts::default().deferred());
+    set_universe(&mut t.con, &["BTCUSDT", "ETHUSDT", "SOLUSDT"], now(), 0);
+    set_snapshot(&mut t.con, "BTCUSDT", "0.5", now());
+    t.start_ready();
     push_plan(
-        &mut con,
+        &mut t.con,
         &[
             ("plan_id", "proof-1"),
             ("symbol", "BTCUSDT"),
@@ -397,9 +371,9 @@ fn proof_script_passes_on_a_healthy_daemon_and_fails_when_fail_closed() {
             ("reduceOnly", "true"),
         ],
     );
-    wait_permit(&mut con, "proof-1");
-    d.wait_log("P3.3 ALLOW plan proof-1", T);
-    let (code, out) = run_proof(&d, &redis);
+    wait_permit(&mut t.con, "proof-1");
+    t.wait_log("P3.3 ALLOW plan proof-1", T);
+    let (code, out) = run_proof(&t, &t.redis);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("source=universe count=3 stale=0"), "{out}");
     assert!(out.contains("P3.3 ALLOW plan proof-1"), "{out}");
@@ -408,17 +382,16 @@ fn proof_script_passes_on_a_healthy_daemon_and_fails_when_fail_closed() {
         "{out}"
     );
     assert!(out.contains("RESULT: OK"), "{out}");
-    drop(d);
+    t.kill();
 
     let _: () = redis::cmd("DEL")
         .arg("quantum:cfg:universe:active")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
-    let mut env = base_env(&redis);
-    env.insert("P33_ALLOWLIST".into(), "".into());
-    let d = Daemon::start(&env);
-    d.wait_log("source=none", T);
-    let (code, out) = run_proof(&d, &redis);
+    t.env.insert("P33_ALLOWLIST".into(), "".into());
+    t.start();
+    t.wait_log("source=none", T);
+    let (code, out) = run_proof(&t, &t.redis);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("fail_closed=yes") && out.contains("RESULT: FAIL"),

@@ -1,24 +1,15 @@
 //! Plans to permits through the real daemon and a private Redis: the
 //! permits of SPEC §4–§6, crash safety, takeover, dry run, ledger metadata.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(10);
-
-fn env_with(redis: &Redis, allow: &str) -> HashMap<String, String> {
-    let mut env = base_env(redis);
-    env.insert("P33_ALLOWLIST_SOURCE".into(), "env".into());
-    env.insert("P33_ALLOWLIST".into(), allow.into());
-    env
-}
 
 fn plan<'a>(
     id: &'a str,
@@ -68,18 +59,17 @@ fn wait_drained(con: &mut redis::Connection, group: &str) {
 
 #[test]
 fn plans_of_every_kind_get_the_expected_permits() {
-    let redis = Redis::start();
-    let mut con = redis.con();
+    let mut t = spawn_daemon(Opts::env_allowlist("BTCUSDT,ETHUSDT,SOLUSDT,XRPUSDT").deferred());
     let n = now();
-    set_snapshot(&mut con, "BTCUSDT", "0.038", n);
-    set_snapshot(&mut con, "ETHUSDT", "0", n);
-    set_snapshot(&mut con, "SOLUSDT", "-2", n - 30.0);
-    set_snapshot(&mut con, "XRPUSDT", "100", n);
-    let d = Daemon::start(&env_with(&redis, "BTCUSDT,ETHUSDT,SOLUSDT,XRPUSDT"));
-    d.wait_log("ready: reading plans", T);
+    set_snapshot(&mut t.con, "BTCUSDT", "0.038", n);
+    set_snapshot(&mut t.con, "ETHUSDT", "0", n);
+    set_snapshot(&mut t.con, "SOLUSDT", "-2", n - 30.0);
+    set_snapshot(&mut t.con, "XRPUSDT", "100", n);
+    t.start();
+    t.wait_log("ready: reading plans", T);
 
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan(
             "plan-partial-75",
             "BTCUSDT",
@@ -89,11 +79,11 @@ fn plans_of_every_kind_get_the_expected_permits() {
         ),
     );
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan("plan-open-flat", "ETHUSDT", "EXECUTE", "OPEN_LONG", "false"),
     );
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan(
             "plan-stale",
             "SOLUSDT",
@@ -103,7 +93,7 @@ fn plans_of_every_kind_get_the_expected_permits() {
         ),
     );
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan(
             "plan-close-flat",
             "ETHUSDT",
@@ -113,7 +103,7 @@ fn plans_of_every_kind_get_the_expected_permits() {
         ),
     );
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan(
             "plan-open-exists",
             "XRPUSDT",
@@ -124,13 +114,13 @@ fn plans_of_every_kind_get_the_expected_permits() {
     );
     let mut bad_side = plan("plan-bad-side", "XRPUSDT", "EXECUTE", "EXIT", "false");
     bad_side.push(("side", "SIDEWAYS"));
-    push_plan(&mut con, &bad_side);
+    push_plan(&mut t.con, &bad_side);
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan("plan-skip", "BTCUSDT", "SKIP", "HOLD", "false"),
     );
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan(
             "plan-not-allowed",
             "DOGEUSDT",
@@ -140,7 +130,7 @@ fn plans_of_every_kind_get_the_expected_permits() {
         ),
     );
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan(
             "bad plan id",
             "BTCUSDT",
@@ -150,11 +140,11 @@ fn plans_of_every_kind_get_the_expected_permits() {
         ),
     );
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan("plan-reconcile", "XRPUSDT", "RECONCILE_CLOSE", "", "false"),
     );
 
-    let p = wait_permit(&mut con, "plan-partial-75");
+    let p = wait_permit(&mut t.con, "plan-partial-75");
     assert_eq!(p["allow"], true);
     assert_eq!(p["safe_qty"].to_string(), "0.028");
     assert_eq!(p["safe_close_qty"].to_string(), "0.028");
@@ -181,11 +171,11 @@ fn plans_of_every_kind_get_the_expected_permits() {
     );
     let ttl: i64 = redis::cmd("PTTL")
         .arg("quantum:permit:p33:plan-partial-75")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
     assert!(ttl > 50_000 && ttl <= 60_000, "ttl {ttl}");
 
-    let p = wait_permit(&mut con, "plan-open-flat");
+    let p = wait_permit(&mut t.con, "plan-open-flat");
     assert_eq!(
         (
             p["allow"].clone(),
@@ -198,83 +188,82 @@ fn plans_of_every_kind_get_the_expected_permits() {
             "0".into()
         )
     );
-    let p = wait_permit(&mut con, "plan-stale");
+    let p = wait_permit(&mut t.con, "plan-stale");
     assert_eq!(
         (p["allow"].clone(), p["reason"].clone()),
         (Value::Bool(false), Value::from("stale_exchange_state"))
     );
     assert!(p["context"]["age_seconds"].as_f64().unwrap() >= 30.0, "{p}");
-    let p = wait_permit(&mut con, "plan-close-flat");
+    let p = wait_permit(&mut t.con, "plan-close-flat");
     assert_eq!(p["reason"], "no_position");
-    let p = wait_permit(&mut con, "plan-open-exists");
+    let p = wait_permit(&mut t.con, "plan-open-exists");
     assert_eq!(p["reason"], "position_exists");
     assert_eq!(p["context"]["exchange_amt"].to_string(), "100");
-    let p = wait_permit(&mut con, "plan-bad-side");
+    let p = wait_permit(&mut t.con, "plan-bad-side");
     assert_eq!(
         (p["reason"].clone(), p["context"]["field"].clone()),
         (Value::from("invalid_plan"), Value::from("side"))
     );
-    let p = wait_permit(&mut con, "plan-reconcile");
+    let p = wait_permit(&mut t.con, "plan-reconcile");
     assert_eq!(
         (p["reason"].clone(), p["safe_qty"].to_string()),
         (Value::from("reconcile_close_bypass"), "100".into())
     );
 
-    wait_drained(&mut con, "p33");
+    wait_drained(&mut t.con, "p33");
     for id in ["plan-skip", "plan-not-allowed", "bad plan id"] {
-        assert!(read_permit(&mut con, id).is_none(), "no permit for {id}");
+        assert!(read_permit(&mut t.con, id).is_none(), "no permit for {id}");
     }
-    let allow = d.wait_log("BTCUSDT: P3.3 ALLOW plan plan-par", T);
+    let allow = t.wait_log("BTCUSDT: P3.3 ALLOW plan plan-par", T);
     assert!(
         allow.contains("(safe_qty=0.028, exchange_amt=0.038)") && allow.contains("INFO"),
         "{allow}"
     );
-    let deny = d.wait_log("ETHUSDT: P3.3 DENY plan plan-clo", T);
+    let deny = t.wait_log("ETHUSDT: P3.3 DENY plan plan-clo", T);
     assert!(
         deny.contains("reason=no_position context={\"exchange_amt\":0}") && deny.contains("WARN"),
         "{deny}"
     );
-    let err = d.wait_log("malformed plan entry", T);
+    let err = t.wait_log("malformed plan entry", T);
     assert!(err.contains("ERROR"), "{err}");
-    d.wait_log(
+    t.wait_log(
         "DOGEUSDT: Not in allowlist (source=env) - ACK plan plan-not",
         T,
     );
-    d.wait_log("Evaluating plan plan-par symbol=BTCUSDT decision=EXECUTE action=PARTIAL_75 reduceOnly=false", T);
-    assert_eq!(d.metric("p33_plans_total{outcome=\"allow\"}"), Some(3.0));
-    assert_eq!(d.metric("p33_plans_total{outcome=\"deny\"}"), Some(4.0));
+    t.wait_log("Evaluating plan plan-par symbol=BTCUSDT decision=EXECUTE action=PARTIAL_75 reduceOnly=false", T);
+    assert_eq!(t.metric("p33_plans_total{outcome=\"allow\"}"), Some(3.0));
+    assert_eq!(t.metric("p33_plans_total{outcome=\"deny\"}"), Some(4.0));
     assert_eq!(
-        d.metric("p33_plans_total{outcome=\"skip_decision\"}"),
+        t.metric("p33_plans_total{outcome=\"skip_decision\"}"),
         Some(1.0)
     );
     assert_eq!(
-        d.metric("p33_plans_total{outcome=\"not_allowlisted\"}"),
+        t.metric("p33_plans_total{outcome=\"not_allowlisted\"}"),
         Some(1.0)
     );
     assert_eq!(
-        d.metric("p33_plans_total{outcome=\"malformed\"}"),
+        t.metric("p33_plans_total{outcome=\"malformed\"}"),
         Some(1.0)
     );
     assert_eq!(
-        d.metric("p33_permit_deny_total{reason=\"stale_exchange_state\",symbol=\"SOLUSDT\"}"),
+        t.metric("p33_permit_deny_total{reason=\"stale_exchange_state\",symbol=\"SOLUSDT\"}"),
         Some(1.0)
     );
     assert_eq!(
-        d.metric("p33_permit_allow_total{symbol=\"BTCUSDT\"}"),
+        t.metric("p33_permit_allow_total{symbol=\"BTCUSDT\"}"),
         Some(1.0)
     );
-    assert_eq!(d.metric("p33_permit_latency_seconds_count"), Some(7.0));
+    assert_eq!(t.metric("p33_permit_latency_seconds_count"), Some(7.0));
 }
 
 #[test]
 fn no_permits_in_the_fail_closed_state() {
-    let redis = Redis::start();
-    let mut con = redis.con();
-    set_snapshot(&mut con, "BTCUSDT", "1", now());
-    let d = Daemon::start(&env_with(&redis, ""));
-    d.wait_log("source=none", T);
+    let mut t = spawn_daemon(Opts::env_allowlist("").deferred());
+    set_snapshot(&mut t.con, "BTCUSDT", "1", now());
+    t.start();
+    t.wait_log("source=none", T);
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan(
             "p-closed",
             "BTCUSDT",
@@ -283,32 +272,31 @@ fn no_permits_in_the_fail_closed_state() {
             "true",
         ),
     );
-    wait_drained(&mut con, "p33");
-    assert!(read_permit(&mut con, "p-closed").is_none());
-    d.wait_log("BTCUSDT: Not in allowlist (source=none)", T);
+    wait_drained(&mut t.con, "p33");
+    assert!(read_permit(&mut t.con, "p-closed").is_none());
+    t.wait_log("BTCUSDT: Not in allowlist (source=none)", T);
 }
 
 #[test]
 fn reconcile_hold_turns_allows_into_denials_but_not_reconcile_close() {
-    let redis = Redis::start();
-    let mut con = redis.con();
-    set_snapshot(&mut con, "BTCUSDT", "0.5", now());
-    set_snapshot(&mut con, "ETHUSDT", "0", now());
+    let mut t = spawn_daemon(Opts::env_allowlist("BTCUSDT,ETHUSDT").deferred());
+    set_snapshot(&mut t.con, "BTCUSDT", "0.5", now());
+    set_snapshot(&mut t.con, "ETHUSDT", "0", now());
     let _: () = redis::cmd("SET")
         .arg("quantum:reconcile:hold:BTCUSDT")
         .arg("1")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
     let _: () = redis::cmd("HSET")
         .arg("quantum:reconcile:hold:ETHUSDT")
         .arg("by")
         .arg("p34")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
-    let d = Daemon::start(&env_with(&redis, "BTCUSDT,ETHUSDT"));
-    d.wait_log("ready: reading plans", T);
+    t.start();
+    t.wait_log("ready: reading plans", T);
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan(
             "h-close",
             "BTCUSDT",
@@ -318,30 +306,30 @@ fn reconcile_hold_turns_allows_into_denials_but_not_reconcile_close() {
         ),
     );
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan("h-open", "ETHUSDT", "EXECUTE", "OPEN", "false"),
     );
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan("h-reconcile", "BTCUSDT", "RECONCILE_CLOSE", "", "false"),
     );
-    let p = wait_permit(&mut con, "h-close");
+    let p = wait_permit(&mut t.con, "h-close");
     assert_eq!(p["reason"], "reconcile_hold_active");
     assert_eq!(
         p["context"].to_string(),
         r#"{"exchange_amt":0.5,"ledger_amt":0,"p34_hold":"active"}"#
     );
-    let p = wait_permit(&mut con, "h-open");
+    let p = wait_permit(&mut t.con, "h-open");
     assert_eq!(
         p["reason"], "reconcile_hold_active",
         "a hold of another type counts too"
     );
-    let p = wait_permit(&mut con, "h-reconcile");
+    let p = wait_permit(&mut t.con, "h-reconcile");
     assert_eq!(
         (p["allow"].clone(), p["reason"].clone()),
         (Value::Bool(true), Value::from("reconcile_close_bypass"))
     );
-    d.wait_log(
+    t.wait_log(
         "BTCUSDT: P3.3 DENY plan h-close reason=reconcile_hold_active",
         T,
     );
@@ -349,10 +337,10 @@ fn reconcile_hold_turns_allows_into_denials_but_not_reconcile_close() {
     let _: () = redis::cmd("SET")
         .arg("quantum:reconcile:hold:BTCUSDT")
         .arg("")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan(
             "h-close-2",
             "BTCUSDT",
@@ -362,26 +350,25 @@ fn reconcile_hold_turns_allows_into_denials_but_not_reconcile_close() {
         ),
     );
     assert_eq!(
-        wait_permit(&mut con, "h-close-2")["reason"],
+        wait_permit(&mut t.con, "h-close-2")["reason"],
         "sanity_checks_passed"
     );
 }
 
 #[test]
 fn an_expired_plan_is_denied_plan_expired() {
-    let redis = Redis::start();
-    let mut con = redis.con();
-    set_snapshot(&mut con, "BTCUSDT", "1", now());
-    create_plan_group(&mut con, "0");
+    let mut t = spawn_daemon(Opts::env_allowlist("BTCUSDT").deferred());
+    set_snapshot(&mut t.con, "BTCUSDT", "1", now());
+    create_plan_group(&mut t.con, "0");
     let old = format!("{}-0", ((now() - 120.0) * 1000.0) as u64);
     let mut c = redis::cmd("XADD");
     c.arg(PLAN_STREAM).arg(&old);
     for (k, v) in plan("p-old", "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true") {
         c.arg(k).arg(v);
     }
-    let _: String = c.query(&mut con).unwrap();
-    let _d = Daemon::start(&env_with(&redis, "BTCUSDT"));
-    let p = wait_permit(&mut con, "p-old");
+    let _: String = c.query(&mut t.con).unwrap();
+    t.start();
+    let p = wait_permit(&mut t.con, "p-old");
     assert_eq!(p["reason"], "plan_expired");
     assert!(
         p["context"]["age_seconds"].as_f64().unwrap() >= 120.0,
@@ -391,57 +378,76 @@ fn an_expired_plan_is_denied_plan_expired() {
 
 #[test]
 fn sigkill_under_load_loses_no_plan_and_permits_none_twice() {
-    let redis = Redis::start();
-    let mut con = redis.con();
-    set_snapshot(&mut con, "BTCUSDT", "1", now());
-    let mut env = env_with(&redis, "BTCUSDT");
-    env.insert("P33_STALE_THRESHOLD_SEC".into(), "600".into());
-    env.insert("P33_LOG_LEVEL".into(), "INFO".into());
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .set("P33_LOG_LEVEL", "INFO")
+            .deferred(),
+    );
+    set_snapshot(&mut t.con, "BTCUSDT", "1", now());
     let stop = Arc::new(AtomicBool::new(false));
-    let (counts, listener) = count_permit_sets(&redis, stop.clone());
-    let mut d = Daemon::start(&env);
-    d.wait_log("ready: reading plans", T);
+    let (counts, listener) = count_permit_sets(&t.redis, stop.clone());
+    t.start();
+    t.wait_log("ready: reading plans", T);
     let total = 3000;
     let mut ids = Vec::new();
     for i in 0..total {
         let id = format!("crash-{i}");
         push_plan(
-            &mut con,
+            &mut t.con,
             &plan(&id, "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
         );
         ids.push(id);
         if i % 500 == 250 {
             // SIGKILL mid-flow, restart with the same consumer name.
-            d.kill();
-            d = Daemon::start(&env);
+            t.restart();
         }
     }
     wait_for("every permit", Duration::from_secs(30), || {
         let c = counts.lock().unwrap();
         (c.len() == total).then_some(())
     });
-    wait_drained(&mut con, "p33");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_drained(&mut t.con, "p33");
+    // Keyspace events arrive in order: once the last plan's permit event is
+    // in, a late second SET of an earlier one would have been too.
+    push_plan(
+        &mut t.con,
+        &plan(
+            "crash-last",
+            "BTCUSDT",
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+        ),
+    );
+    wait_for("the last permit event", T, || {
+        counts
+            .lock()
+            .unwrap()
+            .contains_key("crash-last")
+            .then_some(())
+    });
     stop.store(true, Ordering::SeqCst);
     listener.join().unwrap();
     let c = counts.lock().unwrap();
     for id in &ids {
         assert_eq!(c.get(id), Some(&1), "plan {id} permitted exactly once");
     }
-    assert_eq!(pending(&mut con, PLAN_STREAM, "p33"), 0);
+    assert_eq!(pending(&mut t.con, PLAN_STREAM, "p33"), 0);
 }
 
 #[test]
 fn redis_killed_under_load_loses_no_plan() {
-    let mut redis = Redis::start();
-    let mut con = redis.con();
-    set_snapshot(&mut con, "BTCUSDT", "1", now());
-    let mut env = env_with(&redis, "BTCUSDT");
-    env.insert("P33_STALE_THRESHOLD_SEC".into(), "600".into());
-    env.insert("P33_LOG_LEVEL".into(), "INFO".into());
-    let d = Daemon::start(&env);
-    d.wait_log("ready: reading plans", T);
-    let url = redis.url();
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .set("P33_LOG_LEVEL", "INFO")
+            .deferred(),
+    );
+    set_snapshot(&mut t.con, "BTCUSDT", "1", now());
+    t.start();
+    t.wait_log("ready: reading plans", T);
+    let url = t.redis.url();
     let mut acked: Vec<String> = Vec::new();
     let mut i = 0;
     for round in 0..3 {
@@ -461,35 +467,38 @@ fn redis_killed_under_load_loses_no_plan() {
             }
         }
         if round < 2 {
-            redis.kill();
+            t.redis.kill();
             std::thread::sleep(Duration::from_millis(500));
-            redis.restart();
+            t.redis.restart();
         }
     }
-    let mut con = redis.con();
+    t.con = t.redis.con();
     wait_for(
         "every acknowledged plan's permit",
         Duration::from_secs(40),
         || {
             acked
                 .iter()
-                .all(|id| key_exists(&mut con, &format!("quantum:permit:p33:{id}")))
+                .all(|id| key_exists(&mut t.con, &format!("quantum:permit:p33:{id}")))
                 .then_some(())
         },
     );
-    wait_drained(&mut con, "p33");
+    wait_drained(&mut t.con, "p33");
     assert!(acked.len() >= 1000, "produced {}", acked.len());
 }
 
 #[test]
 fn entries_left_by_a_consumer_that_never_returns_are_claimed() {
-    let redis = Redis::start();
-    let mut con = redis.con();
-    set_snapshot(&mut con, "BTCUSDT", "1", now());
-    create_plan_group(&mut con, "$");
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_CLAIM_IDLE_S", "1")
+            .deferred(),
+    );
+    set_snapshot(&mut t.con, "BTCUSDT", "1", now());
+    create_plan_group(&mut t.con, "$");
     for i in 0..5 {
         push_plan(
-            &mut con,
+            &mut t.con,
             &plan(
                 &format!("orphan-{i}"),
                 "BTCUSDT",
@@ -509,65 +518,69 @@ fn entries_left_by_a_consumer_that_never_returns_are_claimed() {
         .arg("STREAMS")
         .arg(PLAN_STREAM)
         .arg(">")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
-    assert_eq!(pending(&mut con, PLAN_STREAM, "p33"), 5);
-    let mut env = env_with(&redis, "BTCUSDT");
-    env.insert("P33_CLAIM_IDLE_S".into(), "1".into());
-    let d = Daemon::start(&env);
+    assert_eq!(pending(&mut t.con, PLAN_STREAM, "p33"), 5);
+    t.start();
     for i in 0..5 {
-        assert_eq!(wait_permit(&mut con, &format!("orphan-{i}"))["allow"], true);
+        assert_eq!(
+            wait_permit(&mut t.con, &format!("orphan-{i}"))["allow"],
+            true
+        );
     }
-    d.wait_log("claimed 5 plan entries", T);
-    assert_eq!(pending(&mut con, PLAN_STREAM, "p33"), 0);
+    t.wait_log("claimed 5 plan entries", T);
+    assert_eq!(pending(&mut t.con, PLAN_STREAM, "p33"), 0);
 }
 
 #[test]
 fn dry_run_writes_no_permit_and_acks_in_its_own_group() {
-    let redis = Redis::start();
-    let mut con = redis.con();
-    set_snapshot(&mut con, "BTCUSDT", "1", now());
-    let mut env = env_with(&redis, "BTCUSDT");
-    env.insert("P33_DRY_RUN".into(), "true".into());
-    let d = Daemon::start(&env);
-    d.wait_log("ready: reading plans", T);
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_DRY_RUN", "true")
+            .deferred(),
+    );
+    set_snapshot(&mut t.con, "BTCUSDT", "1", now());
+    t.start();
+    t.wait_log("ready: reading plans", T);
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan("dry-1", "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
     );
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan("dry-2", "BTCUSDT", "EXECUTE", "OPEN", "false"),
     );
-    d.wait_log("BTCUSDT: DRY-RUN would ALLOW plan dry-1", T);
-    d.wait_log(
+    t.wait_log("BTCUSDT: DRY-RUN would ALLOW plan dry-1", T);
+    t.wait_log(
         "BTCUSDT: DRY-RUN would DENY plan dry-2 reason=position_exists",
         T,
     );
-    wait_drained(&mut con, "p33-dryrun");
+    wait_drained(&mut t.con, "p33-dryrun");
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("quantum:permit:p33:*")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
     assert!(keys.is_empty(), "{keys:?}");
 }
 
 #[test]
 fn a_deleted_group_is_recreated_and_plans_keep_flowing() {
-    let redis = Redis::start();
-    let mut con = redis.con();
-    set_snapshot(&mut con, "BTCUSDT", "1", now());
-    let d = Daemon::start(&env_with(&redis, "BTCUSDT"));
-    d.wait_log("ready: reading plans", T);
+    let mut t = spawn_daemon(Opts::env_allowlist("BTCUSDT").deferred());
+    set_snapshot(&mut t.con, "BTCUSDT", "1", now());
+    t.start();
+    t.wait_log("ready: reading plans", T);
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan("g-1", "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
     );
-    wait_permit(&mut con, "g-1");
-    let _: () = redis::cmd("DEL").arg(PLAN_STREAM).query(&mut con).unwrap();
-    d.wait_log("plan consumer group missing", T);
+    wait_permit(&mut t.con, "g-1");
+    let _: () = redis::cmd("DEL")
+        .arg(PLAN_STREAM)
+        .query(&mut t.con)
+        .unwrap();
+    t.wait_log("plan consumer group missing", T);
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan("g-2", "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
     );
     // The group is recreated at `$`: the entry added after it is read.
@@ -575,11 +588,11 @@ fn a_deleted_group_is_recreated_and_plans_keep_flowing() {
         "permit g-2 (a plan published after the group came back)",
         T,
         || {
-            if read_permit(&mut con, "g-2").is_some() {
+            if read_permit(&mut t.con, "g-2").is_some() {
                 return Some(());
             }
             push_plan(
-                &mut con,
+                &mut t.con,
                 &plan("g-2", "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -590,8 +603,7 @@ fn a_deleted_group_is_recreated_and_plans_keep_flowing() {
 
 #[test]
 fn ledger_follower_writes_metadata_once_and_keeps_the_executors_amount() {
-    let redis = Redis::start();
-    let mut con = redis.con();
+    let mut t = spawn_daemon(Opts::env_allowlist("BTCUSDT").deferred());
     let ledger = "quantum:position:ledger:BTCUSDT";
     let _: () = redis::cmd("HSET")
         .arg(ledger)
@@ -599,11 +611,10 @@ fn ledger_follower_writes_metadata_once_and_keeps_the_executors_amount() {
         .arg("-0.5")
         .arg("last_side")
         .arg("SHORT")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
-    let env = env_with(&redis, "BTCUSDT");
-    let mut d = Daemon::start(&env);
-    d.wait_log("ready: reading plans", T);
+    t.start();
+    t.wait_log("ready: reading plans", T);
     let steps = r#"[{"step":"close","order_id":98765,"side":"BUY","executed_qty":"0.25"}]"#;
     let _: String = redis::cmd("XADD")
         .arg("quantum:stream:apply.result")
@@ -616,7 +627,7 @@ fn ledger_follower_writes_metadata_once_and_keeps_the_executors_amount() {
         .arg("True")
         .arg("steps_results")
         .arg(steps)
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
     let _: String = redis::cmd("XADD")
         .arg("quantum:stream:apply.result")
@@ -629,10 +640,11 @@ fn ledger_follower_writes_metadata_once_and_keeps_the_executors_amount() {
         .arg("1")
         .arg("steps_results")
         .arg("not json")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
     let h: HashMap<String, String> = wait_for("ledger metadata", T, || {
-        let h: HashMap<String, String> = redis::cmd("HGETALL").arg(ledger).query(&mut con).ok()?;
+        let h: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(ledger).query(&mut t.con).ok()?;
         h.contains_key("last_order_id").then_some(h)
     });
     assert_eq!(h["last_order_id"], "98765");
@@ -644,29 +656,50 @@ fn ledger_follower_writes_metadata_once_and_keeps_the_executors_amount() {
         "the executor's signed amount is untouched"
     );
     assert_eq!(h["last_side"], "SHORT", "last_side is not ours to write");
-    let ttl: i64 = redis::cmd("TTL").arg(ledger).query(&mut con).unwrap();
+    let ttl: i64 = redis::cmd("TTL").arg(ledger).query(&mut t.con).unwrap();
     assert!(ttl > 86_000, "{ttl}");
-    d.wait_log("malformed apply.result", T);
-    d.kill();
-    let d = Daemon::start(&env);
-    d.wait_log("ready: reading plans", T);
-    std::thread::sleep(Duration::from_millis(1500));
-    let h2: HashMap<String, String> = redis::cmd("HGETALL").arg(ledger).query(&mut con).unwrap();
+    t.wait_log("malformed apply.result", T);
+    t.kill();
+    t.start_ready();
+    // Evidence the restarted follower read the stream: a later result is
+    // applied; the earlier one, if it were replayed, would come first.
+    let later: String = redis::cmd("XADD")
+        .arg("quantum:stream:apply.result")
+        .arg("*")
+        .arg("plan_id")
+        .arg("res-2")
+        .arg("symbol")
+        .arg("BTCUSDT")
+        .arg("executed")
+        .arg("true")
+        .arg("steps_results")
+        .arg(r#"[{"order_id":11111,"side":"SELL","executed_qty":"0.1"}]"#)
+        .query(&mut t.con)
+        .unwrap();
+    wait_for("the later result applied", T, || {
+        let id: Option<String> = redis::cmd("HGET")
+            .arg(ledger)
+            .arg("last_order_id")
+            .query(&mut t.con)
+            .ok()?;
+        (id.as_deref() == Some("11111")).then_some(())
+    });
+    let applied = t.grep("ledger metadata from result");
+    assert_eq!(applied.len(), 1, "only the later result: {applied:?}");
+    assert!(applied[0].contains(&later), "{applied:?}");
     assert_eq!(
-        h2["updated_at"], h["updated_at"],
-        "not applied a second time after a restart"
-    );
-    assert_eq!(
-        pending(&mut con, "quantum:stream:apply.result", "p33-ledger"),
+        pending(&mut t.con, "quantum:stream:apply.result", "p33-ledger"),
         0
     );
-    assert!(d.grep("ledger metadata from result").is_empty());
 }
 
 #[test]
 fn the_ledger_follower_claims_results_left_by_a_consumer_that_never_returns() {
-    let redis = Redis::start();
-    let mut con = redis.con();
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_CLAIM_IDLE_S", "0.5")
+            .deferred(),
+    );
     let stream = "quantum:stream:apply.result";
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
@@ -674,7 +707,7 @@ fn the_ledger_follower_claims_results_left_by_a_consumer_that_never_returns() {
         .arg("p33-ledger")
         .arg("0")
         .arg("MKSTREAM")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
     let _: String = redis::cmd("XADD")
         .arg(stream)
@@ -687,7 +720,7 @@ fn the_ledger_follower_claims_results_left_by_a_consumer_that_never_returns() {
         .arg("true")
         .arg("details")
         .arg(r#"{"order_id": 77, "filled_qty": "0.1", "side": "BUY", "order_status": "FILLED"}"#)
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
     // Delivered to a consumer that dies before it ACKs.
     let _: redis::Value = redis::cmd("XREADGROUP")
@@ -699,38 +732,37 @@ fn the_ledger_follower_claims_results_left_by_a_consumer_that_never_returns() {
         .arg("STREAMS")
         .arg(stream)
         .arg(">")
-        .query(&mut con)
+        .query(&mut t.con)
         .unwrap();
-    assert_eq!(pending(&mut con, stream, "p33-ledger"), 1);
-    let mut env = env_with(&redis, "BTCUSDT");
-    env.insert("P33_CLAIM_IDLE_S".into(), "0.5".into());
-    let d = Daemon::start(&env);
-    d.wait_log("claimed 1 apply.result entries", T);
+    assert_eq!(pending(&mut t.con, stream, "p33-ledger"), 1);
+    t.start();
+    t.wait_log("claimed 1 apply.result entries", T);
     let h: HashMap<String, String> = wait_for("ledger metadata", T, || {
         let h: HashMap<String, String> = redis::cmd("HGETALL")
             .arg("quantum:position:ledger:BTCUSDT")
-            .query(&mut con)
+            .query(&mut t.con)
             .ok()?;
         h.contains_key("last_order_id").then_some(h)
     });
     assert_eq!(h["last_order_id"], "77");
     assert_eq!(h["last_result_plan_id"], "orphan");
     wait_for("nothing pending", T, || {
-        (pending(&mut con, stream, "p33-ledger") == 0).then_some(())
+        (pending(&mut t.con, stream, "p33-ledger") == 0).then_some(())
     });
 }
 
 #[test]
 fn json_logs_carry_symbol_and_plan_fields_and_text_lines_stay_exact() {
-    let redis = Redis::start();
-    let mut con = redis.con();
-    set_snapshot(&mut con, "BTCUSDT", "0.5", now());
-    let mut env = env_with(&redis, "BTCUSDT");
-    env.insert("P33_LOG_FORMAT".into(), "json".into());
-    let d = Daemon::start(&env);
-    d.wait_log("ready: reading plans", T);
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_LOG_FORMAT", "json")
+            .deferred(),
+    );
+    set_snapshot(&mut t.con, "BTCUSDT", "0.5", now());
+    t.start();
+    t.wait_log("ready: reading plans", T);
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan(
             "json-plan-1",
             "BTCUSDT",
@@ -739,7 +771,7 @@ fn json_logs_carry_symbol_and_plan_fields_and_text_lines_stay_exact() {
             "true",
         ),
     );
-    let line = d.wait_log("P3.3 ALLOW plan", T);
+    let line = t.wait_log("P3.3 ALLOW plan", T);
     let v: Value = serde_json::from_str(&line).expect("one JSON object per line");
     assert_eq!(v["symbol"], "BTCUSDT", "{line}");
     assert_eq!(v["plan"], "json-pla", "{line}");
@@ -747,11 +779,11 @@ fn json_logs_carry_symbol_and_plan_fields_and_text_lines_stay_exact() {
         v["message"],
         "BTCUSDT: P3.3 ALLOW plan json-pla (safe_qty=0.5, exchange_amt=0.5)"
     );
-    drop(d);
-    let d = Daemon::start(&env_with(&redis, "BTCUSDT"));
-    d.wait_log("ready: reading plans", T);
+    t.kill();
+    t.env.insert("P33_LOG_FORMAT".into(), "text".into());
+    t.start_ready();
     push_plan(
-        &mut con,
+        &mut t.con,
         &plan(
             "text-plan-1",
             "BTCUSDT",
@@ -760,7 +792,7 @@ fn json_logs_carry_symbol_and_plan_fields_and_text_lines_stay_exact() {
             "true",
         ),
     );
-    let line = d.wait_log("P3.3 ALLOW plan", T);
+    let line = t.wait_log("P3.3 ALLOW plan", T);
     assert!(
         line.ends_with("BTCUSDT: P3.3 ALLOW plan text-pla (safe_qty=0.5, exchange_amt=0.5)"),
         "the text line is the SPEC's, no fields appended: {line}"

@@ -1,0 +1,14 @@
+//! The integration tests: one binary (one link, one harness), a module per
+//! area. Every test that runs the daemon starts its own `redis-server` on a
+//! free loopback port (and, where the exchange matters, the project's fake
+//! exchange) through `common::spawn_daemon`, and drives it through Redis.
+
+mod common;
+
+mod allowlist;
+mod exchange;
+mod hostile;
+mod layout;
+mod ops;
+mod plans;
+mod props;
