@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# End-to-end demo on a fresh Debian/Ubuntu machine: installs redis-server when
-# missing, builds in release mode, starts a private Redis and the fake
+# End-to-end demo on a fresh Debian/Ubuntu machine: installs redis-server and
+# curl when missing, builds in release mode (about 1.5 minutes the first time
+# on 2 cores; cargo shows its progress), starts a private Redis and the fake
 # exchange on loopback, starts the daemon, and walks the operators'
 # scenarios live: universe -> permits, universe stale -> last_ok,
 # last_ok too old -> env, env empty -> FAIL-CLOSED. Everything it started is
-# stopped on exit, Ctrl-C included.
+# stopped on exit, Ctrl-C included. Needs nothing but what it installs:
+# bash, redis-cli, curl and the binaries it builds (no python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
-  echo "demo: installing redis-server"
+need=()
+{ command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || need+=(redis-server)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "demo: installing ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  # The system's own PATH for apt: its maintainer scripts are not ours.
+  sys_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+  $SUDO env PATH="$sys_path" apt-get update -qq
+  $SUDO env PATH="$sys_path" DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-cargo build --release --quiet --bins
+echo "demo: building (release; the first build takes about 1.5 minutes on 2 cores)"
+cargo build --release --bins
 BIN=target/release
 
 work=$(mktemp -d /tmp/p33-demo.XXXXXX)
@@ -27,7 +35,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() { # a loopback port nothing listens on (bash's /dev/tcp, no python)
+  local p
+  for _ in $(seq 1 100); do
+    p=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
+  done
+  echo "demo: no free port found" >&2; exit 1
+}
 wait_for() { # file pattern [after-line]
   local from=${3:-0}
   for _ in $(seq 1 150); do
@@ -51,12 +66,7 @@ for _ in $(seq 1 50); do R PING >/dev/null 2>&1 && break; sleep 0.1; done
 "$BIN/fake-exchange" --port 0 --api-key demo-key --api-secret demo-secret > "$work/fake.log" 2>&1 &
 pids+=($!)
 FX=$(wait_for "$work/fake.log" "listening on" | sed 's/.*http:\/\///')
-fx() { python3 - "$FX" "$1" "$2" <<'PY'
-import sys, urllib.request
-req = urllib.request.Request(f"http://{sys.argv[1]}{sys.argv[2]}", data=sys.argv[3].encode(), method="POST")
-urllib.request.urlopen(req, timeout=5).read()
-PY
-}
+fx() { curl -fsS --max-time 5 -X POST --data-binary "$2" "http://$FX$1" >/dev/null; }
 fx /control/positions '[{"symbol":"BTCUSDT","positionAmt":"0.038","entryPrice":"60000","markPrice":"60500","unRealizedProfit":"19","leverage":"5"},{"symbol":"SOLUSDT","positionAmt":"-12","entryPrice":"150","markPrice":"149","unRealizedProfit":"12","leverage":"3"}]'
 fx /control/steps '{"BTCUSDT":"0.001","ETHUSDT":"0.001","SOLUSDT":"1"}'
 
@@ -82,8 +92,8 @@ start_daemon() { # P33_ALLOWLIST value
   pids+=($DAEMON)
 }
 gauge() {
-  python3 -c 'import sys,urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
-    "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^p33_allowlist_(source\{.*\} 1|symbols )' | sed 's/^/    /'
+  curl -fsS --max-time 5 "http://127.0.0.1:$METRICS_PORT/metrics" \
+    | grep -E '^p33_allowlist_(source\{.*\} 1|symbols )' | sed 's/^/    /'
 }
 show() { echo "  log:   ${1#*INFO *: }"; echo "  gauge:"; gauge; }
 plan() { R XADD quantum:stream:apply.plan '*' plan_id "$1" symbol "$2" decision "$3" action "$4" reduceOnly "$5" >/dev/null; }

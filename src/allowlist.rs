@@ -30,6 +30,18 @@ use crate::store;
 pub const MAX_DOC_BYTES: usize = 1024 * 1024;
 /// Most symbols accepted in one document.
 pub const MAX_SYMBOLS: usize = 10_000;
+/// How many dropped entries a WARN names (the rest are counted).
+const MAX_DROPPED_NAMED: usize = 10;
+
+/// `"btcusdt" (lower case; …)`: a dropped entry and why, cut for the log.
+fn dropped_example(s: &str) -> String {
+    format!(
+        "{:?} ({})",
+        crate::text::clip(s),
+        crate::keys::symbol_problem(s).unwrap_or("invalid")
+    )
+}
+
 /// The shortest time between two re-resolutions at an expiry instant.
 const MIN_EXPIRY_GAP: Duration = Duration::from_secs(1);
 
@@ -151,6 +163,8 @@ pub struct Resolution {
     pub refused: Vec<(Source, Refusal)>,
     /// Invalid entries dropped from the chosen source.
     pub dropped_invalid: usize,
+    /// The first few of them, each with why (for the WARN line).
+    pub dropped_examples: Vec<String>,
     /// meta `count` when it differs from the number of symbols loaded.
     pub meta_count_mismatch: Option<i64>,
 }
@@ -197,6 +211,7 @@ pub use crate::keys::valid_symbol;
 struct ParsedDoc {
     symbols: HashSet<String>,
     dropped: usize,
+    dropped_examples: Vec<String>,
     asof: Option<f64>,
 }
 
@@ -238,17 +253,27 @@ fn parse_doc(doc: &Doc) -> Result<ParsedDoc, Refusal> {
     }
     let mut symbols = HashSet::with_capacity(list.len());
     let mut dropped = 0;
+    let mut dropped_examples = Vec::new();
     for s in list {
         match s.as_str() {
             Some(s) if valid_symbol(s) => {
                 symbols.insert(s.to_string());
             }
-            _ => dropped += 1,
+            other => {
+                dropped += 1;
+                if dropped_examples.len() < MAX_DROPPED_NAMED {
+                    dropped_examples.push(match other {
+                        Some(s) => dropped_example(s),
+                        None => format!("{} (not a string)", crate::text::clip(&s.to_string())),
+                    });
+                }
+            }
         }
     }
     Ok(ParsedDoc {
         symbols,
         dropped,
+        dropped_examples,
         asof: doc_asof(&v)?,
     })
 }
@@ -307,6 +332,7 @@ fn tier_universe(read: &UniverseRead, now: f64, lim: &Limits) -> Result<Resoluti
         expires_at: Some(asof + lim.max_age_s),
         refused: Vec::new(),
         dropped_invalid: doc.dropped,
+        dropped_examples: doc.dropped_examples,
     })
 }
 
@@ -324,6 +350,7 @@ fn tier_last_ok(read: &UniverseRead, now: f64, lim: &Limits) -> Result<Resolutio
         expires_at: Some(asof + lim.max_age_s),
         refused: Vec::new(),
         dropped_invalid: doc.dropped,
+        dropped_examples: doc.dropped_examples,
         meta_count_mismatch: None,
     })
 }
@@ -337,6 +364,12 @@ fn tier_env(env: &[String]) -> Result<Resolution, Refusal> {
         return Err(Refusal::NoSymbols);
     }
     let dropped = env.iter().filter(|s| !valid_symbol(s)).count();
+    let dropped_examples = env
+        .iter()
+        .filter(|s| !valid_symbol(s))
+        .take(MAX_DROPPED_NAMED)
+        .map(|s| dropped_example(s))
+        .collect();
     Ok(Resolution {
         source: Source::Env,
         symbols,
@@ -345,6 +378,7 @@ fn tier_env(env: &[String]) -> Result<Resolution, Refusal> {
         expires_at: None,
         refused: Vec::new(),
         dropped_invalid: dropped,
+        dropped_examples,
         meta_count_mismatch: None,
     })
 }
@@ -389,6 +423,7 @@ pub fn resolve(
         expires_at: None,
         refused,
         dropped_invalid: 0,
+        dropped_examples: Vec::new(),
         meta_count_mismatch: None,
     }
 }
@@ -535,9 +570,11 @@ impl Resolver {
     fn publish(&mut self, res: &Resolution) {
         if res.dropped_invalid > 0 {
             warn!(
-                "P3.3 allowlist: dropped {} invalid symbol(s) from source={} (a symbol must match ^[A-Z0-9]{{1,32}}$)",
+                "P3.3 allowlist: dropped {} invalid symbol(s) from source={} (a symbol must match ^[A-Z0-9]{{1,32}}$): {}{}",
                 res.dropped_invalid,
-                res.source.label()
+                res.source.label(),
+                res.dropped_examples.join(", "),
+                if res.dropped_invalid > res.dropped_examples.len() { ", …" } else { "" }
             );
         }
         if let Some(mc) = res.meta_count_mismatch {
@@ -1108,6 +1145,14 @@ mod tests {
         assert_eq!(r.source, Source::Universe);
         assert_eq!(r.symbols.len(), 2);
         assert_eq!(r.dropped_invalid, 3);
+        assert_eq!(
+            r.dropped_examples,
+            vec![
+                "\"ethusdt\" (lower case; symbols are upper case (BTCUSDT))".to_string(),
+                "7 (not a string)".to_string(),
+                "\"A_B\" (holds characters other than A-Z and 0-9)".to_string(),
+            ]
+        );
         assert_eq!(r.meta_count_mismatch, None);
     }
 

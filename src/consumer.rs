@@ -520,12 +520,71 @@ impl Consumer {
     }
 }
 
+/// How often the INFO summary of outcomes is logged.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// The once-a-minute INFO line (`P3.3 plans last 60s: allow=… deny=…
+/// not_allowlisted=… skip=… malformed=…`), so an operator at INFO can see
+/// that plans arrive and what became of them, the filtered ones included
+/// (their own lines are DEBUG, SPEC §4).
+struct Summary {
+    next: std::time::Instant,
+    last: [u64; 5],
+}
+
+impl Summary {
+    const LABELS: [Label; 5] = [
+        Label::Allow,
+        Label::Deny,
+        Label::NotAllowlisted,
+        Label::SkipDecision,
+        Label::Malformed,
+    ];
+
+    fn new(metrics: &Metrics) -> Self {
+        Summary {
+            next: std::time::Instant::now() + SUMMARY_EVERY,
+            last: Self::totals(metrics),
+        }
+    }
+
+    fn totals(metrics: &Metrics) -> [u64; 5] {
+        Self::LABELS.map(|l| metrics.plans_total.with_label_values(&[l.as_str()]).get())
+    }
+
+    /// The summary line when a period has passed since the last one.
+    fn tick(&mut self, metrics: &Metrics, now: std::time::Instant) -> Option<String> {
+        if now < self.next {
+            return None;
+        }
+        self.next = now + SUMMARY_EVERY;
+        let totals = Self::totals(metrics);
+        let d: Vec<u64> = totals
+            .iter()
+            .zip(self.last)
+            .map(|(t, l)| t.saturating_sub(l))
+            .collect();
+        self.last = totals;
+        Some(format!(
+            "P3.3 plans last {}s: allow={} deny={} not_allowlisted={} skip={} malformed={}",
+            SUMMARY_EVERY.as_secs(),
+            d[0],
+            d[1],
+            d[2],
+            d[3],
+            d[4]
+        ))
+    }
+}
+
 /// The plan consumer as a handler of the shared group reader: feeds the
-/// systemd watchdog on every turn and reports Redis and group health.
+/// systemd watchdog on every turn, logs the summary, and reports Redis and
+/// group health.
 struct PlanHandler {
     consumer: Consumer,
     metrics: Arc<Metrics>,
     watchdog: Arc<Watchdog>,
+    summary: Summary,
 }
 
 impl BatchHandler for PlanHandler {
@@ -541,6 +600,9 @@ impl BatchHandler for PlanHandler {
     // a restart would not bring Redis back.
     fn on_turn(&mut self) {
         self.watchdog.ping(&self.metrics);
+        if let Some(line) = self.summary.tick(&self.metrics, std::time::Instant::now()) {
+            info!("{line}");
+        }
     }
 
     fn on_healthy(&mut self) {
@@ -578,6 +640,7 @@ pub async fn run(
     };
     let mut handler = PlanHandler {
         consumer: Consumer::new(cfg.clone(), allowlist, steps, metrics.clone()),
+        summary: Summary::new(&metrics),
         metrics,
         watchdog,
     };
@@ -693,6 +756,33 @@ mod tests {
         ));
         let p128 = "y".repeat(128);
         assert!(valid_plan_id(&p128));
+    }
+
+    #[test]
+    fn the_summary_counts_each_outcome_of_the_last_period() {
+        let m = Metrics::new();
+        m.plans_total.with_label_values(&["allow"]).inc_by(7);
+        let mut s = Summary::new(&m);
+        let t0 = std::time::Instant::now();
+        assert_eq!(s.tick(&m, t0), None, "not before a period has passed");
+        m.plans_total.with_label_values(&["allow"]).inc_by(3);
+        m.plans_total.with_label_values(&["deny"]).inc_by(2);
+        m.plans_total.with_label_values(&["not_allowlisted"]).inc();
+        m.plans_total
+            .with_label_values(&["skip_decision"])
+            .inc_by(4);
+        m.plans_total.with_label_values(&["malformed"]).inc_by(5);
+        let later = t0 + SUMMARY_EVERY + Duration::from_secs(1);
+        assert_eq!(
+            s.tick(&m, later).as_deref(),
+            Some("P3.3 plans last 60s: allow=3 deny=2 not_allowlisted=1 skip=4 malformed=5")
+        );
+        assert_eq!(s.tick(&m, later), None, "once per period");
+        let much_later = later + SUMMARY_EVERY + Duration::from_secs(1);
+        assert_eq!(
+            s.tick(&m, much_later).as_deref(),
+            Some("P3.3 plans last 60s: allow=0 deny=0 not_allowlisted=0 skip=0 malformed=0")
+        );
     }
 
     #[test]

@@ -82,6 +82,23 @@ impl ExchangeError {
     }
 }
 
+/// A request error with its causes ("error sending request: … Connection
+/// refused"), never its URL: a signed URL carries the signature.
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// How long to hold requests after a 429/418: `Retry-After` in seconds
 /// (integer or decimal), capped at [`MAX_RETRY_AFTER`]; 60 s when absent or
 /// unreadable.
@@ -113,7 +130,7 @@ async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>,
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| ExchangeError::Transient(e.without_url().to_string()))?
+        .map_err(|e| ExchangeError::Transient(describe(e)))?
     {
         if body.len().saturating_add(chunk.len()) > cap {
             return Err(too_big(format!("more than {cap}")));
@@ -153,7 +170,7 @@ impl Client {
             .connect_timeout(HTTP_TIMEOUT)
             .user_agent(concat!("position-state-brain/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ExchangeError::Transient(e.without_url().to_string()))?;
+            .map_err(|e| ExchangeError::Transient(describe(e)))?;
         Ok(Client {
             http,
             base: cfg.exchange_base_url.clone(),
@@ -211,7 +228,7 @@ impl Client {
         let resp = req
             .send()
             .await
-            .map_err(|e| ExchangeError::Transient(e.without_url().to_string()))?;
+            .map_err(|e| ExchangeError::Transient(describe(e)))?;
         let status = resp.status();
         if status.as_u16() == 429 || status.as_u16() == 418 {
             let wait = retry_after(
@@ -329,8 +346,45 @@ pub fn parse_step_sizes(v: &Value) -> Result<HashMap<String, Decimal>, ExchangeE
     Ok(out)
 }
 
+/// Saves the step table to `quantum:p33:step_sizes` (replacing it in one
+/// transaction), so a restart without a route to the exchange keeps real
+/// steps instead of the 0.001 fallback.
+async fn save_steps(
+    con: &mut redis::aio::ConnectionManager,
+    table: &HashMap<String, Decimal>,
+) -> Result<(), redis::RedisError> {
+    let mut p = redis::pipe();
+    p.atomic().del(keys::STEP_SIZES).ignore();
+    if !table.is_empty() {
+        let pairs: Vec<(&str, String)> = table
+            .iter()
+            .map(|(s, d)| (s.as_str(), dec_str(*d)))
+            .collect();
+        p.hset_multiple(keys::STEP_SIZES, &pairs).ignore();
+    }
+    p.query_async(con).await
+}
+
+/// The last good table from `quantum:p33:step_sizes`; entries that are not
+/// valid symbols or steps are left out.
+async fn load_saved_steps(
+    con: &mut redis::aio::ConnectionManager,
+) -> Result<HashMap<String, Decimal>, redis::RedisError> {
+    let raw: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys::STEP_SIZES)
+        .query_async(con)
+        .await?;
+    Ok(raw
+        .into_iter()
+        .filter(|(s, _)| keys::valid_symbol(s))
+        .filter_map(|(s, v)| Some((s, parse_dec(&v).filter(|d| valid_step(*d))?)))
+        .collect())
+}
+
 /// Loads step sizes at start and hourly; a failed load keeps the last good
-/// table and retries sooner.
+/// table and retries sooner. Each good table is saved to Redis; when the
+/// exchange cannot be reached and no table is loaded yet, the saved one is
+/// used (SPEC §5 "Step size": 0.001 is the fallback of last resort).
 pub async fn run_step_sizes(
     cfg: Arc<Config>,
     steps: StepSizes,
@@ -344,7 +398,14 @@ pub async fn run_step_sizes(
             return cancel.cancelled().await;
         }
     };
+    let Some(mut con) =
+        store::connect(&cfg.redis, "step sizes", Duration::from_secs(5), &cancel).await
+    else {
+        return;
+    };
+    let url = format!("{}/fapi/v1/exchangeInfo", cfg.exchange_base_url);
     let mut failures = 0u64;
+    let mut have_table = false;
     loop {
         let wait = match client.step_sizes().await {
             Ok(t) => {
@@ -352,7 +413,14 @@ pub async fn run_step_sizes(
                     "step sizes loaded for {} symbols from exchangeInfo",
                     t.len()
                 );
+                if let Err(e) = save_steps(&mut con, &t).await {
+                    warn!(
+                        "step sizes: saving them to {} failed: {e}",
+                        keys::STEP_SIZES
+                    );
+                }
                 steps.set(t);
+                have_table = true;
                 failures = 0;
                 STEP_REFRESH
             }
@@ -361,7 +429,36 @@ pub async fn run_step_sizes(
                 // An exchange that stays away (external mode without one) is
                 // named a few times, then every 20th try, not every 30 s.
                 if failures <= 3 || failures.is_multiple_of(20) {
-                    warn!("step sizes: exchangeInfo failed ({failures} in a row): {e}; keeping the last table");
+                    warn!(
+                        "step sizes: GET {url} failed ({failures} in a row): {e}; {}",
+                        if have_table {
+                            "keeping the last table"
+                        } else {
+                            "no table yet"
+                        }
+                    );
+                }
+                if !have_table {
+                    match load_saved_steps(&mut con).await {
+                        Ok(t) if !t.is_empty() => {
+                            info!(
+                                "step sizes: using the {} saved in {} until exchangeInfo answers",
+                                t.len(),
+                                keys::STEP_SIZES
+                            );
+                            steps.set(t);
+                            have_table = true;
+                        }
+                        Ok(_) => {
+                            if failures == 1 {
+                                warn!(
+                                    "step sizes: none saved in {} either; closes are rounded down to 0.001 (see README, Step sizes)",
+                                    keys::STEP_SIZES
+                                );
+                            }
+                        }
+                        Err(e) => warn!("step sizes: reading {} failed: {e}", keys::STEP_SIZES),
+                    }
                 }
                 STEP_RETRY
             }

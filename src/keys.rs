@@ -27,6 +27,11 @@ pub const UNIVERSE_LAST_OK: &str = "quantum:cfg:universe:last_ok";
 /// Default of `P33_UNIVERSE_KEY_META`.
 pub const UNIVERSE_META: &str = "quantum:cfg:universe:meta";
 
+/// The last good step-size table (hash: symbol → stepSize), written by this
+/// daemon after each exchangeInfo load and read at start when the exchange
+/// cannot be reached.
+pub const STEP_SIZES: &str = "quantum:p33:step_sizes";
+
 /// The prefix of every permit key; keyspace listeners match on it.
 pub const PERMIT_PREFIX: &str = "quantum:permit:p33:";
 

@@ -487,3 +487,55 @@ fn a_gained_symbol_is_polled_at_once() {
     wait_snapshot(&mut t.con, "ETHUSDT");
     t.wait_log("allowlist gained symbols: polling positions now", T);
 }
+
+#[test]
+fn step_sizes_survive_a_restart_without_the_exchange() {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("SOLUSDT")
+            .exchange(KEY, SECRET)
+            .deferred(),
+    );
+    t.fx().control("/control/steps", json!({"SOLUSDT": "1"}));
+    t.fx().control(
+        "/control/positions",
+        json!([{"symbol": "SOLUSDT", "positionAmt": "-9.75"}]),
+    );
+    t.start();
+    t.wait_log("step sizes loaded for 1 symbols", T);
+    let saved: HashMap<String, String> = wait_for("the saved table", T, || {
+        let h: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg("quantum:p33:step_sizes")
+            .query(&mut t.con)
+            .ok()?;
+        (!h.is_empty()).then_some(h)
+    });
+    assert_eq!(saved["SOLUSDT"], "1");
+    // Restart with no route to the exchange: external snapshots, a closed port.
+    t.kill();
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    t.env
+        .insert("P33_SNAPSHOT_SOURCE".into(), "external".into());
+    t.env.insert("P33_EXCHANGE_BASE_URL".into(), closed.clone());
+    t.start_ready();
+    let warn = t.wait_log("step sizes: GET", T);
+    assert!(
+        warn.contains(&format!("{closed}/fapi/v1/exchangeInfo")),
+        "names the URL: {warn}"
+    );
+    assert!(
+        warn.to_lowercase().contains("refused"),
+        "names the cause: {warn}"
+    );
+    t.wait_log("using the 1 saved in quantum:p33:step_sizes", T);
+    set_snapshot(&mut t.con, "SOLUSDT", "-9.75", now());
+    push_plan(
+        &mut t.con,
+        &plan("sol-close", "SOLUSDT", "FULL_CLOSE_PROPOSED"),
+    );
+    let p = wait_permit(&mut t.con, "sol-close");
+    assert_eq!(
+        p["safe_qty"], 9,
+        "the saved step 1, not the 0.001 fallback: {p}"
+    );
+    assert!(t.grep("using 0.001").is_empty());
+}

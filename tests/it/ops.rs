@@ -155,7 +155,26 @@ fn alert_rules_pass_promtool_unit_tests() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // The shipped scrape config is valid, loads the rules, and names the job
+    // the P33TargetDown alert selects.
+    let out = Command::new("promtool")
+        .args(["check", "config", "scrape.yml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scrape = std::fs::read_to_string(dir.join("scrape.yml")).unwrap();
+    assert!(
+        scrape.contains("job_name: position-state-brain"),
+        "{scrape}"
+    );
     let rules = std::fs::read_to_string(dir.join("position-state-brain-rules.yml")).unwrap();
+    assert!(rules.contains("job=\"position-state-brain\""), "{rules}");
     for a in [
         "P33AllowlistFailClosed",
         "P33AllowlistOnEnvFallback",
@@ -333,8 +352,28 @@ fn run_proof(d: &Daemon, redis: &Redis) -> (i32, String) {
         redis.port
     ));
     std::fs::write(&log, d.lines.lock().unwrap().join("\n")).unwrap();
+    // No python in the operator's path: a python3 that fails comes first.
+    let nopy = std::env::temp_dir().join(format!("p33-nopy-{}-{}", std::process::id(), redis.port));
+    std::fs::create_dir_all(&nopy).unwrap();
+    for name in ["python3", "python"] {
+        let p = nopy.join(name);
+        std::fs::write(
+            &p,
+            "#!/bin/sh\necho 'python is not available' >&2\nexit 127\n",
+        )
+        .unwrap();
+        let mut perm = std::fs::metadata(&p).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(&p, perm).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        nopy.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let out = Command::new("bash")
         .arg(Path::new(ROOT).join("ops/proof_p33_universe.sh"))
+        .env("PATH", path)
         .env("P33_STATE_CMD", "echo active")
         .env("P33_LOG_CMD", format!("cat {}", log.display()))
         .env(
@@ -345,6 +384,12 @@ fn run_proof(d: &Daemon, redis: &Redis) -> (i32, String) {
         .output()
         .unwrap();
     let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_dir_all(&nopy);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("python is not available"),
+        "the proof script called python: {stderr}"
+    );
     (
         out.status.code().unwrap_or(-1),
         format!(
