@@ -47,6 +47,9 @@ fn busy_daemon() -> TestDaemon {
         ]);
         t.wait_permit(id);
     }
+    // A permit is visible as soon as the script ran; its counters follow.
+    t.wait_metric("p33_plans_total{outcome=\"allow\"}", 1.0);
+    t.wait_metric("p33_plans_total{outcome=\"deny\"}", 1.0);
     t
 }
 
