@@ -409,8 +409,13 @@ fn a_reused_plan_id_never_overwrites_its_permit() {
         p["reason"], "position_exists",
         "the first decision stands: {p}"
     );
-    assert_eq!(t.grep("duplicate plan_id").len(), 2);
-    assert!(t.grep("not valid UTF-8").len() == 1);
+    // Counted after being logged; the log reaches the test a moment later.
+    wait_for("two duplicate plan_id lines", T, || {
+        (t.grep("duplicate plan_id").len() == 2).then_some(())
+    });
+    wait_for("one not-UTF-8 line", T, || {
+        (t.grep("not valid UTF-8").len() == 1).then_some(())
+    });
     // Later, in its own batch: still the first decision.
     push_plan(&mut t.con, &close_plan("dup-1", "BTCUSDT"));
     t.wait_metric("p33_plans_total{outcome=\"duplicate_plan_id\"}", 3.0);

@@ -231,6 +231,16 @@ fn plans_of_every_kind_get_the_expected_permits() {
         T,
     );
     t.wait_log("Evaluating plan plan-par symbol=BTCUSDT decision=EXECUTE action=PARTIAL_75 reduceOnly=false", T);
+    // An outcome is logged, then counted: wait for the counters to catch up.
+    for (outcome, n) in [
+        ("allow", 3.0),
+        ("deny", 4.0),
+        ("skip_decision", 1.0),
+        ("not_allowlisted", 1.0),
+        ("malformed", 1.0),
+    ] {
+        t.wait_metric(&format!("p33_plans_total{{outcome=\"{outcome}\"}}"), n);
+    }
     assert_eq!(t.metric("p33_plans_total{outcome=\"allow\"}"), Some(3.0));
     assert_eq!(t.metric("p33_plans_total{outcome=\"deny\"}"), Some(4.0));
     assert_eq!(
