@@ -3,7 +3,8 @@
 # curl when missing, builds in release mode (about 1.5 minutes the first time
 # on 2 cores; cargo shows its progress), starts a private Redis and the fake
 # exchange on loopback, starts the daemon, and walks the operators'
-# scenarios live: universe -> permits, universe stale -> last_ok,
+# scenarios live: universe -> permits, the kill switch (ctl halt / resume),
+# universe stale -> last_ok,
 # last_ok too old -> env, env empty -> FAIL-CLOSED. Everything it started is
 # stopped on exit, Ctrl-C included. Needs nothing but what it installs:
 # bash, redis-cli, curl and the binaries it builds (no python).
@@ -120,18 +121,36 @@ for p in demo-partial-btc demo-open-eth demo-close-eth demo-close-sol; do permit
 sleep 0.3
 echo "    demo-doge: $(R EXISTS quantum:permit:p33:demo-doge | sed 's/0/(no permit: DOGEUSDT is not allowlisted)/')"
 
-echo "== 2. universe marked stale: source=last_ok"
+echo "== 2. the kill switch: ctl halt, a plan is denied, ctl resume, it is allowed"
+CTL() {
+  env -i PATH="$PATH" USER=demo REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" P33_SNAPSHOT_SOURCE=external \
+    "$BIN/position-state-brain" ctl "$@"
+}
+mark=$(lines "$LOG")
+echo "  \$ position-state-brain ctl halt --reason 'demo: runaway strategy'"
+CTL halt --reason "demo: runaway strategy" | sed 's/^/    /'
+plan demo-halted BTCUSDT EXECUTE FULL_CLOSE_PROPOSED true
+permit demo-halted
+echo "  log:   $(wait_for "$LOG" 'P3.3 trading state global' "$mark" | sed 's/.*P3.3 trading/P3.3 trading/')"
+echo "  \$ position-state-brain ctl resume --reason 'demo: all clear'"
+CTL resume --reason "demo: all clear" | sed 's/^/    /'
+plan demo-resumed BTCUSDT EXECUTE PARTIAL_50 true
+permit demo-resumed
+echo "  \$ position-state-brain ctl status"
+CTL status | sed 's/^/    /'
+
+echo "== 3. universe marked stale: source=last_ok"
 mark=$(lines "$LOG")
 R HSET quantum:cfg:universe:meta stale 1 >/dev/null
 show "$(wait_for "$LOG" 'P3.3 allowlist source=last_ok' "$mark")"
 
-echo "== 3. last_ok older than P33_UNIVERSE_MAX_AGE_S: source=env"
+echo "== 4. last_ok older than P33_UNIVERSE_MAX_AGE_S: source=env"
 mark=$(lines "$LOG")
 universe quantum:cfg:universe:last_ok '["BTCUSDT","ETHUSDT"]' "$((now - 400))"
 show "$(wait_for "$LOG" 'P3.3 allowlist source=env' "$mark")"
 echo "  why:   $(wait_for "$LOG" 'allowlist source changed' "$mark" | sed 's/.*source changed: //')"
 
-echo "== 4. P33_ALLOWLIST empty too: FAIL-CLOSED (restart with the new env)"
+echo "== 5. P33_ALLOWLIST empty too: FAIL-CLOSED (restart with the new env)"
 kill -TERM "$DAEMON"; wait "$DAEMON" 2>/dev/null || true
 mark=$(lines "$LOG")
 start_daemon ""

@@ -69,6 +69,21 @@ else
   if [ "${meta_stale:-1}" = "0" ]; then pass "universe meta is fresh (stale=0)"; else warn "universe meta says stale=${meta_stale:-missing}"; fi
 fi
 
+echo "-- trading state (quantum:p33:trading_state)"
+ts_type=$(rcli TYPE quantum:p33:trading_state 2>/dev/null)
+case "$ts_type" in
+  none|"") trading="ACTIVE"; echo "        key missing: P33_DEFAULT_TRADING_STATE applies (ACTIVE unless set)" ;;
+  string) trading=$(rcli GET quantum:p33:trading_state 2>/dev/null | tr '[:lower:]' '[:upper:]' | tr -d '[:space:]') ;;
+  *) trading="HALTED" ;;
+esac
+case "$trading" in ACTIVE|REDUCING|HALTED) ;; *) trading="HALTED" ;; esac
+overrides=$(rcli --scan --pattern 'quantum:p33:trading_state:*' 2>/dev/null | grep -c .)
+if [ "$trading" = "ACTIVE" ]; then
+  pass "global trading state ACTIVE ($overrides symbol override(s))"
+else
+  warn "global trading state $trading ($overrides symbol override(s)): see 'position-state-brain ctl status'"
+fi
+
 echo "-- last allowlist resolution"
 log=$($LOG_CMD 2>/dev/null)
 line=$(printf '%s\n' "$log" | grep 'P3.3 allowlist source=' | tail -n1)
@@ -158,7 +173,7 @@ else
 fi
 
 echo "== summary"
-echo "   service=$state source=$src count=${cnt:-?} stale=${stl:-?} metrics_source=${m_src:-?} metrics_count=${m_cnt:-?} fail_closed=$([ "$src" = none ] && echo yes || echo no) allow=$n_allow deny=$n_deny"
+echo "   service=$state trading=$trading source=$src count=${cnt:-?} stale=${stl:-?} metrics_source=${m_src:-?} metrics_count=${m_cnt:-?} fail_closed=$([ "$src" = none ] && echo yes || echo no) allow=$n_allow deny=$n_deny"
 if [ "$fails" -gt 0 ]; then
   echo "   RESULT: FAIL ($fails failed, $warns warnings)"
   exit 1

@@ -213,6 +213,7 @@ pub const VARS: &[Var] = &[
     var("P33_CONSUMER_NAME", None, Kind::Name, "consumer name, stable across restarts (default p33-<hostname>)"),
     var("P33_CLAIM_IDLE_S", Some("30"), Kind::Seconds { positive: true }, "entries idle this long on other consumers are claimed"),
     var("P33_CANONICAL_POSITIONS", Some("false"), Kind::Bool, "also write quantum:state:positions:<symbol>"),
+    var("P33_DEFAULT_TRADING_STATE", Some("ACTIVE"), Kind::Choice(&["ACTIVE", "REDUCING", "HALTED"]), "the global trading state while quantum:p33:trading_state is missing"),
 ];
 
 /// The variable called `name` in [`VARS`].
@@ -490,6 +491,8 @@ pub struct Config {
     pub claim_idle: Duration,
     /// Also write the canonical position hashes.
     pub canonical_positions: bool,
+    /// The global trading state while its key is missing (SPEC §12).
+    pub default_trading_state: crate::domain::TradingState,
     /// Legacy variables that were set and are ignored (named once in a WARN).
     pub legacy_present: Vec<&'static str>,
     /// `P33_*` variables that this daemon does not know (likely typos).
@@ -749,6 +752,10 @@ impl Config {
             consumer_name,
             claim_idle: dur(p.secs("P33_CLAIM_IDLE_S")),
             canonical_positions: p.bool("P33_CANONICAL_POSITIONS"),
+            default_trading_state: crate::domain::TradingState::parse(
+                p.word("P33_DEFAULT_TRADING_STATE"),
+            )
+            .unwrap_or(crate::domain::TradingState::Active),
             legacy_present,
             unknown_p33,
             shown,

@@ -321,8 +321,10 @@ impl Consumer {
             .iter()
             .zip(&outcomes)
             .map(|(e, o)| match o {
-                Outcome::Evaluated(ev) if !self.cfg.dry_run => self.permit_write(&e.id, ev, now),
-                _ => Write::AckOnly {
+                Outcome::Evaluated(ev) => {
+                    Write::permit(&e.id, &ev.plan.plan_id, &ev.plan.symbol, &ev.decision, now)
+                }
+                Outcome::Filtered(_) => Write::AckOnly {
                     entry_id: e.id.clone(),
                 },
             })
@@ -332,6 +334,8 @@ impl Consumer {
             PLAN_STREAM,
             &self.cfg.consumer_group,
             u64::try_from(self.cfg.permit_ttl.as_millis()).unwrap_or(u64::MAX),
+            self.cfg.default_trading_state,
+            self.cfg.dry_run,
             &writes,
         )
         .await?;
@@ -376,33 +380,6 @@ impl Consumer {
                 .set(a.to_f64().unwrap_or(0.0));
         }
         rules::evaluate(plan, &inputs, now, &self.limits, step)
-    }
-
-    fn permit_write(&self, entry_id: &str, ev: &Evaluated, now: f64) -> Write {
-        let (body, hold) = match &ev.decision {
-            Decision::Allow(a) => (
-                permits::allow_json(&ev.plan.plan_id, &ev.plan.symbol, a, now),
-                a.hold_applies.then(|| {
-                    permits::deny_json(
-                        &ev.plan.plan_id,
-                        &ev.plan.symbol,
-                        &permits::hold_deny(a.exchange_amt, a.ledger_amt),
-                        now,
-                    )
-                }),
-            ),
-            Decision::Deny(d) => (
-                permits::deny_json(&ev.plan.plan_id, &ev.plan.symbol, d, now),
-                None,
-            ),
-        };
-        Write::Permit {
-            entry_id: entry_id.to_string(),
-            plan_id: ev.plan.plan_id.clone(),
-            symbol: ev.plan.symbol.clone(),
-            body,
-            hold,
-        }
     }
 
     fn log_filtered(&self, e: &Entry, f: &Filtered, allow: &Allowlist) -> Label {
@@ -453,10 +430,16 @@ impl Consumer {
                 );
                 return Label::DuplicatePlanId;
             }
-            Written::Acked | Written::Permit | Written::HoldDenied => {}
+            Written::Acked
+            | Written::Permit
+            | Written::HoldDenied
+            | Written::TradingHalted(_)
+            | Written::TradingReducing(_) => {}
         }
+        // What was written (in dry run: what would have been), guards included.
+        let decision = &res.effective(&ev.decision);
         if self.cfg.dry_run {
-            return match &ev.decision {
+            return match decision {
                 Decision::Allow(a) => {
                     info!(
                         "{sym}: DRY-RUN would ALLOW plan {id} (safe_qty={}, exchange_amt={}, reason={})",
@@ -476,14 +459,6 @@ impl Consumer {
                 }
             };
         }
-        let held;
-        let decision = match (&ev.decision, res) {
-            (Decision::Allow(a), Written::HoldDenied) => {
-                held = Decision::Deny(permits::hold_deny(a.exchange_amt, a.ledger_amt));
-                &held
-            }
-            (d, _) => d,
-        };
         let lat = done - ev.plan.entry_ms as f64 / 1000.0;
         self.metrics.permit_latency_seconds.observe(lat.max(0.0));
         match decision {

@@ -141,6 +141,49 @@ impl PositionSide {
     }
 }
 
+/// The operator's trading state (SPEC §12), strictest last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TradingState {
+    /// Normal: every rule applies, nothing more.
+    Active,
+    /// Reduce only: opening allows become `trading_reducing` denies.
+    Reducing,
+    /// Kill switch: every allow becomes a `trading_halted` deny.
+    Halted,
+}
+
+impl TradingState {
+    /// Every state, mildest first.
+    pub const ALL: [TradingState; 3] = [
+        TradingState::Active,
+        TradingState::Reducing,
+        TradingState::Halted,
+    ];
+
+    /// `ACTIVE` / `REDUCING` / `HALTED`, any case and blanks trimmed.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        TradingState::ALL
+            .into_iter()
+            .find(|t| s.eq_ignore_ascii_case(t.as_str()))
+    }
+
+    /// How a stored value reads: anything that is not a state is `HALTED`
+    /// (fail closed).
+    pub fn from_stored(s: &str) -> Self {
+        Self::parse(s).unwrap_or(TradingState::Halted)
+    }
+
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TradingState::Active => "ACTIVE",
+            TradingState::Reducing => "REDUCING",
+            TradingState::Halted => "HALTED",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +216,13 @@ mod tests {
         assert_eq!(PositionSide::of(d("-0.5")), PositionSide::Short);
         assert_eq!(PositionSide::of(d("0.00005")), PositionSide::None);
         assert_eq!(PositionSide::Hedged.as_str(), "HEDGED");
+        assert_eq!(TradingState::parse(" halted "), Some(TradingState::Halted));
+        assert_eq!(TradingState::from_stored("paused"), TradingState::Halted);
+        assert_eq!(
+            TradingState::from_stored("Reducing"),
+            TradingState::Reducing
+        );
+        assert!(TradingState::Halted > TradingState::Reducing);
+        assert!(TradingState::Reducing > TradingState::Active);
     }
 }

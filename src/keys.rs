@@ -32,6 +32,28 @@ pub const UNIVERSE_META: &str = "quantum:cfg:universe:meta";
 /// cannot be reached.
 pub const STEP_SIZES: &str = "quantum:p33:step_sizes";
 
+/// The global trading state (SPEC §12): ACTIVE, REDUCING or HALTED.
+pub const TRADING_STATE: &str = "quantum:p33:trading_state";
+
+/// The per-symbol trading state override (SPEC §12).
+pub fn trading_state(symbol: &str) -> String {
+    format!("{TRADING_STATE}:{symbol}")
+}
+
+/// The pattern that finds every per-symbol override (SCAN MATCH).
+pub fn trading_state_pattern() -> String {
+    format!("{TRADING_STATE}:*")
+}
+
+/// Every trading-state change, one entry each (SPEC §12).
+pub const CONTROL_STREAM: &str = "quantum:stream:p33.control";
+
+/// The control follower's group: one per instance, so that every instance
+/// sees (and logs) every change.
+pub fn control_group(consumer: &str) -> String {
+    format!("p33-control:{consumer}")
+}
+
 /// The prefix of every permit key; keyspace listeners match on it.
 pub const PERMIT_PREFIX: &str = "quantum:permit:p33:";
 
@@ -114,6 +136,12 @@ mod tests {
         assert_eq!(ledger("BTCUSDT"), "quantum:position:ledger:BTCUSDT");
         assert_eq!(cooldown("BTCUSDT"), "quantum:cooldown:last_exec_ts:BTCUSDT");
         assert_eq!(unused(permit), "quantum:permit:p33:-");
+        assert_eq!(
+            trading_state("BTCUSDT"),
+            "quantum:p33:trading_state:BTCUSDT"
+        );
+        assert_eq!(trading_state_pattern(), "quantum:p33:trading_state:*");
+        assert_eq!(CONTROL_STREAM, "quantum:stream:p33.control");
         assert_eq!(
             symbol_problem("btcusdt"),
             Some("lower case; symbols are upper case (BTCUSDT)")

@@ -29,6 +29,8 @@
 pub mod allowlist;
 pub mod config;
 pub mod consumer;
+pub mod control;
+pub mod ctl;
 pub mod domain;
 pub mod exchange;
 mod http;

@@ -21,10 +21,10 @@ use tracing::{error, info, warn};
 
 use crate::allowlist::{self, AllowlistHandle, Resolver};
 use crate::config::Config;
-use crate::keys::{PLAN_STREAM, RESULT_STREAM};
+use crate::keys::{CONTROL_STREAM, PLAN_STREAM, RESULT_STREAM};
 use crate::metrics::Metrics;
 use crate::watchdog::Watchdog;
-use crate::{consumer, exchange, http, ledger, store, stream};
+use crate::{consumer, control, exchange, http, ledger, store, stream};
 
 /// How long shutdown waits for tasks before giving up on them; SPEC §10 wants
 /// the process gone within 5 s of SIGTERM.
@@ -57,6 +57,16 @@ pub struct Cli {
     /// warning start-up would give, then exit 0 (or 78 on an error).
     #[arg(long)]
     pub check_config: bool,
+    /// A subcommand instead of running the daemon.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the binary does besides running the daemon.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// The trading state (kill switch): status, halt, reduce, resume.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 /// Spawns `fut` as a named task whose end is reported to the supervisor.
@@ -186,7 +196,14 @@ async fn start_and_supervise(
     loop {
         let r = async {
             stream::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group, "$").await?;
-            stream::ensure_group(&mut con, RESULT_STREAM, cfg.ledger_group(), "$").await
+            stream::ensure_group(&mut con, RESULT_STREAM, cfg.ledger_group(), "$").await?;
+            stream::ensure_group(
+                &mut con,
+                CONTROL_STREAM,
+                &crate::keys::control_group(&cfg.consumer_name),
+                "$",
+            )
+            .await
         }
         .await;
         match r {
@@ -242,6 +259,17 @@ async fn start_and_supervise(
         tasks,
         "ledger",
         ledger::run(cfg.clone(), metrics.clone(), cancel.clone()),
+    );
+    let refresh = Arc::new(Notify::new());
+    spawn_named(
+        tasks,
+        "control",
+        control::run_follower(cfg.clone(), refresh.clone(), cancel.clone()),
+    );
+    spawn_named(
+        tasks,
+        "trading-state",
+        control::run_state_metrics(cfg.clone(), metrics.clone(), refresh, cancel.clone()),
     );
     let watchdog = Arc::new(Watchdog::from_env());
     spawn_named(

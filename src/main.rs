@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use position_state_brain::config::{Config, EXIT_CONFIG};
-use position_state_brain::lifecycle::{self, Cli, EXIT_USAGE, VERSION};
+use position_state_brain::ctl;
+use position_state_brain::lifecycle::{self, Cli, Command, EXIT_USAGE, VERSION};
 use position_state_brain::{metrics::Metrics, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +31,16 @@ fn main() {
             std::process::exit(EXIT_CONFIG);
         }
     };
+    if let Some(Command::Ctl(args)) = cli.command {
+        let code = match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(ctl::run(&cfg, args)),
+            Err(e) => {
+                eprintln!("fatal: cannot start the async runtime: {e}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
     if cli.check_config {
         for (k, v) in cfg.effective() {
             println!("{k}={v}");

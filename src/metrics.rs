@@ -58,6 +58,10 @@ pub struct Metrics {
     pub step_size_fallback_total: IntCounterVec,
     /// `p33_ledger_updates_total{outcome}`.
     pub ledger_updates_total: IntCounterVec,
+    /// `p33_trading_state{state}`: 1 on the global trading state.
+    pub trading_state: GaugeVec,
+    /// `p33_symbol_overrides{state}`: symbols with an override, per state.
+    pub symbol_overrides: GaugeVec,
     /// `p33_build_info{version}`.
     pub build_info: GaugeVec,
     /// `p33_watchdog_pings_total`.
@@ -215,6 +219,16 @@ impl Metrics {
                 &["outcome"],
             ),
             build_info: gv("p33_build_info", "Build version; always 1.", &["version"]),
+            trading_state: gv(
+                "p33_trading_state",
+                "1 on the global trading state (ACTIVE, REDUCING, HALTED), 0 on the others.",
+                &["state"],
+            ),
+            symbol_overrides: gv(
+                "p33_symbol_overrides",
+                "Symbols whose trading state is overridden, per state.",
+                &["state"],
+            ),
             watchdog_pings_total: reg(
                 &r,
                 IntCounter::new("p33_watchdog_pings_total", "systemd WATCHDOG=1 notifications sent.")
@@ -233,6 +247,10 @@ impl Metrics {
         for s in SOURCES {
             m.allowlist_source.with_label_values(&[s]).set(0.0);
         }
+        for t in crate::domain::TradingState::ALL {
+            m.trading_state.with_label_values(&[t.as_str()]).set(0.0);
+            m.symbol_overrides.with_label_values(&[t.as_str()]).set(0.0);
+        }
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
@@ -241,6 +259,23 @@ impl Metrics {
                 .expect("process collector registered once");
         }
         m
+    }
+
+    /// The trading-state gauges: 1 on the global state; overrides counted.
+    pub fn set_trading_state(
+        &self,
+        global: crate::domain::TradingState,
+        overrides: &[crate::domain::TradingState],
+    ) {
+        for t in crate::domain::TradingState::ALL {
+            self.trading_state
+                .with_label_values(&[t.as_str()])
+                .set(if t == global { 1.0 } else { 0.0 });
+            let n = overrides.iter().filter(|o| **o == t).count();
+            self.symbol_overrides
+                .with_label_values(&[t.as_str()])
+                .set(n as f64);
+        }
     }
 
     /// Sets the source gauge to 1 on `source` and 0 on the other three.

@@ -14,8 +14,9 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use crate::domain::dec_json;
+use crate::domain::TradingState;
 use crate::keys;
-use crate::rules::{Allow, Deny, Reason};
+use crate::rules::{Allow, AllowReason, Decision, Deny, Reason};
 
 /// `created_at`: epoch seconds as a float, rounded to microseconds.
 fn created(now: f64) -> Value {
@@ -67,28 +68,141 @@ pub fn hold_deny(exchange_amt: Decimal, ledger_amt: Decimal) -> Deny {
     }
 }
 
+/// The deny a trading state turns an allow into (SPEC §12), as a template:
+/// the write script puts "global" or "symbol" where `__SCOPE__` stands.
+fn trading_deny_template(plan_id: &str, symbol: &str, reason: Reason, now: f64) -> String {
+    let context = match json!({ "scope": SCOPE_PLACEHOLDER }) {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    deny_json(plan_id, symbol, &Deny { reason, context }, now)
+}
+
+/// What the write script replaces with the scope of a trading-state deny.
+const SCOPE_PLACEHOLDER: &str = "__SCOPE__";
+
+/// Which guards of the write script apply to a permit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// A deny: written as evaluated.
+    Deny,
+    /// An allow that closes: trading state (HALTED), then the hold.
+    Close,
+    /// An allow that opens: trading state (HALTED or REDUCING), then the hold.
+    Open,
+    /// A reconcile close: trading state (HALTED) only.
+    ReconcileClose,
+}
+
+impl Guard {
+    fn mode(self) -> &'static str {
+        match self {
+            Guard::Deny => "1",
+            Guard::Close => "2",
+            Guard::Open => "3",
+            Guard::ReconcileClose => "4",
+        }
+    }
+}
+
 /// What to do with one stream entry.
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// ACK only (filtered, malformed, dry run).
+    /// ACK only (filtered, malformed).
     AckOnly {
         /// The stream entry to ACK.
         entry_id: String,
     },
-    /// ACK and write `body`; with `hold`, write `hold_body` instead when the
-    /// symbol's hold key holds a value.
+    /// ACK and write a permit, through the guards of `guard`.
     Permit {
         /// The stream entry to ACK.
         entry_id: String,
         /// The plan, for the permit key.
         plan_id: String,
-        /// The symbol, for the hold key.
+        /// The symbol, for the hold and trading-state keys.
         symbol: String,
+        /// Which guards apply.
+        guard: Guard,
         /// The permit JSON as evaluated.
         body: String,
-        /// The hold-deny JSON, when a hold would turn this allow into a deny.
-        hold: Option<String>,
+        /// The hold-deny JSON (empty when the hold does not apply).
+        hold: String,
+        /// The trading_halted template (empty for a deny).
+        halted: String,
+        /// The trading_reducing template (empty but for opens).
+        reducing: String,
     },
+}
+
+impl Write {
+    /// The write of an evaluated plan: its permit and every deny a guard of
+    /// the write script may put in its place.
+    pub fn permit(entry_id: &str, plan_id: &str, symbol: &str, d: &Decision, now: f64) -> Write {
+        let (guard, body, hold) = match d {
+            Decision::Allow(a) => {
+                let guard = match a.reason {
+                    AllowReason::ReconcileCloseBypass => Guard::ReconcileClose,
+                    AllowReason::OpenPermitGranted => Guard::Open,
+                    AllowReason::SanityChecksPassed => Guard::Close,
+                };
+                let hold = if a.hold_applies {
+                    deny_json(
+                        plan_id,
+                        symbol,
+                        &hold_deny(a.exchange_amt, a.ledger_amt),
+                        now,
+                    )
+                } else {
+                    String::new()
+                };
+                (guard, allow_json(plan_id, symbol, a, now), hold)
+            }
+            Decision::Deny(dn) => (
+                Guard::Deny,
+                deny_json(plan_id, symbol, dn, now),
+                String::new(),
+            ),
+        };
+        let halted = if guard == Guard::Deny {
+            String::new()
+        } else {
+            trading_deny_template(plan_id, symbol, Reason::TradingHalted, now)
+        };
+        let reducing = if guard == Guard::Open {
+            trading_deny_template(plan_id, symbol, Reason::TradingReducing, now)
+        } else {
+            String::new()
+        };
+        Write::Permit {
+            entry_id: entry_id.to_string(),
+            plan_id: plan_id.to_string(),
+            symbol: symbol.to_string(),
+            guard,
+            body,
+            hold,
+            halted,
+            reducing,
+        }
+    }
+}
+
+/// Which trading state decided: the global one or the symbol's override.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// `quantum:p33:trading_state`.
+    Global,
+    /// `quantum:p33:trading_state:<symbol>`.
+    Symbol,
+}
+
+impl Scope {
+    /// The deny context's `scope`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::Symbol => "symbol",
+        }
+    }
 }
 
 /// What the script did with one entry.
@@ -105,42 +219,86 @@ pub enum Written {
     /// ACKed without a permit: a permit for this `plan_id` already exists
     /// (an earlier entry with the same id); the first decision stands.
     DuplicatePlanId,
+    /// ACKed and `trading_halted` written instead of the allow.
+    TradingHalted(Scope),
+    /// ACKed and `trading_reducing` written instead of the open.
+    TradingReducing(Scope),
 }
 
-/// Writes a batch atomically; one result per write, in order.
+impl Written {
+    /// The decision that was written (or, in dry run, would have been):
+    /// the evaluated one, or the deny a guard put in its place.
+    pub fn effective(self, evaluated: &Decision) -> Decision {
+        let Decision::Allow(a) = evaluated else {
+            return evaluated.clone();
+        };
+        let trading = |reason, scope: Scope| {
+            Decision::Deny(Deny {
+                reason,
+                context: match json!({ "scope": scope.as_str() }) {
+                    Value::Object(m) => m,
+                    _ => serde_json::Map::new(),
+                },
+            })
+        };
+        match self {
+            Written::HoldDenied => Decision::Deny(hold_deny(a.exchange_amt, a.ledger_amt)),
+            Written::TradingHalted(s) => trading(Reason::TradingHalted, s),
+            Written::TradingReducing(s) => trading(Reason::TradingReducing, s),
+            _ => evaluated.clone(),
+        }
+    }
+}
+
+/// Writes a batch atomically; one result per write, in order. In dry run
+/// the guards decide but nothing is written.
 pub async fn write_batch(
     con: &mut redis::aio::ConnectionManager,
     stream: &str,
     group: &str,
     ttl_ms: u64,
+    default_state: TradingState,
+    dry_run: bool,
     writes: &[Write],
 ) -> Result<Vec<Written>, redis::RedisError> {
     if writes.is_empty() {
         return Ok(Vec::new());
     }
     let mut inv = crate::scripts::WRITE_PERMITS.prepare_invoke();
-    inv.arg(stream).arg(group).arg(ttl_ms);
+    inv.key(keys::TRADING_STATE);
+    inv.arg(stream)
+        .arg(group)
+        .arg(ttl_ms)
+        .arg(default_state.as_str())
+        .arg(if dry_run { "1" } else { "0" });
     // Unused key slots still need a name; the ACK-only placeholder is never touched.
     for w in writes {
         match w {
             Write::AckOnly { entry_id } => {
                 inv.key(keys::unused(keys::permit))
-                    .key(keys::unused(keys::hold));
-                inv.arg(entry_id).arg("0").arg("").arg("");
+                    .key(keys::unused(keys::hold))
+                    .key(keys::unused(keys::trading_state));
+                inv.arg(entry_id).arg("0").arg("").arg("").arg("").arg("");
             }
             Write::Permit {
                 entry_id,
                 plan_id,
                 symbol,
+                guard,
                 body,
                 hold,
+                halted,
+                reducing,
             } => {
-                inv.key(keys::permit(plan_id)).key(keys::hold(symbol));
-                let mode = if hold.is_some() { "2" } else { "1" };
+                inv.key(keys::permit(plan_id))
+                    .key(keys::hold(symbol))
+                    .key(keys::trading_state(symbol));
                 inv.arg(entry_id)
-                    .arg(mode)
+                    .arg(guard.mode())
                     .arg(body)
-                    .arg(hold.as_deref().unwrap_or(""));
+                    .arg(hold)
+                    .arg(halted)
+                    .arg(reducing);
             }
         }
     }
@@ -160,6 +318,10 @@ pub async fn write_batch(
             2 => Ok(Written::Permit),
             3 => Ok(Written::HoldDenied),
             4 => Ok(Written::DuplicatePlanId),
+            5 => Ok(Written::TradingHalted(Scope::Global)),
+            6 => Ok(Written::TradingHalted(Scope::Symbol)),
+            7 => Ok(Written::TradingReducing(Scope::Global)),
+            8 => Ok(Written::TradingReducing(Scope::Symbol)),
             other => Err(script_error(format!(
                 "write script returned the unknown code {other}"
             ))),
@@ -174,7 +336,6 @@ fn script_error(msg: String) -> redis::RedisError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::AllowReason;
     use std::str::FromStr;
 
     #[test]

@@ -182,6 +182,10 @@ pub enum Reason {
     SafeQtyBelowStep,
     /// The reconcile hold is set (applied inside the atomic write).
     ReconcileHoldActive,
+    /// The trading state is HALTED (applied inside the atomic write).
+    TradingHalted,
+    /// The trading state is REDUCING and the plan opens (atomic write).
+    TradingReducing,
 }
 
 impl Reason {
@@ -203,6 +207,8 @@ impl Reason {
             Reason::InvalidCooldown => "invalid_cooldown",
             Reason::SafeQtyBelowStep => "safe_qty_below_step",
             Reason::ReconcileHoldActive => "reconcile_hold_active",
+            Reason::TradingHalted => "trading_halted",
+            Reason::TradingReducing => "trading_reducing",
         }
     }
 }

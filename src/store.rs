@@ -115,6 +115,15 @@ pub async fn connect(
     }
 }
 
+/// One attempt (5 s at most), for a command-line tool that must say at once
+/// that Redis cannot be reached.
+pub async fn connect_once(
+    target: &RedisTarget,
+    response_timeout: Duration,
+) -> Result<ConnectionManager, redis::RedisError> {
+    try_connect(target, response_timeout).await
+}
+
 async fn try_connect(
     target: &RedisTarget,
     response_timeout: Duration,

@@ -1,17 +1,34 @@
--- write_permits.lua: a batch's permits and ACKs, atomically (SPEC §4-§6).
+-- write_permits.lua: a batch's permits and ACKs, atomically (SPEC §4-§6,
+-- §12). Every guard that must hold at the instant of the write lives here:
+-- the trading state (kill switch), then the reconcile hold, then the
+-- no-overwrite rule. A change made before this script runs is in force for
+-- every permit it writes.
 --
--- KEYS     per entry i, two keys:
---            KEYS[2i-1]  quantum:permit:p33:<plan_id>    (written)
---            KEYS[2i]    quantum:reconcile:hold:<symbol> (read)
---          An ACK-only entry fills both slots with unused names.
+-- KEYS[1]  quantum:p33:trading_state (the global state, read)
+-- KEYS     then per entry i, three keys from KEYS[2 + 3(i-1)]:
+--            quantum:permit:p33:<plan_id>          (written)
+--            quantum:reconcile:hold:<symbol>       (read)
+--            quantum:p33:trading_state:<symbol>    (read)
+--          An ACK-only entry fills its slots with unused names.
 -- ARGV[1]  the plan stream
 -- ARGV[2]  the consumer group
 -- ARGV[3]  the permit TTL, ms
--- ARGV     then per entry i, four values from ARGV[4 + 4(i-1)]:
---            entry ID, mode, permit body, hold-deny body
---          mode '0' = ACK only, '1' = permit, '2' = permit unless held
---          (the hold-deny body replaces the permit when the hold key holds a
---          non-empty string or any other type).
+-- ARGV[4]  the global state while KEYS[1] is missing (P33_DEFAULT_TRADING_STATE)
+-- ARGV[5]  '1' in dry run: ACK and decide, write nothing
+-- ARGV     then per entry i, six values from ARGV[6 + 6(i-1)]:
+--            entry ID, mode, permit body, hold-deny body,
+--            halted-deny template, reducing-deny template
+--          mode '0' = ACK only
+--               '1' = a deny, written as evaluated
+--               '2' = an allow that closes: trading state, then hold
+--               '3' = an allow that opens: trading state (REDUCING too), then hold
+--               '4' = a reconcile-close allow: trading state only
+--          A template carries the literal __SCOPE__ where "global" or
+--          "symbol" goes.
+--
+-- A state is ACTIVE, REDUCING or HALTED (any case); any other value, or a
+-- key of another type, is HALTED (fail closed). A plan's state is the
+-- stricter of the global one and its symbol's.
 --
 -- Returns one code per entry:
 --   0  the entry was not pending any more (another consumer finished it):
@@ -21,37 +38,62 @@
 --   3  ACKed, hold denial written instead of the allow
 --   4  ACKed, nothing written: a permit for this plan_id already exists
 --      (an earlier entry with the same id); a permit is never overwritten
---
--- The ACK comes first and a permit is written only when it removed a pending
--- entry, so no plan is ever permitted twice.
+--   5  ACKed, trading_halted written (global)      6  the same, symbol
+--   7  ACKed, trading_reducing written (global)    8  the same, symbol
+-- In dry run the codes say what would have been written.
 
-local stream, group, ttl = ARGV[1], ARGV[2], ARGV[3]
+local RANK = {ACTIVE = 1, REDUCING = 2, HALTED = 3}
+
+local function state_of(key, default)
+  local t = redis.call('TYPE', key).ok
+  if t == 'none' then return default end
+  if t ~= 'string' then return 'HALTED' end
+  local v = string.upper(redis.call('GET', key))
+  v = string.match(v, '^%s*(.-)%s*$')
+  if RANK[v] then return v end
+  return 'HALTED'
+end
+
+local stream, group, ttl, dry = ARGV[1], ARGV[2], ARGV[3], ARGV[5] == '1'
+local global = state_of(KEYS[1], ARGV[4])
 local out = {}
-local n = (#ARGV - 3) / 4
+local n = (#ARGV - 5) / 6
 for i = 1, n do
-  local a = 3 + (i - 1) * 4
+  local a = 5 + (i - 1) * 6
+  local k = 1 + (i - 1) * 3
   local id, mode = ARGV[a + 1], ARGV[a + 2]
   local acked = redis.call('XACK', stream, group, id)
   if acked == 0 then
     out[i] = 0
   elseif mode == '0' then
     out[i] = 1
-  elseif redis.call('EXISTS', KEYS[2 * i - 1]) == 1 then
+  elseif (not dry) and redis.call('EXISTS', KEYS[k + 1]) == 1 then
     out[i] = 4
   else
     local body, res = ARGV[a + 3], 2
-    if mode == '2' then
-      local hk = KEYS[2 * i]
-      local t = redis.call('TYPE', hk).ok
-      local held = false
-      if t == 'string' then
-        held = string.len(redis.call('GET', hk)) > 0
-      elseif t ~= 'none' then
-        held = true
+    if mode ~= '1' then
+      local state, scope, shift = global, 'global', 0
+      local sym = state_of(KEYS[k + 3], nil)
+      if sym and RANK[sym] > RANK[global] then state, scope, shift = sym, 'symbol', 1 end
+      if state == 'HALTED' then
+        body, res = string.gsub(ARGV[a + 5], '__SCOPE__', scope), 5 + shift
+      elseif state == 'REDUCING' and mode == '3' then
+        body, res = string.gsub(ARGV[a + 6], '__SCOPE__', scope), 7 + shift
+      elseif mode ~= '4' then
+        local hk = KEYS[k + 2]
+        local t = redis.call('TYPE', hk).ok
+        local held = false
+        if t == 'string' then
+          held = string.len(redis.call('GET', hk)) > 0
+        elseif t ~= 'none' then
+          held = true
+        end
+        if held then body, res = ARGV[a + 4], 3 end
       end
-      if held then body, res = ARGV[a + 4], 3 end
     end
-    redis.call('SET', KEYS[2 * i - 1], body, 'PX', ttl, 'NX')
+    if not dry then
+      redis.call('SET', KEYS[k + 1], body, 'PX', ttl, 'NX')
+    end
     out[i] = res
   end
 end

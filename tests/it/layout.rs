@@ -29,8 +29,10 @@ const LAYERS: &[(&str, u8)] = &[
     ("ledger", 5),
     ("exchange", 5),
     ("http", 5),
-    // Start, supervision, signals.
-    ("lifecycle", 6),
+    ("control", 5),
+    // The operator's command line, then start, supervision, signals.
+    ("ctl", 6),
+    ("lifecycle", 7),
 ];
 
 #[test]

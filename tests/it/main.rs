@@ -6,6 +6,7 @@
 mod common;
 
 mod allowlist;
+mod control;
 mod exchange;
 mod hostile;
 mod layout;

@@ -186,6 +186,7 @@ fn alert_rules_pass_promtool_unit_tests() {
         "P33SnapshotsStale",
         "P33DenyRatioHigh",
         "P33PlansFromFuture",
+        "P33TradingNotActive",
     ] {
         assert!(rules.contains(a), "{a}");
     }

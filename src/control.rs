@@ -1,0 +1,357 @@
+//! The operator's trading state (SPEC §12): reading it, changing it, and
+//! following its changes.
+//!
+//! Keys: `quantum:p33:trading_state` (global) and
+//! `quantum:p33:trading_state:<symbol>` (overrides); stream
+//! `quantum:stream:p33.control` (one entry per change). The state takes
+//! effect inside the permit write script (`src/scripts/write_permits.lua`),
+//! not here: this module changes it (for `ctl`), reports it (metrics,
+//! `ctl status`) and logs every change the daemon sees (the follower, one
+//! group per instance so every instance logs every change).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::config::Config;
+use crate::domain::TradingState;
+use crate::keys::{self, CONTROL_STREAM};
+use crate::metrics::Metrics;
+use crate::store;
+use crate::stream::{BatchHandler, Entry, GroupReader};
+use crate::text::clip;
+
+/// The spelling of "no override" in control entries (`from`/`to` of a
+/// symbol whose key is missing).
+pub const NO_OVERRIDE: &str = "NONE";
+
+/// The trading state as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct States {
+    /// The global state in force (the default when its key is missing).
+    pub global: TradingState,
+    /// Whether the global key exists (else the default applies).
+    pub global_set: bool,
+    /// Per-symbol overrides, sorted by symbol.
+    pub overrides: Vec<(String, TradingState)>,
+}
+
+/// A stored value read as a state: a string that is not a state, or a key
+/// of another type, is HALTED (fail closed, as the write script reads it).
+async fn read_key(
+    con: &mut ConnectionManager,
+    key: &str,
+) -> Result<Option<TradingState>, redis::RedisError> {
+    let ty: String = redis::cmd("TYPE").arg(key).query_async(con).await?;
+    Ok(match ty.as_str() {
+        "none" => None,
+        "string" => {
+            let v: String = redis::cmd("GET").arg(key).query_async(con).await?;
+            Some(TradingState::from_stored(&v))
+        }
+        _ => Some(TradingState::Halted),
+    })
+}
+
+/// Reads the global state and every override (SCAN; a few hundred keys at
+/// most).
+pub async fn read_states(
+    con: &mut ConnectionManager,
+    default: TradingState,
+) -> Result<States, redis::RedisError> {
+    let global = read_key(con, keys::TRADING_STATE).await?;
+    let mut found: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(keys::trading_state_pattern())
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await?;
+        found.extend(batch);
+        if next == 0 || found.len() > 100_000 {
+            break;
+        }
+        cursor = next;
+    }
+    found.sort();
+    found.dedup();
+    let prefix = keys::trading_state("");
+    let mut overrides = Vec::with_capacity(found.len());
+    for k in found {
+        let Some(sym) = k.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !keys::valid_symbol(sym) {
+            continue;
+        }
+        if let Some(s) = read_key(con, &k).await? {
+            overrides.push((sym.to_string(), s));
+        }
+    }
+    Ok(States {
+        global: global.unwrap_or(default),
+        global_set: global.is_some(),
+        overrides,
+    })
+}
+
+/// What an operator asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Set HALTED.
+    Halt,
+    /// Set REDUCING.
+    Reduce,
+    /// Back to ACTIVE (global) or no override (symbol: the key is deleted).
+    Resume,
+}
+
+/// One control entry, as written to `quantum:stream:p33.control`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ControlEntry {
+    /// The stream entry ID.
+    pub id: String,
+    /// `global` or `symbol`.
+    pub scope: String,
+    /// The symbol (empty for the global scope).
+    pub symbol: String,
+    /// The state before (`NONE`: no override).
+    pub from: String,
+    /// The state after (`NONE`: no override).
+    pub to: String,
+    /// Why, in the operator's words.
+    pub reason: String,
+    /// `user@host`, or `p33-auto` for the daemon's own latch.
+    pub actor: String,
+    /// Epoch seconds (whole).
+    pub ts: String,
+}
+
+impl ControlEntry {
+    fn from_fields(id: &str, f: &HashMap<String, String>) -> ControlEntry {
+        let g = |k: &str| f.get(k).cloned().unwrap_or_default();
+        ControlEntry {
+            id: id.to_string(),
+            scope: g("scope"),
+            symbol: g("symbol"),
+            from: g("from"),
+            to: g("to"),
+            reason: g("reason"),
+            actor: g("actor"),
+            ts: g("ts"),
+        }
+    }
+
+    /// `global` or `symbol:BTCUSDT`, for log lines.
+    pub fn scope_label(&self) -> String {
+        if self.scope == "symbol" {
+            format!("symbol:{}", clip(&self.symbol))
+        } else {
+            clip(&self.scope).into_owned()
+        }
+    }
+
+    /// The SPEC §12 WARN line.
+    pub fn log_line(&self) -> String {
+        format!(
+            "P3.3 trading state {} {} -> {} (reason={}, actor={})",
+            self.scope_label(),
+            clip(&self.from),
+            clip(&self.to),
+            clip(&self.reason),
+            clip(&self.actor)
+        )
+    }
+}
+
+/// Applies a change: one WATCH/MULTI/EXEC of the state key and the control
+/// entry, so a change is never made without its record (or recorded
+/// without being made). Returns the entry written.
+pub async fn apply_change(
+    con: &mut ConnectionManager,
+    change: Change,
+    symbol: Option<&str>,
+    reason: &str,
+    actor: &str,
+    default: TradingState,
+) -> Result<ControlEntry, redis::RedisError> {
+    let key = symbol.map_or_else(|| keys::TRADING_STATE.to_string(), keys::trading_state);
+    for _ in 0..10 {
+        let _: () = redis::cmd("WATCH").arg(&key).query_async(con).await?;
+        let before = read_key(con, &key).await?;
+        let from = match (before, symbol) {
+            (Some(s), _) => s.as_str(),
+            (None, None) => default.as_str(),
+            (None, Some(_)) => NO_OVERRIDE,
+        };
+        let to = match (change, symbol) {
+            (Change::Halt, _) => TradingState::Halted.as_str(),
+            (Change::Reduce, _) => TradingState::Reducing.as_str(),
+            (Change::Resume, None) => TradingState::Active.as_str(),
+            (Change::Resume, Some(_)) => NO_OVERRIDE,
+        };
+        let ts = (store::now_ms() / 1000).to_string();
+        let scope = if symbol.is_some() { "symbol" } else { "global" };
+        let mut p = redis::pipe();
+        p.atomic();
+        if to == NO_OVERRIDE {
+            p.del(&key).ignore();
+        } else {
+            p.set(&key, to).ignore();
+        }
+        p.cmd("XADD")
+            .arg(CONTROL_STREAM)
+            .arg("*")
+            .arg("scope")
+            .arg(scope)
+            .arg("symbol")
+            .arg(symbol.unwrap_or(""))
+            .arg("from")
+            .arg(from)
+            .arg("to")
+            .arg(to)
+            .arg("reason")
+            .arg(reason)
+            .arg("actor")
+            .arg(actor)
+            .arg("ts")
+            .arg(&ts);
+        // EXEC answers nil when the watched key changed meanwhile: retry.
+        let done: Option<(String,)> = p.query_async(con).await?;
+        if let Some((id,)) = done {
+            return Ok(ControlEntry {
+                id,
+                scope: scope.into(),
+                symbol: symbol.unwrap_or("").into(),
+                from: from.into(),
+                to: to.into(),
+                reason: reason.into(),
+                actor: actor.into(),
+                ts,
+            });
+        }
+    }
+    Err(redis::RedisError::from((
+        redis::ErrorKind::TryAgain,
+        "the trading state kept changing under this change; try again",
+    )))
+}
+
+/// The last `n` control entries, newest first.
+pub async fn last_entries(
+    con: &mut ConnectionManager,
+    n: usize,
+) -> Result<Vec<ControlEntry>, redis::RedisError> {
+    let v: redis::Value = redis::cmd("XREVRANGE")
+        .arg(CONTROL_STREAM)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(n)
+        .query_async(con)
+        .await?;
+    Ok(crate::stream::parse_entries(&v)
+        .into_iter()
+        .filter_map(|e| Some(ControlEntry::from_fields(&e.id, e.fields.as_ref()?)))
+        .collect())
+}
+
+/// Whether the throttle latch (SPEC §13) holds the global state: the entry
+/// that set the current global state was written by `p33-auto`.
+pub fn latch_tripped(states: &States, newest_first: &[ControlEntry]) -> bool {
+    newest_first
+        .iter()
+        .find(|e| e.scope == "global")
+        .is_some_and(|e| {
+            e.actor == "p33-auto"
+                && e.to == states.global.as_str()
+                && states.global != TradingState::Active
+        })
+}
+
+/// The follower: logs each change at WARN, ACKs it, refreshes the gauges.
+struct Follower {
+    group: String,
+    refresh: Arc<Notify>,
+}
+
+impl BatchHandler for Follower {
+    async fn handle(
+        &mut self,
+        con: &mut ConnectionManager,
+        entries: &[Entry],
+    ) -> Result<(), redis::RedisError> {
+        for e in entries {
+            if let Some(f) = &e.fields {
+                warn!("{}", ControlEntry::from_fields(&e.id, f).log_line());
+            }
+        }
+        let mut ack = redis::cmd("XACK");
+        ack.arg(CONTROL_STREAM).arg(&self.group);
+        for e in entries {
+            ack.arg(&e.id);
+        }
+        let _: i64 = ack.query_async(con).await?;
+        self.refresh.notify_one();
+        Ok(())
+    }
+}
+
+/// Follows the control stream until `cancel` fires.
+pub async fn run_follower(cfg: Arc<Config>, refresh: Arc<Notify>, cancel: CancellationToken) {
+    let reader = GroupReader {
+        who: "control follower",
+        what: "control",
+        stream: CONTROL_STREAM,
+        group: keys::control_group(&cfg.consumer_name),
+        consumer: cfg.consumer_name.clone(),
+        batch: 64,
+        block: Duration::from_millis(1000),
+        // The group is this instance's own: nothing to claim from others.
+        claim_idle: Duration::from_secs(3600),
+    };
+    let mut handler = Follower {
+        group: reader.group.clone(),
+        refresh,
+    };
+    reader.run(&cfg.redis, &mut handler, &cancel).await;
+}
+
+/// Keeps `p33_trading_state` and `p33_symbol_overrides` current: at once
+/// when the follower saw a change, and every 5 s (a state set by hand,
+/// without `ctl`, shows too).
+pub async fn run_state_metrics(
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    refresh: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    let Some(mut con) =
+        store::connect(&cfg.redis, "trading state", Duration::from_secs(5), &cancel).await
+    else {
+        return;
+    };
+    loop {
+        match read_states(&mut con, cfg.default_trading_state).await {
+            Ok(s) => {
+                let o: Vec<TradingState> = s.overrides.iter().map(|(_, t)| *t).collect();
+                metrics.set_trading_state(s.global, &o);
+            }
+            Err(e) => warn!("trading state: reading it failed: {e}"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = refresh.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! `position-state-brain ctl`: the operator's kill switch (SPEC §12), run
+//! with the daemon's own environment.
+//!
+//! `ctl status [--json]` prints the global trading state, every symbol
+//! override, the allowlist source as the daemon would resolve it now, whether
+//! the throttle latch holds the state, and the last 10 control entries.
+//! `ctl halt|reduce|resume [--symbol S] --reason TEXT` changes the state:
+//! one transaction of the key and its control entry. Exit 0 on success, 1
+//! when Redis cannot be reached (one line), 64 on a usage error (clap), 78
+//! on a bad configuration (like the daemon).
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::allowlist::{self, Source};
+use crate::config::Config;
+use crate::control::{self, Change, ControlEntry, States};
+use crate::store;
+
+/// `ctl`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub verb: Verb,
+}
+
+/// A `ctl` verb.
+#[derive(Debug, clap::Subcommand)]
+pub enum Verb {
+    /// Print the trading state, overrides, allowlist source, latch and the
+    /// last 10 control entries.
+    Status {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kill switch: every allow (reconcile closes too) becomes a deny.
+    Halt(ChangeArgs),
+    /// Reduce only: opens are denied; closes go on.
+    Reduce(ChangeArgs),
+    /// Back to ACTIVE (global), or remove a symbol's override.
+    Resume(ChangeArgs),
+}
+
+/// The arguments of a change.
+#[derive(Debug, clap::Args)]
+pub struct ChangeArgs {
+    /// One symbol instead of the global state.
+    #[arg(long, value_parser = parse_symbol)]
+    pub symbol: Option<String>,
+    /// Why (recorded in the control entry; required).
+    #[arg(long)]
+    pub reason: String,
+}
+
+fn parse_symbol(s: &str) -> Result<String, String> {
+    match crate::keys::symbol_problem(s) {
+        None => Ok(s.to_string()),
+        Some(why) => Err(format!("{s:?} is not a symbol: {why}")),
+    }
+}
+
+/// Who made a change: `$SUDO_USER` or `$USER`, `@` the host name.
+fn actor() -> String {
+    let user = std::env::var("SUDO_USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "unknown".to_string());
+    format!("{user}@{}", crate::config::hostname())
+}
+
+/// Runs `ctl`; returns the exit code.
+pub async fn run(cfg: &Config, args: CtlArgs) -> i32 {
+    let mut con = match store::connect_once(&cfg.redis, Duration::from_secs(5)).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ctl: cannot reach Redis at {}: {e}", cfg.redis.display());
+            return 1;
+        }
+    };
+    let outcome = match args.verb {
+        Verb::Status { json } => status(cfg, &mut con, json).await,
+        Verb::Halt(a) => change(cfg, &mut con, Change::Halt, a).await,
+        Verb::Reduce(a) => change(cfg, &mut con, Change::Reduce, a).await,
+        Verb::Resume(a) => change(cfg, &mut con, Change::Resume, a).await,
+    };
+    match outcome {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("ctl: Redis error: {e}");
+            1
+        }
+    }
+}
+
+async fn change(
+    cfg: &Config,
+    con: &mut redis::aio::ConnectionManager,
+    c: Change,
+    a: ChangeArgs,
+) -> Result<(), redis::RedisError> {
+    let e = control::apply_change(
+        con,
+        c,
+        a.symbol.as_deref(),
+        &a.reason,
+        &actor(),
+        cfg.default_trading_state,
+    )
+    .await?;
+    println!(
+        "{} {} -> {} (entry {} in {})",
+        e.scope_label(),
+        e.from,
+        e.to,
+        e.id,
+        crate::keys::CONTROL_STREAM
+    );
+    Ok(())
+}
+
+async fn status(
+    cfg: &Config,
+    con: &mut redis::aio::ConnectionManager,
+    as_json: bool,
+) -> Result<(), redis::RedisError> {
+    let states = control::read_states(con, cfg.default_trading_state).await?;
+    let entries = control::last_entries(con, 10).await?;
+    let read = allowlist::read_universe(con, cfg).await;
+    let res = allowlist::resolve(
+        read.as_ref().map_err(|_| ()),
+        &cfg.allowlist_env,
+        cfg.allowlist_mode,
+        store::now_epoch(),
+        &allowlist::Limits {
+            max_age_s: cfg.universe_max_age_s,
+        },
+    );
+    let latch = control::latch_tripped(&states, &entries);
+    if as_json {
+        println!(
+            "{}",
+            status_json(&states, &entries, res.source, res.symbols.len(), latch)
+        );
+    } else {
+        print!(
+            "{}",
+            status_text(&states, &entries, &res.log_line(), latch, cfg)
+        );
+    }
+    Ok(())
+}
+
+fn status_json(
+    s: &States,
+    entries: &[ControlEntry],
+    source: Source,
+    count: usize,
+    latch: bool,
+) -> serde_json::Value {
+    json!({
+        "global": s.global.as_str(),
+        "global_key_set": s.global_set,
+        "overrides": s.overrides.iter().map(|(sym, st)| json!({"symbol": sym, "state": st.as_str()})).collect::<Vec<_>>(),
+        "allowlist": {"source": source.label(), "count": count},
+        "latch_tripped": latch,
+        "control": entries,
+    })
+}
+
+fn status_text(
+    s: &States,
+    entries: &[ControlEntry],
+    allowlist_line: &str,
+    latch: bool,
+    cfg: &Config,
+) -> String {
+    let mut out = String::new();
+    let how = if s.global_set {
+        "set".to_string()
+    } else {
+        format!(
+            "key missing: P33_DEFAULT_TRADING_STATE={}",
+            cfg.default_trading_state.as_str()
+        )
+    };
+    out.push_str(&format!("trading state   {} ({how})\n", s.global.as_str()));
+    if s.overrides.is_empty() {
+        out.push_str("overrides       none\n");
+    } else {
+        let list: Vec<String> = s
+            .overrides
+            .iter()
+            .map(|(sym, st)| format!("{sym}={}", st.as_str()))
+            .collect();
+        out.push_str(&format!("overrides       {}\n", list.join(" ")));
+    }
+    out.push_str(&format!(
+        "allowlist       {}\n",
+        allowlist_line.trim_start_matches("P3.3 allowlist ")
+    ));
+    out.push_str(&format!(
+        "throttle latch  {}\n",
+        if latch {
+            "TRIPPED: the state was set by p33-auto; `ctl resume --reason …` after checking"
+        } else {
+            "not tripped"
+        }
+    ));
+    if entries.is_empty() {
+        out.push_str("control log     (empty)\n");
+    } else {
+        out.push_str("control log     newest first\n");
+        for e in entries {
+            out.push_str(&format!(
+                "  {} {} -> {}  {}  by {}  ts={}\n",
+                e.scope_label(),
+                e.from,
+                e.to,
+                crate::text::clip(&e.reason),
+                crate::text::clip(&e.actor),
+                e.ts
+            ));
+        }
+    }
+    out
+}

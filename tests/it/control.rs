@@ -1,0 +1,383 @@
+//! The operator's trading state (SPEC §12): `ctl` against the real daemon
+//! and a private Redis — halt, reduce, resume, symbol overrides, fail-closed
+//! values, the control entries, the WARN line, the gauges, and the atomic
+//! guarantee that no allow is written after a halt returned.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(10);
+
+fn close(id: &str, symbol: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("plan_id", id.to_string()),
+        ("symbol", symbol.to_string()),
+        ("decision", "EXECUTE".to_string()),
+        ("action", "FULL_CLOSE_PROPOSED".to_string()),
+        ("reduceOnly", "true".to_string()),
+    ]
+}
+
+fn push(t: &mut TestDaemon, fields: Vec<(&'static str, String)>) {
+    let f: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    t.push_plan(&f);
+}
+
+fn open(id: &str, symbol: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("plan_id", id.to_string()),
+        ("symbol", symbol.to_string()),
+        ("decision", "EXECUTE".to_string()),
+        ("action", "OPEN_LONG".to_string()),
+        ("reduceOnly", "false".to_string()),
+    ]
+}
+
+/// `position-state-brain ctl …` with the daemon's environment.
+fn ctl(t: &TestDaemon, args: &[&str]) -> (Option<i32>, String, String) {
+    let env: Vec<(&str, &str)> = t
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain([("USER", "alice")])
+        .collect();
+    let mut all = vec!["ctl"];
+    all.extend_from_slice(args);
+    run_once(&all, &env)
+}
+
+fn ctl_ok(t: &TestDaemon, args: &[&str]) -> String {
+    let (code, out, err) = ctl(t, args);
+    assert_eq!(code, Some(0), "ctl {args:?}: {out}{err}");
+    out
+}
+
+fn daemon() -> TestDaemon {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT,ETHUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .deferred(),
+    );
+    let n = now();
+    t.snapshot("BTCUSDT", "0.5", n);
+    t.snapshot("ETHUSDT", "0", n);
+    t.start_ready();
+    t
+}
+
+#[test]
+fn halt_reduce_and_resume_take_effect_and_are_recorded() {
+    let mut t = daemon();
+    push(&mut t, open("before-open", "ETHUSDT"));
+    assert_eq!(t.wait_permit("before-open")["allow"], true);
+
+    let out = ctl_ok(&t, &["halt", "--reason", "runaway strategy"]);
+    assert!(out.contains("global ACTIVE -> HALTED"), "{out}");
+    push(&mut t, close("halted-close", "BTCUSDT"));
+    push(&mut t, open("halted-open", "ETHUSDT"));
+    let mut rc = close("halted-reconcile", "BTCUSDT");
+    rc[2].1 = "RECONCILE_CLOSE".into();
+    push(&mut t, rc);
+    for id in ["halted-close", "halted-open", "halted-reconcile"] {
+        let p = t.wait_permit(id);
+        assert_eq!(p["allow"], false, "{id}: {p}");
+        assert_eq!(p["reason"], "trading_halted", "{id}: {p}");
+        assert_eq!(p["context"]["scope"], "global", "{id}: {p}");
+    }
+    let line = t.wait_log("P3.3 trading state global ACTIVE -> HALTED", T);
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("(reason=runaway strategy, actor=alice@"),
+        "{line}"
+    );
+    t.wait_metric("p33_trading_state{state=\"HALTED\"}", 1.0);
+    assert_eq!(t.metric("p33_trading_state{state=\"ACTIVE\"}"), Some(0.0));
+    t.wait_metric(
+        "p33_permit_deny_total{reason=\"trading_halted\",symbol=\"BTCUSDT\"}",
+        2.0,
+    );
+
+    ctl_ok(&t, &["reduce", "--reason", "let positions close"]);
+    push(&mut t, close("reducing-close", "BTCUSDT"));
+    push(&mut t, open("reducing-open", "ETHUSDT"));
+    let p = t.wait_permit("reducing-close");
+    assert_eq!(p["allow"], true, "closes go on while reducing: {p}");
+    let p = t.wait_permit("reducing-open");
+    assert_eq!(p["reason"], "trading_reducing", "{p}");
+    assert_eq!(p["context"]["scope"], "global", "{p}");
+
+    ctl_ok(&t, &["resume", "--reason", "all clear"]);
+    push(&mut t, open("resumed-open", "ETHUSDT"));
+    assert_eq!(t.wait_permit("resumed-open")["allow"], true);
+    t.wait_log("P3.3 trading state global REDUCING -> ACTIVE", T);
+    t.wait_metric("p33_trading_state{state=\"ACTIVE\"}", 1.0);
+
+    // The record: one entry per change, newest last, with every field.
+    let v: redis::Value = redis::cmd("XRANGE")
+        .arg("quantum:stream:p33.control")
+        .arg("-")
+        .arg("+")
+        .query(&mut t.con)
+        .unwrap();
+    let entries = position_state_brain::stream::parse_entries(&v);
+    assert_eq!(entries.len(), 3);
+    let f = entries[0].fields.as_ref().unwrap();
+    assert_eq!(f["scope"], "global");
+    assert_eq!(f["symbol"], "");
+    assert_eq!(f["from"], "ACTIVE");
+    assert_eq!(f["to"], "HALTED");
+    assert_eq!(f["reason"], "runaway strategy");
+    assert!(f["actor"].starts_with("alice@"), "{f:?}");
+    let ts: i64 = f["ts"].parse().expect("ts in whole seconds");
+    assert!((ts as f64 - now()).abs() < 60.0);
+    let last = entries[2].fields.as_ref().unwrap();
+    assert_eq!(
+        (last["from"].as_str(), last["to"].as_str()),
+        ("REDUCING", "ACTIVE")
+    );
+}
+
+#[test]
+fn a_symbol_override_is_the_stricter_state_and_resume_removes_it() {
+    let mut t = daemon();
+    ctl_ok(
+        &t,
+        &["halt", "--symbol", "BTCUSDT", "--reason", "bad fills"],
+    );
+    push(&mut t, close("sym-btc", "BTCUSDT"));
+    push(&mut t, open("sym-eth", "ETHUSDT"));
+    let p = t.wait_permit("sym-btc");
+    assert_eq!(p["reason"], "trading_halted");
+    assert_eq!(p["context"]["scope"], "symbol");
+    assert_eq!(
+        t.wait_permit("sym-eth")["allow"],
+        true,
+        "other symbols trade"
+    );
+    t.wait_log("P3.3 trading state symbol:BTCUSDT NONE -> HALTED", T);
+    t.wait_metric("p33_symbol_overrides{state=\"HALTED\"}", 1.0);
+
+    // A global REDUCING is milder than the symbol's HALTED: HALTED stands.
+    ctl_ok(&t, &["reduce", "--reason", "calm down"]);
+    push(&mut t, close("sym-btc-2", "BTCUSDT"));
+    assert_eq!(t.wait_permit("sym-btc-2")["context"]["scope"], "symbol");
+
+    ctl_ok(&t, &["resume", "--symbol", "BTCUSDT", "--reason", "fixed"]);
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("quantum:p33:trading_state:BTCUSDT")
+        .query(&mut t.con)
+        .unwrap();
+    assert_eq!(exists, 0, "resume of a symbol deletes its key");
+    push(&mut t, close("sym-btc-3", "BTCUSDT"));
+    assert_eq!(
+        t.wait_permit("sym-btc-3")["allow"],
+        true,
+        "a close goes on under the global REDUCING"
+    );
+    let out = ctl_ok(&t, &["status"]);
+    assert!(out.contains("trading state   REDUCING (set)"), "{out}");
+    assert!(out.contains("overrides       none"), "{out}");
+    assert!(out.contains("symbol:BTCUSDT HALTED -> NONE"), "{out}");
+    let json: Value = serde_json::from_str(&ctl_ok(&t, &["status", "--json"])).unwrap();
+    assert_eq!(json["global"], "REDUCING");
+    assert_eq!(json["allowlist"]["source"], "env");
+    assert_eq!(json["control"].as_array().unwrap().len(), 3);
+    assert_eq!(json["latch_tripped"], false);
+}
+
+#[test]
+fn unknown_values_and_wrong_types_are_halted() {
+    let mut t = daemon();
+    let _: () = redis::cmd("SET")
+        .arg("quantum:p33:trading_state")
+        .arg("paused")
+        .query(&mut t.con)
+        .unwrap();
+    push(&mut t, close("garbage", "BTCUSDT"));
+    let p = t.wait_permit("garbage");
+    assert_eq!(p["reason"], "trading_halted", "{p}");
+    assert_eq!(p["context"]["scope"], "global");
+    let _: () = redis::cmd("SET")
+        .arg("quantum:p33:trading_state")
+        .arg(" active ")
+        .query(&mut t.con)
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("quantum:p33:trading_state:BTCUSDT")
+        .arg("state")
+        .arg("ACTIVE")
+        .query(&mut t.con)
+        .unwrap();
+    push(&mut t, close("wrong-type", "BTCUSDT"));
+    push(&mut t, open("any-case", "ETHUSDT"));
+    let p = t.wait_permit("wrong-type");
+    assert_eq!(p["reason"], "trading_halted", "{p}");
+    assert_eq!(p["context"]["scope"], "symbol");
+    assert_eq!(
+        t.wait_permit("any-case")["allow"],
+        true,
+        "' active ' is ACTIVE"
+    );
+    t.wait_metric("p33_symbol_overrides{state=\"HALTED\"}", 1.0);
+}
+
+#[test]
+fn the_default_state_applies_while_the_key_is_missing() {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .set("P33_DEFAULT_TRADING_STATE", "halted")
+            .deferred(),
+    );
+    t.snapshot("BTCUSDT", "0.5", now());
+    t.start_ready();
+    push(&mut t, close("default-halted", "BTCUSDT"));
+    assert_eq!(t.wait_permit("default-halted")["reason"], "trading_halted");
+    let out = ctl_ok(&t, &["resume", "--reason", "start trading"]);
+    assert!(out.contains("global HALTED -> ACTIVE"), "{out}");
+    push(&mut t, close("after-resume", "BTCUSDT"));
+    assert_eq!(t.wait_permit("after-resume")["allow"], true);
+
+    let (code, _, err) = run_once(
+        &["--check-config"],
+        &[
+            ("P33_SNAPSHOT_SOURCE", "external"),
+            ("P33_DEFAULT_TRADING_STATE", "PAUSED"),
+        ],
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("P33_DEFAULT_TRADING_STATE"), "{err}");
+}
+
+#[test]
+fn ctl_says_what_is_wrong_with_exit_codes() {
+    let t = daemon();
+    let (code, _, err) = ctl(&t, &["halt"]);
+    assert_eq!(code, Some(64), "missing --reason is a usage error: {err}");
+    assert!(err.contains("--reason"), "{err}");
+    let (code, _, err) = ctl(&t, &["pause", "--reason", "x"]);
+    assert_eq!(code, Some(64), "{err}");
+    let (code, _, err) = ctl(&t, &["halt", "--symbol", "btc-usdt", "--reason", "x"]);
+    assert_eq!(code, Some(64), "{err}");
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let (code, out, err) = run_once(
+        &["ctl", "status"],
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("P33_SNAPSHOT_SOURCE", "external"),
+        ],
+    );
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("cannot reach Redis"), "{err}");
+    let (code, _, err) = run_once(
+        &["ctl", "status"],
+        &[("REDIS_URL", url.as_str()), ("P33_POLL_SEC", "abc")],
+    );
+    assert_eq!(code, Some(78), "a bad configuration: {err}");
+    assert_eq!(
+        redis::cmd("EXISTS")
+            .arg("quantum:p33:trading_state")
+            .query::<i64>(&mut t.redis.con())
+            .unwrap(),
+        0,
+        "nothing was changed"
+    );
+}
+
+/// Plans flow at a few hundred per second while `ctl halt` runs: not one
+/// permit with `allow: true` is SET after the command returned. Keyspace
+/// events arrive in the order Redis executed the commands, so every permit
+/// SET after the state key's SET must be a deny.
+#[test]
+fn no_allow_is_written_after_a_halt_returned() {
+    let mut t = daemon();
+    let events: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = {
+        let mut con = t.redis.con();
+        let (events, stop) = (events.clone(), stop.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = std::thread::spawn(move || {
+            con.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut ps = con.as_pubsub();
+            ps.psubscribe("__keyspace@0__:quantum:p*").unwrap();
+            tx.send(()).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(m) = ps.get_message() {
+                    let event: String = m.get_payload().unwrap_or_default();
+                    if event == "set" {
+                        let key = m.get_channel_name().trim_start_matches("__keyspace@0__:");
+                        events.lock().unwrap().push(key.to_string());
+                    }
+                }
+            }
+        });
+        rx.recv().unwrap();
+        h
+    };
+    let pushing = Arc::new(AtomicBool::new(true));
+    let pusher = {
+        let mut con = t.redis.con();
+        let pushing = pushing.clone();
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while pushing.load(Ordering::SeqCst) && i < 20_000 {
+                let id = format!("flow-{i}");
+                let f = close(&id, "BTCUSDT");
+                let f: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                push_plan(&mut con, &f);
+                i += 1;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        })
+    };
+    wait_for("allows flowing", T, || {
+        (events.lock().unwrap().len() >= 100).then_some(())
+    });
+    let out = ctl_ok(&t, &["halt", "--reason", "atomic test"]);
+    assert!(out.contains("-> HALTED"), "{out}");
+    let at_return = events.lock().unwrap().len();
+    wait_for("permits written after the halt", T, || {
+        (events.lock().unwrap().len() >= at_return + 100).then_some(())
+    });
+    pushing.store(false, Ordering::SeqCst);
+    pusher.join().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    listener.join().unwrap();
+    let ev = events.lock().unwrap().clone();
+    let halt_at = ev
+        .iter()
+        .position(|k| k == "quantum:p33:trading_state")
+        .expect("the state key's SET was seen");
+    assert!(halt_at <= at_return, "the SET came before ctl returned");
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    let mut allows_before = 0;
+    for (i, key) in ev.iter().enumerate() {
+        let Some(id) = key.strip_prefix("quantum:permit:p33:") else {
+            continue;
+        };
+        let p = read_permit(&mut t.con, id).expect("permits live 60 s");
+        if i < halt_at {
+            allows_before += usize::from(p["allow"] == true);
+        } else {
+            assert_eq!(p["allow"], false, "{id} written after the halt: {p}");
+            *reasons
+                .entry(p["reason"].as_str().unwrap_or("").to_string())
+                .or_default() += 1;
+        }
+    }
+    assert!(allows_before >= 50, "allows flowed before: {allows_before}");
+    assert!(
+        reasons.get("trading_halted").copied().unwrap_or(0) >= 100,
+        "{reasons:?}"
+    );
+}
