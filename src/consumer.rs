@@ -329,16 +329,15 @@ impl Consumer {
                 },
             })
             .collect();
-        let results = permits::write_batch(
-            con,
-            PLAN_STREAM,
-            &self.cfg.consumer_group,
-            u64::try_from(self.cfg.permit_ttl.as_millis()).unwrap_or(u64::MAX),
-            self.cfg.default_trading_state,
-            self.cfg.dry_run,
-            &writes,
-        )
-        .await?;
+        let batch = permits::Batch {
+            stream: PLAN_STREAM,
+            group: &self.cfg.consumer_group,
+            ttl_ms: u64::try_from(self.cfg.permit_ttl.as_millis()).unwrap_or(u64::MAX),
+            default_state: self.cfg.default_trading_state,
+            dry_run: self.cfg.dry_run,
+            now,
+        };
+        let results = permits::write_batch(con, batch, &writes).await?;
         let done = store::now_epoch();
         for ((e, o), res) in entries.iter().zip(&outcomes).zip(results) {
             let label = match o {

@@ -68,18 +68,16 @@ pub fn hold_deny(exchange_amt: Decimal, ledger_amt: Decimal) -> Deny {
     }
 }
 
-/// The deny a trading state turns an allow into (SPEC §12), as a template:
-/// the write script puts "global" or "symbol" where `__SCOPE__` stands.
-fn trading_deny_template(plan_id: &str, symbol: &str, reason: Reason, now: f64) -> String {
-    let context = match json!({ "scope": SCOPE_PLACEHOLDER }) {
+/// The deny a trading state turns an allow into (SPEC §12), as a template
+/// for the whole batch: the write script puts the scope, the plan_id and
+/// the symbol where the placeholders stand.
+fn trading_deny_template(reason: Reason, now: f64) -> String {
+    let context = match json!({ "scope": "__SCOPE__" }) {
         Value::Object(m) => m,
         _ => serde_json::Map::new(),
     };
-    deny_json(plan_id, symbol, &Deny { reason, context }, now)
+    deny_json("__PLAN__", "__SYMBOL__", &Deny { reason, context }, now)
 }
-
-/// What the write script replaces with the scope of a trading-state deny.
-const SCOPE_PLACEHOLDER: &str = "__SCOPE__";
 
 /// Which guards of the write script apply to a permit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,10 +125,6 @@ pub enum Write {
         body: String,
         /// The hold-deny JSON (empty when the hold does not apply).
         hold: String,
-        /// The trading_halted template (empty for a deny).
-        halted: String,
-        /// The trading_reducing template (empty but for opens).
-        reducing: String,
     },
 }
 
@@ -163,16 +157,6 @@ impl Write {
                 String::new(),
             ),
         };
-        let halted = if guard == Guard::Deny {
-            String::new()
-        } else {
-            trading_deny_template(plan_id, symbol, Reason::TradingHalted, now)
-        };
-        let reducing = if guard == Guard::Open {
-            trading_deny_template(plan_id, symbol, Reason::TradingReducing, now)
-        } else {
-            String::new()
-        };
         Write::Permit {
             entry_id: entry_id.to_string(),
             plan_id: plan_id.to_string(),
@@ -180,8 +164,6 @@ impl Write {
             guard,
             body,
             hold,
-            halted,
-            reducing,
         }
     }
 }
@@ -250,15 +232,28 @@ impl Written {
     }
 }
 
+/// What a batch write needs besides its writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    /// The plan stream.
+    pub stream: &'a str,
+    /// The consumer group.
+    pub group: &'a str,
+    /// Permit TTL, ms.
+    pub ttl_ms: u64,
+    /// The global trading state while its key is missing.
+    pub default_state: TradingState,
+    /// Decide, write nothing.
+    pub dry_run: bool,
+    /// `created_at` of the permits.
+    pub now: f64,
+}
+
 /// Writes a batch atomically; one result per write, in order. In dry run
 /// the guards decide but nothing is written.
 pub async fn write_batch(
     con: &mut redis::aio::ConnectionManager,
-    stream: &str,
-    group: &str,
-    ttl_ms: u64,
-    default_state: TradingState,
-    dry_run: bool,
+    b: Batch<'_>,
     writes: &[Write],
 ) -> Result<Vec<Written>, redis::RedisError> {
     if writes.is_empty() {
@@ -266,11 +261,13 @@ pub async fn write_batch(
     }
     let mut inv = crate::scripts::WRITE_PERMITS.prepare_invoke();
     inv.key(keys::TRADING_STATE);
-    inv.arg(stream)
-        .arg(group)
-        .arg(ttl_ms)
-        .arg(default_state.as_str())
-        .arg(if dry_run { "1" } else { "0" });
+    inv.arg(b.stream)
+        .arg(b.group)
+        .arg(b.ttl_ms)
+        .arg(b.default_state.as_str())
+        .arg(if b.dry_run { "1" } else { "0" })
+        .arg(trading_deny_template(Reason::TradingHalted, b.now))
+        .arg(trading_deny_template(Reason::TradingReducing, b.now));
     // Unused key slots still need a name; the ACK-only placeholder is never touched.
     for w in writes {
         match w {
@@ -278,7 +275,7 @@ pub async fn write_batch(
                 inv.key(keys::unused(keys::permit))
                     .key(keys::unused(keys::hold))
                     .key(keys::unused(keys::trading_state));
-                inv.arg(entry_id).arg("0").arg("").arg("").arg("").arg("");
+                inv.arg(entry_id).arg("0").arg("").arg("");
             }
             Write::Permit {
                 entry_id,
@@ -287,18 +284,11 @@ pub async fn write_batch(
                 guard,
                 body,
                 hold,
-                halted,
-                reducing,
             } => {
                 inv.key(keys::permit(plan_id))
                     .key(keys::hold(symbol))
                     .key(keys::trading_state(symbol));
-                inv.arg(entry_id)
-                    .arg(guard.mode())
-                    .arg(body)
-                    .arg(hold)
-                    .arg(halted)
-                    .arg(reducing);
+                inv.arg(entry_id).arg(guard.mode()).arg(body).arg(hold);
             }
         }
     }

@@ -15,16 +15,18 @@
 -- ARGV[3]  the permit TTL, ms
 -- ARGV[4]  the global state while KEYS[1] is missing (P33_DEFAULT_TRADING_STATE)
 -- ARGV[5]  '1' in dry run: ACK and decide, write nothing
--- ARGV     then per entry i, six values from ARGV[6 + 6(i-1)]:
---            entry ID, mode, permit body, hold-deny body,
---            halted-deny template, reducing-deny template
+-- ARGV[6]  the trading_halted deny template, ARGV[7] the trading_reducing
+--          one: permit JSON with the literals __SCOPE__ ("global" or
+--          "symbol"), __PLAN__ (the plan_id, JSON-escaped) and __SYMBOL__
+--          where they go; the plan_id and the symbol are taken from the
+--          entry's permit and hold keys
+-- ARGV     then per entry i, four values from ARGV[8 + 4(i-1)]:
+--            entry ID, mode, permit body, hold-deny body
 --          mode '0' = ACK only
 --               '1' = a deny, written as evaluated
 --               '2' = an allow that closes: trading state, then hold
 --               '3' = an allow that opens: trading state (REDUCING too), then hold
 --               '4' = a reconcile-close allow: trading state only
---          A template carries the literal __SCOPE__ where "global" or
---          "symbol" goes.
 --
 -- A state is ACTIVE, REDUCING or HALTED (any case); any other value, or a
 -- key of another type, is HALTED (fail closed). A plan's state is the
@@ -54,12 +56,26 @@ local function state_of(key, default)
   return 'HALTED'
 end
 
+-- The deny a trading state writes, from its template. Replacements go
+-- through functions, so no character of a plan_id is read as a pattern.
+local PERMIT_PREFIX, HOLD_PREFIX = 'quantum:permit:p33:', 'quantum:reconcile:hold:'
+local function trading_deny(template, scope, permit_key, hold_key)
+  local plan = string.sub(permit_key, #PERMIT_PREFIX + 1)
+  local symbol = string.sub(hold_key, #HOLD_PREFIX + 1)
+  local plan_esc = string.gsub(plan, '[\\"]', function(c) return '\\' .. c end)
+  local body = string.gsub(template, '__SCOPE__', function() return scope end)
+  body = string.gsub(body, '__PLAN__', function() return plan_esc end)
+  body = string.gsub(body, '__SYMBOL__', function() return symbol end)
+  return body
+end
+
 local stream, group, ttl, dry = ARGV[1], ARGV[2], ARGV[3], ARGV[5] == '1'
+local halted_tmpl, reducing_tmpl = ARGV[6], ARGV[7]
 local global = state_of(KEYS[1], ARGV[4])
 local out = {}
-local n = (#ARGV - 5) / 6
+local n = (#ARGV - 7) / 4
 for i = 1, n do
-  local a = 5 + (i - 1) * 6
+  local a = 7 + (i - 1) * 4
   local k = 1 + (i - 1) * 3
   local id, mode = ARGV[a + 1], ARGV[a + 2]
   local acked = redis.call('XACK', stream, group, id)
@@ -76,9 +92,9 @@ for i = 1, n do
       local sym = state_of(KEYS[k + 3], nil)
       if sym and RANK[sym] > RANK[global] then state, scope, shift = sym, 'symbol', 1 end
       if state == 'HALTED' then
-        body, res = string.gsub(ARGV[a + 5], '__SCOPE__', scope), 5 + shift
+        body, res = trading_deny(halted_tmpl, scope, KEYS[k + 1], KEYS[k + 2]), 5 + shift
       elseif state == 'REDUCING' and mode == '3' then
-        body, res = string.gsub(ARGV[a + 6], '__SCOPE__', scope), 7 + shift
+        body, res = trading_deny(reducing_tmpl, scope, KEYS[k + 1], KEYS[k + 2]), 7 + shift
       elseif mode ~= '4' then
         local hk = KEYS[k + 2]
         local t = redis.call('TYPE', hk).ok

@@ -90,6 +90,13 @@ fn halt_reduce_and_resume_take_effect_and_are_recorded() {
         assert_eq!(p["reason"], "trading_halted", "{id}: {p}");
         assert_eq!(p["context"]["scope"], "global", "{id}: {p}");
     }
+    // A plan_id with JSON's special characters is escaped in the deny.
+    let odd = r#"odd"id\x%1"#;
+    push(&mut t, close(odd, "BTCUSDT"));
+    let p = t.wait_permit(odd);
+    assert_eq!(p["plan_id"], odd, "{p}");
+    assert_eq!(p["reason"], "trading_halted", "{p}");
+    assert_eq!(p["symbol"], "BTCUSDT", "{p}");
     let line = t.wait_log("P3.3 trading state global ACTIVE -> HALTED", T);
     assert!(line.contains("WARN"), "{line}");
     assert!(
