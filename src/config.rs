@@ -146,6 +146,10 @@ pub enum Kind {
     Filter,
     /// Never parsed, never printed.
     Secret,
+    /// `N/Ws`: at most N in any sliding window of W seconds (`20/60s`).
+    Rate,
+    /// A count ≥ 1.
+    Count,
 }
 
 /// One environment variable of SPEC §2.
@@ -214,6 +218,9 @@ pub const VARS: &[Var] = &[
     var("P33_CLAIM_IDLE_S", Some("30"), Kind::Seconds { positive: true }, "entries idle this long on other consumers are claimed"),
     var("P33_CANONICAL_POSITIONS", Some("false"), Kind::Bool, "also write quantum:state:positions:<symbol>"),
     var("P33_DEFAULT_TRADING_STATE", Some("ACTIVE"), Kind::Choice(&["ACTIVE", "REDUCING", "HALTED"]), "the global trading state while quantum:p33:trading_state is missing"),
+    var("P33_MAX_OPENS", None, Kind::Rate, "N/Ws: at most N opening allows in any W seconds, all symbols (unset: off)"),
+    var("P33_MAX_OPENS_PER_SYMBOL", None, Kind::Rate, "N/Ws: the same, per symbol (unset: off)"),
+    var("P33_THROTTLE_LATCH", Some("false"), Kind::Bool, "the first global throttled deny also sets the global state to REDUCING, until an operator resumes"),
 ];
 
 /// The variable called `name` in [`VARS`].
@@ -236,6 +243,44 @@ enum Value {
     Db(i64),
     Level(&'static str),
     Secret(Secret),
+    Rate(Rate),
+    Count(u32),
+}
+
+/// `N/Ws`: at most `limit` events in any sliding window of `window`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// N, at least 1.
+    pub limit: u32,
+    /// W.
+    pub window: Duration,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}s", self.limit, self.window.as_secs_f64())
+    }
+}
+
+/// Parses `N/Ws` (`20/60s`, `20/60`, `5/0.5s`).
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let want = "must be N/Ws, e.g. 20/60s (at most N in any W seconds; N ≥ 1, 0 < W ≤ a year)";
+    let (n, w) = s.trim().split_once('/').ok_or_else(|| want.to_string())?;
+    let limit: u32 = n.trim().parse().map_err(|_| want.to_string())?;
+    let w = w.trim();
+    let secs: f64 = w
+        .strip_suffix('s')
+        .unwrap_or(w)
+        .trim()
+        .parse()
+        .map_err(|_| want.to_string())?;
+    if limit == 0 || !secs.is_finite() || !(0.001..=MAX_SECS).contains(&secs) {
+        return Err(want.to_string());
+    }
+    Ok(Rate {
+        limit,
+        window: dur(secs),
+    })
 }
 
 impl Value {
@@ -252,6 +297,8 @@ impl Value {
             Value::RedisUrl(_, shown) => shown.clone(),
             Value::Db(d) => d.to_string(),
             Value::Secret(_) => "[redacted]".to_string(),
+            Value::Rate(r) => r.to_string(),
+            Value::Count(n) => n.to_string(),
         }
     }
 }
@@ -337,6 +384,13 @@ fn parse_value(kind: Kind, raw: &str) -> Result<Value, String> {
             Err(_) => Err("is not a valid tracing filter directive".into()),
         },
         Kind::Secret => Ok(Value::Secret(Secret(raw.to_string()))),
+        Kind::Rate => parse_rate(s).map(Value::Rate),
+        Kind::Count => s
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .map(Value::Count)
+            .ok_or_else(|| "must be a whole number ≥ 1".into()),
     }
 }
 
@@ -417,6 +471,12 @@ impl Parsed {
             _ => None,
         }
     }
+    fn rate(&self, name: &str) -> Option<Rate> {
+        match self.values.get(name) {
+            Some(Value::Rate(r)) => Some(*r),
+            _ => None,
+        }
+    }
     fn list(&self, name: &str) -> Option<Vec<String>> {
         match self.values.get(name) {
             Some(Value::List(l)) => Some(l.clone()),
@@ -493,6 +553,12 @@ pub struct Config {
     pub canonical_positions: bool,
     /// The global trading state while its key is missing (SPEC §12).
     pub default_trading_state: crate::domain::TradingState,
+    /// `P33_MAX_OPENS` (SPEC §13); `None`: off.
+    pub max_opens: Option<Rate>,
+    /// `P33_MAX_OPENS_PER_SYMBOL`; `None`: off.
+    pub max_opens_per_symbol: Option<Rate>,
+    /// `P33_THROTTLE_LATCH`.
+    pub throttle_latch: bool,
     /// Legacy variables that were set and are ignored (named once in a WARN).
     pub legacy_present: Vec<&'static str>,
     /// `P33_*` variables that this daemon does not know (likely typos).
@@ -756,6 +822,9 @@ impl Config {
                 p.word("P33_DEFAULT_TRADING_STATE"),
             )
             .unwrap_or(crate::domain::TradingState::Active),
+            max_opens: p.rate("P33_MAX_OPENS"),
+            max_opens_per_symbol: p.rate("P33_MAX_OPENS_PER_SYMBOL"),
+            throttle_latch: p.bool("P33_THROTTLE_LATCH"),
             legacy_present,
             unknown_p33,
             shown,
@@ -940,6 +1009,44 @@ mod tests {
         );
         assert!(!w.contains("ETHUSDT"), "{w}");
         assert!(w.contains("P33_POLL_SECS"), "{w}");
+    }
+
+    #[test]
+    fn rates_parse_and_bad_ones_are_named() {
+        let c = cfg(&[
+            ("P33_MAX_OPENS", "20/60s"),
+            ("P33_MAX_OPENS_PER_SYMBOL", " 2 / 0.5 "),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.max_opens,
+            Some(Rate {
+                limit: 20,
+                window: Duration::from_secs(60)
+            })
+        );
+        assert_eq!(
+            c.max_opens_per_symbol.unwrap().window,
+            Duration::from_millis(500)
+        );
+        assert!(
+            cfg(&[]).unwrap().max_opens.is_none(),
+            "off unless configured"
+        );
+        for bad in [
+            "20",
+            "0/60s",
+            "x/60s",
+            "20/0s",
+            "20/-1s",
+            "20/NaNs",
+            "20/1e300s",
+            "-3/60s",
+        ] {
+            let e = cfg(&[("P33_MAX_OPENS", bad)]).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{bad}: {e}");
+            assert_eq!(e.0[0].var, "P33_MAX_OPENS", "{bad}");
+        }
     }
 
     #[test]

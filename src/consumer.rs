@@ -336,13 +336,16 @@ impl Consumer {
             default_state: self.cfg.default_trading_state,
             dry_run: self.cfg.dry_run,
             now,
+            max_opens: self.cfg.max_opens,
+            max_opens_per_symbol: self.cfg.max_opens_per_symbol,
+            latch: self.cfg.throttle_latch,
         };
         let results = permits::write_batch(con, batch, &writes).await?;
         let done = store::now_epoch();
         for ((e, o), res) in entries.iter().zip(&outcomes).zip(results) {
             let label = match o {
                 Outcome::Filtered(f) => self.log_filtered(e, f, &allow),
-                Outcome::Evaluated(ev) => self.log_evaluated(ev, res, done),
+                Outcome::Evaluated(ev) => self.log_evaluated(ev, res, done, &batch),
             };
             self.metrics
                 .plans_total
@@ -413,7 +416,13 @@ impl Consumer {
         }
     }
 
-    fn log_evaluated(&self, ev: &Evaluated, res: Written, done: f64) -> Label {
+    fn log_evaluated(
+        &self,
+        ev: &Evaluated,
+        res: Written,
+        done: f64,
+        batch: &permits::Batch<'_>,
+    ) -> Label {
         let (sym, id) = (ev.plan.symbol.as_str(), id8(&ev.plan.plan_id));
         match res {
             Written::AlreadyAcked => {
@@ -433,10 +442,21 @@ impl Consumer {
             | Written::Permit
             | Written::HoldDenied
             | Written::TradingHalted(_)
-            | Written::TradingReducing(_) => {}
+            | Written::TradingReducing(_)
+            | Written::Throttled(_) => {}
         }
         // What was written (in dry run: what would have been), guards included.
-        let decision = &res.effective(&ev.decision);
+        let decision = &res.effective(&ev.decision, batch);
+        if let Written::Throttled(scope) = res {
+            let limit = match scope {
+                permits::Scope::Global => "max_opens",
+                permits::Scope::Symbol => "max_opens_per_symbol",
+            };
+            self.metrics
+                .limit_denies_total
+                .with_label_values(&[limit])
+                .inc();
+        }
         if self.cfg.dry_run {
             return match decision {
                 Decision::Allow(a) => {

@@ -45,6 +45,15 @@ pub fn trading_state_pattern() -> String {
     format!("{TRADING_STATE}:*")
 }
 
+/// Opening allows of the last window, all symbols (SPEC §13): a sorted set
+/// of entry IDs scored by the time they were granted, ms.
+pub const OPENS: &str = "quantum:p33:opens";
+
+/// Opening allows of the last window, one symbol (SPEC §13).
+pub fn opens(symbol: &str) -> String {
+    format!("{OPENS}:{symbol}")
+}
+
 /// Every trading-state change, one entry each (SPEC §12).
 pub const CONTROL_STREAM: &str = "quantum:stream:p33.control";
 

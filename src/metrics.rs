@@ -62,6 +62,8 @@ pub struct Metrics {
     pub trading_state: GaugeVec,
     /// `p33_symbol_overrides{state}`: symbols with an override, per state.
     pub symbol_overrides: GaugeVec,
+    /// `p33_limit_denies_total{limit}` (SPEC §13).
+    pub limit_denies_total: IntCounterVec,
     /// `p33_build_info{version}`.
     pub build_info: GaugeVec,
     /// `p33_watchdog_pings_total`.
@@ -229,6 +231,11 @@ impl Metrics {
                 "Symbols whose trading state is overridden, per state.",
                 &["state"],
             ),
+            limit_denies_total: iv(
+                "p33_limit_denies_total",
+                "Opening allows turned into denies by an automatic limit, by limit.",
+                &["limit"],
+            ),
             watchdog_pings_total: reg(
                 &r,
                 IntCounter::new("p33_watchdog_pings_total", "systemd WATCHDOG=1 notifications sent.")
@@ -246,6 +253,9 @@ impl Metrics {
             .set(1.0);
         for s in SOURCES {
             m.allowlist_source.with_label_values(&[s]).set(0.0);
+        }
+        for l in ["max_opens", "max_opens_per_symbol"] {
+            m.limit_denies_total.with_label_values(&[l]).inc_by(0);
         }
         for t in crate::domain::TradingState::ALL {
             m.trading_state.with_label_values(&[t.as_str()]).set(0.0);

@@ -13,6 +13,7 @@
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
+use crate::config::Rate;
 use crate::domain::dec_json;
 use crate::domain::TradingState;
 use crate::keys;
@@ -77,6 +78,36 @@ fn trading_deny_template(reason: Reason, now: f64) -> String {
         _ => serde_json::Map::new(),
     };
     deny_json("__PLAN__", "__SYMBOL__", &Deny { reason, context }, now)
+}
+
+/// The `throttled` deny of one throttle (SPEC §13), as a batch template.
+fn throttled_template(scope: Scope, rate: Option<Rate>, now: f64) -> String {
+    let Some(r) = rate else {
+        return String::new();
+    };
+    deny_json("__PLAN__", "__SYMBOL__", &throttled_deny(scope, r), now)
+}
+
+/// The deny of a throttle: `throttled {scope, limit, window_s}`.
+pub fn throttled_deny(scope: Scope, r: Rate) -> Deny {
+    let w = r.window.as_secs_f64();
+    let window_s = if w.fract() == 0.0 {
+        json!(w as u64)
+    } else {
+        crate::domain::secs_json(w)
+    };
+    let context = json!({
+        "scope": scope.as_str(),
+        "limit": r.limit,
+        "window_s": window_s,
+    });
+    Deny {
+        reason: Reason::Throttled,
+        context: match context {
+            Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        },
+    }
 }
 
 /// Which guards of the write script apply to a permit.
@@ -205,12 +236,14 @@ pub enum Written {
     TradingHalted(Scope),
     /// ACKed and `trading_reducing` written instead of the open.
     TradingReducing(Scope),
+    /// ACKed and `throttled` written instead of the open (SPEC §13).
+    Throttled(Scope),
 }
 
 impl Written {
     /// The decision that was written (or, in dry run, would have been):
     /// the evaluated one, or the deny a guard put in its place.
-    pub fn effective(self, evaluated: &Decision) -> Decision {
+    pub fn effective(self, evaluated: &Decision, b: &Batch<'_>) -> Decision {
         let Decision::Allow(a) = evaluated else {
             return evaluated.clone();
         };
@@ -227,6 +260,16 @@ impl Written {
             Written::HoldDenied => Decision::Deny(hold_deny(a.exchange_amt, a.ledger_amt)),
             Written::TradingHalted(s) => trading(Reason::TradingHalted, s),
             Written::TradingReducing(s) => trading(Reason::TradingReducing, s),
+            Written::Throttled(s) => {
+                let rate = match s {
+                    Scope::Global => b.max_opens,
+                    Scope::Symbol => b.max_opens_per_symbol,
+                };
+                match rate {
+                    Some(r) => Decision::Deny(throttled_deny(s, r)),
+                    None => trading(Reason::Throttled, s),
+                }
+            }
             _ => evaluated.clone(),
         }
     }
@@ -247,6 +290,22 @@ pub struct Batch<'a> {
     pub dry_run: bool,
     /// `created_at` of the permits.
     pub now: f64,
+    /// `P33_MAX_OPENS`.
+    pub max_opens: Option<Rate>,
+    /// `P33_MAX_OPENS_PER_SYMBOL`.
+    pub max_opens_per_symbol: Option<Rate>,
+    /// `P33_THROTTLE_LATCH`.
+    pub latch: bool,
+}
+
+/// The limit and window (ms) of a throttle for the script; 0: off.
+fn rate_args(r: Option<Rate>) -> (u32, u64) {
+    r.map_or((0, 0), |r| {
+        (
+            r.limit,
+            u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX),
+        )
+    })
 }
 
 /// Writes a batch atomically; one result per write, in order. In dry run
@@ -260,21 +319,41 @@ pub async fn write_batch(
         return Ok(Vec::new());
     }
     let mut inv = crate::scripts::WRITE_PERMITS.prepare_invoke();
-    inv.key(keys::TRADING_STATE);
+    inv.key(keys::TRADING_STATE)
+        .key(keys::OPENS)
+        .key(keys::CONTROL_STREAM);
+    let (max_g, win_g) = rate_args(b.max_opens);
+    let (max_s, win_s) = rate_args(b.max_opens_per_symbol);
+    let latch_reason = b.max_opens.map_or_else(String::new, |r| {
+        format!("throttle latch: more than P33_MAX_OPENS={r} opening allows")
+    });
     inv.arg(b.stream)
         .arg(b.group)
         .arg(b.ttl_ms)
         .arg(b.default_state.as_str())
         .arg(if b.dry_run { "1" } else { "0" })
         .arg(trading_deny_template(Reason::TradingHalted, b.now))
-        .arg(trading_deny_template(Reason::TradingReducing, b.now));
+        .arg(trading_deny_template(Reason::TradingReducing, b.now))
+        .arg(max_g)
+        .arg(win_g)
+        .arg(max_s)
+        .arg(win_s)
+        .arg(throttled_template(Scope::Global, b.max_opens, b.now))
+        .arg(throttled_template(
+            Scope::Symbol,
+            b.max_opens_per_symbol,
+            b.now,
+        ))
+        .arg(if b.latch { "1" } else { "0" })
+        .arg(latch_reason);
     // Unused key slots still need a name; the ACK-only placeholder is never touched.
     for w in writes {
         match w {
             Write::AckOnly { entry_id } => {
                 inv.key(keys::unused(keys::permit))
                     .key(keys::unused(keys::hold))
-                    .key(keys::unused(keys::trading_state));
+                    .key(keys::unused(keys::trading_state))
+                    .key(keys::unused(keys::opens));
                 inv.arg(entry_id).arg("0").arg("").arg("");
             }
             Write::Permit {
@@ -287,7 +366,8 @@ pub async fn write_batch(
             } => {
                 inv.key(keys::permit(plan_id))
                     .key(keys::hold(symbol))
-                    .key(keys::trading_state(symbol));
+                    .key(keys::trading_state(symbol))
+                    .key(keys::opens(symbol));
                 inv.arg(entry_id).arg(guard.mode()).arg(body).arg(hold);
             }
         }
@@ -312,6 +392,8 @@ pub async fn write_batch(
             6 => Ok(Written::TradingHalted(Scope::Symbol)),
             7 => Ok(Written::TradingReducing(Scope::Global)),
             8 => Ok(Written::TradingReducing(Scope::Symbol)),
+            9 => Ok(Written::Throttled(Scope::Global)),
+            10 => Ok(Written::Throttled(Scope::Symbol)),
             other => Err(script_error(format!(
                 "write script returned the unknown code {other}"
             ))),

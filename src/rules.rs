@@ -186,6 +186,8 @@ pub enum Reason {
     TradingHalted,
     /// The trading state is REDUCING and the plan opens (atomic write).
     TradingReducing,
+    /// An open throttle is full (SPEC §13; counted in the atomic write).
+    Throttled,
 }
 
 impl Reason {
@@ -209,6 +211,7 @@ impl Reason {
             Reason::ReconcileHoldActive => "reconcile_hold_active",
             Reason::TradingHalted => "trading_halted",
             Reason::TradingReducing => "trading_reducing",
+            Reason::Throttled => "throttled",
         }
     }
 }

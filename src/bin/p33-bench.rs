@@ -38,6 +38,17 @@ struct Args {
     /// The daemon's P33_LOG_LEVEL.
     #[arg(long, default_value = "INFO")]
     log_level: String,
+    /// One more variable for the daemon, VAR=VALUE (repeatable), e.g.
+    /// `--env P33_MAX_OPENS=1000000/1s`.
+    #[arg(long = "env", value_parser = parse_var)]
+    env: Vec<(String, String)>,
+}
+
+fn parse_var(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not VAR=VALUE")),
+    }
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -163,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
     let rate = args.rate;
     let symbols = args.symbols.max(2) & !1;
     let log_level = args.log_level;
+    let extra_env = args.env;
 
     let port = free_port()?;
     let dir = std::env::temp_dir().join(format!("p33-bench-{port}"));
@@ -251,6 +263,7 @@ async fn main() -> anyhow::Result<()> {
             .env("P33_COOLDOWN_SEC", "0")
             .env("P33_LOG_LEVEL", &log_level)
             .env("P33_CONSUMER_NAME", "p33-bench")
+            .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?,
@@ -392,6 +405,7 @@ async fn main() -> anyhow::Result<()> {
         "missing": missing,
         "unexpected": unexpected,
         "log_level": log_level,
+        "env": extra_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
     });
     println!("{out}");
     drop(guard);

@@ -1,14 +1,18 @@
 -- write_permits.lua: a batch's permits and ACKs, atomically (SPEC §4-§6,
--- §12). Every guard that must hold at the instant of the write lives here:
--- the trading state (kill switch), then the reconcile hold, then the
--- no-overwrite rule. A change made before this script runs is in force for
--- every permit it writes.
+-- §12, §13). Every guard that must hold at the instant of the write lives
+-- here: the no-overwrite rule, the trading state (kill switch), the
+-- reconcile hold, then the open throttles. A change made before this script
+-- runs is in force for every permit it writes, and the throttles' counts are
+-- shared by every instance.
 --
--- KEYS[1]  quantum:p33:trading_state (the global state, read)
--- KEYS     then per entry i, three keys from KEYS[2 + 3(i-1)]:
+-- KEYS[1]  quantum:p33:trading_state (the global state; set by the latch)
+-- KEYS[2]  quantum:p33:opens (global open throttle, sorted set)
+-- KEYS[3]  quantum:stream:p33.control (the latch's control entry)
+-- KEYS     then per entry i, four keys from KEYS[4 + 4(i-1)]:
 --            quantum:permit:p33:<plan_id>          (written)
 --            quantum:reconcile:hold:<symbol>       (read)
 --            quantum:p33:trading_state:<symbol>    (read)
+--            quantum:p33:opens:<symbol>            (per-symbol throttle)
 --          An ACK-only entry fills its slots with unused names.
 -- ARGV[1]  the plan stream
 -- ARGV[2]  the consumer group
@@ -20,7 +24,12 @@
 --          "symbol"), __PLAN__ (the plan_id, JSON-escaped) and __SYMBOL__
 --          where they go; the plan_id and the symbol are taken from the
 --          entry's permit and hold keys
--- ARGV     then per entry i, four values from ARGV[8 + 4(i-1)]:
+-- ARGV[8]  P33_MAX_OPENS limit (0: off)       ARGV[9]  its window, ms
+-- ARGV[10] P33_MAX_OPENS_PER_SYMBOL limit     ARGV[11] its window, ms
+-- ARGV[12] the throttled deny template, global scope; ARGV[13] symbol scope
+--          (the same placeholders; limit and window already filled in)
+-- ARGV[14] '1': P33_THROTTLE_LATCH            ARGV[15] the latch's reason
+-- ARGV     then per entry i, four values from ARGV[16 + 4(i-1)]:
 --            entry ID, mode, permit body, hold-deny body
 --          mode '0' = ACK only
 --               '1' = a deny, written as evaluated
@@ -42,7 +51,16 @@
 --      (an earlier entry with the same id); a permit is never overwritten
 --   5  ACKed, trading_halted written (global)      6  the same, symbol
 --   7  ACKed, trading_reducing written (global)    8  the same, symbol
--- In dry run the codes say what would have been written.
+--   9  ACKed, throttled written (global)          10  the same, symbol
+-- In dry run the codes say what would have been written, and nothing is
+-- counted or latched.
+--
+-- The throttles count opening allows that are written (after the state
+-- and the hold): each is a member (its entry ID) of the sorted sets, scored
+-- by the server's time, ms; members older than the window are dropped
+-- first. When the latch is on, the first global throttled deny also sets
+-- the global state to REDUCING (if it was ACTIVE) with a control entry by
+-- p33-auto; the rest of the batch sees REDUCING.
 
 local RANK = {ACTIVE = 1, REDUCING = 2, HALTED = 3}
 
@@ -71,12 +89,28 @@ end
 
 local stream, group, ttl, dry = ARGV[1], ARGV[2], ARGV[3], ARGV[5] == '1'
 local halted_tmpl, reducing_tmpl = ARGV[6], ARGV[7]
+local max_g, win_g = tonumber(ARGV[8]), tonumber(ARGV[9])
+local max_s, win_s = tonumber(ARGV[10]), tonumber(ARGV[11])
+local throttled_g, throttled_s = ARGV[12], ARGV[13]
+local latch, latch_reason = ARGV[14] == '1', ARGV[15]
 local global = state_of(KEYS[1], ARGV[4])
+local now_ms = 0
+if max_g > 0 or max_s > 0 then
+  local t = redis.call('TIME')
+  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Whether the sorted set `key` holds `limit` members younger than `win` ms.
+local function full(key, limit, win)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now_ms - win))
+  return redis.call('ZCARD', key) >= limit
+end
+
 local out = {}
-local n = (#ARGV - 7) / 4
+local n = (#ARGV - 15) / 4
 for i = 1, n do
-  local a = 7 + (i - 1) * 4
-  local k = 1 + (i - 1) * 3
+  local a = 15 + (i - 1) * 4
+  local k = 3 + (i - 1) * 4
   local id, mode = ARGV[a + 1], ARGV[a + 2]
   local acked = redis.call('XACK', stream, group, id)
   if acked == 0 then
@@ -105,6 +139,29 @@ for i = 1, n do
           held = true
         end
         if held then body, res = ARGV[a + 4], 3 end
+      end
+      if res == 2 and mode == '3' then
+        if max_g > 0 and full(KEYS[2], max_g, win_g) then
+          body, res = trading_deny(throttled_g, 'global', KEYS[k + 1], KEYS[k + 2]), 9
+          if latch and global == 'ACTIVE' and not dry then
+            redis.call('SET', KEYS[1], 'REDUCING')
+            redis.call('XADD', KEYS[3], '*', 'scope', 'global', 'symbol', '', 'from', 'ACTIVE',
+              'to', 'REDUCING', 'reason', latch_reason, 'actor', 'p33-auto',
+              'ts', tostring(math.floor(now_ms / 1000)))
+            global = 'REDUCING'
+          end
+        elseif max_s > 0 and full(KEYS[k + 4], max_s, win_s) then
+          body, res = trading_deny(throttled_s, 'symbol', KEYS[k + 1], KEYS[k + 2]), 10
+        elseif not dry then
+          if max_g > 0 then
+            redis.call('ZADD', KEYS[2], now_ms, id)
+            redis.call('PEXPIRE', KEYS[2], win_g)
+          end
+          if max_s > 0 then
+            redis.call('ZADD', KEYS[k + 4], now_ms, id)
+            redis.call('PEXPIRE', KEYS[k + 4], win_s)
+          end
+        end
       end
     end
     if not dry then

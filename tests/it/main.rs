@@ -10,6 +10,7 @@ mod control;
 mod exchange;
 mod hostile;
 mod layout;
+mod limits;
 mod ops;
 mod plans;
 mod props;
