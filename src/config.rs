@@ -220,6 +220,7 @@ pub const VARS: &[Var] = &[
     var("P33_DEFAULT_TRADING_STATE", Some("ACTIVE"), Kind::Choice(&["ACTIVE", "REDUCING", "HALTED"]), "the global trading state while quantum:p33:trading_state is missing"),
     var("P33_MAX_OPENS", None, Kind::Rate, "N/Ws: at most N opening allows in any W seconds, all symbols (unset: off)"),
     var("P33_MAX_OPENS_PER_SYMBOL", None, Kind::Rate, "N/Ws: the same, per symbol (unset: off)"),
+    var("P33_MAX_OPEN_POSITIONS", None, Kind::Count, "at most N symbols holding or about to hold a position; more opens are denied (unset: off)"),
     var("P33_THROTTLE_LATCH", Some("false"), Kind::Bool, "the first global throttled deny also sets the global state to REDUCING, until an operator resumes"),
 ];
 
@@ -559,6 +560,8 @@ pub struct Config {
     pub max_opens_per_symbol: Option<Rate>,
     /// `P33_THROTTLE_LATCH`.
     pub throttle_latch: bool,
+    /// `P33_MAX_OPEN_POSITIONS`; `None`: off.
+    pub max_open_positions: Option<u32>,
     /// Legacy variables that were set and are ignored (named once in a WARN).
     pub legacy_present: Vec<&'static str>,
     /// `P33_*` variables that this daemon does not know (likely typos).
@@ -825,6 +828,10 @@ impl Config {
             max_opens: p.rate("P33_MAX_OPENS"),
             max_opens_per_symbol: p.rate("P33_MAX_OPENS_PER_SYMBOL"),
             throttle_latch: p.bool("P33_THROTTLE_LATCH"),
+            max_open_positions: match p.values.get("P33_MAX_OPEN_POSITIONS") {
+                Some(Value::Count(n)) => Some(*n),
+                _ => None,
+            },
             legacy_present,
             unknown_p33,
             shown,

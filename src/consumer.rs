@@ -23,6 +23,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::allowlist::{Allowlist, AllowlistHandle};
 use crate::config::Config;
+use crate::config::SnapshotSource;
+use crate::domain::PositionSide;
 use crate::domain::{dec_str, fallback_step};
 use crate::keys::{self, PLAN_STREAM};
 use crate::metrics::Metrics;
@@ -31,7 +33,7 @@ use crate::rules::{
     self, Decision, Inputs, LedgerInput, Plan, PlanKind, PlanSide, Raw, SnapshotInput,
 };
 use crate::scripts;
-use crate::steps::StepSizes;
+use crate::steps::{Positioned, StepSizes};
 use crate::store;
 use crate::stream::{entry_ms, text, BatchHandler, Entry, GroupReader};
 use crate::text::clip;
@@ -244,6 +246,7 @@ pub struct Consumer {
     cfg: Arc<Config>,
     allowlist: AllowlistHandle,
     steps: StepSizes,
+    positioned: Positioned,
     metrics: Arc<Metrics>,
     limits: rules::Limits,
 }
@@ -254,6 +257,7 @@ impl Consumer {
         cfg: Arc<Config>,
         allowlist: AllowlistHandle,
         steps: StepSizes,
+        positioned: Positioned,
         metrics: Arc<Metrics>,
     ) -> Self {
         let limits = rules::Limits {
@@ -266,6 +270,7 @@ impl Consumer {
             cfg,
             allowlist,
             steps,
+            positioned,
             metrics,
             limits,
         }
@@ -329,6 +334,17 @@ impl Consumer {
                 },
             })
             .collect();
+        // The position cap needs to know who holds a position, but only
+        // when the batch holds an open that may be granted.
+        let opens = outcomes.iter().any(|o| {
+            matches!(o, Outcome::Evaluated(ev) if matches!(&ev.decision,
+                Decision::Allow(a) if a.reason == rules::AllowReason::OpenPermitGranted))
+        });
+        let positioned = if self.cfg.max_open_positions.is_some() && opens {
+            self.positioned_now(con, &allow).await?
+        } else {
+            Arc::new(Vec::new())
+        };
         let batch = permits::Batch {
             stream: PLAN_STREAM,
             group: &self.cfg.consumer_group,
@@ -339,6 +355,8 @@ impl Consumer {
             max_opens: self.cfg.max_opens,
             max_opens_per_symbol: self.cfg.max_opens_per_symbol,
             latch: self.cfg.throttle_latch,
+            max_open_positions: self.cfg.max_open_positions,
+            positioned: &positioned,
         };
         let results = permits::write_batch(con, batch, &writes).await?;
         let done = store::now_epoch();
@@ -353,6 +371,47 @@ impl Consumer {
                 .inc();
         }
         Ok(())
+    }
+
+    /// The allowlisted symbols holding a position: the poller's view in
+    /// binance mode; in external mode (or before the first poll) one
+    /// pipelined read of every allowlisted snapshot, at most once a second.
+    async fn positioned_now(
+        &self,
+        con: &mut ConnectionManager,
+        allow: &Allowlist,
+    ) -> Result<Arc<Vec<String>>, redis::RedisError> {
+        let view = match self.cfg.snapshot_source {
+            SnapshotSource::Binance => self.positioned.latest(),
+            SnapshotSource::External => self.positioned.fresh(Duration::from_secs(1)),
+        };
+        if let Some(v) = view {
+            return Ok(v);
+        }
+        let mut symbols: Vec<&String> = allow.symbols.iter().collect();
+        symbols.sort();
+        let mut p = redis::pipe();
+        for s in &symbols {
+            p.cmd("HGET").arg(keys::snapshot(s)).arg("position_amt");
+        }
+        // A key of another type answers an error for that symbol: it is
+        // counted as positioned (fail closed).
+        let amts: Vec<Value> = p.query_async(con).await?;
+        let held: Vec<String> = symbols
+            .iter()
+            .zip(amts)
+            .filter(|(_, v)| match v {
+                Value::Nil => false,
+                Value::BulkString(b) => std::str::from_utf8(b)
+                    .ok()
+                    .and_then(crate::domain::parse_amount)
+                    .is_none_or(|a| PositionSide::of(a) != PositionSide::None),
+                _ => true,
+            })
+            .map(|(s, _)| (*s).clone())
+            .collect();
+        self.positioned.set(held);
+        Ok(self.positioned.latest().unwrap_or_default())
     }
 
     fn decide(&self, plan: &Plan, st: &SymbolState, now: f64) -> Decision {
@@ -443,15 +502,18 @@ impl Consumer {
             | Written::HoldDenied
             | Written::TradingHalted(_)
             | Written::TradingReducing(_)
-            | Written::Throttled(_) => {}
+            | Written::Throttled(_)
+            | Written::MaxOpenPositions { .. } => {}
         }
         // What was written (in dry run: what would have been), guards included.
         let decision = &res.effective(&ev.decision, batch);
-        if let Written::Throttled(scope) = res {
-            let limit = match scope {
-                permits::Scope::Global => "max_opens",
-                permits::Scope::Symbol => "max_opens_per_symbol",
-            };
+        let limit = match res {
+            Written::Throttled(permits::Scope::Global) => Some("max_opens"),
+            Written::Throttled(permits::Scope::Symbol) => Some("max_opens_per_symbol"),
+            Written::MaxOpenPositions { .. } => Some("max_open_positions"),
+            _ => None,
+        };
+        if let Some(limit) = limit {
             self.metrics
                 .limit_denies_total
                 .with_label_values(&[limit])
@@ -618,6 +680,7 @@ pub async fn run(
     cfg: Arc<Config>,
     allowlist: AllowlistHandle,
     steps: StepSizes,
+    positioned: Positioned,
     metrics: Arc<Metrics>,
     watchdog: Arc<Watchdog>,
     cancel: CancellationToken,
@@ -633,7 +696,7 @@ pub async fn run(
         claim_idle: cfg.claim_idle,
     };
     let mut handler = PlanHandler {
-        consumer: Consumer::new(cfg.clone(), allowlist, steps, metrics.clone()),
+        consumer: Consumer::new(cfg.clone(), allowlist, steps, positioned, metrics.clone()),
         summary: Summary::new(&metrics),
         metrics,
         watchdog,

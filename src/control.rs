@@ -341,10 +341,18 @@ pub async fn run_state_metrics(
         return;
     };
     loop {
-        match read_states(&mut con, cfg.default_trading_state).await {
-            Ok(s) => {
+        let read = async {
+            let s = read_states(&mut con, cfg.default_trading_state).await?;
+            let last = last_entries(&mut con, 10).await?;
+            Ok::<_, redis::RedisError>((s, last))
+        };
+        match read.await {
+            Ok((s, last)) => {
                 let o: Vec<TradingState> = s.overrides.iter().map(|(_, t)| *t).collect();
                 metrics.set_trading_state(s.global, &o);
+                metrics
+                    .throttle_latch_tripped
+                    .set(i64::from(latch_tripped(&s, &last)));
             }
             Err(e) => warn!("trading state: reading it failed: {e}"),
         }

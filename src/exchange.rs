@@ -26,7 +26,7 @@ use crate::config::{Config, Secret};
 use crate::domain::{dec_str, parse_amount, parse_dec, valid_step, PositionSide};
 use crate::keys;
 use crate::metrics::Metrics;
-use crate::steps::StepSizes;
+use crate::steps::{Positioned, StepSizes};
 use crate::store;
 
 /// Snapshot and canonical hash lifetime, seconds.
@@ -727,6 +727,7 @@ pub async fn write_snapshots(
 pub async fn run_poller(
     cfg: Arc<Config>,
     allowlist: AllowlistHandle,
+    positioned: Positioned,
     metrics: Arc<Metrics>,
     mut gained: watch::Receiver<u64>,
     cancel: CancellationToken,
@@ -835,6 +836,17 @@ pub async fn run_poller(
                         .map_or(0.0, |p| dec_str(p.amt).parse().unwrap_or(0.0));
                     metrics.observe_snapshot(s, ts, amt);
                 }
+                positioned.set(
+                    symbols
+                        .iter()
+                        .filter(|s| {
+                            positions
+                                .get(*s)
+                                .is_some_and(|p| p.side != PositionSide::None)
+                        })
+                        .cloned()
+                        .collect(),
+                );
                 let keep: HashSet<&str> = symbols.iter().map(String::as_str).collect();
                 metrics.retain_snapshot_symbols(&|s| keep.contains(s));
                 metrics

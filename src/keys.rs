@@ -54,6 +54,10 @@ pub fn opens(symbol: &str) -> String {
     format!("{OPENS}:{symbol}")
 }
 
+/// Symbols granted an open while flat, within the permit TTL (SPEC §13
+/// `P33_MAX_OPEN_POSITIONS`): a sorted set scored by the time, ms.
+pub const OPEN_POSITIONS: &str = "quantum:p33:open_positions";
+
 /// Every trading-state change, one entry each (SPEC §12).
 pub const CONTROL_STREAM: &str = "quantum:stream:p33.control";
 

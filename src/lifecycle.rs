@@ -223,6 +223,7 @@ async fn start_and_supervise(
     let mut resolver = Resolver::new(cfg.clone(), handle.clone(), metrics.clone());
     let first = resolver.refresh(Some(&mut con)).await;
     let steps = crate::steps::StepSizes::default();
+    let positioned = crate::steps::Positioned::default();
     let (gained_tx, gained_rx) = tokio::sync::watch::channel(0u64);
     resolver.on_gain(gained_tx);
 
@@ -249,6 +250,7 @@ async fn start_and_supervise(
             exchange::run_poller(
                 cfg.clone(),
                 handle.clone(),
+                positioned.clone(),
                 metrics.clone(),
                 gained_rx,
                 cancel.clone(),
@@ -279,6 +281,7 @@ async fn start_and_supervise(
             cfg.clone(),
             handle,
             steps,
+            positioned,
             metrics.clone(),
             watchdog,
             cancel.clone(),

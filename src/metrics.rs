@@ -64,6 +64,8 @@ pub struct Metrics {
     pub symbol_overrides: GaugeVec,
     /// `p33_limit_denies_total{limit}` (SPEC §13).
     pub limit_denies_total: IntCounterVec,
+    /// `p33_throttle_latch_tripped`: 1 while the latch holds the state.
+    pub throttle_latch_tripped: IntGauge,
     /// `p33_build_info{version}`.
     pub build_info: GaugeVec,
     /// `p33_watchdog_pings_total`.
@@ -231,6 +233,14 @@ impl Metrics {
                 "Symbols whose trading state is overridden, per state.",
                 &["state"],
             ),
+            throttle_latch_tripped: reg(
+                &r,
+                IntGauge::new(
+                    "p33_throttle_latch_tripped",
+                    "1 while the throttle latch holds the global state (set by p33-auto, not yet resumed).",
+                )
+                .expect("valid metric"),
+            ),
             limit_denies_total: iv(
                 "p33_limit_denies_total",
                 "Opening allows turned into denies by an automatic limit, by limit.",
@@ -254,7 +264,7 @@ impl Metrics {
         for s in SOURCES {
             m.allowlist_source.with_label_values(&[s]).set(0.0);
         }
-        for l in ["max_opens", "max_opens_per_symbol"] {
+        for l in ["max_opens", "max_opens_per_symbol", "max_open_positions"] {
             m.limit_denies_total.with_label_values(&[l]).inc_by(0);
         }
         for t in crate::domain::TradingState::ALL {

@@ -88,6 +88,31 @@ fn throttled_template(scope: Scope, rate: Option<Rate>, now: f64) -> String {
     deny_json("__PLAN__", "__SYMBOL__", &throttled_deny(scope, r), now)
 }
 
+/// The position cap's deny as a batch template (counts filled in by the
+/// script).
+fn cap_template(limit: Option<u32>, now: f64) -> String {
+    let Some(limit) = limit else {
+        return String::new();
+    };
+    let context = json!({
+        "positions": "__POSITIONS__",
+        "in_flight": "__INFLIGHT__",
+        "limit": limit,
+    });
+    deny_json(
+        "__PLAN__",
+        "__SYMBOL__",
+        &Deny {
+            reason: Reason::MaxOpenPositions,
+            context: match context {
+                Value::Object(m) => m,
+                _ => serde_json::Map::new(),
+            },
+        },
+        now,
+    )
+}
+
 /// The deny of a throttle: `throttled {scope, limit, window_s}`.
 pub fn throttled_deny(scope: Scope, r: Rate) -> Deny {
     let w = r.window.as_secs_f64();
@@ -238,6 +263,12 @@ pub enum Written {
     TradingReducing(Scope),
     /// ACKed and `throttled` written instead of the open (SPEC §13).
     Throttled(Scope),
+    /// ACKed and `max_open_positions` written instead of the open, with
+    /// the symbols in flight the script counted.
+    MaxOpenPositions {
+        /// Symbols granted an open within the TTL that hold none yet.
+        in_flight: u32,
+    },
 }
 
 impl Written {
@@ -260,6 +291,17 @@ impl Written {
             Written::HoldDenied => Decision::Deny(hold_deny(a.exchange_amt, a.ledger_amt)),
             Written::TradingHalted(s) => trading(Reason::TradingHalted, s),
             Written::TradingReducing(s) => trading(Reason::TradingReducing, s),
+            Written::MaxOpenPositions { in_flight } => Decision::Deny(Deny {
+                reason: Reason::MaxOpenPositions,
+                context: match json!({
+                    "positions": b.positioned.len(),
+                    "in_flight": in_flight,
+                    "limit": b.max_open_positions.unwrap_or(0),
+                }) {
+                    Value::Object(m) => m,
+                    _ => serde_json::Map::new(),
+                },
+            }),
             Written::Throttled(s) => {
                 let rate = match s {
                     Scope::Global => b.max_opens,
@@ -296,6 +338,10 @@ pub struct Batch<'a> {
     pub max_opens_per_symbol: Option<Rate>,
     /// `P33_THROTTLE_LATCH`.
     pub latch: bool,
+    /// `P33_MAX_OPEN_POSITIONS`.
+    pub max_open_positions: Option<u32>,
+    /// The allowlisted symbols holding a position now (for the cap).
+    pub positioned: &'a [String],
 }
 
 /// The limit and window (ms) of a throttle for the script; 0: off.
@@ -321,7 +367,8 @@ pub async fn write_batch(
     let mut inv = crate::scripts::WRITE_PERMITS.prepare_invoke();
     inv.key(keys::TRADING_STATE)
         .key(keys::OPENS)
-        .key(keys::CONTROL_STREAM);
+        .key(keys::CONTROL_STREAM)
+        .key(keys::OPEN_POSITIONS);
     let (max_g, win_g) = rate_args(b.max_opens);
     let (max_s, win_s) = rate_args(b.max_opens_per_symbol);
     let latch_reason = b.max_opens.map_or_else(String::new, |r| {
@@ -345,7 +392,12 @@ pub async fn write_batch(
             b.now,
         ))
         .arg(if b.latch { "1" } else { "0" })
-        .arg(latch_reason);
+        .arg(latch_reason)
+        .arg(b.max_open_positions.unwrap_or(0))
+        .arg(b.ttl_ms)
+        .arg(b.positioned.len())
+        .arg(b.positioned.join(","))
+        .arg(cap_template(b.max_open_positions, b.now));
     // Unused key slots still need a name; the ACK-only placeholder is never touched.
     for w in writes {
         match w {
@@ -394,6 +446,9 @@ pub async fn write_batch(
             8 => Ok(Written::TradingReducing(Scope::Symbol)),
             9 => Ok(Written::Throttled(Scope::Global)),
             10 => Ok(Written::Throttled(Scope::Symbol)),
+            c if (1000..1_000_000).contains(&c) => Ok(Written::MaxOpenPositions {
+                in_flight: (c - 1000) as u32,
+            }),
             other => Err(script_error(format!(
                 "write script returned the unknown code {other}"
             ))),

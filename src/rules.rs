@@ -188,6 +188,8 @@ pub enum Reason {
     TradingReducing,
     /// An open throttle is full (SPEC §13; counted in the atomic write).
     Throttled,
+    /// The position cap is reached (SPEC §13; counted in the atomic write).
+    MaxOpenPositions,
 }
 
 impl Reason {
@@ -212,6 +214,7 @@ impl Reason {
             Reason::TradingHalted => "trading_halted",
             Reason::TradingReducing => "trading_reducing",
             Reason::Throttled => "throttled",
+            Reason::MaxOpenPositions => "max_open_positions",
         }
     }
 }

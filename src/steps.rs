@@ -31,3 +31,37 @@ impl StepSizes {
             .insert(symbol.to_string())
     }
 }
+
+/// The allowlisted symbols that hold a position (SPEC §13, the position
+/// cap): the poller's view in `binance` mode, a read of the snapshots at
+/// most once a second in `external` mode.
+#[derive(Clone, Default)]
+pub struct Positioned {
+    inner: Arc<Mutex<Option<View>>>,
+}
+
+/// The symbols, and when they were seen.
+type View = (Arc<Vec<String>>, std::time::Instant);
+
+impl Positioned {
+    /// Replaces the view.
+    pub fn set(&self, mut symbols: Vec<String>) {
+        symbols.sort();
+        *self.inner.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Arc::new(symbols), std::time::Instant::now()));
+    }
+
+    /// The view, if it is at most `max_age` old.
+    pub fn fresh(&self, max_age: std::time::Duration) -> Option<Arc<Vec<String>>> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref()
+            .filter(|(_, at)| at.elapsed() <= max_age)
+            .map(|(v, _)| v.clone())
+    }
+
+    /// The latest view, however old.
+    pub fn latest(&self) -> Option<Arc<Vec<String>>> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref().map(|(v, _)| v.clone())
+    }
+}

@@ -8,7 +8,9 @@
 -- KEYS[1]  quantum:p33:trading_state (the global state; set by the latch)
 -- KEYS[2]  quantum:p33:opens (global open throttle, sorted set)
 -- KEYS[3]  quantum:stream:p33.control (the latch's control entry)
--- KEYS     then per entry i, four keys from KEYS[4 + 4(i-1)]:
+-- KEYS[4]  quantum:p33:open_positions (symbols granted an open while flat,
+--          sorted set scored by the time, ms; P33_MAX_OPEN_POSITIONS)
+-- KEYS     then per entry i, four keys from KEYS[5 + 4(i-1)]:
 --            quantum:permit:p33:<plan_id>          (written)
 --            quantum:reconcile:hold:<symbol>       (read)
 --            quantum:p33:trading_state:<symbol>    (read)
@@ -29,7 +31,13 @@
 -- ARGV[12] the throttled deny template, global scope; ARGV[13] symbol scope
 --          (the same placeholders; limit and window already filled in)
 -- ARGV[14] '1': P33_THROTTLE_LATCH            ARGV[15] the latch's reason
--- ARGV     then per entry i, four values from ARGV[16 + 4(i-1)]:
+-- ARGV[16] P33_MAX_OPEN_POSITIONS (0: off)     ARGV[17] the permit TTL, ms
+-- ARGV[18] how many allowlisted symbols hold a position now
+-- ARGV[19] those symbols, comma separated
+-- ARGV[20] the max_open_positions deny template (placeholders as above,
+--          plus "__POSITIONS__" and "__INFLIGHT__", quotes included, where
+--          the two counts go as numbers)
+-- ARGV     then per entry i, four values from ARGV[21 + 4(i-1)]:
 --            entry ID, mode, permit body, hold-deny body
 --          mode '0' = ACK only
 --               '1' = a deny, written as evaluated
@@ -52,6 +60,7 @@
 --   5  ACKed, trading_halted written (global)      6  the same, symbol
 --   7  ACKed, trading_reducing written (global)    8  the same, symbol
 --   9  ACKed, throttled written (global)          10  the same, symbol
+--  1000 + n  ACKed, max_open_positions written, n symbols in flight
 -- In dry run the codes say what would have been written, and nothing is
 -- counted or latched.
 --
@@ -61,6 +70,11 @@
 -- first. When the latch is on, the first global throttled deny also sets
 -- the global state to REDUCING (if it was ACTIVE) with a control entry by
 -- p33-auto; the rest of the batch sees REDUCING.
+--
+-- The position cap: an open is denied when the symbols holding a position
+-- plus the symbols granted an open within the permit TTL that still hold
+-- none reach P33_MAX_OPEN_POSITIONS; a granted open adds its symbol (once:
+-- the set is keyed by symbol).
 
 local RANK = {ACTIVE = 1, REDUCING = 2, HALTED = 3}
 
@@ -93,9 +107,13 @@ local max_g, win_g = tonumber(ARGV[8]), tonumber(ARGV[9])
 local max_s, win_s = tonumber(ARGV[10]), tonumber(ARGV[11])
 local throttled_g, throttled_s = ARGV[12], ARGV[13]
 local latch, latch_reason = ARGV[14] == '1', ARGV[15]
+local cap, cap_ttl, positions = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
+local positioned = {}
+for s in string.gmatch(ARGV[19], '[^,]+') do positioned[s] = true end
+local cap_tmpl = ARGV[20]
 local global = state_of(KEYS[1], ARGV[4])
 local now_ms = 0
-if max_g > 0 or max_s > 0 then
+if max_g > 0 or max_s > 0 or cap > 0 then
   local t = redis.call('TIME')
   now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
@@ -106,11 +124,21 @@ local function full(key, limit, win)
   return redis.call('ZCARD', key) >= limit
 end
 
+-- Symbols granted an open within the TTL that still hold no position.
+local function in_flight()
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (now_ms - cap_ttl))
+  local n = 0
+  for _, s in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    if not positioned[s] then n = n + 1 end
+  end
+  return n
+end
+
 local out = {}
-local n = (#ARGV - 15) / 4
+local n = (#ARGV - 20) / 4
 for i = 1, n do
-  local a = 15 + (i - 1) * 4
-  local k = 3 + (i - 1) * 4
+  local a = 20 + (i - 1) * 4
+  local k = 4 + (i - 1) * 4
   local id, mode = ARGV[a + 1], ARGV[a + 2]
   local acked = redis.call('XACK', stream, group, id)
   if acked == 0 then
@@ -152,7 +180,18 @@ for i = 1, n do
           end
         elseif max_s > 0 and full(KEYS[k + 4], max_s, win_s) then
           body, res = trading_deny(throttled_s, 'symbol', KEYS[k + 1], KEYS[k + 2]), 10
-        elseif not dry then
+        end
+        local flying = 0
+        if res == 2 and cap > 0 then
+          flying = in_flight()
+          if positions + flying >= cap then
+            -- The quoted placeholders become bare numbers.
+            local t = string.gsub(cap_tmpl, '"__POSITIONS__"', tostring(positions))
+            t = string.gsub(t, '"__INFLIGHT__"', tostring(flying))
+            body, res = trading_deny(t, 'global', KEYS[k + 1], KEYS[k + 2]), 1000 + flying
+          end
+        end
+        if res == 2 and not dry then
           if max_g > 0 then
             redis.call('ZADD', KEYS[2], now_ms, id)
             redis.call('PEXPIRE', KEYS[2], win_g)
@@ -160,6 +199,11 @@ for i = 1, n do
           if max_s > 0 then
             redis.call('ZADD', KEYS[k + 4], now_ms, id)
             redis.call('PEXPIRE', KEYS[k + 4], win_s)
+          end
+          if cap > 0 then
+            local symbol = string.sub(KEYS[k + 2], #HOLD_PREFIX + 1)
+            redis.call('ZADD', KEYS[4], now_ms, symbol)
+            redis.call('PEXPIRE', KEYS[4], cap_ttl)
           end
         end
       end

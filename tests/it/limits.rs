@@ -199,6 +199,7 @@ fn the_latch_sets_reducing_until_an_operator_resumes() {
     let line = t.wait_log("P3.3 trading state global ACTIVE -> REDUCING", T);
     assert!(line.contains("actor=p33-auto"), "{line}");
     assert!(line.contains("P33_MAX_OPENS=2/60s"), "{line}");
+    t.wait_metric("p33_throttle_latch_tripped", 1.0);
     push(&mut t.con, "latch-after", "DDDUSDT", true);
     assert_eq!(
         wait_permit(&mut t.con, "latch-after")["reason"],
@@ -234,4 +235,52 @@ fn bad_limit_values_exit_78_naming_the_variable() {
         assert_eq!(code, Some(78), "{var}={bad}: {err}");
         assert!(err.contains(var), "{err}");
     }
+}
+
+#[test]
+fn the_position_cap_counts_positions_and_opens_in_flight() {
+    // BTCUSDT holds a position: one of the two allowed.
+    let mut t = limited(&[("P33_MAX_OPEN_POSITIONS", "2")]);
+    push(&mut t.con, "cap-a", "AAAUSDT", true);
+    assert_eq!(wait_permit(&mut t.con, "cap-a")["allow"], true);
+    push(&mut t.con, "cap-b", "BBBUSDT", true);
+    let p = wait_permit(&mut t.con, "cap-b");
+    assert_eq!(p["reason"], "max_open_positions", "{p}");
+    assert_eq!(
+        p["context"],
+        serde_json::json!({"positions": 1, "in_flight": 1, "limit": 2}),
+        "AAAUSDT was granted an open and is still flat"
+    );
+    // AAAUSDT fills: it now holds a position and is no longer in flight.
+    t.snapshot("AAAUSDT", "1", now());
+    let mut i = 0;
+    let p = wait_for("the cap to see AAAUSDT's position", T, || {
+        let id = format!("cap-c-{i}");
+        i += 1;
+        push(&mut t.con, &id, "CCCUSDT", true);
+        let p = wait_permit(&mut t.con, &id);
+        assert_eq!(p["reason"], "max_open_positions", "{p}");
+        if p["context"]["positions"] == 2 {
+            return Some(p);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        None
+    });
+    assert_eq!(p["context"]["in_flight"], 0, "{p}");
+    push(&mut t.con, "cap-close", "BTCUSDT", false);
+    assert_eq!(
+        wait_permit(&mut t.con, "cap-close")["allow"],
+        true,
+        "closes are never capped"
+    );
+    t.wait_metric("p33_limit_denies_total{limit=\"max_open_positions\"}", 2.0);
+    let (code, _, err) = run_once(
+        &["--check-config"],
+        &[
+            ("P33_MAX_OPEN_POSITIONS", "0"),
+            ("P33_SNAPSHOT_SOURCE", "external"),
+        ],
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("P33_MAX_OPEN_POSITIONS"), "{err}");
 }

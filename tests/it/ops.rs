@@ -187,6 +187,7 @@ fn alert_rules_pass_promtool_unit_tests() {
         "P33DenyRatioHigh",
         "P33PlansFromFuture",
         "P33TradingNotActive",
+        "P33ThrottleLatchTripped",
     ] {
         assert!(rules.contains(a), "{a}");
     }
