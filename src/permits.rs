@@ -398,14 +398,16 @@ pub async fn write_batch(
         .arg(b.positioned.len())
         .arg(b.positioned.join(","))
         .arg(cap_template(b.max_open_positions, b.now));
-    // Unused key slots still need a name; the ACK-only placeholder is never touched.
+    // Unused key slots still need a name; the ACK-only placeholder is never
+    // touched, nor is the per-symbol throttle key while that throttle is off.
+    let unused_opens = keys::unused(keys::opens);
     for w in writes {
         match w {
             Write::AckOnly { entry_id } => {
                 inv.key(keys::unused(keys::permit))
                     .key(keys::unused(keys::hold))
                     .key(keys::unused(keys::trading_state))
-                    .key(keys::unused(keys::opens));
+                    .key(&unused_opens);
                 inv.arg(entry_id).arg("0").arg("").arg("");
             }
             Write::Permit {
@@ -418,8 +420,12 @@ pub async fn write_batch(
             } => {
                 inv.key(keys::permit(plan_id))
                     .key(keys::hold(symbol))
-                    .key(keys::trading_state(symbol))
-                    .key(keys::opens(symbol));
+                    .key(keys::trading_state(symbol));
+                if b.max_opens_per_symbol.is_some() {
+                    inv.key(keys::opens(symbol));
+                } else {
+                    inv.key(&unused_opens);
+                }
                 inv.arg(entry_id).arg(guard.mode()).arg(body).arg(hold);
             }
         }
