@@ -134,43 +134,32 @@ fn live_metrics_pass_promtool_and_cover_every_name_the_dashboard_and_rules_use()
     }
 }
 
+/// Runs `promtool ARGS` in `dir`; fails the test with its output.
+fn promtool(dir: &Path, args: &[&str]) {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool is installed by ops/test.sh");
+    assert!(
+        out.status.success(),
+        "promtool {args:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn alert_rules_pass_promtool_unit_tests() {
     let dir = Path::new(ROOT).join("deploy/prometheus");
-    let out = Command::new("promtool")
-        .args(["check", "rules", "position-state-brain-rules.yml"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let out = Command::new("promtool")
-        .args(["test", "rules", "position-state-brain-rules.test.yml"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    promtool(&dir, &["check", "rules", "position-state-brain-rules.yml"]);
+    promtool(
+        &dir,
+        &["test", "rules", "position-state-brain-rules.test.yml"],
     );
     // The shipped scrape config is valid, loads the rules, and names the job
     // the P33TargetDown alert selects.
-    let out = Command::new("promtool")
-        .args(["check", "config", "scrape.yml"])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool(&dir, &["check", "config", "scrape.yml"]);
     let scrape = std::fs::read_to_string(dir.join("scrape.yml")).unwrap();
     assert!(
         scrape.contains("job_name: position-state-brain"),
