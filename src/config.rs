@@ -150,6 +150,8 @@ pub enum Kind {
     Rate,
     /// A count ≥ 1.
     Count,
+    /// A size ≥ 0 (0 turns the thing off).
+    Size,
 }
 
 /// One environment variable of SPEC §2.
@@ -221,6 +223,7 @@ pub const VARS: &[Var] = &[
     var("P33_MAX_OPENS", None, Kind::Rate, "N/Ws: at most N opening allows in any W seconds, all symbols (unset: off)"),
     var("P33_MAX_OPENS_PER_SYMBOL", None, Kind::Rate, "N/Ws: the same, per symbol (unset: off)"),
     var("P33_MAX_OPEN_POSITIONS", None, Kind::Count, "at most N symbols holding or about to hold a position; more opens are denied (unset: off)"),
+    var("P33_DECISIONS_MAXLEN", Some("100000"), Kind::Size, "decision records kept in quantum:stream:p33.decisions (approximately; 0: no record)"),
     var("P33_THROTTLE_LATCH", Some("false"), Kind::Bool, "the first global throttled deny also sets the global state to REDUCING, until an operator resumes"),
 ];
 
@@ -386,6 +389,10 @@ fn parse_value(kind: Kind, raw: &str) -> Result<Value, String> {
         },
         Kind::Secret => Ok(Value::Secret(Secret(raw.to_string()))),
         Kind::Rate => parse_rate(s).map(Value::Rate),
+        Kind::Size => s
+            .parse::<u32>()
+            .map(Value::Count)
+            .map_err(|_| "must be a whole number ≥ 0 (0: off)".into()),
         Kind::Count => s
             .parse::<u32>()
             .ok()
@@ -562,6 +569,8 @@ pub struct Config {
     pub throttle_latch: bool,
     /// `P33_MAX_OPEN_POSITIONS`; `None`: off.
     pub max_open_positions: Option<u32>,
+    /// `P33_DECISIONS_MAXLEN`; 0: no decision record.
+    pub decisions_maxlen: u32,
     /// Legacy variables that were set and are ignored (named once in a WARN).
     pub legacy_present: Vec<&'static str>,
     /// `P33_*` variables that this daemon does not know (likely typos).
@@ -828,6 +837,10 @@ impl Config {
             max_opens: p.rate("P33_MAX_OPENS"),
             max_opens_per_symbol: p.rate("P33_MAX_OPENS_PER_SYMBOL"),
             throttle_latch: p.bool("P33_THROTTLE_LATCH"),
+            decisions_maxlen: match p.values.get("P33_DECISIONS_MAXLEN") {
+                Some(Value::Count(n)) => *n,
+                _ => 100_000,
+            },
             max_open_positions: match p.values.get("P33_MAX_OPEN_POSITIONS") {
                 Some(Value::Count(n)) => Some(*n),
                 _ => None,

@@ -29,6 +29,7 @@ use crate::domain::{dec_str, fallback_step};
 use crate::keys::{self, PLAN_STREAM};
 use crate::metrics::Metrics;
 use crate::permits::{self, Write, Written};
+use crate::record::{self, Record};
 use crate::rules::{
     self, Decision, Inputs, LedgerInput, Plan, PlanKind, PlanSide, Raw, SnapshotInput,
 };
@@ -231,6 +232,8 @@ impl Label {
 struct Evaluated {
     plan: Plan,
     decision: Decision,
+    /// The record's `inputs` JSON (empty while the record is off).
+    inputs: String,
 }
 
 /// What became of one entry of a batch, before the write.
@@ -243,6 +246,8 @@ enum Outcome {
 
 /// The plan consumer: configuration, shared tables, metrics, limits.
 pub struct Consumer {
+    /// The records' `config`: a short hash of the settings used.
+    config_hash: String,
     cfg: Arc<Config>,
     allowlist: AllowlistHandle,
     steps: StepSizes,
@@ -267,6 +272,7 @@ impl Consumer {
             plan_max_age_s: cfg.plan_max_age_s,
         };
         Consumer {
+            config_hash: record::config_hash(&cfg),
             cfg,
             allowlist,
             steps,
@@ -317,8 +323,12 @@ impl Consumer {
                         clip(&plan.action),
                         plan.reduce_only
                     );
-                    let decision = self.decide(&plan, st, now);
-                    Outcome::Evaluated(Evaluated { plan, decision })
+                    let (decision, inputs) = self.decide(&plan, st, now, allow.source.label());
+                    Outcome::Evaluated(Evaluated {
+                        plan,
+                        decision,
+                        inputs,
+                    })
                 }
             })
             .collect();
@@ -327,10 +337,23 @@ impl Consumer {
             .zip(&outcomes)
             .map(|(e, o)| match o {
                 Outcome::Evaluated(ev) => {
-                    Write::permit(&e.id, &ev.plan.plan_id, &ev.plan.symbol, &ev.decision, now)
+                    let record = if self.cfg.decisions_maxlen > 0 {
+                        record::evaluated(&ev.plan, &ev.decision, ev.inputs.clone())
+                    } else {
+                        Record::default()
+                    };
+                    Write::permit(
+                        &e.id,
+                        &ev.plan.plan_id,
+                        &ev.plan.symbol,
+                        &ev.decision,
+                        now,
+                        record,
+                    )
                 }
-                Outcome::Filtered(_) => Write::AckOnly {
+                Outcome::Filtered(f) => Write::AckOnly {
                     entry_id: e.id.clone(),
+                    record: self.filtered_record(e, f, allow.source.label(), now),
                 },
             })
             .collect();
@@ -357,6 +380,10 @@ impl Consumer {
             latch: self.cfg.throttle_latch,
             max_open_positions: self.cfg.max_open_positions,
             positioned: &positioned,
+            decisions_maxlen: self.cfg.decisions_maxlen,
+            config_hash: &self.config_hash,
+            version: env!("CARGO_PKG_VERSION"),
+            consumer: &self.cfg.consumer_name,
         };
         let results = permits::write_batch(con, batch, &writes).await?;
         let done = store::now_epoch();
@@ -414,9 +441,17 @@ impl Consumer {
         Ok(self.positioned.latest().unwrap_or_default())
     }
 
-    fn decide(&self, plan: &Plan, st: &SymbolState, now: f64) -> Decision {
+    /// The rules' decision, and the record's `inputs` (when it is on).
+    fn decide(
+        &self,
+        plan: &Plan,
+        st: &SymbolState,
+        now: f64,
+        allowlist: &str,
+    ) -> (Decision, String) {
         let sym = plan.symbol.as_str();
-        let step = match self.steps.get(sym) {
+        let known = self.steps.get(sym);
+        let step = match known {
             Some(s) => s,
             None => {
                 self.metrics
@@ -440,7 +475,39 @@ impl Consumer {
                 .with_label_values(&[sym])
                 .set(a.to_f64().unwrap_or(0.0));
         }
-        rules::evaluate(plan, &inputs, now, &self.limits, step)
+        let decision = rules::evaluate(plan, &inputs, now, &self.limits, step);
+        let json = if self.cfg.decisions_maxlen > 0 {
+            record::inputs_json(&inputs, step, known.is_none(), allowlist, now, &decision)
+        } else {
+            String::new()
+        };
+        (decision, json)
+    }
+
+    /// The record of an entry finished without evaluation.
+    fn filtered_record(&self, e: &Entry, f: &Filtered, allowlist: &str, now: f64) -> Record {
+        if self.cfg.decisions_maxlen == 0 {
+            return Record::default();
+        }
+        let field = |k: &str| {
+            e.fields
+                .as_ref()
+                .and_then(|m| m.get(k))
+                .map_or("", String::as_str)
+        };
+        let (outcome, reason) = match f {
+            Filtered::Malformed(why) => (Label::Malformed, why.as_str()),
+            Filtered::SkipDecision => (Label::SkipDecision, field("decision")),
+            Filtered::NotAllowlisted => (Label::NotAllowlisted, ""),
+        };
+        record::filtered(
+            field("plan_id"),
+            field("symbol"),
+            outcome.as_str(),
+            reason,
+            allowlist,
+            now,
+        )
     }
 
     fn log_filtered(&self, e: &Entry, f: &Filtered, allow: &Allowlist) -> Label {

@@ -58,6 +58,9 @@ pub fn opens(symbol: &str) -> String {
 /// `P33_MAX_OPEN_POSITIONS`): a sorted set scored by the time, ms.
 pub const OPEN_POSITIONS: &str = "quantum:p33:open_positions";
 
+/// Every finished plan, one record each (SPEC §14).
+pub const DECISIONS_STREAM: &str = "quantum:stream:p33.decisions";
+
 /// Every trading-state change, one entry each (SPEC §12).
 pub const CONTROL_STREAM: &str = "quantum:stream:p33.control";
 

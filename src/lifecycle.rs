@@ -67,6 +67,11 @@ pub struct Cli {
 pub enum Command {
     /// The trading state (kill switch): status, halt, reduce, resume.
     Ctl(crate::ctl::CtlArgs),
+    /// Why was this plan allowed or denied? Its decision record, in words.
+    Explain {
+        /// The plan's plan_id.
+        plan_id: String,
+    },
 }
 
 /// Spawns `fut` as a named task whose end is reported to the supervisor.

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use position_state_brain::config::{Config, EXIT_CONFIG};
-use position_state_brain::ctl;
 use position_state_brain::lifecycle::{self, Cli, Command, EXIT_USAGE, VERSION};
+use position_state_brain::{ctl, explain};
 use position_state_brain::{metrics::Metrics, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -31,9 +31,14 @@ fn main() {
             std::process::exit(EXIT_CONFIG);
         }
     };
-    if let Some(Command::Ctl(args)) = cli.command {
+    if let Some(command) = cli.command {
         let code = match tokio::runtime::Runtime::new() {
-            Ok(rt) => rt.block_on(ctl::run(&cfg, args)),
+            Ok(rt) => rt.block_on(async {
+                match command {
+                    Command::Ctl(args) => ctl::run(&cfg, args).await,
+                    Command::Explain { plan_id } => explain::run(&cfg, &plan_id).await,
+                }
+            }),
             Err(e) => {
                 eprintln!("fatal: cannot start the async runtime: {e}");
                 1

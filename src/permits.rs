@@ -17,6 +17,7 @@ use crate::config::Rate;
 use crate::domain::dec_json;
 use crate::domain::TradingState;
 use crate::keys;
+use crate::record::Record;
 use crate::rules::{Allow, AllowReason, Decision, Deny, Reason};
 
 /// `created_at`: epoch seconds as a float, rounded to microseconds.
@@ -166,6 +167,8 @@ pub enum Write {
     AckOnly {
         /// The stream entry to ACK.
         entry_id: String,
+        /// Its decision record.
+        record: Record,
     },
     /// ACK and write a permit, through the guards of `guard`.
     Permit {
@@ -181,13 +184,22 @@ pub enum Write {
         body: String,
         /// The hold-deny JSON (empty when the hold does not apply).
         hold: String,
+        /// Its decision record.
+        record: Record,
     },
 }
 
 impl Write {
     /// The write of an evaluated plan: its permit and every deny a guard of
     /// the write script may put in its place.
-    pub fn permit(entry_id: &str, plan_id: &str, symbol: &str, d: &Decision, now: f64) -> Write {
+    pub fn permit(
+        entry_id: &str,
+        plan_id: &str,
+        symbol: &str,
+        d: &Decision,
+        now: f64,
+        record: Record,
+    ) -> Write {
         let (guard, body, hold) = match d {
             Decision::Allow(a) => {
                 let guard = match a.reason {
@@ -220,6 +232,7 @@ impl Write {
             guard,
             body,
             hold,
+            record,
         }
     }
 }
@@ -342,6 +355,14 @@ pub struct Batch<'a> {
     pub max_open_positions: Option<u32>,
     /// The allowlisted symbols holding a position now (for the cap).
     pub positioned: &'a [String],
+    /// `P33_DECISIONS_MAXLEN`; 0: no record.
+    pub decisions_maxlen: u32,
+    /// The records' `config`, `version` and `consumer`.
+    pub config_hash: &'a str,
+    /// The daemon's version.
+    pub version: &'a str,
+    /// This consumer's name.
+    pub consumer: &'a str,
 }
 
 /// The limit and window (ms) of a throttle for the script; 0: off.
@@ -368,7 +389,8 @@ pub async fn write_batch(
     inv.key(keys::TRADING_STATE)
         .key(keys::OPENS)
         .key(keys::CONTROL_STREAM)
-        .key(keys::OPEN_POSITIONS);
+        .key(keys::OPEN_POSITIONS)
+        .key(keys::DECISIONS_STREAM);
     let (max_g, win_g) = rate_args(b.max_opens);
     let (max_s, win_s) = rate_args(b.max_opens_per_symbol);
     let latch_reason = b.max_opens.map_or_else(String::new, |r| {
@@ -397,18 +419,25 @@ pub async fn write_batch(
         .arg(b.ttl_ms)
         .arg(b.positioned.len())
         .arg(b.positioned.join(","))
-        .arg(cap_template(b.max_open_positions, b.now));
+        .arg(cap_template(b.max_open_positions, b.now))
+        .arg(b.decisions_maxlen)
+        .arg(b.config_hash)
+        .arg(b.version)
+        .arg(b.consumer);
     // Unused key slots still need a name; the ACK-only placeholder is never
     // touched, nor is the per-symbol throttle key while that throttle is off.
     let unused_opens = keys::unused(keys::opens);
     for w in writes {
         match w {
-            Write::AckOnly { entry_id } => {
+            Write::AckOnly { entry_id, record } => {
                 inv.key(keys::unused(keys::permit))
                     .key(keys::unused(keys::hold))
                     .key(keys::unused(keys::trading_state))
                     .key(&unused_opens);
                 inv.arg(entry_id).arg("0").arg("").arg("");
+                if b.decisions_maxlen > 0 {
+                    record_args(&mut inv, record);
+                }
             }
             Write::Permit {
                 entry_id,
@@ -417,6 +446,7 @@ pub async fn write_batch(
                 guard,
                 body,
                 hold,
+                record,
             } => {
                 inv.key(keys::permit(plan_id))
                     .key(keys::hold(symbol))
@@ -427,6 +457,9 @@ pub async fn write_batch(
                     inv.key(&unused_opens);
                 }
                 inv.arg(entry_id).arg(guard.mode()).arg(body).arg(hold);
+                if b.decisions_maxlen > 0 {
+                    record_args(&mut inv, record);
+                }
             }
         }
     }
@@ -460,6 +493,17 @@ pub async fn write_batch(
             ))),
         })
         .collect()
+}
+
+/// The seven record values of one entry (SPEC §14).
+fn record_args(inv: &mut redis::ScriptInvocation<'_>, r: &Record) {
+    inv.arg(&r.plan_id)
+        .arg(&r.symbol)
+        .arg(r.outcome)
+        .arg(&r.reason)
+        .arg(&r.safe_qty)
+        .arg(&r.plan)
+        .arg(&r.inputs);
 }
 
 fn script_error(msg: String) -> redis::RedisError {

@@ -10,7 +10,8 @@
 -- KEYS[3]  quantum:stream:p33.control (the latch's control entry)
 -- KEYS[4]  quantum:p33:open_positions (symbols granted an open while flat,
 --          sorted set scored by the time, ms; P33_MAX_OPEN_POSITIONS)
--- KEYS     then per entry i, four keys from KEYS[5 + 4(i-1)]:
+-- KEYS[5]  quantum:stream:p33.decisions (the decision record, SPEC §14)
+-- KEYS     then per entry i, four keys from KEYS[6 + 4(i-1)]:
 --            quantum:permit:p33:<plan_id>          (written)
 --            quantum:reconcile:hold:<symbol>       (read)
 --            quantum:p33:trading_state:<symbol>    (read)
@@ -37,8 +38,15 @@
 -- ARGV[20] the max_open_positions deny template (placeholders as above,
 --          plus "__POSITIONS__" and "__INFLIGHT__", quotes included, where
 --          the two counts go as numbers)
--- ARGV     then per entry i, four values from ARGV[21 + 4(i-1)]:
---            entry ID, mode, permit body, hold-deny body
+-- ARGV[21] P33_DECISIONS_MAXLEN (0: no record)  ARGV[22] the config hash
+-- ARGV[23] the version                           ARGV[24] the consumer name
+-- ARGV     then per entry i, eleven values from ARGV[25 + 11(i-1)] (four,
+--          from ARGV[25 + 4(i-1)], when the record is off):
+--            entry ID, mode, permit body, hold-deny body, then the record:
+--            plan_id, symbol, outcome ('' for an evaluated plan: the script
+--            decides allow/deny/dry_run_*), reason (the rules'), safe_qty,
+--            plan JSON, inputs JSON (an object the script extends with
+--            "guards": what the state, hold and limit checks read)
 --          mode '0' = ACK only
 --               '1' = a deny, written as evaluated
 --               '2' = an allow that closes: trading state, then hold
@@ -118,10 +126,12 @@ if max_g > 0 or max_s > 0 or cap > 0 then
   now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Whether the sorted set `key` holds `limit` members younger than `win` ms.
+-- Whether the sorted set `key` holds `limit` members younger than `win` ms,
+-- and how many it holds.
 local function full(key, limit, win)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now_ms - win))
-  return redis.call('ZCARD', key) >= limit
+  local c = redis.call('ZCARD', key)
+  return c >= limit, c
 end
 
 -- Symbols granted an open within the TTL that still hold no position.
@@ -134,12 +144,24 @@ local function in_flight()
   return n
 end
 
+-- The final reason of a guard's code.
+local GUARD_REASON = {
+  [3] = 'reconcile_hold_active', [5] = 'trading_halted', [6] = 'trading_halted',
+  [7] = 'trading_reducing', [8] = 'trading_reducing', [9] = 'throttled', [10] = 'throttled',
+}
+
+local maxlen, cfg_hash, version, consumer = tonumber(ARGV[21]), ARGV[22], ARGV[23], ARGV[24]
+
+-- With the record off, entries carry no record values.
+local stride = 4
+if maxlen > 0 then stride = 11 end
 local out = {}
-local n = (#ARGV - 20) / 4
+local n = (#ARGV - 24) / stride
 for i = 1, n do
-  local a = 20 + (i - 1) * 4
-  local k = 4 + (i - 1) * 4
+  local a = 24 + (i - 1) * stride
+  local k = 5 + (i - 1) * 4
   local id, mode = ARGV[a + 1], ARGV[a + 2]
+  local guards = {}
   local acked = redis.call('XACK', stream, group, id)
   if acked == 0 then
     out[i] = 0
@@ -153,6 +175,7 @@ for i = 1, n do
       local state, scope, shift = global, 'global', 0
       local sym = state_of(KEYS[k + 3], nil)
       if sym and RANK[sym] > RANK[global] then state, scope, shift = sym, 'symbol', 1 end
+      table.insert(guards, '"state":"' .. state .. '","scope":"' .. scope .. '"')
       if state == 'HALTED' then
         body, res = trading_deny(halted_tmpl, scope, KEYS[k + 1], KEYS[k + 2]), 5 + shift
       elseif state == 'REDUCING' and mode == '3' then
@@ -166,24 +189,34 @@ for i = 1, n do
         elseif t ~= 'none' then
           held = true
         end
+        table.insert(guards, '"hold":' .. tostring(held))
         if held then body, res = ARGV[a + 4], 3 end
       end
       if res == 2 and mode == '3' then
-        if max_g > 0 and full(KEYS[2], max_g, win_g) then
-          body, res = trading_deny(throttled_g, 'global', KEYS[k + 1], KEYS[k + 2]), 9
-          if latch and global == 'ACTIVE' and not dry then
-            redis.call('SET', KEYS[1], 'REDUCING')
-            redis.call('XADD', KEYS[3], '*', 'scope', 'global', 'symbol', '', 'from', 'ACTIVE',
-              'to', 'REDUCING', 'reason', latch_reason, 'actor', 'p33-auto',
-              'ts', tostring(math.floor(now_ms / 1000)))
-            global = 'REDUCING'
+        if max_g > 0 then
+          local is_full, c = full(KEYS[2], max_g, win_g)
+          table.insert(guards, '"opens_global":' .. c)
+          if is_full then
+            body, res = trading_deny(throttled_g, 'global', KEYS[k + 1], KEYS[k + 2]), 9
+            if latch and global == 'ACTIVE' and not dry then
+              redis.call('SET', KEYS[1], 'REDUCING')
+              redis.call('XADD', KEYS[3], '*', 'scope', 'global', 'symbol', '', 'from', 'ACTIVE',
+                'to', 'REDUCING', 'reason', latch_reason, 'actor', 'p33-auto',
+                'ts', tostring(math.floor(now_ms / 1000)))
+              global = 'REDUCING'
+            end
           end
-        elseif max_s > 0 and full(KEYS[k + 4], max_s, win_s) then
-          body, res = trading_deny(throttled_s, 'symbol', KEYS[k + 1], KEYS[k + 2]), 10
         end
-        local flying = 0
+        if res == 2 and max_s > 0 then
+          local is_full, c = full(KEYS[k + 4], max_s, win_s)
+          table.insert(guards, '"opens_symbol":' .. c)
+          if is_full then
+            body, res = trading_deny(throttled_s, 'symbol', KEYS[k + 1], KEYS[k + 2]), 10
+          end
+        end
         if res == 2 and cap > 0 then
-          flying = in_flight()
+          local flying = in_flight()
+          table.insert(guards, '"positions":' .. positions .. ',"in_flight":' .. flying)
           if positions + flying >= cap then
             -- The quoted placeholders become bare numbers.
             local t = string.gsub(cap_tmpl, '"__POSITIONS__"', tostring(positions))
@@ -212,6 +245,34 @@ for i = 1, n do
       redis.call('SET', KEYS[k + 1], body, 'PX', ttl, 'NX')
     end
     out[i] = res
+  end
+  -- The record of every entry finished here (none for one another consumer
+  -- had already finished).
+  if maxlen > 0 and out[i] ~= 0 then
+    local code = out[i]
+    local outcome, reason, qty, inputs = ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 11]
+    if outcome == '' then
+      if code == 4 then
+        outcome, reason, qty = 'duplicate_plan_id', 'duplicate_plan_id', ''
+      else
+        local allowed = code == 2 and mode ~= '1'
+        if code >= 1000 then
+          reason = 'max_open_positions'
+        elseif GUARD_REASON[code] then
+          reason = GUARD_REASON[code]
+        end
+        if not allowed then qty = '' end
+        if allowed then outcome = 'allow' else outcome = 'deny' end
+        if dry then outcome = 'dry_run_' .. outcome end
+      end
+      if #guards > 0 then
+        inputs = string.sub(inputs, 1, -2) .. ',"guards":{' .. table.concat(guards, ',') .. '}}'
+      end
+    end
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*',
+      'plan_id', ARGV[a + 5], 'entry_id', id, 'symbol', ARGV[a + 6], 'outcome', outcome,
+      'reason', reason, 'safe_qty', qty, 'plan', ARGV[a + 10], 'inputs', inputs,
+      'config', cfg_hash, 'version', version, 'consumer', consumer)
   end
 end
 return out

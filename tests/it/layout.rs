@@ -21,18 +21,20 @@ const LAYERS: &[(&str, u8)] = &[
     ("watchdog", 3),
     // The pure core, and the stream reader the workers share.
     ("rules", 3),
-    ("permits", 4),
+    ("record", 4),
+    ("permits", 5),
     ("allowlist", 4),
     ("stream", 4),
     // Workers.
-    ("consumer", 5),
-    ("ledger", 5),
-    ("exchange", 5),
-    ("http", 5),
-    ("control", 5),
+    ("consumer", 6),
+    ("ledger", 6),
+    ("exchange", 6),
+    ("http", 6),
+    ("control", 6),
     // The operator's command line, then start, supervision, signals.
-    ("ctl", 6),
-    ("lifecycle", 7),
+    ("ctl", 7),
+    ("explain", 7),
+    ("lifecycle", 8),
 ];
 
 #[test]

@@ -14,3 +14,4 @@ mod limits;
 mod ops;
 mod plans;
 mod props;
+mod record;

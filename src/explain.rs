@@ -1,0 +1,215 @@
+//! `position-state-brain explain PLAN_ID` (SPEC §14): finds the plan's
+//! decision record — newest first, at most [`MAX_SCANNED`] records back — and
+//! says in a few lines which rule decided, what it read and the permit it
+//! wrote. Exit 0 when found, 1 when not (or Redis cannot be reached).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::keys;
+use crate::store;
+use crate::stream::parse_entries;
+use crate::text::clip;
+
+/// How far back `explain` looks.
+pub const MAX_SCANNED: usize = 200_000;
+
+/// Which rule of SPEC §5 (or guard of §12–§13) a reason comes from.
+pub fn rule_of(reason: &str) -> &'static str {
+    match reason {
+        "plan_expired" => "row 0: the plan is older than P33_PLAN_MAX_AGE_S",
+        "plan_from_future" => "row 0b: the plan's stream ID is ahead of the clock",
+        "invalid_plan" => "the plan's side is not BUY/SELL/LONG/SHORT/CLOSE",
+        "no_exchange_snapshot" => "row 1: no exchange snapshot",
+        "invalid_exchange_snapshot" => "row 2: the snapshot is invalid, from the future or hedged",
+        "stale_exchange_state" => "row 3: the snapshot is older than P33_STALE_THRESHOLD_SEC",
+        "reconcile_close_bypass" => "row 4: a reconcile close of a real, fresh position",
+        "open_permit_granted" => "row 5: an open while flat, out of cooldown",
+        "position_exists" => "row 5b: an open while a position exists",
+        "no_position" => "row 4/6: a close with no position",
+        "invalid_ledger" => "row 7: the ledger amount is unusable",
+        "reconcile_required_side_mismatch" => "row 7: ledger and exchange disagree on the side",
+        "reconcile_required_qty_mismatch" => {
+            "row 7b: ledger and exchange quantities differ beyond tolerance"
+        }
+        "cooldown_in_flight" => "row 8: the last execution is within P33_COOLDOWN_SEC",
+        "invalid_cooldown" => "row 8: the cooldown value is unusable",
+        "safe_qty_below_step" => "row 9: the safe quantity rounds down to zero steps",
+        "sanity_checks_passed" => "row 9: a close that passed every check",
+        "reconcile_hold_active" => "the reconcile hold (checked in the atomic write)",
+        "trading_halted" => "the trading state HALTED (the kill switch)",
+        "trading_reducing" => "the trading state REDUCING (opens denied)",
+        "throttled" => "an open throttle (P33_MAX_OPENS…)",
+        "max_open_positions" => "the position cap (P33_MAX_OPEN_POSITIONS)",
+        "duplicate_plan_id" => "a permit for this plan_id already existed",
+        _ => "no rule (the plan was not evaluated)",
+    }
+}
+
+/// Finds the newest record of `plan_id`.
+pub async fn find(
+    con: &mut redis::aio::ConnectionManager,
+    plan_id: &str,
+) -> Result<Option<HashMap<String, String>>, redis::RedisError> {
+    let mut end = "+".to_string();
+    let mut scanned = 0;
+    while scanned < MAX_SCANNED {
+        let v: redis::Value = redis::cmd("XREVRANGE")
+            .arg(keys::DECISIONS_STREAM)
+            .arg(&end)
+            .arg("-")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await?;
+        let entries = parse_entries(&v);
+        let Some(last) = entries.last() else {
+            return Ok(None);
+        };
+        for e in &entries {
+            if let Some(f) = &e.fields {
+                if f.get("plan_id").map(String::as_str) == Some(plan_id) {
+                    let mut f = f.clone();
+                    f.insert("record_id".into(), e.id.clone());
+                    return Ok(Some(f));
+                }
+            }
+        }
+        scanned += entries.len();
+        end = format!("({}", last.id);
+    }
+    Ok(None)
+}
+
+/// The record, in words.
+pub fn describe(r: &HashMap<String, String>, permit: Option<&str>) -> String {
+    let g = |k: &str| r.get(k).map_or("", String::as_str);
+    let inputs: Value = serde_json::from_str(g("inputs")).unwrap_or(Value::Null);
+    let plan: Value = serde_json::from_str(g("plan")).unwrap_or(Value::Null);
+    let mut out = String::new();
+    out.push_str(&format!(
+        "plan      {} {} (entry {}, recorded {} by {}, version {}, config {})\n",
+        clip(g("plan_id")),
+        clip(g("symbol")),
+        g("entry_id"),
+        g("record_id"),
+        clip(g("consumer")),
+        clip(g("version")),
+        clip(g("config"))
+    ));
+    let qty = if g("safe_qty").is_empty() {
+        String::new()
+    } else {
+        format!(" safe_qty={}", g("safe_qty"))
+    };
+    out.push_str(&format!(
+        "outcome   {}: {}{qty}\n",
+        g("outcome"),
+        g("reason")
+    ));
+    out.push_str(&format!("decided by {}\n", rule_of(g("reason"))));
+    if let Some(rules) = inputs.get("rules").and_then(Value::as_str) {
+        let own = rules.split_once(':').map_or(rules, |(_, r)| r);
+        if own != g("reason") {
+            out.push_str(&format!(
+                "          the rules alone said {rules}; a guard of the write changed it\n"
+            ));
+        }
+    }
+    if plan.get("decision").is_some() {
+        out.push_str(&format!(
+            "plan read decision={} action={} reduceOnly={} side={}\n",
+            plan["decision"].as_str().unwrap_or(""),
+            plan["action"].as_str().unwrap_or(""),
+            plan["reduce_only"],
+            plan["side"].as_str().unwrap_or("")
+        ));
+    }
+    if inputs.get("snapshot").is_some() {
+        let s = &inputs["snapshot"];
+        let snap = if s.get("missing").is_some() {
+            "none".to_string()
+        } else if let Some(f) = s.get("invalid") {
+            format!("invalid ({f})")
+        } else {
+            let age = inputs["now"].as_f64().unwrap_or(0.0) - s["ts"].as_f64().unwrap_or(0.0);
+            format!(
+                "position_amt {} ({:.1} s old{})",
+                s["amt"].as_str().unwrap_or("?"),
+                age,
+                if s["hedged"] == true { ", HEDGED" } else { "" }
+            )
+        };
+        out.push_str(&format!("exchange  {snap}\n"));
+        out.push_str(&format!(
+            "ledger    {}   cooldown {}   step {}{}\n",
+            compact(&inputs["ledger"]),
+            compact(&inputs["cooldown"]),
+            inputs["step"].as_str().unwrap_or("?"),
+            if inputs["step_fallback"] == true {
+                " (the 0.001 fallback)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if let Some(gd) = inputs.get("guards") {
+        out.push_str(&format!("guards    {}\n", compact(gd)));
+    }
+    out.push_str(&format!(
+        "allowlist source={} at now={}\n",
+        inputs["allowlist"].as_str().unwrap_or("?"),
+        inputs["now"]
+    ));
+    out.push_str(&format!(
+        "permit    {}\n",
+        permit.unwrap_or("(no longer in Redis: consumed by the executor, or expired)")
+    ));
+    out
+}
+
+fn compact(v: &Value) -> String {
+    match v {
+        Value::Null => "none".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Runs `explain`; returns the exit code.
+pub async fn run(cfg: &Config, plan_id: &str) -> i32 {
+    let mut con = match store::connect_once(&cfg.redis, Duration::from_secs(5)).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "explain: cannot reach Redis at {}: {e}",
+                cfg.redis.display()
+            );
+            return 1;
+        }
+    };
+    let found = match find(&mut con, plan_id).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("explain: Redis error: {e}");
+            return 1;
+        }
+    };
+    let Some(r) = found else {
+        eprintln!(
+            "explain: no record of plan {plan_id:?} in the last {MAX_SCANNED} records of {}",
+            keys::DECISIONS_STREAM
+        );
+        return 1;
+    };
+    let permit: Option<String> = redis::cmd("GET")
+        .arg(keys::permit(plan_id))
+        .query_async(&mut con)
+        .await
+        .ok()
+        .flatten();
+    print!("{}", describe(&r, permit.as_deref()));
+    0
+}

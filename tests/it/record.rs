@@ -1,0 +1,247 @@
+//! The decision record (SPEC §14): one record per finished plan, written by
+//! the same script call as the permit, for every outcome; none for an entry
+//! another consumer finished; under 1 KiB; MAXLEN respected; 0 turns it
+//! off; `explain` finds a plan and says why.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(10);
+const DECISIONS: &str = "quantum:stream:p33.decisions";
+
+fn records(con: &mut redis::Connection) -> Vec<HashMap<String, String>> {
+    let v: redis::Value = redis::cmd("XRANGE")
+        .arg(DECISIONS)
+        .arg("-")
+        .arg("+")
+        .query(con)
+        .unwrap();
+    position_state_brain::stream::parse_entries(&v)
+        .into_iter()
+        .filter_map(|e| e.fields)
+        .collect()
+}
+
+fn by_plan(recs: &[HashMap<String, String>], plan_id: &str) -> HashMap<String, String> {
+    let found: Vec<_> = recs.iter().filter(|r| r["plan_id"] == plan_id).collect();
+    assert_eq!(found.len(), 1, "one record of {plan_id}: {recs:?}");
+    found[0].clone()
+}
+
+fn env_of(t: &TestDaemon) -> Vec<(&str, &str)> {
+    t.env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+#[test]
+fn every_finished_plan_has_one_record_with_its_inputs() {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT,ETHUSDT,SOLUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .deferred(),
+    );
+    let n = now();
+    t.snapshot("BTCUSDT", "0.5", n);
+    t.snapshot("ETHUSDT", "0", n);
+    t.snapshot("SOLUSDT", "2", n);
+    let _: () = redis::cmd("SET")
+        .arg("quantum:reconcile:hold:SOLUSDT")
+        .arg("1")
+        .query(&mut t.con)
+        .unwrap();
+    t.start_ready();
+    let plans: [&[(&str, &str)]; 6] = [
+        &[
+            ("plan_id", "r-allow"),
+            ("symbol", "BTCUSDT"),
+            ("decision", "EXECUTE"),
+            ("action", "FULL_CLOSE_PROPOSED"),
+            ("reduceOnly", "true"),
+        ],
+        &[
+            ("plan_id", "r-deny"),
+            ("symbol", "ETHUSDT"),
+            ("decision", "EXECUTE"),
+            ("action", "FULL_CLOSE_PROPOSED"),
+            ("reduceOnly", "true"),
+        ],
+        &[
+            ("plan_id", "r-held"),
+            ("symbol", "SOLUSDT"),
+            ("decision", "EXECUTE"),
+            ("action", "PARTIAL_50"),
+            ("reduceOnly", "true"),
+        ],
+        &[
+            ("plan_id", "r-skip"),
+            ("symbol", "BTCUSDT"),
+            ("decision", "HOLD"),
+        ],
+        &[
+            ("plan_id", "r-notlisted"),
+            ("symbol", "DOGEUSDT"),
+            ("decision", "EXECUTE"),
+        ],
+        &[("symbol", "BTCUSDT"), ("decision", "EXECUTE")],
+    ];
+    for p in plans {
+        t.push_plan(p);
+    }
+    t.wait_metric("p33_plans_total{outcome=\"malformed\"}", 1.0);
+    t.wait_permit("r-held");
+    let recs = wait_for("six records", T, || {
+        let r = records(&mut t.con);
+        (r.len() == 6).then_some(r)
+    });
+    let r = by_plan(&recs, "r-allow");
+    assert_eq!(r["outcome"], "allow");
+    assert_eq!(r["reason"], "sanity_checks_passed");
+    assert_eq!(r["safe_qty"], "0.5");
+    assert_eq!(r["symbol"], "BTCUSDT");
+    assert!(r["entry_id"].contains('-'));
+    assert_eq!(r["consumer"], "p33-test");
+    assert_eq!(r["config"].len(), 12);
+    let inputs: Value = serde_json::from_str(&r["inputs"]).expect("inputs is JSON");
+    assert_eq!(inputs["snapshot"]["amt"], "0.5");
+    assert_eq!(inputs["allowlist"], "env");
+    assert_eq!(inputs["rules"], "allow:sanity_checks_passed");
+    assert_eq!(inputs["guards"]["state"], "ACTIVE");
+    assert_eq!(inputs["guards"]["hold"], false);
+    let plan: Value = serde_json::from_str(&r["plan"]).expect("plan is JSON");
+    assert_eq!(plan["action"], "FULL_CLOSE_PROPOSED");
+
+    let r = by_plan(&recs, "r-deny");
+    assert_eq!(
+        (r["outcome"].as_str(), r["reason"].as_str()),
+        ("deny", "no_position")
+    );
+    assert_eq!(r["safe_qty"], "");
+
+    let r = by_plan(&recs, "r-held");
+    assert_eq!(
+        (r["outcome"].as_str(), r["reason"].as_str()),
+        ("deny", "reconcile_hold_active"),
+        "the final reason is the permit's"
+    );
+    let inputs: Value = serde_json::from_str(&r["inputs"]).unwrap();
+    assert_eq!(
+        inputs["rules"], "allow:sanity_checks_passed",
+        "and the rules' own"
+    );
+    assert_eq!(inputs["guards"]["hold"], true);
+
+    assert_eq!(by_plan(&recs, "r-skip")["outcome"], "skip_decision");
+    assert_eq!(by_plan(&recs, "r-notlisted")["outcome"], "not_allowlisted");
+    assert_eq!(by_plan(&recs, "")["outcome"], "malformed");
+    for r in &recs {
+        let size: usize = r.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(size < 1024, "a record of {size} bytes: {r:?}");
+    }
+
+    // explain: found, in words; not found: exit 1.
+    let env = env_of(&t);
+    let (code, out, err) = run_once(&["explain", "r-held"], &env);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("outcome   deny: reconcile_hold_active"),
+        "{out}"
+    );
+    assert!(out.contains("decided by the reconcile hold"), "{out}");
+    assert!(
+        out.contains("the rules alone said allow:sanity_checks_passed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("\"reason\":\"reconcile_hold_active\""),
+        "the permit: {out}"
+    );
+    let (code, _, err) = run_once(&["explain", "no-such-plan"], &env);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no record of plan"), "{err}");
+}
+
+#[test]
+fn maxlen_bounds_the_record_and_zero_turns_it_off() {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_DECISIONS_MAXLEN", "100")
+            .deferred(),
+    );
+    t.start_ready();
+    for i in 0..600 {
+        t.push_plan(&[
+            ("plan_id", &format!("m-{i}")),
+            ("symbol", "DOGEUSDT"),
+            ("decision", "EXECUTE"),
+        ]);
+    }
+    t.wait_metric("p33_plans_total{outcome=\"not_allowlisted\"}", 600.0);
+    let len: usize = redis::cmd("XLEN").arg(DECISIONS).query(&mut t.con).unwrap();
+    // MAXLEN ~ trims whole macro nodes: about 100, never all 600.
+    assert!((100..300).contains(&len), "{len} records kept");
+
+    t.kill();
+    let _: () = redis::cmd("DEL").arg(DECISIONS).query(&mut t.con).unwrap();
+    t.env.insert("P33_DECISIONS_MAXLEN".into(), "0".into());
+    t.start_ready();
+    t.push_plan(&[
+        ("plan_id", "off-1"),
+        ("symbol", "DOGEUSDT"),
+        ("decision", "EXECUTE"),
+    ]);
+    t.wait_metric("p33_plans_total{outcome=\"not_allowlisted\"}", 1.0);
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(DECISIONS)
+        .query(&mut t.con)
+        .unwrap();
+    assert_eq!(exists, 0, "no record at all with P33_DECISIONS_MAXLEN=0");
+}
+
+/// SIGKILL and restart under load: exactly one record per finished plan,
+/// none without its permit, none twice (one script writes both).
+#[test]
+fn sigkill_under_load_leaves_one_record_per_permit() {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .set("P33_LOG_LEVEL", "INFO")
+            .deferred(),
+    );
+    t.snapshot("BTCUSDT", "1", now());
+    t.start_ready();
+    let total = 1500;
+    for i in 0..total {
+        let id = format!("k-{i}");
+        t.push_plan(&[
+            ("plan_id", &id),
+            ("symbol", "BTCUSDT"),
+            ("decision", "EXECUTE"),
+            ("action", "FULL_CLOSE_PROPOSED"),
+            ("reduceOnly", "true"),
+        ]);
+        if i % 500 == 250 {
+            t.restart();
+        }
+    }
+    wait_for("every plan finished", Duration::from_secs(30), || {
+        let len: usize = redis::cmd("XLEN").arg(DECISIONS).query(&mut t.con).ok()?;
+        (len >= total && t.pending("p33") == 0).then_some(())
+    });
+    let recs = records(&mut t.con);
+    assert_eq!(recs.len(), total, "one record per plan, none twice");
+    let mut seen = std::collections::HashSet::new();
+    for r in &recs {
+        assert!(seen.insert(r["plan_id"].clone()), "twice: {}", r["plan_id"]);
+        assert!(
+            read_permit(&mut t.con, &r["plan_id"]).is_some(),
+            "a record without its permit: {}",
+            r["plan_id"]
+        );
+    }
+}
