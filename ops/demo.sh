@@ -4,7 +4,7 @@
 # on 2 cores; cargo shows its progress), starts a private Redis and the fake
 # exchange on loopback, starts the daemon, and walks the operators'
 # scenarios live: universe -> permits, the kill switch (ctl halt / resume),
-# universe stale -> last_ok,
+# universe stale -> last_ok, explain and replay at the end,
 # last_ok too old -> env, env empty -> FAIL-CLOSED. Everything it started is
 # stopped on exit, Ctrl-C included. Needs nothing but what it installs:
 # bash, redis-cli, curl and the binaries it builds (no python).
@@ -78,6 +78,9 @@ universe() { # key symbols-json asof
 universe quantum:cfg:universe:active '["BTCUSDT","ETHUSDT","SOLUSDT"]' "$now"
 universe quantum:cfg:universe:last_ok '["BTCUSDT","ETHUSDT"]' "$((now - 30))"
 R HSET quantum:cfg:universe:meta stale 0 count 3 asof_epoch "$now" last_ok_epoch "$now" error "" >/dev/null
+# The executor's ledger for SOLUSDT: 11.95 short against the exchange's 12,
+# within the 1 % tolerance (the replay at the end tightens it).
+R HSET quantum:position:ledger:SOLUSDT last_known_amt -11.95 >/dev/null
 
 METRICS_PORT=$(free_port)
 LOG="$work/daemon.log"
@@ -159,4 +162,13 @@ show "$(wait_for "$LOG" 'P3.3 allowlist source=none' "$mark")"
 plan demo-closed BTCUSDT EXECUTE FULL_CLOSE_PROPOSED true
 sleep 0.5
 echo "    demo-closed: $(R EXISTS quantum:permit:p33:demo-closed | sed 's/0/(no permit: fail-closed)/')"
+echo "== 6. why was demo-close-eth denied? what would a 0.1 % tolerance have done?"
+echo "  \$ position-state-brain explain demo-close-eth"
+CTLX() {
+  env -i PATH="$PATH" REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" P33_SNAPSHOT_SOURCE=external \
+    "$BIN/position-state-brain" "$@"
+}
+CTLX explain demo-close-eth | sed 's/^/    /'
+echo "  \$ position-state-brain replay --set P33_QTY_TOLERANCE_PCT=0.1"
+CTLX replay --set P33_QTY_TOLERANCE_PCT=0.1 | sed 's/^/    /'
 echo "== demo done; stopping Redis, the fake exchange and the daemon"

@@ -41,6 +41,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod permits;
 pub mod record;
+pub mod replay;
 pub mod rules;
 mod scripts;
 pub mod steps;

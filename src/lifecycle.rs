@@ -72,6 +72,9 @@ pub enum Command {
         /// The plan's plan_id.
         plan_id: String,
     },
+    /// What would a configuration change have done? Recorded decisions,
+    /// decided again with the same rules.
+    Replay(crate::replay::ReplayArgs),
 }
 
 /// Spawns `fut` as a named task whose end is reported to the supervisor.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::Parser;
 use position_state_brain::config::{Config, EXIT_CONFIG};
 use position_state_brain::lifecycle::{self, Cli, Command, EXIT_USAGE, VERSION};
-use position_state_brain::{ctl, explain};
+use position_state_brain::{ctl, explain, replay};
 use position_state_brain::{metrics::Metrics, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,7 @@ fn main() {
                 match command {
                     Command::Ctl(args) => ctl::run(&cfg, args).await,
                     Command::Explain { plan_id } => explain::run(&cfg, &plan_id).await,
+                    Command::Replay(args) => replay::run(std::env::vars().collect(), args).await,
                 }
             }),
             Err(e) => {

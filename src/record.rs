@@ -36,6 +36,12 @@ pub struct Record {
     pub inputs: String,
 }
 
+/// A float as JSON, in its shortest form that reads back to the same value
+/// (so a replay judges on exactly the numbers the rules saw).
+fn num(f: f64) -> String {
+    Value::from(f).to_string()
+}
+
 /// A string as a JSON string literal.
 fn js(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string())
@@ -68,9 +74,9 @@ pub fn inputs_json(
         SnapshotInput::Missing => r#"{"missing":true}"#.to_string(),
         SnapshotInput::Invalid { field } => format!(r#"{{"invalid":"{field}"}}"#),
         SnapshotInput::Valid(s) => format!(
-            r#"{{"amt":"{}","ts":{:.3},"hedged":{}}}"#,
+            r#"{{"amt":"{}","ts":{},"hedged":{}}}"#,
             dec_str(s.amt),
-            s.ts,
+            num(s.ts),
             s.hedged
         ),
     };
@@ -84,11 +90,12 @@ pub fn inputs_json(
     let cooldown = match &inputs.cooldown {
         CooldownInput::Absent => "null".to_string(),
         CooldownInput::Invalid { value } => format!(r#"{{"invalid":{}}}"#, js(value)),
-        CooldownInput::At(ms) => format!(r#"{{"ms":{}}}"#, Value::from(*ms)),
+        CooldownInput::At(ms) => format!(r#"{{"ms":{}}}"#, num(*ms)),
     };
     format!(
-        r#"{{"snapshot":{snapshot},"ledger":{ledger},"cooldown":{cooldown},"step":"{}","step_fallback":{step_fallback},"allowlist":"{allowlist}","now":{now:.3},"rules":"{}"}}"#,
+        r#"{{"snapshot":{snapshot},"ledger":{ledger},"cooldown":{cooldown},"step":"{}","step_fallback":{step_fallback},"allowlist":"{allowlist}","now":{},"rules":"{}"}}"#,
         dec_str(step),
+        num(now),
         rules_outcome(decision)
     )
 }

@@ -34,6 +34,7 @@ const LAYERS: &[(&str, u8)] = &[
     // The operator's command line, then start, supervision, signals.
     ("ctl", 7),
     ("explain", 7),
+    ("replay", 7),
     ("lifecycle", 8),
 ];
 

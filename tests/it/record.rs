@@ -245,3 +245,154 @@ fn sigkill_under_load_leaves_one_record_per_permit() {
         );
     }
 }
+
+fn set_hash(con: &mut redis::Connection, key: &str, pairs: &[(&str, &str)]) {
+    let mut c = redis::cmd("HSET");
+    c.arg(key);
+    for (k, v) in pairs {
+        c.arg(*k).arg(*v);
+    }
+    let _: () = c.query(con).unwrap();
+}
+
+/// After a mixed run of the rule rows, `replay` without `--set` finds every
+/// decision unchanged (the core is deterministic); a tighter stale
+/// threshold turns exactly the plans judged on old snapshots into denies;
+/// and replay writes nothing.
+#[test]
+fn replay_is_deterministic_and_answers_what_if() {
+    let syms = "FRESHUSDT,OLDAUSDT,OLDBUSDT,FLATUSDT,MISMUSDT,SIDEUSDT,COOLUSDT,BADCUSDT,HOLDUSDT";
+    let mut t = spawn_daemon(
+        Opts::env_allowlist(syms)
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .deferred(),
+    );
+    let n = now();
+    t.snapshot("FRESHUSDT", "0.5", n);
+    t.snapshot("OLDAUSDT", "0.5", n - 30.0);
+    t.snapshot("OLDBUSDT", "-3", n - 40.0);
+    t.snapshot("FLATUSDT", "0", n);
+    t.snapshot("MISMUSDT", "1", n);
+    set_hash(
+        &mut t.con,
+        "quantum:position:ledger:MISMUSDT",
+        &[("last_known_amt", "0.5")],
+    );
+    t.snapshot("SIDEUSDT", "1", n);
+    set_hash(
+        &mut t.con,
+        "quantum:position:ledger:SIDEUSDT",
+        &[("last_known_amt", "-1")],
+    );
+    t.snapshot("COOLUSDT", "0", n);
+    let _: () = redis::cmd("SET")
+        .arg("quantum:cooldown:last_exec_ts:COOLUSDT")
+        .arg(((n - 5.0) * 1000.0) as i64)
+        .query(&mut t.con)
+        .unwrap();
+    t.snapshot("BADCUSDT", "0", n);
+    let _: () = redis::cmd("SET")
+        .arg("quantum:cooldown:last_exec_ts:BADCUSDT")
+        .arg("soon")
+        .query(&mut t.con)
+        .unwrap();
+    t.snapshot("HOLDUSDT", "2", n);
+    let _: () = redis::cmd("SET")
+        .arg("quantum:reconcile:hold:HOLDUSDT")
+        .arg("1")
+        .query(&mut t.con)
+        .unwrap();
+    t.start_ready();
+    let close = |id: &'static str, s: &'static str| {
+        vec![
+            ("plan_id", id),
+            ("symbol", s),
+            ("decision", "EXECUTE"),
+            ("action", "FULL_CLOSE_PROPOSED"),
+            ("reduceOnly", "true"),
+        ]
+    };
+    let open = |id: &'static str, s: &'static str| {
+        vec![
+            ("plan_id", id),
+            ("symbol", s),
+            ("decision", "EXECUTE"),
+            ("action", "OPEN_LONG"),
+            ("reduceOnly", "false"),
+        ]
+    };
+    let mut plans = vec![
+        close("d-fresh", "FRESHUSDT"),
+        close("d-olda", "OLDAUSDT"),
+        close("d-oldb", "OLDBUSDT"),
+        close("d-flat", "FLATUSDT"),
+        open("d-open", "FLATUSDT"),
+        open("d-exists", "FRESHUSDT"),
+        close("d-mism", "MISMUSDT"),
+        close("d-side", "SIDEUSDT"),
+        open("d-cool", "COOLUSDT"),
+        open("d-badc", "BADCUSDT"),
+        close("d-hold", "HOLDUSDT"),
+    ];
+    let mut rc = close("d-reconcile", "OLDAUSDT");
+    rc[2] = ("decision", "RECONCILE_CLOSE");
+    plans.push(rc);
+    let mut partial = close("d-partial", "FRESHUSDT");
+    partial[3] = ("action", "PARTIAL_75");
+    plans.push(partial);
+    for p in &plans {
+        t.push_plan(p);
+    }
+    let ids: Vec<&str> = plans.iter().map(|p| p[0].1).collect();
+    let permits: Vec<Value> = ids.iter().map(|id| t.wait_permit(id)).collect();
+    let reasons: std::collections::HashSet<&str> = permits
+        .iter()
+        .filter_map(|p| p["reason"].as_str())
+        .collect();
+    assert!(reasons.len() >= 9, "a mixed run: {reasons:?}");
+    wait_for("every record", T, || {
+        (records(&mut t.con).len() >= plans.len()).then_some(())
+    });
+    let keys_before: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut t.con).unwrap();
+
+    let env = env_of(&t);
+    let (code, out, err) = run_once(&["replay", "--last", "100", "--json"], &env);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(v["replayed"], plans.len(), "{v}");
+    assert_eq!(
+        v["changes"]["unchanged"]["count"],
+        plans.len(),
+        "every decision replays unchanged: {v}"
+    );
+
+    // A tighter stale threshold: the two closes judged on 30 s and 40 s old
+    // snapshots (and the reconcile close on the 30 s one) become denies.
+    let (code, out, err) = run_once(
+        &[
+            "replay",
+            "--last",
+            "100",
+            "--set",
+            "P33_STALE_THRESHOLD_SEC=10",
+        ],
+        &env,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("allow to deny     3"), "{out}");
+    assert!(
+        out.contains(
+            "d-olda OLDAUSDT: allow sanity_checks_passed qty 0.5 -> deny stale_exchange_state"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("unchanged         10"), "{out}");
+
+    let (code, _, err) = run_once(&["replay", "--set", "P33_STALE_THRESHOLD_SEC=abc"], &env);
+    assert_eq!(code, Some(78), "a bad --set is a bad configuration: {err}");
+    let keys_after: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut t.con).unwrap();
+    let (mut a, mut b) = (keys_before, keys_after);
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "replay writes nothing");
+}
