@@ -19,8 +19,12 @@
 //! (Redis connections that survive outages), [`telemetry`] (logging) and
 //! [`lifecycle`] (start order, supervision, signals, systemd; SPEC §10).
 //!
+//! The operator's side: [`control`] and [`ctl`] (the trading state, SPEC
+//! §12–§13), [`record`], [`explain`] and [`replay`] (the decision record,
+//! SPEC §14).
+//!
 //! Shared underneath: [`stream`] (the one consumer-group reader the plan
-//! consumer and the ledger follower are handlers of), [`keys`] (every
+//! consumer, the ledger follower and the control follower are handlers of), [`keys`] (every
 //! stream, group and key name), [`scripts`] (the Lua files), [`domain`]
 //! (bounded numbers, sides), [`steps`] (the step-size table), [`watchdog`]
 //! and [`text`]. Imports run only downward — lifecycle → workers → core →
