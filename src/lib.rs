@@ -15,7 +15,7 @@
 //!
 //! Feeding the rules: [`exchange`] (positionRisk snapshots, step sizes,
 //! SPEC §7) and [`ledger`] (order metadata from `quantum:stream:apply.result`,
-//! SPEC §8). Around it all: [`metrics`] and [`http`] (SPEC §9), [`store`]
+//! SPEC §8). Around it all: [`metrics`] and `http` (SPEC §9), [`store`]
 //! (Redis connections that survive outages), [`telemetry`] (logging) and
 //! [`lifecycle`] (start order, supervision, signals, systemd; SPEC §10).
 //!
@@ -25,9 +25,9 @@
 //!
 //! Shared underneath: [`stream`] (the one consumer-group reader the plan
 //! consumer, the ledger follower and the control follower are handlers of), [`keys`] (every
-//! stream, group and key name), [`scripts`] (the Lua files), [`domain`]
+//! stream, group and key name), `scripts` (the Lua files), [`domain`]
 //! (bounded numbers, sides), [`steps`] (the step-size table), [`watchdog`]
-//! and [`text`]. Imports run only downward — lifecycle → workers → core →
+//! and `text`. Imports run only downward — lifecycle → workers → core →
 //! vocabulary — which `tests/layout.rs` checks.
 
 pub mod allowlist;
