@@ -10,7 +10,7 @@
 //! one JSON line per run.
 //!
 //! Usage:
-//!   p33-bench [--plans 100000] [--rate 0] [--symbols 566] [--log-level INFO]
+//!   p33-bench [--plans 100000] [--rate 0] [--symbols 566] [--log-level INFO] [--instances 1]
 //!   --rate 0 sends as fast as possible (throughput); --rate N offers N plans/s (latency).
 
 use std::collections::HashMap;
@@ -45,8 +45,12 @@ struct Args {
     /// Instead of the daemon, run a consumer that does only the Redis work a
     /// plan needs (XREADGROUP, the state read, SET + XACK): no rules, no
     /// record, no logging. The ceiling Redis allows on this machine.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "instances")]
     null: bool,
+    /// Daemons consuming in the one group (distinct consumer names), as
+    /// several instances on one Redis would.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    instances: u16,
 }
 
 /// The `--null` consumer: the daemon's Redis round trips, nothing else.
@@ -340,41 +344,45 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(null_consumer(ncon, universe));
     } else {
         let daemon = std::env::current_exe()?.with_file_name("position-state-brain");
-        let log = std::fs::File::create(dir.join("daemon.log"))?;
-        guard.0.push(
-            Command::new(&daemon)
-                .env_clear()
-                .env("REDIS_URL", &url)
-                .env("P33_SNAPSHOT_SOURCE", "external")
-                .env(
-                    "P33_EXCHANGE_BASE_URL",
-                    format!("http://127.0.0.1:{}", free_port()?),
-                )
-                .env("P33_METRICS_ADDR", "127.0.0.1")
-                .env("P33_METRICS_PORT", "0")
-                .env("P33_STALE_THRESHOLD_SEC", "600")
-                .env("P33_PLAN_MAX_AGE_S", "600")
-                .env("P33_PERMIT_TTL", "600")
-                .env("P33_COOLDOWN_SEC", "0")
-                .env("P33_LOG_LEVEL", &log_level)
-                .env("P33_CONSUMER_NAME", "p33-bench")
-                .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()?,
-        );
+        for k in 0..args.instances {
+            let log = std::fs::File::create(dir.join(format!("daemon-{k}.log")))?;
+            guard.0.push(
+                Command::new(&daemon)
+                    .env_clear()
+                    .env("REDIS_URL", &url)
+                    .env("P33_SNAPSHOT_SOURCE", "external")
+                    .env(
+                        "P33_EXCHANGE_BASE_URL",
+                        format!("http://127.0.0.1:{}", free_port()?),
+                    )
+                    .env("P33_METRICS_ADDR", "127.0.0.1")
+                    .env("P33_METRICS_PORT", "0")
+                    .env("P33_STALE_THRESHOLD_SEC", "600")
+                    .env("P33_PLAN_MAX_AGE_S", "600")
+                    .env("P33_PERMIT_TTL", "600")
+                    .env("P33_COOLDOWN_SEC", "0")
+                    .env("P33_LOG_LEVEL", &log_level)
+                    .env("P33_CONSUMER_NAME", format!("p33-bench-{k}"))
+                    .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .spawn()?,
+            );
+        }
         // Ready once the group exists and the allowlist line was logged.
-        let log_path = dir.join("daemon.log");
-        let start_wait = Instant::now();
-        loop {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if text.contains("ready: reading plans") {
-                break;
+        for k in 0..args.instances {
+            let log_path = dir.join(format!("daemon-{k}.log"));
+            let start_wait = Instant::now();
+            loop {
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                if text.contains("ready: reading plans") {
+                    break;
+                }
+                if start_wait.elapsed() > Duration::from_secs(30) {
+                    anyhow::bail!("daemon {k} did not become ready:\n{text}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if start_wait.elapsed() > Duration::from_secs(30) {
-                anyhow::bail!("daemon did not become ready:\n{text}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -492,7 +500,8 @@ async fn main() -> anyhow::Result<()> {
     lat.sort_by(|a, b| a.total_cmp(b));
     let out = json!({
         "mode": if rate > 0.0 { "latency" } else { "throughput" },
-        "null": null,
+        "null": (null),
+        "instances": if null { 0 } else { args.instances },
         "plans": plans,
         "permits_expected": want,
         "symbols": symbols,

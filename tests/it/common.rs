@@ -206,6 +206,14 @@ impl Daemon {
         d
     }
 
+    /// Starts `cmd` (a wrapper that execs the daemon) with exactly `env`
+    /// (plus PATH), and waits until it logs its metrics address.
+    pub fn start_cmd(cmd: Command, env: &HashMap<String, String>) -> Daemon {
+        let mut d = Self::spawn_cmd(cmd, env);
+        d.wait_metrics_addr();
+        d
+    }
+
     fn wait_metrics_addr(&mut self) {
         let addr = self.wait_log("metrics listening", Duration::from_secs(20));
         self.metrics_addr = addr

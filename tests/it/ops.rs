@@ -182,29 +182,16 @@ fn alert_rules_pass_promtool_unit_tests() {
     }
 }
 
-#[test]
-fn systemd_unit_verifies_and_scores_2_or_lower() {
-    let unit = std::fs::read_to_string(
-        Path::new(ROOT).join("deploy/systemd/quantum-position-state-brain.service"),
-    )
-    .unwrap();
-    for must in [
-        "Type=notify",
-        "WatchdogSec=",
-        "Restart=always",
-        "RestartSec=",
-        "RestartPreventExitStatus=78",
-        "EnvironmentFile=-/etc/quantum/apply-layer.env",
-        "EnvironmentFile=/etc/quantum/position-state-brain.env",
-        "Wants=network-online.target redis-server.service",
-        "DynamicUser=yes",
-    ] {
-        assert!(unit.contains(must), "unit has {must}");
-    }
-    assert!(!unit.contains("Requires="), "Redis is wanted, not required");
-    let dir = std::env::temp_dir().join(format!("p33-unit-{}", std::process::id()));
+fn unit_text(name: &str) -> String {
+    std::fs::read_to_string(Path::new(ROOT).join("deploy/systemd").join(name)).unwrap()
+}
+
+/// `systemd-analyze verify` passes and `security` scores 2.0 or lower, for
+/// the unit saved as `file_name` (an instance name for a template).
+fn verify_and_score(unit: &str, file_name: &str) {
+    let dir = std::env::temp_dir().join(format!("p33-unit-{}-{file_name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("quantum-position-state-brain.service");
+    let path = dir.join(file_name);
     std::fs::write(
         &path,
         unit.replace("/usr/local/bin/position-state-brain", DAEMON),
@@ -220,7 +207,10 @@ fn systemd_unit_verifies_and_scores_2_or_lower() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "systemd-analyze verify: {text}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify {file_name}: {text}"
+    );
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--no-pager"])
         .arg(&path)
@@ -234,9 +224,99 @@ fn systemd_unit_verifies_and_scores_2_or_lower() {
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no score in {text}"));
-    eprintln!("systemd-analyze security exposure: {score}");
+    eprintln!("systemd-analyze security exposure of {file_name}: {score}");
     assert!(score <= 2.0, "exposure {score}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn systemd_unit_verifies_and_scores_2_or_lower() {
+    let unit = unit_text("quantum-position-state-brain.service");
+    for must in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=always",
+        "RestartSec=",
+        "RestartPreventExitStatus=78",
+        "EnvironmentFile=-/etc/quantum/apply-layer.env",
+        "EnvironmentFile=/etc/quantum/position-state-brain.env",
+        "Wants=network-online.target redis-server.service",
+        "DynamicUser=yes",
+    ] {
+        assert!(unit.contains(must), "unit has {must}");
+    }
+    assert!(!unit.contains("Requires="), "Redis is wanted, not required");
+    verify_and_score(&unit, "quantum-position-state-brain.service");
+}
+
+/// The template's ExecStart, `%i` and `%H` filled in.
+fn template_exec_start(instance: &str, host: &str) -> Vec<String> {
+    let unit = unit_text("quantum-position-state-brain@.service");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("the template has ExecStart=");
+    line.split_whitespace()
+        .map(|w| w.replace("%i", instance).replace("%H", host))
+        .map(|w| w.replace("/usr/local/bin/position-state-brain", DAEMON))
+        .collect()
+}
+
+#[test]
+fn systemd_template_unit_verifies_scores_2_or_lower_and_matches_the_main_unit() {
+    let main = unit_text("quantum-position-state-brain.service");
+    let template = unit_text("quantum-position-state-brain@.service");
+    // Everything but comments, Description=, ExecStart= and the instance's
+    // own environment file is the main unit's: hardening and restart policy
+    // cannot drift apart.
+    let instance_env = "EnvironmentFile=-/etc/quantum/position-state-brain@%i.env";
+    assert!(template.contains(instance_env));
+    let settings = |u: &str| -> Vec<String> {
+        u.lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && !l.starts_with("Description=")
+                    && !l.starts_with("ExecStart=")
+                    && *l != instance_env
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(settings(&template), settings(&main));
+    assert!(template.contains("Description=") && template.contains("%i"));
+    verify_and_score(&template, "quantum-position-state-brain@8046.service");
+}
+
+#[test]
+fn the_template_instance_name_sets_consumer_name_and_metrics_port_over_the_env_file() {
+    let redis = Redis::start();
+    // What the shared environment file would set.
+    let env = base_env(&redis);
+    assert_eq!(env["P33_CONSUMER_NAME"], "p33-test");
+    let port = free_port();
+    let argv = template_exec_start(&port.to_string(), "gatehost");
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    let mut d = Daemon::start_cmd(cmd, &env);
+    assert_eq!(d.metrics_addr, format!("127.0.0.1:{port}"));
+    d.wait_log(
+        &format!("consumer=p33-gatehost-{port} "),
+        Duration::from_secs(10),
+    );
+    d.wait_log("ready: reading plans", Duration::from_secs(10));
+    let mut con = redis.con();
+    let consumers: redis::Value = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg("quantum:stream:apply.plan")
+        .arg("p33")
+        .query(&mut con)
+        .unwrap();
+    assert!(
+        format!("{consumers:?}").contains(&format!("p33-gatehost-{port}")),
+        "{consumers:?}"
+    );
+    let (code, _) = d.terminate();
+    assert_eq!(code, Some(0));
 }
 
 fn env_file() -> Vec<(String, String)> {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::*;
@@ -808,4 +808,119 @@ fn json_logs_carry_symbol_and_plan_fields_and_text_lines_stay_exact() {
         line.ends_with("BTCUSDT: P3.3 ALLOW plan text-pla (safe_qty=0.5, exchange_amt=0.5)"),
         "the text line is the SPEC's, no fields appended: {line}"
     );
+}
+
+#[test]
+fn three_instances_in_one_group_with_one_killed_every_two_seconds_permit_each_plan_once() {
+    // Three daemons, one group, one Redis (README "Several instances"). For
+    // twenty seconds under load one of them is SIGKILLed every two seconds
+    // and restarted a second later with the same consumer name: its pending
+    // entries are replayed by itself or claimed by the others.
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .set("P33_CLAIM_IDLE_S", "1")
+            .set("P33_LOG_LEVEL", "INFO")
+            .deferred(),
+    );
+    set_snapshot(&mut t.con, "BTCUSDT", "1", now());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (counts, listener) = count_permit_sets(&t.redis, stop.clone());
+    let env_of = |i: usize| {
+        let mut e = t.env.clone();
+        e.insert("P33_CONSUMER_NAME".into(), format!("p33-inst-{i}"));
+        e
+    };
+    let mut daemons: Vec<Option<Daemon>> = (0..3)
+        .map(|i| {
+            let d = Daemon::start(&env_of(i));
+            d.wait_log("ready: reading plans", T);
+            Some(d)
+        })
+        .collect();
+
+    // The producer: about 250 plans a second until told to stop.
+    let produced = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (p_stop, p_ids, mut p_con) = (
+        Arc::new(AtomicBool::new(false)),
+        produced.clone(),
+        t.redis.con(),
+    );
+    let p_flag = p_stop.clone();
+    let producer = std::thread::spawn(move || {
+        let mut i = 0;
+        while !p_flag.load(Ordering::SeqCst) {
+            for _ in 0..25 {
+                let id = format!("inst-{i}");
+                i += 1;
+                push_plan(
+                    &mut p_con,
+                    &plan(&id, "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
+                );
+                p_ids.lock().unwrap().push(id);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut victim = 0;
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_secs(1));
+        if let Some(mut d) = daemons[victim].take() {
+            d.kill();
+            kills += 1;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        daemons[victim] = Some(Daemon::start(&env_of(victim)));
+        victim = (victim + 1) % 3;
+    }
+    p_stop.store(true, Ordering::SeqCst);
+    producer.join().unwrap();
+    let ids = produced.lock().unwrap().clone();
+    assert!(kills >= 8, "{kills} kills");
+    assert!(ids.len() >= 3000, "{} plans produced", ids.len());
+
+    wait_for("every permit", Duration::from_secs(60), || {
+        let c = counts.lock().unwrap();
+        ids.iter().all(|id| c.contains_key(id)).then_some(())
+    });
+    wait_drained(&mut t.con, "p33");
+    // Keyspace events arrive in order: once the last plan's permit event is
+    // in, a late second SET of an earlier one would have been too.
+    push_plan(
+        &mut t.con,
+        &plan(
+            "inst-last",
+            "BTCUSDT",
+            "EXECUTE",
+            "FULL_CLOSE_PROPOSED",
+            "true",
+        ),
+    );
+    wait_for("the last permit event", T, || {
+        counts
+            .lock()
+            .unwrap()
+            .contains_key("inst-last")
+            .then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    listener.join().unwrap();
+    let c = counts.lock().unwrap();
+    for id in &ids {
+        assert_eq!(c.get(id), Some(&1), "plan {id} permitted exactly once");
+    }
+    assert_eq!(pending(&mut t.con, PLAN_STREAM, "p33"), 0);
+    // All three were in the group.
+    let consumers: redis::Value = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(PLAN_STREAM)
+        .arg("p33")
+        .query(&mut t.con)
+        .unwrap();
+    let text = format!("{consumers:?}");
+    for i in 0..3 {
+        assert!(text.contains(&format!("p33-inst-{i}")), "{text}");
+    }
 }
