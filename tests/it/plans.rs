@@ -878,6 +878,7 @@ fn three_instances_in_one_group_with_one_killed_every_two_seconds_permit_each_pl
     p_stop.store(true, Ordering::SeqCst);
     producer.join().unwrap();
     let ids = produced.lock().unwrap().clone();
+    eprintln!("{kills} kills, {} plans", ids.len());
     assert!(kills >= 8, "{kills} kills");
     assert!(ids.len() >= 3000, "{} plans produced", ids.len());
 
