@@ -839,7 +839,7 @@ fn three_instances_in_one_group_with_one_killed_every_two_seconds_permit_each_pl
         })
         .collect();
 
-    // The producer: about 250 plans a second until told to stop.
+    // The producer: up to 250 plans a second until told to stop.
     let produced = Arc::new(Mutex::new(Vec::<String>::new()));
     let (p_stop, p_ids, mut p_con) = (
         Arc::new(AtomicBool::new(false)),
