@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::keys;
 use crate::store;
-use crate::stream::parse_entries;
+use crate::stream::RangeCursor;
 use crate::text::clip;
 
 /// How far back `explain` looks.
@@ -54,21 +54,13 @@ pub async fn find(
     con: &mut redis::aio::ConnectionManager,
     plan_id: &str,
 ) -> Result<Option<HashMap<String, String>>, redis::RedisError> {
-    let mut end = "+".to_string();
+    let mut pages = RangeCursor::newest_first(keys::DECISIONS_STREAM);
     let mut scanned = 0;
     while scanned < MAX_SCANNED {
-        let v: redis::Value = redis::cmd("XREVRANGE")
-            .arg(keys::DECISIONS_STREAM)
-            .arg(&end)
-            .arg("-")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(con)
-            .await?;
-        let entries = parse_entries(&v);
-        let Some(last) = entries.last() else {
+        let entries = pages.next_page(con, 1000).await?;
+        if entries.is_empty() {
             return Ok(None);
-        };
+        }
         for e in &entries {
             if let Some(f) = &e.fields {
                 if f.get("plan_id").map(String::as_str) == Some(plan_id) {
@@ -79,7 +71,6 @@ pub async fn find(
             }
         }
         scanned += entries.len();
-        end = format!("({}", last.id);
     }
     Ok(None)
 }

@@ -23,7 +23,7 @@ use crate::rules::{
     SnapshotInput,
 };
 use crate::store;
-use crate::stream::{parse_entries, Entry};
+use crate::stream::{Entry, RangeCursor};
 
 /// `replay`'s arguments.
 #[derive(Debug, clap::Args)]
@@ -339,37 +339,23 @@ async fn read(
     let mut out = Vec::new();
     if let Some(d) = args.since {
         let from = store::now_ms().saturating_sub(u64::try_from(d.as_millis()).unwrap_or(0));
-        let mut start = from.to_string();
+        let mut pages = RangeCursor::oldest_first(keys::DECISIONS_STREAM, from.to_string());
         loop {
-            let v: redis::Value = redis::cmd("XRANGE")
-                .arg(keys::DECISIONS_STREAM)
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(con)
-                .await?;
-            let page = parse_entries(&v);
-            let Some(last) = page.last() else { break };
-            start = format!("({}", last.id);
+            let page = pages.next_page(con, 1000).await?;
+            if page.is_empty() {
+                break;
+            }
             out.extend(page);
         }
         return Ok(out);
     }
     let want = args.last.unwrap_or(10_000);
-    let mut end = "+".to_string();
+    let mut pages = RangeCursor::newest_first(keys::DECISIONS_STREAM);
     while out.len() < want {
-        let v: redis::Value = redis::cmd("XREVRANGE")
-            .arg(keys::DECISIONS_STREAM)
-            .arg(&end)
-            .arg("-")
-            .arg("COUNT")
-            .arg((want - out.len()).min(1000))
-            .query_async(con)
-            .await?;
-        let page = parse_entries(&v);
-        let Some(last) = page.last() else { break };
-        end = format!("({}", last.id);
+        let page = pages.next_page(con, (want - out.len()).min(1000)).await?;
+        if page.is_empty() {
+            break;
+        }
         out.extend(page);
     }
     out.reverse();

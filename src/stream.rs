@@ -104,6 +104,62 @@ pub fn parse_entries(v: &Value) -> Vec<Entry> {
     }
 }
 
+/// Pages through a whole stream (XRANGE oldest first, XREVRANGE newest
+/// first), outside any group: the decision record's readers.
+#[derive(Debug, Clone)]
+pub struct RangeCursor {
+    stream: &'static str,
+    newest_first: bool,
+    /// Where the next page starts: an ID, `-`/`+`, or `(ID` (past it).
+    next: String,
+}
+
+impl RangeCursor {
+    /// From the oldest entry at or after `from` (an ID or `<ms>`) onwards.
+    pub fn oldest_first(stream: &'static str, from: String) -> RangeCursor {
+        RangeCursor {
+            stream,
+            newest_first: false,
+            next: from,
+        }
+    }
+
+    /// From the newest entry backwards.
+    pub fn newest_first(stream: &'static str) -> RangeCursor {
+        RangeCursor {
+            stream,
+            newest_first: true,
+            next: "+".into(),
+        }
+    }
+
+    /// The next page, `count` entries at most; empty at the end.
+    pub async fn next_page(
+        &mut self,
+        con: &mut ConnectionManager,
+        count: usize,
+    ) -> Result<Vec<Entry>, redis::RedisError> {
+        let (cmd, other_end) = if self.newest_first {
+            ("XREVRANGE", "-")
+        } else {
+            ("XRANGE", "+")
+        };
+        let v: Value = redis::cmd(cmd)
+            .arg(self.stream)
+            .arg(&self.next)
+            .arg(other_end)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(con)
+            .await?;
+        let page = parse_entries(&v);
+        if let Some(last) = page.last() {
+            self.next = format!("({}", last.id);
+        }
+        Ok(page)
+    }
+}
+
 /// Parses an `XREADGROUP` reply for one stream (`Nil` on timeout).
 pub fn parse_xread(v: &Value) -> Vec<Entry> {
     match v {

@@ -365,6 +365,15 @@ fn replay_is_deterministic_and_answers_what_if() {
         plans.len(),
         "every decision replays unchanged: {v}"
     );
+    // The other ways to pick records: by age, and the newest few.
+    let (code, out, err) = run_once(&["replay", "--since", "1h", "--json"], &env);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(v["replayed"], plans.len(), "{v}");
+    let (code, out, err) = run_once(&["replay", "--last", "4", "--json"], &env);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(v["replayed"], 4, "{v}");
 
     // A tighter stale threshold: the two closes judged on 30 s and 40 s old
     // snapshots (and the reconcile close on the 30 s one) become denies.
