@@ -401,8 +401,9 @@ impl Consumer {
     }
 
     /// The allowlisted symbols holding a position: the poller's view in
-    /// binance mode; in external mode (or before the first poll) one
-    /// pipelined read of every allowlisted snapshot, at most once a second.
+    /// binance mode; in external mode (or before the first poll) one read
+    /// of every allowlisted symbol's state (the state script), at most once
+    /// a second.
     async fn positioned_now(
         &self,
         con: &mut ConnectionManager,
@@ -415,27 +416,22 @@ impl Consumer {
         if let Some(v) = view {
             return Ok(v);
         }
-        let mut symbols: Vec<&String> = allow.symbols.iter().collect();
+        let mut symbols: Vec<String> = allow.symbols.iter().cloned().collect();
         symbols.sort();
-        let mut p = redis::pipe();
-        for s in &symbols {
-            p.cmd("HGET").arg(keys::snapshot(s)).arg("position_amt");
-        }
-        // A key of another type answers an error for that symbol: it is
-        // counted as positioned (fail closed).
-        let amts: Vec<Value> = p.query_async(con).await?;
+        // The batch's own state read, for every allowlisted symbol. A
+        // snapshot key of another type cannot say the symbol is flat: it is
+        // counted as positioned (fail closed), as is an unreadable amount.
+        let state = read_state(con, &symbols).await?;
         let held: Vec<String> = symbols
-            .iter()
-            .zip(amts)
-            .filter(|(_, v)| match v {
-                Value::Nil => false,
-                Value::BulkString(b) => std::str::from_utf8(b)
-                    .ok()
-                    .and_then(crate::domain::parse_amount)
-                    .is_none_or(|a| PositionSide::of(a) != PositionSide::None),
-                _ => true,
+            .into_iter()
+            .filter(|s| match state.get(s).map(|st| &st.snapshot) {
+                Some(Raw::Missing) => false,
+                None | Some(Raw::WrongType(_)) => true,
+                Some(Raw::Present(h)) => h.get("position_amt").is_some_and(|v| {
+                    crate::domain::parse_amount(v)
+                        .is_none_or(|a| PositionSide::of(a) != PositionSide::None)
+                }),
             })
-            .map(|(s, _)| (*s).clone())
             .collect();
         self.positioned.set(held);
         Ok(self.positioned.latest().unwrap_or_default())

@@ -284,3 +284,23 @@ fn the_position_cap_counts_positions_and_opens_in_flight() {
     assert_eq!(code, Some(78), "{err}");
     assert!(err.contains("P33_MAX_OPEN_POSITIONS"), "{err}");
 }
+
+#[test]
+fn a_snapshot_key_of_another_type_counts_as_a_position_for_the_cap() {
+    // BTCUSDT holds a position; DDDUSDT's snapshot is a list, which cannot
+    // say it is flat: the cap counts it (fail closed), the batch goes on.
+    let mut t = limited(&[("P33_MAX_OPEN_POSITIONS", "2")]);
+    let _: () = redis::cmd("DEL")
+        .arg("quantum:position:snapshot:DDDUSDT")
+        .query(&mut t.con)
+        .unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg("quantum:position:snapshot:DDDUSDT")
+        .arg("x")
+        .query(&mut t.con)
+        .unwrap();
+    push(&mut t.con, "wt-a", "AAAUSDT", true);
+    let p = wait_permit(&mut t.con, "wt-a");
+    assert_eq!(p["reason"], "max_open_positions", "{p}");
+    assert_eq!(p["context"]["positions"], 2, "{p}");
+}
