@@ -800,6 +800,20 @@ pub async fn run_poller(
         };
         let ts_ms = store::now_ms();
         let ts = ts_ms as f64 / 1000.0;
+        // The position cap's view is the exchange's answer, whether or not
+        // every hash below is written: a write that fails for one key (one
+        // of another type) must not leave the cap counting an old view.
+        positioned.set(
+            symbols
+                .iter()
+                .filter(|s| {
+                    positions
+                        .get(*s)
+                        .is_some_and(|p| p.side != PositionSide::None)
+                })
+                .cloned()
+                .collect(),
+        );
         match write_snapshots(
             &mut con,
             &symbols,
@@ -836,17 +850,6 @@ pub async fn run_poller(
                         .map_or(0.0, |p| dec_str(p.amt).parse().unwrap_or(0.0));
                     metrics.observe_snapshot(s, ts, amt);
                 }
-                positioned.set(
-                    symbols
-                        .iter()
-                        .filter(|s| {
-                            positions
-                                .get(*s)
-                                .is_some_and(|p| p.side != PositionSide::None)
-                        })
-                        .cloned()
-                        .collect(),
-                );
                 let keep: HashSet<&str> = symbols.iter().map(String::as_str).collect();
                 metrics.retain_snapshot_symbols(&|s| keep.contains(s));
                 metrics

@@ -539,3 +539,46 @@ fn step_sizes_survive_a_restart_without_the_exchange() {
     );
     assert!(t.grep("using 0.001").is_empty());
 }
+
+#[test]
+fn the_position_cap_follows_the_exchange_when_one_snapshot_write_fails() {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("AAAUSDT,BBBUSDT,CCCUSDT")
+            .exchange(KEY, SECRET)
+            .set("P33_MAX_OPEN_POSITIONS", "1")
+            .deferred(),
+    );
+    t.fx().control("/control/positions", json!([]));
+    t.start_ready();
+    wait_for("the first cycle", T, || {
+        (t.metric("p33_snapshot_cycle_seconds_count").unwrap_or(0.0) >= 1.0).then_some(())
+    });
+    // From now on every cycle's snapshot write fails on CCCUSDT's key.
+    let key = "quantum:position:snapshot:CCCUSDT";
+    let _: () = redis::cmd("DEL").arg(key).query(&mut t.con).unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg(key)
+        .arg("x")
+        .query(&mut t.con)
+        .unwrap();
+    t.wait_log("snapshots: writing 3 hashes failed", T);
+    // AAAUSDT opens on the exchange; two more polls see it.
+    t.fx().control(
+        "/control/positions",
+        json!([{"symbol": "AAAUSDT", "positionAmt": "1"}]),
+    );
+    let seen = t.fx().count("position_risk_ok");
+    wait_for("two more polls", T, || {
+        (t.fx().count("position_risk_ok") >= seen + 2).then_some(())
+    });
+    t.push_plan(&[
+        ("plan_id", "cap-bbb"),
+        ("symbol", "BBBUSDT"),
+        ("decision", "EXECUTE"),
+        ("action", "OPEN_LONG"),
+        ("reduceOnly", "false"),
+    ]);
+    let p = t.wait_permit("cap-bbb");
+    assert_eq!(p["reason"], "max_open_positions", "{p}");
+    assert_eq!(p["context"]["positions"], 1, "{p}");
+}
