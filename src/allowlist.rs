@@ -477,7 +477,7 @@ impl AllowlistHandle {
 
 /// Reads active, meta and last_ok in one round trip.
 pub async fn read_universe(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut crate::store::Conn,
     cfg: &Config,
 ) -> Result<UniverseRead, redis::RedisError> {
     type Str = (String, Vec<u8>);
@@ -533,7 +533,7 @@ impl Resolver {
     }
 
     /// One resolution: read (unless env mode), decide, publish, log.
-    pub async fn refresh(&mut self, con: Option<&mut redis::aio::ConnectionManager>) -> Resolution {
+    pub async fn refresh(&mut self, con: Option<&mut crate::store::Conn>) -> Resolution {
         let read = match (self.cfg.allowlist_mode, con) {
             (AllowlistMode::Env, _) => Err(()),
             (AllowlistMode::Universe, None) => Err(()),
@@ -623,7 +623,7 @@ impl Resolver {
 /// first resolution is done by the caller, before plans are read.
 pub async fn run_refresher(
     mut resolver: Resolver,
-    mut con: Option<redis::aio::ConnectionManager>,
+    mut con: Option<crate::store::Conn>,
     mut expires_at: Option<f64>,
     reload: Arc<Notify>,
     cancel: CancellationToken,

@@ -79,11 +79,83 @@ pub enum LogFormat {
 #[derive(Clone)]
 pub struct RedisTarget {
     /// Connection parameters, password included: hand only to `redis::Client`.
+    /// With [`RedisTarget::sentinel`] set, only `info.redis` (database,
+    /// password) is used: the address is the master the sentinels name.
     pub info: redis::ConnectionInfo,
+    /// Find the master through Redis Sentinel (SPEC §15) instead.
+    pub sentinel: Option<SentinelTarget>,
+}
+
+/// Redis Sentinel: where the sentinels are and which master to ask for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SentinelTarget {
+    /// The sentinels, `(host, port)`, asked in this order.
+    pub sentinels: Vec<(String, u16)>,
+    /// The master's name (`REDIS_SENTINEL_MASTER`).
+    pub master: String,
+    /// The sentinels' own password (`REDIS_SENTINEL_PASSWORD`).
+    pub password: Option<Secret>,
+}
+
+impl SentinelTarget {
+    /// `host:port,host:port` (IPv6 hosts in brackets).
+    pub fn addresses(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(|(h, p)| join_host_port(h, *p))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// `host:port`, with an IPv6 host in brackets.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Parses `host:port[,host:port…]` (`[v6]:port` for IPv6): the sentinels.
+pub fn parse_sentinels(s: &str) -> Result<Vec<(String, u16)>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let shown = crate::text::clip(part);
+        let (host, port) = match part.strip_prefix('[') {
+            Some(rest) => match rest.split_once("]:") {
+                Some((h, p)) => (h, p),
+                None => return Err(format!("{shown:?} is not host:port ([v6]:port for IPv6)")),
+            },
+            None => match part.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h, p),
+                _ => return Err(format!("{shown:?} is not host:port ([v6]:port for IPv6)")),
+            },
+        };
+        if host.is_empty()
+            || host
+                .chars()
+                .any(|c| c.is_whitespace() || c == '/' || c == '@')
+        {
+            return Err(format!("{shown:?} has no valid host"));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => out.push((host.to_string(), p)),
+            _ => return Err(format!("{shown:?} has no valid port (1-65535)")),
+        }
+    }
+    if out.is_empty() {
+        return Err("must list at least one host:port".into());
+    }
+    if out.len() > 64 {
+        return Err("lists more than 64 sentinels".into());
+    }
+    Ok(out)
 }
 
 impl RedisTarget {
-    /// `redis://host:port/db` with any credentials replaced by `[redacted]`.
+    /// `redis://host:port/db` (or `redis+sentinel://s1:p1,s2:p2/master/db`)
+    /// with any credentials replaced by `[redacted]`.
     pub fn display(&self) -> String {
         let r = &self.info.redis;
         let auth = if r.password.is_some() || r.username.is_some() {
@@ -91,6 +163,14 @@ impl RedisTarget {
         } else {
             ""
         };
+        if let Some(s) = &self.sentinel {
+            return format!(
+                "redis+sentinel://{auth}{}/{}/{}",
+                s.addresses(),
+                s.master,
+                r.db
+            );
+        }
         match &self.info.addr {
             redis::ConnectionAddr::Tcp(h, p) => format!("redis://{auth}{h}:{p}/{}", r.db),
             redis::ConnectionAddr::TcpTls { host, port, .. } => {
@@ -150,6 +230,8 @@ pub enum Kind {
     Rate,
     /// A count ≥ 1.
     Count,
+    /// `host:port[,host:port…]`: Redis Sentinels.
+    Sentinels,
     /// A size ≥ 0 (0 turns the thing off).
     Size,
 }
@@ -188,7 +270,10 @@ pub const VARS: &[Var] = &[
     var("REDIS_HOST", Some("localhost"), Kind::Host, "Redis host when REDIS_URL is unset"),
     var("REDIS_PORT", Some("6379"), Kind::Port, "Redis port when REDIS_URL is unset"),
     var("REDIS_DB", Some("0"), Kind::Db, "Redis database when REDIS_URL is unset"),
-    var("REDIS_PASSWORD", None, Kind::Secret, "Redis AUTH password, used when the URL carries none"),
+    var("REDIS_PASSWORD", None, Kind::Secret, "Redis AUTH password, used when the URL carries none (with sentinels: the master's and replicas' password)"),
+    var("REDIS_SENTINELS", None, Kind::Sentinels, "host:port[,host:port…]: find the master through these Redis Sentinels instead of REDIS_URL/HOST/PORT (with REDIS_SENTINEL_MASTER)"),
+    var("REDIS_SENTINEL_MASTER", None, Kind::Name, "the master name the sentinels monitor; required with REDIS_SENTINELS"),
+    var("REDIS_SENTINEL_PASSWORD", None, Kind::Secret, "the sentinels' own AUTH password, when they need one"),
     var("BINANCE_TESTNET_API_KEY", None, Kind::Secret, "exchange API key (else BINANCE_API_KEY); required with P33_SNAPSHOT_SOURCE=binance"),
     var("BINANCE_TESTNET_API_SECRET", None, Kind::Secret, "exchange API secret (else BINANCE_API_SECRET); required with P33_SNAPSHOT_SOURCE=binance"),
     var("BINANCE_API_KEY", None, Kind::Secret, "exchange API key when BINANCE_TESTNET_API_KEY is unset"),
@@ -249,6 +334,7 @@ enum Value {
     Secret(Secret),
     Rate(Rate),
     Count(u32),
+    Sentinels(Vec<(String, u16)>),
 }
 
 /// `N/Ws`: at most `limit` events in any sliding window of `window`.
@@ -303,6 +389,11 @@ impl Value {
             Value::Secret(_) => "[redacted]".to_string(),
             Value::Rate(r) => r.to_string(),
             Value::Count(n) => n.to_string(),
+            Value::Sentinels(l) => l
+                .iter()
+                .map(|(h, p)| join_host_port(h, *p))
+                .collect::<Vec<_>>()
+                .join(","),
         }
     }
 }
@@ -363,7 +454,11 @@ fn parse_value(kind: Kind, raw: &str) -> Result<Value, String> {
             use redis::IntoConnectionInfo;
             match s.into_connection_info() {
                 Ok(i) => {
-                    let shown = RedisTarget { info: i.clone() }.display();
+                    let shown = RedisTarget {
+                        info: i.clone(),
+                        sentinel: None,
+                    }
+                    .display();
                     Ok(Value::RedisUrl(Box::new(i), shown))
                 }
                 Err(_) => Err("is not a redis://, rediss:// or unix:// URL".into()),
@@ -393,6 +488,7 @@ fn parse_value(kind: Kind, raw: &str) -> Result<Value, String> {
             .parse::<u32>()
             .map(Value::Count)
             .map_err(|_| "must be a whole number ≥ 0 (0: off)".into()),
+        Kind::Sentinels => parse_sentinels(s).map(Value::Sentinels),
         Kind::Count => s
             .parse::<u32>()
             .ok()
@@ -686,6 +782,7 @@ impl Config {
             .collect();
         unknown_p33.sort();
 
+        sentinel_rules(&mut p);
         let redis = redis_target(&p);
 
         let snapshot_source = match p.word("P33_SNAPSHOT_SOURCE") {
@@ -896,8 +993,52 @@ impl Config {
     }
 }
 
+/// SPEC §15: `REDIS_SENTINELS` and `REDIS_SENTINEL_MASTER` come together,
+/// `REDIS_SENTINEL_PASSWORD` only with them, and never with `REDIS_URL`
+/// (empty counts as unset). A variable that was already wrong gets no
+/// follow-on error.
+fn sentinel_rules(p: &mut Parsed) {
+    let set = |p: &Parsed, n: &str| p.given.get(n).is_some_and(|v| !v.trim().is_empty());
+    let (list, master) = (set(p, "REDIS_SENTINELS"), set(p, "REDIS_SENTINEL_MASTER"));
+    let (password, url) = (set(p, "REDIS_SENTINEL_PASSWORD"), set(p, "REDIS_URL"));
+    if p.failed("REDIS_SENTINELS") || p.failed("REDIS_SENTINEL_MASTER") {
+        return;
+    }
+    let mut err = |var: &str, why: &str| {
+        p.errors.push(ConfigError {
+            var: var.into(),
+            value: String::new(),
+            why: why.into(),
+        })
+    };
+    if list != master {
+        let missing = if list {
+            "REDIS_SENTINEL_MASTER"
+        } else {
+            "REDIS_SENTINELS"
+        };
+        err(
+            "REDIS_SENTINELS/REDIS_SENTINEL_MASTER",
+            &format!(
+                "{missing} unset: Redis Sentinel needs both the sentinels and the master name"
+            ),
+        );
+    } else if !list && password {
+        err(
+            "REDIS_SENTINEL_PASSWORD",
+            "set without REDIS_SENTINELS and REDIS_SENTINEL_MASTER",
+        );
+    }
+    if list && url {
+        err(
+            "REDIS_URL/REDIS_SENTINELS",
+            "both set: connect either to one Redis (REDIS_URL) or through Redis Sentinel (REDIS_SENTINELS)",
+        );
+    }
+}
+
 /// `REDIS_URL` wins over host/port/db; `REDIS_PASSWORD` applies when the URL
-/// carries none.
+/// carries none. With sentinels, host and port come from them.
 fn redis_target(p: &Parsed) -> RedisTarget {
     let mut info = match p.values.get("REDIS_URL") {
         Some(Value::RedisUrl(i, _)) => (**i).clone(),
@@ -920,7 +1061,18 @@ fn redis_target(p: &Parsed) -> RedisTarget {
     if info.redis.password.is_none() {
         info.redis.password = p.secret("REDIS_PASSWORD").map(|s| s.expose().to_string());
     }
-    RedisTarget { info }
+    let sentinel = match (
+        p.values.get("REDIS_SENTINELS"),
+        p.text("REDIS_SENTINEL_MASTER"),
+    ) {
+        (Some(Value::Sentinels(list)), Some(master)) => Some(SentinelTarget {
+            sentinels: list.clone(),
+            master,
+            password: p.secret("REDIS_SENTINEL_PASSWORD"),
+        }),
+        _ => None,
+    };
+    RedisTarget { info, sentinel }
 }
 
 /// A URL with everything that may be a credential replaced, for error
@@ -1169,6 +1321,142 @@ mod tests {
             redact_url("redis//host:6379?password=hunter2&x=1"),
             "redis//host:6379?password=[redacted]&x=1"
         );
+    }
+
+    #[test]
+    fn sentinel_variables_come_together_and_never_with_redis_url() {
+        let c = cfg(&[
+            (
+                "REDIS_SENTINELS",
+                "127.0.0.1:26379, [::1]:26380,sentinel-3:26381",
+            ),
+            ("REDIS_SENTINEL_MASTER", "quantum"),
+            ("REDIS_SENTINEL_PASSWORD", "s3ntinel"),
+            ("REDIS_PASSWORD", "n0de"),
+            ("REDIS_DB", "2"),
+        ])
+        .unwrap();
+        let s = c.redis.sentinel.as_ref().expect("sentinel mode");
+        assert_eq!(
+            s.sentinels,
+            vec![
+                ("127.0.0.1".to_string(), 26379),
+                ("::1".to_string(), 26380),
+                ("sentinel-3".to_string(), 26381)
+            ]
+        );
+        assert_eq!(s.master, "quantum");
+        assert_eq!(
+            c.redis.display(),
+            "redis+sentinel://[redacted]@127.0.0.1:26379,[::1]:26380,sentinel-3:26381/quantum/2"
+        );
+        assert_eq!(c.redis.info.redis.password.as_deref(), Some("n0de"));
+        let shown = format!("{c:?} {:?}", c.effective());
+        assert!(
+            !shown.contains("s3ntinel") && !shown.contains("n0de"),
+            "{shown}"
+        );
+
+        // (pairs, the variable the one error names, what it says)
+        type Row<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let rows: &[Row] = &[
+            (
+                &[("REDIS_SENTINELS", "127.0.0.1:26379")],
+                "REDIS_SENTINELS/REDIS_SENTINEL_MASTER",
+                "REDIS_SENTINEL_MASTER unset",
+            ),
+            (
+                &[("REDIS_SENTINEL_MASTER", "quantum")],
+                "REDIS_SENTINELS/REDIS_SENTINEL_MASTER",
+                "REDIS_SENTINELS unset",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", "127.0.0.1:26379"),
+                    ("REDIS_SENTINEL_MASTER", " "),
+                ],
+                "REDIS_SENTINELS/REDIS_SENTINEL_MASTER",
+                "REDIS_SENTINEL_MASTER unset",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", ""),
+                    ("REDIS_SENTINEL_MASTER", "quantum"),
+                ],
+                "REDIS_SENTINELS/REDIS_SENTINEL_MASTER",
+                "REDIS_SENTINELS unset",
+            ),
+            (
+                &[("REDIS_SENTINEL_PASSWORD", "x")],
+                "REDIS_SENTINEL_PASSWORD",
+                "without REDIS_SENTINELS",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", "127.0.0.1:26379"),
+                    ("REDIS_SENTINEL_MASTER", "q"),
+                    ("REDIS_URL", "redis://127.0.0.1:6390/0"),
+                ],
+                "REDIS_URL/REDIS_SENTINELS",
+                "both set",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", "127.0.0.1"),
+                    ("REDIS_SENTINEL_MASTER", "q"),
+                ],
+                "REDIS_SENTINELS",
+                "not host:port",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", "127.0.0.1:0"),
+                    ("REDIS_SENTINEL_MASTER", "q"),
+                ],
+                "REDIS_SENTINELS",
+                "no valid port",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", "127.0.0.1:26379,h:65536"),
+                    ("REDIS_SENTINEL_MASTER", "q"),
+                ],
+                "REDIS_SENTINELS",
+                "no valid port",
+            ),
+            (
+                &[("REDIS_SENTINELS", "h:x"), ("REDIS_SENTINEL_MASTER", "q")],
+                "REDIS_SENTINELS",
+                "no valid port",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", "::1:26379"),
+                    ("REDIS_SENTINEL_MASTER", "q"),
+                ],
+                "REDIS_SENTINELS",
+                "not host:port",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", ":26379"),
+                    ("REDIS_SENTINEL_MASTER", "q"),
+                ],
+                "REDIS_SENTINELS",
+                "no valid host",
+            ),
+            (
+                &[("REDIS_SENTINELS", ",,"), ("REDIS_SENTINEL_MASTER", "q")],
+                "REDIS_SENTINELS",
+                "at least one",
+            ),
+        ];
+        for (pairs, var, why) in rows {
+            let e = cfg(pairs).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{pairs:?}: one error, no follow-on: {e}");
+            assert_eq!(e.0[0].var, *var, "{pairs:?}: {e}");
+            assert!(e.0[0].why.contains(why), "{pairs:?}: {e}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::store::Conn;
 use redis::Value;
 use rust_decimal::prelude::ToPrimitive;
 use tokio_util::sync::CancellationToken;
@@ -79,7 +79,7 @@ fn pairs(v: &Value) -> HashMap<String, String> {
 
 /// Reads snapshot, ledger and cooldown of every symbol in one round trip.
 pub async fn read_state(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     symbols: &[String],
 ) -> Result<HashMap<String, SymbolState>, redis::RedisError> {
     if symbols.is_empty() {
@@ -287,7 +287,7 @@ impl Consumer {
     /// script is atomic), so every entry stays pending and is read again.
     pub async fn handle_batch(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         entries: &[Entry],
     ) -> Result<(), redis::RedisError> {
         if entries.is_empty() {
@@ -406,7 +406,7 @@ impl Consumer {
     /// a second.
     async fn positioned_now(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         allow: &Allowlist,
     ) -> Result<Arc<Vec<String>>, redis::RedisError> {
         let view = match self.cfg.snapshot_source {
@@ -707,11 +707,7 @@ struct PlanHandler {
 }
 
 impl BatchHandler for PlanHandler {
-    async fn handle(
-        &mut self,
-        con: &mut ConnectionManager,
-        entries: &[Entry],
-    ) -> Result<(), redis::RedisError> {
+    async fn handle(&mut self, con: &mut Conn, entries: &[Entry]) -> Result<(), redis::RedisError> {
         self.consumer.handle_batch(con, entries).await
     }
 
@@ -741,9 +737,8 @@ impl BatchHandler for PlanHandler {
 /// Runs the plan loop until `cancel` fires (see [`GroupReader::run`]).
 pub async fn run(
     cfg: Arc<Config>,
-    allowlist: AllowlistHandle,
-    steps: StepSizes,
-    positioned: Positioned,
+    redis: crate::store::Redis,
+    consumer: Consumer,
     metrics: Arc<Metrics>,
     watchdog: Arc<Watchdog>,
     cancel: CancellationToken,
@@ -759,12 +754,12 @@ pub async fn run(
         claim_idle: cfg.claim_idle,
     };
     let mut handler = PlanHandler {
-        consumer: Consumer::new(cfg.clone(), allowlist, steps, positioned, metrics.clone()),
+        consumer,
         summary: Summary::new(&metrics),
         metrics,
         watchdog,
     };
-    reader.run(&cfg.redis, &mut handler, &cancel).await;
+    reader.run(&redis, &mut handler, &cancel).await;
 }
 
 #[cfg(test)]

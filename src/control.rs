@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::store::Conn;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -43,10 +43,7 @@ pub struct States {
 
 /// A stored value read as a state: a string that is not a state, or a key
 /// of another type, is HALTED (fail closed, as the write script reads it).
-async fn read_key(
-    con: &mut ConnectionManager,
-    key: &str,
-) -> Result<Option<TradingState>, redis::RedisError> {
+async fn read_key(con: &mut Conn, key: &str) -> Result<Option<TradingState>, redis::RedisError> {
     let ty: String = redis::cmd("TYPE").arg(key).query_async(con).await?;
     Ok(match ty.as_str() {
         "none" => None,
@@ -61,7 +58,7 @@ async fn read_key(
 /// Reads the global state and every override (SCAN; a few hundred keys at
 /// most).
 pub async fn read_states(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     default: TradingState,
 ) -> Result<States, redis::RedisError> {
     let global = read_key(con, keys::TRADING_STATE).await?;
@@ -177,7 +174,7 @@ impl ControlEntry {
 /// entry, so a change is never made without its record (or recorded
 /// without being made). Returns the entry written.
 pub async fn apply_change(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     change: Change,
     symbol: Option<&str>,
     reason: &str,
@@ -248,7 +245,7 @@ pub async fn apply_change(
 
 /// The last `n` control entries, newest first.
 pub async fn last_entries(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     n: usize,
 ) -> Result<Vec<ControlEntry>, redis::RedisError> {
     let v: redis::Value = redis::cmd("XREVRANGE")
@@ -285,11 +282,7 @@ struct Follower {
 }
 
 impl BatchHandler for Follower {
-    async fn handle(
-        &mut self,
-        con: &mut ConnectionManager,
-        entries: &[Entry],
-    ) -> Result<(), redis::RedisError> {
+    async fn handle(&mut self, con: &mut Conn, entries: &[Entry]) -> Result<(), redis::RedisError> {
         for e in entries {
             if let Some(f) = &e.fields {
                 warn!("{}", ControlEntry::from_fields(&e.id, f).log_line());
@@ -307,7 +300,12 @@ impl BatchHandler for Follower {
 }
 
 /// Follows the control stream until `cancel` fires.
-pub async fn run_follower(cfg: Arc<Config>, refresh: Arc<Notify>, cancel: CancellationToken) {
+pub async fn run_follower(
+    cfg: Arc<Config>,
+    redis: store::Redis,
+    refresh: Arc<Notify>,
+    cancel: CancellationToken,
+) {
     let reader = GroupReader {
         who: "control follower",
         what: "control",
@@ -323,7 +321,7 @@ pub async fn run_follower(cfg: Arc<Config>, refresh: Arc<Notify>, cancel: Cancel
         group: reader.group.clone(),
         refresh,
     };
-    reader.run(&cfg.redis, &mut handler, &cancel).await;
+    reader.run(&redis, &mut handler, &cancel).await;
 }
 
 /// Keeps `p33_trading_state` and `p33_symbol_overrides` current: at once
@@ -331,12 +329,14 @@ pub async fn run_follower(cfg: Arc<Config>, refresh: Arc<Notify>, cancel: Cancel
 /// without `ctl`, shows too).
 pub async fn run_state_metrics(
     cfg: Arc<Config>,
+    redis: store::Redis,
     metrics: Arc<Metrics>,
     refresh: Arc<Notify>,
     cancel: CancellationToken,
 ) {
-    let Some(mut con) =
-        store::connect(&cfg.redis, "trading state", Duration::from_secs(5), &cancel).await
+    let Some(mut con) = redis
+        .connect("trading state", Duration::from_secs(5), &cancel)
+        .await
     else {
         return;
     };

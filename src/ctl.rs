@@ -74,7 +74,10 @@ fn actor() -> String {
 
 /// Runs `ctl`; returns the exit code.
 pub async fn run(cfg: &Config, args: CtlArgs) -> i32 {
-    let mut con = match store::connect_once(&cfg.redis, Duration::from_secs(5)).await {
+    let mut con = match store::Redis::new(cfg.redis.clone())
+        .connect_once(Duration::from_secs(5))
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ctl: cannot reach Redis at {}: {e}", cfg.redis.display());
@@ -98,7 +101,7 @@ pub async fn run(cfg: &Config, args: CtlArgs) -> i32 {
 
 async fn change(
     cfg: &Config,
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut crate::store::Conn,
     c: Change,
     a: ChangeArgs,
 ) -> Result<(), redis::RedisError> {
@@ -124,7 +127,7 @@ async fn change(
 
 async fn status(
     cfg: &Config,
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut crate::store::Conn,
     as_json: bool,
 ) -> Result<(), redis::RedisError> {
     let states = control::read_states(con, cfg.default_trading_state).await?;

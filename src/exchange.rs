@@ -350,7 +350,7 @@ pub fn parse_step_sizes(v: &Value) -> Result<HashMap<String, Decimal>, ExchangeE
 /// transaction), so a restart without a route to the exchange keeps real
 /// steps instead of the 0.001 fallback.
 async fn save_steps(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut crate::store::Conn,
     table: &HashMap<String, Decimal>,
 ) -> Result<(), redis::RedisError> {
     let mut p = redis::pipe();
@@ -368,7 +368,7 @@ async fn save_steps(
 /// The last good table from `quantum:p33:step_sizes`; entries that are not
 /// valid symbols or steps are left out.
 async fn load_saved_steps(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut crate::store::Conn,
 ) -> Result<HashMap<String, Decimal>, redis::RedisError> {
     let raw: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(keys::STEP_SIZES)
@@ -387,6 +387,7 @@ async fn load_saved_steps(
 /// used (SPEC §5 "Step size": 0.001 is the fallback of last resort).
 pub async fn run_step_sizes(
     cfg: Arc<Config>,
+    redis: store::Redis,
     steps: StepSizes,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -398,8 +399,9 @@ pub async fn run_step_sizes(
             return cancel.cancelled().await;
         }
     };
-    let Some(mut con) =
-        store::connect(&cfg.redis, "step sizes", Duration::from_secs(5), &cancel).await
+    let Some(mut con) = redis
+        .connect("step sizes", Duration::from_secs(5), &cancel)
+        .await
     else {
         return;
     };
@@ -642,7 +644,7 @@ pub fn source_label(base_url: &str) -> &'static str {
 
 /// Writes every allowlisted symbol's snapshot in one pipeline.
 pub async fn write_snapshots(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut crate::store::Conn,
     symbols: &[String],
     positions: &HashMap<String, Position>,
     ts_ms: u64,
@@ -726,6 +728,7 @@ pub async fn write_snapshots(
 /// flapping universe cannot multiply the request rate (SPEC §7).
 pub async fn run_poller(
     cfg: Arc<Config>,
+    redis: store::Redis,
     allowlist: AllowlistHandle,
     positioned: Positioned,
     metrics: Arc<Metrics>,
@@ -739,13 +742,9 @@ pub async fn run_poller(
             return cancel.cancelled().await;
         }
     };
-    let Some(mut con) = store::connect(
-        &cfg.redis,
-        "snapshot poller",
-        Duration::from_secs(10),
-        &cancel,
-    )
-    .await
+    let Some(mut con) = redis
+        .connect("snapshot poller", Duration::from_secs(10), &cancel)
+        .await
     else {
         return;
     };

@@ -51,7 +51,7 @@ pub fn rule_of(reason: &str) -> &'static str {
 
 /// Finds the newest record of `plan_id`.
 pub async fn find(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut crate::store::Conn,
     plan_id: &str,
 ) -> Result<Option<HashMap<String, String>>, redis::RedisError> {
     let mut pages = RangeCursor::newest_first(keys::DECISIONS_STREAM);
@@ -171,7 +171,10 @@ fn compact(v: &Value) -> String {
 
 /// Runs `explain`; returns the exit code.
 pub async fn run(cfg: &Config, plan_id: &str) -> i32 {
-    let mut con = match store::connect_once(&cfg.redis, Duration::from_secs(5)).await {
+    let mut con = match store::Redis::new(cfg.redis.clone())
+        .connect_once(Duration::from_secs(5))
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!(

@@ -189,7 +189,7 @@ struct LedgerHandler {
 impl BatchHandler for LedgerHandler {
     async fn handle(
         &mut self,
-        con: &mut redis::aio::ConnectionManager,
+        con: &mut crate::store::Conn,
         entries: &[Entry],
     ) -> Result<(), redis::RedisError> {
         let group = self.cfg.ledger_group();
@@ -203,7 +203,12 @@ impl BatchHandler for LedgerHandler {
 /// Runs the follower until `cancel` fires (see [`GroupReader::run`]): own
 /// pending entries first, entries idle on other consumers claimed, a
 /// vanished group recreated at the last entry finished here.
-pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, cancel: CancellationToken) {
+pub async fn run(
+    cfg: Arc<Config>,
+    redis: crate::store::Redis,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
     let reader = GroupReader {
         who: "ledger follower",
         what: "apply.result",
@@ -218,11 +223,11 @@ pub async fn run(cfg: Arc<Config>, metrics: Arc<Metrics>, cancel: CancellationTo
         cfg: cfg.clone(),
         metrics,
     };
-    reader.run(&cfg.redis, &mut handler, &cancel).await;
+    reader.run(&redis, &mut handler, &cancel).await;
 }
 
 async fn apply(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut crate::store::Conn,
     cfg: &Config,
     group: &str,
     e: &Entry,

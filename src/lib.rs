@@ -16,7 +16,8 @@
 //! Feeding the rules: [`exchange`] (positionRisk snapshots, step sizes,
 //! SPEC §7) and [`ledger`] (order metadata from `quantum:stream:apply.result`,
 //! SPEC §8). Around it all: [`metrics`] and `http` (SPEC §9), [`store`]
-//! (Redis connections that survive outages), [`telemetry`] (logging) and
+//! (Redis connections that survive outages and follow a Sentinel failover,
+//! with [`sentinel`] discovery, SPEC §15), [`telemetry`] (logging) and
 //! [`lifecycle`] (start order, supervision, signals, systemd; SPEC §10).
 //!
 //! The operator's side: [`control`] and [`ctl`] (the trading state, SPEC
@@ -48,6 +49,7 @@ pub mod record;
 pub mod replay;
 pub mod rules;
 mod scripts;
+pub mod sentinel;
 pub mod steps;
 pub mod store;
 pub mod stream;

@@ -153,7 +153,15 @@ pub async fn run(
         });
     }
 
-    let mut outcome = start_and_supervise(&cfg, &metrics, reload, &cancel, &mut tasks).await;
+    let redis = store::Redis::new(cfg.redis.clone());
+    spawn_named(&mut tasks, "sentinel", redis.clone().follow(cancel.clone()));
+    spawn_named(
+        &mut tasks,
+        "master-metrics",
+        watch_master(redis.clone(), metrics.clone(), cancel.clone()),
+    );
+    let mut outcome =
+        start_and_supervise(&cfg, &redis, &metrics, reload, &cancel, &mut tasks).await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     cancel.cancel();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -188,14 +196,31 @@ pub async fn run(
     outcome
 }
 
+/// Mirrors what the [`store::Redis`] knows into `p33_redis_master_known`,
+/// `p33_redis_failovers_total` and `/readyz`.
+async fn watch_master(redis: store::Redis, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    let mut changes = redis.watch();
+    loop {
+        let s = redis.status();
+        metrics.set_master(s.master.is_some(), s.failovers);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = changes.changed() => {}
+        }
+    }
+}
+
 async fn start_and_supervise(
     cfg: &Arc<Config>,
+    redis: &store::Redis,
     metrics: &Arc<Metrics>,
     reload: Arc<Notify>,
     cancel: &CancellationToken,
     tasks: &mut JoinSet<&'static str>,
 ) -> anyhow::Result<()> {
-    let Some(mut con) = store::connect(&cfg.redis, "control", Duration::from_secs(5), cancel).await
+    let Some(mut con) = redis
+        .connect("control", Duration::from_secs(5), cancel)
+        .await
     else {
         return Ok(());
     };
@@ -249,7 +274,13 @@ async fn start_and_supervise(
     spawn_named(
         tasks,
         "step-sizes",
-        exchange::run_step_sizes(cfg.clone(), steps.clone(), metrics.clone(), cancel.clone()),
+        exchange::run_step_sizes(
+            cfg.clone(),
+            redis.clone(),
+            steps.clone(),
+            metrics.clone(),
+            cancel.clone(),
+        ),
     );
     if cfg.snapshot_source == crate::config::SnapshotSource::Binance {
         spawn_named(
@@ -257,6 +288,7 @@ async fn start_and_supervise(
             "snapshots",
             exchange::run_poller(
                 cfg.clone(),
+                redis.clone(),
                 handle.clone(),
                 positioned.clone(),
                 metrics.clone(),
@@ -268,18 +300,24 @@ async fn start_and_supervise(
     spawn_named(
         tasks,
         "ledger",
-        ledger::run(cfg.clone(), metrics.clone(), cancel.clone()),
+        ledger::run(cfg.clone(), redis.clone(), metrics.clone(), cancel.clone()),
     );
     let refresh = Arc::new(Notify::new());
     spawn_named(
         tasks,
         "control",
-        control::run_follower(cfg.clone(), refresh.clone(), cancel.clone()),
+        control::run_follower(cfg.clone(), redis.clone(), refresh.clone(), cancel.clone()),
     );
     spawn_named(
         tasks,
         "trading-state",
-        control::run_state_metrics(cfg.clone(), metrics.clone(), refresh, cancel.clone()),
+        control::run_state_metrics(
+            cfg.clone(),
+            redis.clone(),
+            metrics.clone(),
+            refresh,
+            cancel.clone(),
+        ),
     );
     let watchdog = Arc::new(Watchdog::from_env());
     spawn_named(
@@ -287,9 +325,8 @@ async fn start_and_supervise(
         "plans",
         consumer::run(
             cfg.clone(),
-            handle,
-            steps,
-            positioned,
+            redis.clone(),
+            consumer::Consumer::new(cfg.clone(), handle, steps, positioned, metrics.clone()),
             metrics.clone(),
             watchdog,
             cancel.clone(),

@@ -48,6 +48,11 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// `p33_redis_up`.
     pub redis_up: IntGauge,
+    /// `p33_redis_master_known`: 1 while a master is known (always, without
+    /// sentinels).
+    pub redis_master_known: IntGauge,
+    /// `p33_redis_failovers_total`: switches to another master (SPEC §15).
+    pub redis_failovers_total: IntCounter,
     /// `p33_exchange_requests_total{outcome}`.
     pub exchange_requests_total: IntCounterVec,
     /// `p33_exchange_request_duration_seconds{endpoint}`.
@@ -76,6 +81,7 @@ pub struct Metrics {
     /// `asof_epoch` of the current universe-derived allowlist, if any.
     allowlist_asof: Mutex<Option<f64>>,
     redis_ok: AtomicBool,
+    master_known: AtomicBool,
     group_ok: AtomicBool,
     allowlist_loaded: AtomicBool,
 }
@@ -184,6 +190,22 @@ impl Metrics {
                 IntGauge::new("p33_redis_up", "1 while Redis answers the plan consumer.")
                     .expect("valid metric"),
             ),
+            redis_master_known: reg(
+                &r,
+                IntGauge::new(
+                    "p33_redis_master_known",
+                    "1 while a Redis master is known (always 1 without sentinels).",
+                )
+                .expect("valid metric"),
+            ),
+            redis_failovers_total: reg(
+                &r,
+                IntCounter::new(
+                    "p33_redis_failovers_total",
+                    "Switches to another Redis master named by the sentinels.",
+                )
+                .expect("valid metric"),
+            ),
             exchange_requests_total: iv(
                 "p33_exchange_requests_total",
                 "Exchange REST requests, by outcome.",
@@ -255,6 +277,9 @@ impl Metrics {
             snapshot_ts: Mutex::new(HashMap::new()),
             allowlist_asof: Mutex::new(None),
             redis_ok: AtomicBool::new(false),
+            // Without sentinels the master is always known; with them the
+            // lifecycle sets this before anything else can be ready.
+            master_known: AtomicBool::new(true),
             group_ok: AtomicBool::new(false),
             allowlist_loaded: AtomicBool::new(false),
         };
@@ -349,9 +374,22 @@ impl Metrics {
         self.group_ok.store(ok, Ordering::SeqCst);
     }
 
-    /// `/readyz`: Redis answers, the group exists and the allowlist has loaded.
+    /// Records what the Redis handle knows of the master (SPEC §15).
+    /// `failovers` is the running total of master switches.
+    pub fn set_master(&self, known: bool, failovers: u64) {
+        self.redis_master_known.set(i64::from(known));
+        self.master_known.store(known, Ordering::SeqCst);
+        let seen = self.redis_failovers_total.get();
+        if failovers > seen {
+            self.redis_failovers_total.inc_by(failovers - seen);
+        }
+    }
+
+    /// `/readyz`: a master is known, Redis answers, the group exists and
+    /// the allowlist has loaded.
     pub fn ready(&self) -> bool {
-        self.redis_ok.load(Ordering::SeqCst)
+        self.master_known.load(Ordering::SeqCst)
+            && self.redis_ok.load(Ordering::SeqCst)
             && self.group_ok.load(Ordering::SeqCst)
             && self.allowlist_loaded.load(Ordering::SeqCst)
     }

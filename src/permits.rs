@@ -378,7 +378,7 @@ fn rate_args(r: Option<Rate>) -> (u32, u64) {
 /// Writes a batch atomically; one result per write, in order. In dry run
 /// the guards decide but nothing is written.
 pub async fn write_batch(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut crate::store::Conn,
     b: Batch<'_>,
     writes: &[Write],
 ) -> Result<Vec<Written>, redis::RedisError> {

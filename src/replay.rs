@@ -333,7 +333,7 @@ pub fn replay(
 
 /// Reads the records `args` asks for, oldest first.
 async fn read(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut crate::store::Conn,
     args: &ReplayArgs,
 ) -> Result<Vec<Entry>, redis::RedisError> {
     let mut out = Vec::new();
@@ -374,7 +374,10 @@ pub async fn run(base: Vec<(String, String)>, args: ReplayArgs) -> i32 {
             return crate::config::EXIT_CONFIG;
         }
     };
-    let mut con = match store::connect_once(&cfg.redis, Duration::from_secs(5)).await {
+    let mut con = match store::Redis::new(cfg.redis.clone())
+        .connect_once(Duration::from_secs(5))
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("replay: cannot reach Redis at {}: {e}", cfg.redis.display());

@@ -12,12 +12,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::store::Conn;
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::RedisTarget;
 use crate::store::{self, Backoff};
 use crate::text::{clip, clip_bytes};
 
@@ -136,7 +135,7 @@ impl RangeCursor {
     /// The next page, `count` entries at most; empty at the end.
     pub async fn next_page(
         &mut self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         count: usize,
     ) -> Result<Vec<Entry>, redis::RedisError> {
         let (cmd, other_end) = if self.newest_first {
@@ -178,7 +177,7 @@ pub fn parse_xread(v: &Value) -> Vec<Entry> {
 
 /// Reads this consumer's entries: own pending ones from `0`, or new ones.
 pub async fn read_group(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     stream: &str,
     group: &str,
     consumer: &str,
@@ -205,7 +204,7 @@ pub async fn read_group(
 /// Claims entries idle `min_idle` on any consumer of `group` (XAUTOCLAIM,
 /// Redis ≥ 6.2), walking the whole pending list once.
 pub async fn autoclaim(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     stream: &str,
     group: &str,
     consumer: &str,
@@ -280,7 +279,7 @@ pub fn recreate_at(last_done: Option<StreamId>) -> String {
 /// Creates `group` on `stream` at `start` (`$`, `0` or an entry ID) with
 /// MKSTREAM; BUSYGROUP is fine.
 pub async fn ensure_group(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     stream: &str,
     group: &str,
     start: &str,
@@ -330,7 +329,7 @@ pub trait BatchHandler: Send {
     /// handler did not ACK pending: the reader backs off and replays them.
     fn handle(
         &mut self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         entries: &[Entry],
     ) -> impl Future<Output = Result<(), redis::RedisError>> + Send;
 
@@ -372,13 +371,12 @@ impl GroupReader {
     /// group is recreated at the last entry finished here.
     pub async fn run<H: BatchHandler>(
         self,
-        target: &RedisTarget,
+        redis: &store::Redis,
         handler: &mut H,
         cancel: &CancellationToken,
     ) {
         // The response timeout must outlast the blocking read.
-        let connect = store::connect(
-            target,
+        let connect = redis.connect(
             self.who,
             self.block.saturating_add(Duration::from_secs(5)),
             cancel,
@@ -446,13 +444,18 @@ impl GroupReader {
     /// One turn: claim (when due), read, hand over.
     async fn turn<H: BatchHandler>(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         handler: &mut H,
         cancel: &CancellationToken,
         replay_pending: &mut bool,
         next_claim: &mut Instant,
         last_done: &mut Option<StreamId>,
     ) -> Result<(), StreamError> {
+        // After a failover our own pending entries are read again on the
+        // new master: what the old one had delivered may be pending there.
+        if con.take_moved() {
+            *replay_pending = true;
+        }
         if Instant::now() >= *next_claim {
             *next_claim = Instant::now() + self.claim_idle;
             let claimed = autoclaim(

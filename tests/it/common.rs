@@ -60,10 +60,17 @@ pub struct Redis {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// More `redis-server` arguments (kept for restarts).
+    extra: Vec<String>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Self::start_with(&[])
+    }
+
+    /// With more `redis-server` arguments (`--replicaof 127.0.0.1 P`, …).
+    pub fn start_with(extra: &[&str]) -> Redis {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("p33-redis-{port}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -72,6 +79,7 @@ impl Redis {
             port,
             dir,
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         r.spawn();
         r
@@ -97,6 +105,7 @@ impl Redis {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -307,6 +316,15 @@ impl Daemon {
 
     pub fn get(&self, path: &str) -> (u16, String) {
         http(&self.metrics_addr, "GET", path, "")
+    }
+
+    /// Waits until `series` reaches `want`.
+    pub fn wait_metric(&self, series: &str, want: f64) {
+        wait_for(
+            &format!("{series} to reach {want}"),
+            Duration::from_secs(10),
+            || (self.metric(series).unwrap_or(0.0) >= want).then_some(()),
+        );
     }
 
     pub fn scrape(&self) -> String {
@@ -781,15 +799,6 @@ impl TestDaemon {
     pub fn logs(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
     }
-
-    /// Waits until `series` reaches `want`.
-    pub fn wait_metric(&self, series: &str, want: f64) {
-        wait_for(
-            &format!("{series} to reach {want}"),
-            Duration::from_secs(10),
-            || (self.metric(series).unwrap_or(0.0) >= want).then_some(()),
-        );
-    }
 }
 
 impl std::ops::Deref for TestDaemon {
@@ -803,4 +812,198 @@ impl std::ops::DerefMut for TestDaemon {
     fn deref_mut(&mut self) -> &mut Daemon {
         self.daemon.as_mut().expect("the daemon was started")
     }
+}
+
+/// A Redis Sentinel set on loopback (SPEC §15): a master, one replica and
+/// three sentinels (`redis-server --sentinel`, quorum 2,
+/// `down-after-milliseconds 1000`), all killed on drop.
+pub struct SentinelSet {
+    /// The first master, then the nodes in start order.
+    pub nodes: Vec<Redis>,
+    pub sentinels: Vec<Sentinel>,
+}
+
+pub const SENTINEL_MASTER: &str = "p33m";
+
+/// One `redis-server --sentinel` with a generated config file.
+pub struct Sentinel {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Sentinel {
+    fn start(master_port: u16) -> Sentinel {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("p33-sentinel-{port}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 10000\n\
+                 sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (ops/test.sh installs it)");
+        let s = Sentinel {
+            port,
+            dir,
+            child: Some(child),
+        };
+        wait_for("a sentinel to answer PING", Duration::from_secs(10), || {
+            let mut c = s.try_con()?;
+            redis::cmd("PING").query::<String>(&mut c).ok()
+        });
+        s
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn try_con(&self) -> Option<redis::Connection> {
+        let c = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).ok()?;
+        let con = c
+            .get_connection_with_timeout(Duration::from_millis(500))
+            .ok()?;
+        con.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        Some(con)
+    }
+
+    /// A command to this sentinel.
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> Option<T> {
+        let mut con = self.try_con()?;
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query(&mut con).ok()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `ROLE` of a node: "master", "slave", or None when it does not answer.
+pub fn role(port: u16) -> Option<String> {
+    let c = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut con = c
+        .get_connection_with_timeout(Duration::from_millis(300))
+        .ok()?;
+    con.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    let v: redis::Value = redis::cmd("ROLE").query(&mut con).ok()?;
+    match v {
+        redis::Value::Array(a) => match a.first() {
+            Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+impl SentinelSet {
+    /// Master, replica, three sentinels; returns once every sentinel knows
+    /// the replica and the other two sentinels, and the replica is in sync,
+    /// so a failover can succeed.
+    pub fn start() -> SentinelSet {
+        let master = Redis::start();
+        let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+        let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
+        let set = SentinelSet {
+            nodes: vec![master, replica],
+            sentinels,
+        };
+        wait_for("the replica to sync", Duration::from_secs(20), || {
+            let mut c = set.nodes[1].con();
+            let info: String = redis::cmd("INFO").arg("replication").query(&mut c).ok()?;
+            info.contains("master_link_status:up").then_some(())
+        });
+        wait_for(
+            "every sentinel to know the replica and the other sentinels",
+            Duration::from_secs(30),
+            || {
+                set.sentinels
+                    .iter()
+                    .all(|s| {
+                        let replicas: Vec<redis::Value> = s
+                            .cmd(&["SENTINEL", "REPLICAS", SENTINEL_MASTER])
+                            .unwrap_or_default();
+                        let others: Vec<redis::Value> = s
+                            .cmd(&["SENTINEL", "SENTINELS", SENTINEL_MASTER])
+                            .unwrap_or_default();
+                        replicas.len() == 1 && others.len() == 2
+                    })
+                    .then_some(())
+            },
+        );
+        set
+    }
+
+    /// `REDIS_SENTINELS` for the daemon.
+    pub fn addrs(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(Sentinel::addr)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The master's port as the sentinels name it (the first that answers).
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|s| {
+            let a: Vec<String> =
+                s.cmd(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])?;
+            a.get(1)?.parse().ok()
+        })
+    }
+
+    /// The node on `port`.
+    pub fn node(&mut self, port: u16) -> &mut Redis {
+        self.nodes.iter_mut().find(|n| n.port == port).unwrap()
+    }
+
+    /// Waits until every sentinel names `port` and that node says master.
+    pub fn wait_master(&self, port: u16, timeout: Duration) {
+        wait_for(&format!("the sentinels to name {port}"), timeout, || {
+            let all = self.sentinels.iter().all(|s| {
+                s.cmd::<Vec<String>>(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])
+                    .and_then(|a| a.get(1).cloned())
+                    == Some(port.to_string())
+            });
+            (all && role(port).as_deref() == Some("master")).then_some(())
+        });
+    }
+}
+
+/// Environment for a daemon that finds the master through `set`.
+pub fn sentinel_env(set: &SentinelSet) -> HashMap<String, String> {
+    let mut e = base_env(&set.nodes[0]);
+    e.remove("REDIS_URL");
+    e.insert("REDIS_SENTINELS".into(), set.addrs());
+    e.insert("REDIS_SENTINEL_MASTER".into(), SENTINEL_MASTER.into());
+    e
 }

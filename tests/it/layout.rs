@@ -17,7 +17,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("steps", 1),
     ("metrics", 2),
     ("telemetry", 2),
-    ("store", 2),
+    ("sentinel", 2),
+    ("store", 3),
     ("watchdog", 3),
     // The pure core, and the stream reader the workers share.
     ("rules", 3),

@@ -8,6 +8,7 @@ mod common;
 mod allowlist;
 mod control;
 mod exchange;
+mod ha;
 mod hostile;
 mod layout;
 mod limits;

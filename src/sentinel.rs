@@ -1,0 +1,377 @@
+//! Redis Sentinel discovery (SPEC §15): which node is the master now.
+//!
+//! Every sentinel is asked `SENTINEL MASTER <name>` (dead or hung ones are
+//! skipped after a short timeout), and the answer with the highest
+//! `config-epoch` wins ([`choose`], pure and table-tested). Then the named
+//! node must itself say `ROLE` master before anything is written there.
+//!
+//! Why the epoch, rather than the first sentinel that answers (what
+//! redis-rs's own `sentinel` module does, in 0.32 and in 1.x alike): after a
+//! graceful `SENTINEL FAILOVER` the sentinels that did not lead it learn the
+//! new master from hello messages, up to a couple of seconds later, and the
+//! old master answers `ROLE` master until it is reconfigured. Following such
+//! a stale sentinel would move the daemon's writes back to the node that is
+//! about to be demoted and resynchronised: permits written there are lost.
+//! The epoch is Sentinel's own ordering of configurations.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, RedisConnectionInfo, Value};
+
+use crate::config::{join_host_port, SentinelTarget};
+
+/// How long one sentinel (or the named master's `ROLE`) may take to answer.
+pub const ASK_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// What one sentinel says of the master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterView {
+    /// The master's address.
+    pub ip: String,
+    /// Its port.
+    pub port: u16,
+    /// `config-epoch`: the configuration's generation.
+    pub epoch: u64,
+    /// Whether this sentinel sees the master down (`s_down`, `o_down`,
+    /// `disconnected`) or not flagged a master.
+    pub down: bool,
+}
+
+impl MasterView {
+    /// Parses a `SENTINEL MASTER <name>` reply (a flat field/value array, or
+    /// a map under RESP3). `None` when ip, port or epoch are missing or bad.
+    pub fn parse(v: &Value) -> Option<MasterView> {
+        let mut f: HashMap<String, String> = HashMap::new();
+        let text = |v: &Value| match v {
+            Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            Value::SimpleString(s) => Some(s.clone()),
+            Value::Int(i) => Some(i.to_string()),
+            _ => None,
+        };
+        match v {
+            Value::Array(items) => {
+                for kv in items.chunks_exact(2) {
+                    if let (Some(k), Some(v)) = (text(&kv[0]), text(&kv[1])) {
+                        f.insert(k, v);
+                    }
+                }
+            }
+            Value::Map(items) => {
+                for (k, v) in items {
+                    if let (Some(k), Some(v)) = (text(k), text(v)) {
+                        f.insert(k, v);
+                    }
+                }
+            }
+            _ => return None,
+        }
+        let ip = f.get("ip").filter(|s| !s.is_empty() && s.len() <= 255)?;
+        let port = f.get("port")?.parse::<u16>().ok().filter(|p| *p > 0)?;
+        let epoch = f.get("config-epoch")?.parse::<u64>().ok()?;
+        let flags = f.get("flags").map(String::as_str).unwrap_or("");
+        let down = !flags.split(',').any(|x| x == "master")
+            || flags
+                .split(',')
+                .any(|x| matches!(x, "s_down" | "o_down" | "disconnected"));
+        Some(MasterView {
+            ip: ip.clone(),
+            port,
+            epoch,
+            down,
+        })
+    }
+}
+
+/// The master to use, from every sentinel's view (`None`: that sentinel did
+/// not answer or does not know the name). Only the newest configuration
+/// counts: the highest epoch any sentinel reports. If every sentinel at that
+/// epoch sees the master down, there is no master (fail closed), even when
+/// an older configuration still names a live node.
+pub fn choose(views: &[Option<MasterView>]) -> Option<(String, u16)> {
+    let newest = views.iter().flatten().map(|v| v.epoch).max()?;
+    views
+        .iter()
+        .flatten()
+        .find(|v| v.epoch == newest && !v.down)
+        .map(|v| (v.ip.clone(), v.port))
+}
+
+/// The sentinels, with a cached connection to each.
+pub struct Sentinels {
+    target: SentinelTarget,
+    cons: Vec<Option<MultiplexedConnection>>,
+}
+
+impl std::fmt::Debug for Sentinels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sentinels({})", self.target.addresses())
+    }
+}
+
+/// What asking the sentinels gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The newest configuration names this master (`host`, `port`).
+    Master(String, u16),
+    /// Sentinels answered, but none names a master that is up.
+    NoMaster,
+    /// No sentinel answered.
+    Unreachable,
+}
+
+fn config(timeout: Duration) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout)
+}
+
+impl Sentinels {
+    /// No connection is made until [`Sentinels::lookup`].
+    pub fn new(target: SentinelTarget) -> Sentinels {
+        let n = target.sentinels.len();
+        Sentinels {
+            target,
+            cons: (0..n).map(|_| None).collect(),
+        }
+    }
+
+    /// The master's name.
+    pub fn master_name(&self) -> &str {
+        &self.target.master
+    }
+
+    fn info(&self, i: usize) -> ConnectionInfo {
+        let (host, port) = &self.target.sentinels[i];
+        ConnectionInfo {
+            addr: ConnectionAddr::Tcp(host.clone(), *port),
+            redis: RedisConnectionInfo {
+                password: self
+                    .target
+                    .password
+                    .as_ref()
+                    .map(|s| s.expose().to_string()),
+                ..Default::default()
+            },
+        }
+    }
+
+    async fn ask_one(&mut self, i: usize) -> Result<Option<MasterView>, redis::RedisError> {
+        if self.cons[i].is_none() {
+            let client = redis::Client::open(self.info(i))?;
+            let c = tokio::time::timeout(
+                ASK_TIMEOUT,
+                client.get_multiplexed_async_connection_with_config(&config(ASK_TIMEOUT)),
+            )
+            .await
+            .map_err(|_| timed_out())??;
+            self.cons[i] = Some(c);
+        }
+        let Some(con) = self.cons[i].as_mut() else {
+            return Ok(None);
+        };
+        let r: Result<Value, _> = tokio::time::timeout(
+            ASK_TIMEOUT,
+            redis::cmd("SENTINEL")
+                .arg("MASTER")
+                .arg(&self.target.master)
+                .query_async(con),
+        )
+        .await
+        .map_err(|_| timed_out())
+        .and_then(|r| r);
+        match r {
+            Ok(v) => Ok(MasterView::parse(&v)),
+            // "ERR No such master with that name": it answered, knows nothing.
+            Err(e) if e.kind() == redis::ErrorKind::ResponseError => Ok(None),
+            Err(e) => {
+                self.cons[i] = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Asks every sentinel, in order, and chooses ([`choose`]).
+    pub async fn lookup(&mut self) -> (Lookup, Vec<String>) {
+        let mut views = Vec::with_capacity(self.cons.len());
+        let mut problems = Vec::new();
+        for i in 0..self.cons.len() {
+            match self.ask_one(i).await {
+                Ok(v) => views.push(Some(v)),
+                Err(e) => {
+                    let (h, p) = &self.target.sentinels[i];
+                    problems.push(format!("sentinel {}: {e}", join_host_port(h, *p)));
+                    views.push(None);
+                }
+            }
+        }
+        let answered: Vec<Option<MasterView>> = views.into_iter().flatten().collect();
+        if answered.is_empty() {
+            return (Lookup::Unreachable, problems);
+        }
+        match choose(&answered) {
+            Some((h, p)) => (Lookup::Master(h, p), problems),
+            None => (Lookup::NoMaster, problems),
+        }
+    }
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::IoError, "timed out"))
+}
+
+/// Asks the node itself: `true` when its `ROLE` is master.
+pub async fn is_master(info: &ConnectionInfo) -> Result<bool, redis::RedisError> {
+    let client = redis::Client::open(info.clone())?;
+    let fut = async {
+        let mut con = client
+            .get_multiplexed_async_connection_with_config(&config(ASK_TIMEOUT))
+            .await?;
+        let v: Value = redis::cmd("ROLE").query_async(&mut con).await?;
+        Ok::<_, redis::RedisError>(match v {
+            Value::Array(parts) => matches!(
+                parts.first(),
+                Some(Value::BulkString(b)) if b.as_slice() == b"master"
+            ),
+            _ => false,
+        })
+    };
+    tokio::time::timeout(ASK_TIMEOUT.saturating_mul(2), fut)
+        .await
+        .map_err(|_| timed_out())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(ip: &str, port: u16, epoch: u64, down: bool) -> Option<MasterView> {
+        Some(MasterView {
+            ip: ip.into(),
+            port,
+            epoch,
+            down,
+        })
+    }
+
+    #[test]
+    fn the_newest_configuration_wins() {
+        let a = ("10.0.0.1".to_string(), 6379);
+        let b = ("10.0.0.2".to_string(), 6380);
+        #[allow(clippy::type_complexity)]
+        let rows: &[(&str, Vec<Option<MasterView>>, Option<(String, u16)>)] = &[
+            ("nobody answered", vec![None, None], None),
+            (
+                "one sentinel",
+                vec![view("10.0.0.1", 6379, 0, false)],
+                Some(a.clone()),
+            ),
+            (
+                "all agree",
+                vec![
+                    view("10.0.0.1", 6379, 3, false),
+                    view("10.0.0.1", 6379, 3, false),
+                ],
+                Some(a.clone()),
+            ),
+            (
+                "a stale sentinel first: the higher epoch wins",
+                vec![
+                    view("10.0.0.1", 6379, 3, false),
+                    view("10.0.0.2", 6380, 4, false),
+                ],
+                Some(b.clone()),
+            ),
+            (
+                "a dead sentinel skipped",
+                vec![None, view("10.0.0.2", 6380, 4, false)],
+                Some(b.clone()),
+            ),
+            (
+                "master down at the newest epoch: none, though an older one is up",
+                vec![
+                    view("10.0.0.1", 6379, 3, false),
+                    view("10.0.0.2", 6380, 4, true),
+                ],
+                None,
+            ),
+            (
+                "one sentinel sees it down, another at the same epoch does not",
+                vec![
+                    view("10.0.0.1", 6379, 3, true),
+                    view("10.0.0.1", 6379, 3, false),
+                ],
+                Some(a.clone()),
+            ),
+            ("all down", vec![view("10.0.0.1", 6379, 3, true)], None),
+        ];
+        for (what, views, want) in rows {
+            assert_eq!(&choose(views), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn parses_sentinel_master_replies() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = |pairs: &[(&str, &str)]| {
+            Value::Array(pairs.iter().flat_map(|(k, v)| [bulk(k), bulk(v)]).collect())
+        };
+        let ok = reply(&[
+            ("name", "mymaster"),
+            ("ip", "127.0.0.1"),
+            ("port", "7001"),
+            ("flags", "master"),
+            ("config-epoch", "2"),
+        ]);
+        assert_eq!(
+            MasterView::parse(&ok),
+            Some(MasterView {
+                ip: "127.0.0.1".into(),
+                port: 7001,
+                epoch: 2,
+                down: false
+            })
+        );
+        let down = reply(&[
+            ("ip", "127.0.0.1"),
+            ("port", "7001"),
+            ("flags", "master,s_down,o_down"),
+            ("config-epoch", "2"),
+        ]);
+        assert!(MasterView::parse(&down).unwrap().down);
+        let not_master = reply(&[
+            ("ip", "127.0.0.1"),
+            ("port", "7001"),
+            ("flags", "slave"),
+            ("config-epoch", "2"),
+        ]);
+        assert!(MasterView::parse(&not_master).unwrap().down);
+        for bad in [
+            reply(&[("ip", "127.0.0.1"), ("port", "0"), ("config-epoch", "1")]),
+            reply(&[
+                ("ip", "127.0.0.1"),
+                ("port", "99999"),
+                ("config-epoch", "1"),
+            ]),
+            reply(&[
+                ("ip", "127.0.0.1"),
+                ("port", "7001"),
+                ("config-epoch", "-1"),
+            ]),
+            reply(&[("ip", ""), ("port", "7001"), ("config-epoch", "1")]),
+            reply(&[("port", "7001"), ("config-epoch", "1")]),
+            Value::Nil,
+            Value::Int(3),
+        ] {
+            assert_eq!(MasterView::parse(&bad), None, "{bad:?}");
+        }
+        let map = Value::Map(vec![
+            (bulk("ip"), bulk("::1")),
+            (bulk("port"), Value::Int(7002)),
+            (bulk("flags"), bulk("master")),
+            (bulk("config-epoch"), Value::Int(5)),
+        ]);
+        assert_eq!(MasterView::parse(&map).unwrap().port, 7002);
+    }
+}

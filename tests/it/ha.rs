@@ -1,0 +1,348 @@
+//! High availability (issue 13, SPEC §15): the daemon finds the master
+//! through Redis Sentinel and follows a failover — a SIGKILLed master, a
+//! graceful `SENTINEL FAILOVER`, the old master back as a replica — with
+//! real servers on loopback: a master, a replica and three sentinels
+//! started here. Permits are counted with keyspace `set` events on the new
+//! master: every plan XADDed to it gets exactly one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(10);
+/// A failover takes `down-after-milliseconds` (1 s) plus an election; far
+/// less than this.
+const FAILOVER: Duration = Duration::from_secs(30);
+
+fn plan(id: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("plan_id", id),
+        ("symbol", "BTCUSDT"),
+        ("decision", "EXECUTE"),
+        ("action", "FULL_CLOSE_PROPOSED"),
+        ("reduceOnly", "true"),
+    ]
+}
+
+/// A producer as a pipeline client would be: it XADDs about 100 plans a
+/// second to whichever node the sentinels name (asked again every ten
+/// plans and after any error), and records each plan with the port of the
+/// node that acknowledged it. A failed XADD is not retried under the same
+/// plan_id.
+struct Producer {
+    stop: Arc<AtomicBool>,
+    done: Arc<Mutex<Vec<(String, u16, Instant)>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Producer {
+    fn start(sentinel_ports: Vec<u16>, prefix: &'static str) -> Producer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let (flag, out) = (stop.clone(), done.clone());
+        let handle = std::thread::spawn(move || {
+            let ask = || {
+                sentinel_ports.iter().find_map(|p| {
+                    let c = redis::Client::open(format!("redis://127.0.0.1:{p}")).ok()?;
+                    let mut con = c
+                        .get_connection_with_timeout(Duration::from_millis(300))
+                        .ok()?;
+                    con.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+                    let a: Vec<String> = redis::cmd("SENTINEL")
+                        .arg("GET-MASTER-ADDR-BY-NAME")
+                        .arg(SENTINEL_MASTER)
+                        .query(&mut con)
+                        .ok()?;
+                    a.get(1)?.parse::<u16>().ok()
+                })
+            };
+            let mut target: Option<(u16, redis::Connection)> = None;
+            let mut i = 0u64;
+            while !flag.load(Ordering::SeqCst) {
+                if target.is_none() || i.is_multiple_of(10) {
+                    target = ask().and_then(|port| {
+                        let c = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+                        let con = c
+                            .get_connection_with_timeout(Duration::from_millis(300))
+                            .ok()?;
+                        con.set_read_timeout(Some(Duration::from_millis(500)))
+                            .ok()?;
+                        con.set_write_timeout(Some(Duration::from_millis(500)))
+                            .ok()?;
+                        Some((port, con))
+                    });
+                }
+                let id = format!("{prefix}-{i}");
+                i += 1;
+                if let Some((port, con)) = target.as_mut() {
+                    let mut c = redis::cmd("XADD");
+                    c.arg(PLAN_STREAM).arg("*");
+                    for (k, v) in plan(&id) {
+                        c.arg(k).arg(v);
+                    }
+                    match c.query::<String>(con) {
+                        Ok(_) => out.lock().unwrap().push((id, *port, Instant::now())),
+                        Err(_) => target = None,
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Producer {
+            stop,
+            done,
+            handle: Some(handle),
+        }
+    }
+
+    /// Plans acknowledged by the node on `port`.
+    fn on(&self, port: u16) -> Vec<String> {
+        self.on_since(port, None)
+    }
+
+    /// … whose XADD was sent after `since`.
+    fn on_since(&self, port: u16, since: Option<Instant>) -> Vec<String> {
+        let d = self.done.lock().unwrap();
+        d.iter()
+            .filter(|(_, p, at)| *p == port && since.is_none_or(|s| *at > s))
+            .map(|(id, ..)| id.clone())
+            .collect()
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The Sentinel set, a snapshot that makes every plan an allow, and the
+/// daemon finding the master through the sentinels.
+fn start() -> (SentinelSet, Daemon, HashMap<String, String>) {
+    let set = SentinelSet::start();
+    let mut con = set.nodes[0].con();
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    create_plan_group(&mut con, "$");
+    let mut env = sentinel_env(&set);
+    for (k, v) in [
+        ("P33_ALLOWLIST_SOURCE", "env"),
+        ("P33_ALLOWLIST", "BTCUSDT"),
+        ("P33_STALE_THRESHOLD_SEC", "600"),
+        ("P33_CLAIM_IDLE_S", "5"),
+    ] {
+        env.insert(k.into(), v.into());
+    }
+    let d = Daemon::start(&env);
+    d.wait_log("ready: reading plans", T);
+    d.wait_log(
+        &format!("redis: master is 127.0.0.1:{}", set.nodes[0].port),
+        T,
+    );
+    (set, d, env)
+}
+
+/// Waits until every plan in `ids` has its permit on the node (`counts`,
+/// from keyspace events there), then XADDs one more plan there and waits
+/// for it (the daemon has drained what came before), and checks: exactly
+/// one permit SET each, nothing pending.
+fn assert_each_permitted_once_on(
+    node: &Redis,
+    counts: &Mutex<HashMap<String, u32>>,
+    stop: Arc<AtomicBool>,
+    listener: std::thread::JoinHandle<()>,
+    ids: &[String],
+    last: &str,
+) {
+    wait_for("a permit for every plan", Duration::from_secs(60), || {
+        let c = counts.lock().unwrap();
+        ids.iter().all(|id| c.contains_key(id)).then_some(())
+    });
+    let mut con = node.con();
+    push_plan(&mut con, &plan(last));
+    wait_for("the last permit event", T, || {
+        counts.lock().unwrap().contains_key(last).then_some(())
+    });
+    wait_for("nothing pending", T, || {
+        (pending(&mut con, PLAN_STREAM, "p33") == 0).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    listener.join().unwrap();
+    let c = counts.lock().unwrap();
+    for id in ids {
+        assert_eq!(c.get(id), Some(&1), "plan {id}: exactly one permit SET");
+    }
+}
+
+/// Counts permit SETs on the promoted node from now on. Only from now:
+/// Sentinel ends every client connection of the node it promotes (`CLIENT
+/// KILL TYPE normal|pubsub`), a listener's included, so a count started
+/// before the promotion would miss what follows it. Returns when
+/// subscribed, with that instant.
+#[allow(clippy::type_complexity)]
+fn count_on_new_master(
+    node: &Redis,
+) -> (
+    Arc<AtomicBool>,
+    Arc<Mutex<HashMap<String, u32>>>,
+    std::thread::JoinHandle<()>,
+    Instant,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (counts, listener) = count_permit_sets(node, stop.clone());
+    (stop, counts, listener, Instant::now())
+}
+
+/// SIGKILLs the master under load and waits for the promotion; returns the
+/// new master's port, having seen `/readyz` 503 while no master was known.
+fn kill_master_and_wait(set: &mut SentinelSet, d: &Daemon) -> u16 {
+    let (old, new) = (set.nodes[0].port, set.nodes[1].port);
+    set.node(old).kill();
+    wait_for("/readyz 503 while no master is known", FAILOVER, || {
+        (d.get("/readyz").0 == 503 && d.metric("p33_redis_master_known") == Some(0.0)).then_some(())
+    });
+    let t0 = Instant::now();
+    wait_for("the replica promoted", FAILOVER, || {
+        (role(new).as_deref() == Some("master")).then_some(())
+    });
+    eprintln!("promotion {:?} after /readyz went 503", t0.elapsed());
+    set.wait_master(new, FAILOVER);
+    new
+}
+
+#[test]
+fn a_sigkilled_master_fails_over_and_every_later_plan_gets_exactly_one_permit() {
+    let (mut set, d, _env) = start();
+    let new = set.nodes[1].port;
+    let sentinels: Vec<u16> = set.sentinels.iter().map(|s| s.port).collect();
+    let mut producer = Producer::start(sentinels, "kill");
+    wait_for("plans flowing through the first master", T, || {
+        (producer.on(set.nodes[0].port).len() >= 50).then_some(())
+    });
+    kill_master_and_wait(&mut set, &d);
+    let (stop, counts, listener, since) = count_on_new_master(&set.nodes[1]);
+    wait_for("200 plans on the new master", FAILOVER, || {
+        (producer.on_since(new, Some(since)).len() >= 200).then_some(())
+    });
+    producer.stop();
+    let after = producer.on_since(new, Some(since));
+    assert_each_permitted_once_on(&set.nodes[1], &counts, stop, listener, &after, "kill-last");
+    let switched = d.wait_log(
+        &format!(
+            "master switched from 127.0.0.1:{} to 127.0.0.1:{new}",
+            set.nodes[0].port
+        ),
+        T,
+    );
+    assert!(switched.contains("WARN"), "{switched}");
+    d.wait_metric("p33_redis_failovers_total", 1.0);
+    assert_eq!(d.metric("p33_redis_master_known"), Some(1.0));
+    wait_for("/readyz 200 again", T, || {
+        (d.get("/readyz").0 == 200).then_some(())
+    });
+    eprintln!(
+        "{} plans on the new master, each permitted once",
+        after.len()
+    );
+}
+
+#[test]
+fn a_graceful_sentinel_failover_moves_every_write_and_ctl_follows() {
+    let (set, d, env) = start();
+    let (old, new) = (set.nodes[0].port, set.nodes[1].port);
+    let sentinels: Vec<u16> = set.sentinels.iter().map(|s| s.port).collect();
+    let mut producer = Producer::start(sentinels, "graceful");
+    wait_for("plans flowing through the first master", T, || {
+        (producer.on(old).len() >= 50).then_some(())
+    });
+    // Asked of the last sentinel, which the daemon asks last: the others
+    // learn the new configuration later, and the epoch must win.
+    let ok: String = set.sentinels[2]
+        .cmd(&["SENTINEL", "FAILOVER", SENTINEL_MASTER])
+        .expect("SENTINEL FAILOVER accepted");
+    assert_eq!(ok, "OK");
+    set.wait_master(new, FAILOVER);
+    let (stop, counts, listener, since) = count_on_new_master(&set.nodes[1]);
+    wait_for("200 plans on the new master", FAILOVER, || {
+        (producer.on_since(new, Some(since)).len() >= 200).then_some(())
+    });
+    producer.stop();
+    let after = producer.on_since(new, Some(since));
+    assert_each_permitted_once_on(
+        &set.nodes[1],
+        &counts,
+        stop,
+        listener,
+        &after,
+        "graceful-last",
+    );
+    d.wait_log(
+        &format!("master switched from 127.0.0.1:{old} to 127.0.0.1:{new}"),
+        T,
+    );
+    d.wait_metric("p33_redis_failovers_total", 1.0);
+    // The old master is a replica now: nothing the daemon writes goes there.
+    wait_for("the old master demoted", FAILOVER, || {
+        (role(old).as_deref() == Some("slave")).then_some(())
+    });
+
+    // ctl finds the master the same way.
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, out, err) = run_once(&["ctl", "halt", "--reason", "ha test"], &pairs);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let state: Option<String> = redis::cmd("GET")
+        .arg("quantum:p33:trading_state")
+        .query(&mut set.nodes[1].con())
+        .unwrap();
+    assert_eq!(state.as_deref(), Some("HALTED"));
+}
+
+#[test]
+fn the_old_master_back_as_a_replica_does_not_confuse_the_daemon() {
+    let (mut set, d, _env) = start();
+    let old = set.nodes[0].port;
+    let new = kill_master_and_wait(&mut set, &d);
+    d.wait_metric("p33_redis_failovers_total", 1.0);
+    // Back on its old port with its old data and no replicaof: a master by
+    // its own account until the sentinels turn it into a replica.
+    set.node(old).restart();
+    let (stop, counts, listener, _) = count_on_new_master(&set.nodes[1]);
+    let mut con = set.nodes[1].con();
+    let mut ids = Vec::new();
+    let converted = Instant::now();
+    wait_for("the old master turned into a replica", FAILOVER, || {
+        // Plans keep coming meanwhile.
+        let id = format!("back-{}", ids.len());
+        push_plan(&mut con, &plan(&id));
+        ids.push(id);
+        std::thread::sleep(Duration::from_millis(50));
+        (role(old).as_deref() == Some("slave")).then_some(())
+    });
+    eprintln!(
+        "old master converted after {:?}, {} plans meanwhile",
+        converted.elapsed(),
+        ids.len()
+    );
+    for i in 0..50 {
+        let id = format!("back-after-{i}");
+        push_plan(&mut con, &plan(&id));
+        ids.push(id);
+    }
+    assert_each_permitted_once_on(&set.nodes[1], &counts, stop, listener, &ids, "back-last");
+    assert_eq!(d.metric("p33_redis_failovers_total"), Some(1.0));
+    assert!(
+        d.grep(&format!("from 127.0.0.1:{new}")).is_empty(),
+        "never switched back: {:?}",
+        d.grep("master switched")
+    );
+    assert_eq!(role(new).as_deref(), Some("master"));
+}
