@@ -34,8 +34,10 @@ pub struct MasterView {
     pub port: u16,
     /// `config-epoch`: the configuration's generation.
     pub epoch: u64,
-    /// Whether this sentinel sees the master down (`s_down`, `o_down`,
-    /// `disconnected`) or not flagged a master.
+    /// Whether this sentinel sees the master down (`s_down`, `o_down`) or
+    /// not flagged a master. (`disconnected` is not down: right after a
+    /// switch the leader has no link to the new master yet; the node's own
+    /// `ROLE` is checked before it is used.)
     pub down: bool,
 }
 
@@ -72,9 +74,7 @@ impl MasterView {
         let epoch = f.get("config-epoch")?.parse::<u64>().ok()?;
         let flags = f.get("flags").map(String::as_str).unwrap_or("");
         let down = !flags.split(',').any(|x| x == "master")
-            || flags
-                .split(',')
-                .any(|x| matches!(x, "s_down" | "o_down" | "disconnected"));
+            || flags.split(',').any(|x| matches!(x, "s_down" | "o_down"));
         Some(MasterView {
             ip: ip.clone(),
             port,
@@ -347,6 +347,13 @@ mod tests {
             ("config-epoch", "2"),
         ]);
         assert!(MasterView::parse(&not_master).unwrap().down);
+        let unlinked = reply(&[
+            ("ip", "127.0.0.1"),
+            ("port", "7001"),
+            ("flags", "master,disconnected"),
+            ("config-epoch", "3"),
+        ]);
+        assert!(!MasterView::parse(&unlinked).unwrap().down);
         for bad in [
             reply(&[("ip", "127.0.0.1"), ("port", "0"), ("config-epoch", "1")]),
             reply(&[

@@ -414,6 +414,16 @@ impl Redis {
         response_timeout: Duration,
         cancel: &CancellationToken,
     ) -> Option<Conn> {
+        // At start the sentinels have not been asked yet: give the first
+        // look a moment before calling a missing master a failure.
+        if self.is_sentinel() {
+            let mut rx = self.shared.master.subscribe();
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = rx.wait_for(|m| m.node.is_some()) => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
         let mut backoff = Backoff::default();
         let mut attempts = 0u64;
         loop {

@@ -390,6 +390,8 @@ impl GroupReader {
             }
         };
         let Some(mut con) = connected else { return };
+        // A new master ends a backoff at once: the outage is over.
+        let mut master = redis.watch();
         let mut backoff = Backoff::default();
         let mut replay_pending = true;
         let mut next_claim = Instant::now();
@@ -433,7 +435,11 @@ impl GroupReader {
                     } else {
                         warn!("{}: redis error: {e}; retrying with backoff", self.who);
                     }
-                    if !backoff.wait(cancel).await {
+                    let go_on = tokio::select! {
+                        w = backoff.wait(cancel) => w,
+                        _ = master.changed() => true,
+                    };
+                    if !go_on {
                         return;
                     }
                 }

@@ -930,8 +930,16 @@ impl SentinelSet {
     /// the replica and the other two sentinels, and the replica is in sync,
     /// so a failover can succeed.
     pub fn start() -> SentinelSet {
-        let master = Redis::start();
-        let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+        // No diskless-sync delay (5 s by default): a replica that has not
+        // synced yet would be promoted empty.
+        let master = Redis::start_with(&["--repl-diskless-sync-delay", "0"]);
+        let replica = Redis::start_with(&[
+            "--repl-diskless-sync-delay",
+            "0",
+            "--replicaof",
+            "127.0.0.1",
+            &master.port.to_string(),
+        ]);
         let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
         let set = SentinelSet {
             nodes: vec![master, replica],

@@ -266,10 +266,11 @@ fn a_graceful_sentinel_failover_moves_every_write_and_ctl_follows() {
     });
     // Asked of the last sentinel, which the daemon asks last: the others
     // learn the new configuration later, and the epoch must win.
-    let ok: String = set.sentinels[2]
-        .cmd(&["SENTINEL", "FAILOVER", SENTINEL_MASTER])
-        .expect("SENTINEL FAILOVER accepted");
-    assert_eq!(ok, "OK");
+    // Refused (NOGOODSLAVE) until that sentinel has heard from the replica.
+    wait_for("SENTINEL FAILOVER to be accepted", FAILOVER, || {
+        let ok: String = set.sentinels[2].cmd(&["SENTINEL", "FAILOVER", SENTINEL_MASTER])?;
+        (ok == "OK").then_some(())
+    });
     set.wait_master(new, FAILOVER);
     let (stop, counts, listener, since) = count_on_new_master(&set.nodes[1]);
     wait_for("200 plans on the new master", FAILOVER, || {

@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# Failover drill for operators (SPEC §15): starts a Redis master, one replica
+# and three sentinels on loopback (down-after-milliseconds 1000, quorum 2),
+# the daemon finding the master through the sentinels, and a producer that
+# XADDs plans to whichever node the sentinels name. Then, under that load:
+#   1. SIGKILL the master (a crash): the replica is promoted;
+#   2. the old master comes back and the sentinels make it a replica;
+#   3. SENTINEL FAILOVER (a planned switch) back to it.
+# For each switch it prints what an operator watches: /readyz, the time from
+# the sentinels' +switch-master to the first permit written on the new
+# master, permits before and after, nothing pending, and
+# p33_redis_failovers_total. Everything it started is stopped on exit.
+# Needs bash, redis-server/redis-cli and curl (installed when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+{ command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || need+=(redis-server)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "drill: installing ${need[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  sys_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+  $SUDO env PATH="$sys_path" apt-get update -qq
+  $SUDO env PATH="$sys_path" DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+echo "drill: building (release)"
+cargo build --release --bins --quiet
+BIN=target/release
+
+work=$(mktemp -d /tmp/p33-drill.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -n "${NODE_A_PID:-}" ] && kill "$NODE_A_PID" 2>/dev/null || true
+  wait 2>/dev/null || true
+  if [ -n "${DRILL_KEEP:-}" ]; then echo "drill: kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { # a loopback port nothing listens on (bash's /dev/tcp)
+  local p
+  for _ in $(seq 1 100); do
+    p=$((20000 + RANDOM % 12000)) # below the ephemeral range
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
+  done
+  echo "drill: no free port found" >&2; exit 1
+}
+until_true() { # seconds what command...
+  local n=$(($1 * 20)) what=$2; shift 2
+  for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "drill: timed out waiting for $what" >&2; exit 1
+}
+now_ms() { date +%s%3N; }
+
+A=$(free_port); B=$(free_port)
+S=("$(free_port)" "$(free_port)" "$(free_port)")
+node() { # port [more redis-server arguments]
+  local port=$1; shift
+  mkdir -p "$work/n$port"
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly yes --dir "$work/n$port" \
+    --repl-diskless-sync-delay 0 "$@" \
+    > "$work/n$port.log" 2>&1 &
+}
+node "$A"; NODE_A_PID=$!
+node "$B" --replicaof 127.0.0.1 "$A"; pids+=($!)
+until_true 10 "the master" redis-cli -p "$A" PING
+synced() { redis-cli -p "$1" INFO replication | grep -q master_link_status:up; }
+until_true 30 "the replica to sync" synced "$B"
+for s in "${S[@]}"; do
+  mkdir -p "$work/s$s"
+  printf 'port %s\nbind 127.0.0.1\ndir %s\nsentinel monitor p33m 127.0.0.1 %s 2\nsentinel down-after-milliseconds p33m 1000\nsentinel failover-timeout p33m 10000\n' \
+    "$s" "$work/s$s" "$A" > "$work/s$s/sentinel.conf"
+  redis-server "$work/s$s/sentinel.conf" --sentinel > "$work/s$s.log" 2>&1 &
+  pids+=($!)
+done
+known() { # every sentinel knows the replica and the two others
+  for s in "${S[@]}"; do
+    [ "$(redis-cli -p "$s" SENTINEL REPLICAS p33m | grep -c '^name$')" -ge 1 ] || return 1
+    [ "$(redis-cli -p "$s" SENTINEL SENTINELS p33m | grep -c '^name$')" -eq 2 ] || return 1
+  done
+}
+until_true 30 "the sentinels to know each other and the replica" known
+master_port() { redis-cli -p "${S[0]}" SENTINEL GET-MASTER-ADDR-BY-NAME p33m 2>/dev/null | sed -n 2p; }
+M() { redis-cli -p "$(master_port)" "$@"; }
+
+# Every sentinel's announcements, stamped with the time they arrived.
+for s in "${S[@]}"; do
+  redis-cli -p "$s" PSUBSCRIBE '+switch-master' 2>/dev/null | while IFS= read -r line; do
+    case "$line" in *p33m*) echo "$(now_ms) $line" >> "$work/events";; esac
+  done &
+  pids+=($!)
+done
+
+M HSET quantum:position:snapshot:BTCUSDT position_amt 1 side LONG ts_epoch "$(date +%s)" >/dev/null
+M WAIT 1 2000 >/dev/null
+METRICS_PORT=$(free_port)
+LOG="$work/daemon.log"
+env -i PATH="$PATH" \
+  REDIS_SENTINELS="127.0.0.1:${S[0]},127.0.0.1:${S[1]},127.0.0.1:${S[2]}" REDIS_SENTINEL_MASTER=p33m \
+  P33_SNAPSHOT_SOURCE=external P33_ALLOWLIST_SOURCE=env P33_ALLOWLIST=BTCUSDT \
+  P33_STALE_THRESHOLD_SEC=3600 P33_METRICS_ADDR=127.0.0.1 P33_METRICS_PORT="$METRICS_PORT" \
+  P33_EXCHANGE_BASE_URL="http://127.0.0.1:$(free_port)" P33_CONSUMER_NAME=p33-drill P33_LOG_LEVEL="${P33_LOG_LEVEL:-INFO}" \
+  "$BIN/position-state-brain" >> "$LOG" 2>&1 &
+pids+=($!)
+metric() { curl -fsS --max-time 2 "http://127.0.0.1:$METRICS_PORT/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+readyz() { curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$METRICS_PORT/readyz" || true; }
+is_ready() { [ "$(readyz)" = 200 ]; }
+until_true 30 "the daemon to be ready" is_ready
+echo "drill: master 127.0.0.1:$A, replica 127.0.0.1:$B, sentinels ${S[*]}, daemon /metrics on :$METRICS_PORT"
+
+# The producer: a plan every 20 ms to the node the sentinels name.
+(
+  i=0
+  while :; do
+    p=$(master_port) || true
+    if [ -n "$p" ] && redis-cli -p "$p" XADD quantum:stream:apply.plan '*' plan_id "drill-$i" \
+      symbol BTCUSDT decision EXECUTE action FULL_CLOSE_PROPOSED reduceOnly true 2>/dev/null | grep -q -- -; then
+      echo "$i $p" >> "$work/produced"
+    fi
+    i=$((i + 1))
+    sleep 0.02
+  done
+) &
+pids+=($!)
+sleep 2
+
+permits_on() { redis-cli -p "$1" --scan --pattern 'quantum:permit:p33:drill-*' | wc -l; }
+pending_on() { redis-cli -p "$1" XPENDING quantum:stream:apply.plan p33 | head -1; }
+produced_on() { awk -v p="$1" '$2 == p' "$work/produced" | wc -l; }
+# The first decision record the new master holds after `since` (ms): the
+# record is written in the same script call as its permit.
+first_record_after() { # port since-ms
+  redis-cli -p "$1" XRANGE quantum:stream:p33.decisions "$2" + COUNT 1 | head -1 | cut -d- -f1
+}
+switch_at() { # new-port after-ms: the first +switch-master naming it
+  awk -v p="$1" -v t="$2" '$1 >= t && $0 ~ (" " p "$") { print $1; exit }' "$work/events" 2>/dev/null
+}
+
+drill() { # title new-master-port action...
+  local title=$1 new=$2; shift 2
+  local old; old=$(master_port)
+  echo
+  echo "== $title: 127.0.0.1:$old -> 127.0.0.1:$new"
+  echo "  before: permits on the master $(permits_on "$old"), p33_redis_failovers_total $(metric p33_redis_failovers_total), /readyz $(readyz)"
+  local t0 saw503=no
+  t0=$(now_ms)
+  "$@"
+  # Watch /readyz until the sentinels announce the new master.
+  for _ in $(seq 1 600); do
+    [ "$(readyz)" = 503 ] && saw503=yes
+    [ -n "$(switch_at "$new" "$t0")" ] && break
+    sleep 0.05
+  done
+  local sw; sw=$(switch_at "$new" "$t0")
+  [ -n "$sw" ] || { echo "drill: no +switch-master to $new" >&2; exit 1; }
+  # A probe plan straight to the new master as soon as the sentinels name
+  # it (the producer's own sentinel may hear later); when is it permitted?
+  local probe="drill-probe-$sw"
+  redis-cli -p "$new" XADD quantum:stream:apply.plan '*' plan_id "$probe" symbol BTCUSDT \
+    decision EXECUTE action FULL_CLOSE_PROPOSED reduceOnly true >/dev/null
+  local permitted=""
+  for _ in $(seq 1 3000); do
+    [ "$(redis-cli -p "$new" EXISTS "quantum:permit:p33:$probe")" = 1 ] && { permitted=$(now_ms); break; }
+    sleep 0.01
+  done
+  [ -n "$permitted" ] || { echo "drill: no permit for $probe on the new master" >&2; exit 1; }
+  has_record() { [ -n "$(first_record_after "$new" "$sw")" ]; }
+  until_true 30 "a permit on the new master" has_record
+  local first; first=$(first_record_after "$new" "$sw")
+  local moved; moved=$(grep "master switched from 127.0.0.1:$old to 127.0.0.1:$new" "$LOG" | tail -1 | cut -d' ' -f1)
+  moved=$(date -d "$moved" +%s%3N)
+  # The promotion itself: the new master's own log line.
+  local promoted; promoted=$(grep "MASTER MODE enabled" "$work/n$new.log" | tail -1 | cut -d' ' -f2-5)
+  promoted=$(date -d "$promoted" +%s%3N)
+  sleep 3
+  drained() { [ "$(pending_on "$new")" = 0 ]; }
+  until_true 30 "nothing pending on the new master" drained
+  echo "  promoted $((promoted - t0)) ms after the fault, +switch-master $((sw - promoted)) ms later; /readyz 503 meanwhile: $saw503"
+  echo "  recovery: first permit on the new master $((first - promoted)) ms after the promotion ($((first - sw)) ms after +switch-master; the daemon moved at $((moved - sw)) ms); a plan XADDed there at +switch-master was permitted $((permitted - sw)) ms after it"
+  echo "  after:  permits on the new master $(permits_on "$new") (plans it took: $(produced_on "$new")), pending $(pending_on "$new"), p33_redis_failovers_total $(metric p33_redis_failovers_total), /readyz $(readyz)"
+  echo "  log:    $(grep 'master switched' "$LOG" | tail -1 | sed 's/.*redis: //')"
+}
+
+kill_a() { kill -KILL "$NODE_A_PID"; wait "$NODE_A_PID" 2>/dev/null || true; NODE_A_PID=; }
+drill "1. SIGKILL the master" "$B" kill_a
+
+echo
+echo "== 2. the old master comes back (its own data, no replicaof): the sentinels make it a replica"
+node "$A"; NODE_A_PID=$!
+until_true 60 "127.0.0.1:$A to become a replica" sh -c "redis-cli -p $A ROLE | head -1 | grep -q slave"
+until_true 30 "the replica to sync" synced "$A"
+# Every sentinel must have seen it report the replica role itself (they
+# refresh a replica's INFO every 10 s); until then one of them may still
+# "correct" it while another fails over to it.
+settled() {
+  for s in "${S[@]}"; do
+    redis-cli -p "$s" SENTINEL REPLICAS p33m | tr '\n' ' ' | grep -q "name 127.0.0.1:$A .*flags slave .*role-reported slave" || return 1
+  done
+}
+until_true 60 "every sentinel to see it as a healthy replica" settled
+echo "  127.0.0.1:$A is a replica of 127.0.0.1:$B; the daemon stays: p33_redis_failovers_total $(metric p33_redis_failovers_total)"
+
+# Refused (NOGOODSLAVE) until the sentinel has heard from the replica itself.
+accepted() { [ "$(redis-cli -p "${S[2]}" SENTINEL FAILOVER p33m)" = OK ]; }
+graceful() { until_true 60 "SENTINEL FAILOVER to be accepted" accepted; }
+drill "3. SENTINEL FAILOVER (planned)" "$A" graceful
+
+echo
+echo "drill done: stopping the daemon, the producer, the sentinels and both nodes"
