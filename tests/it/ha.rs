@@ -347,3 +347,44 @@ fn the_old_master_back_as_a_replica_does_not_confuse_the_daemon() {
     );
     assert_eq!(role(new).as_deref(), Some("master"));
 }
+
+#[test]
+fn sentinel_settings_that_cannot_work_exit_78_before_connecting() {
+    let base = [("P33_SNAPSHOT_SOURCE", "external")];
+    let rows: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("REDIS_SENTINELS", "127.0.0.1:26379")],
+            "REDIS_SENTINEL_MASTER unset",
+        ),
+        (
+            &[("REDIS_SENTINEL_MASTER", "p33m")],
+            "REDIS_SENTINELS unset",
+        ),
+        (
+            &[("REDIS_SENTINEL_PASSWORD", "pw")],
+            "REDIS_SENTINEL_PASSWORD",
+        ),
+        (
+            &[
+                ("REDIS_SENTINELS", "127.0.0.1:99999"),
+                ("REDIS_SENTINEL_MASTER", "p33m"),
+            ],
+            "no valid port",
+        ),
+        (
+            &[
+                ("REDIS_SENTINELS", "127.0.0.1:26379"),
+                ("REDIS_SENTINEL_MASTER", "p33m"),
+                ("REDIS_URL", "redis://127.0.0.1:6390/0"),
+            ],
+            "both set",
+        ),
+    ];
+    for (pairs, why) in rows {
+        let env: Vec<(&str, &str)> = base.iter().chain(pairs.iter()).copied().collect();
+        let (code, out, err) = run_once(&[], &env);
+        assert_eq!(code, Some(78), "{pairs:?}: {out}{err}");
+        assert!(err.contains(why), "{pairs:?}: {err}");
+        assert!(!err.contains("pw"), "{err}");
+    }
+}
