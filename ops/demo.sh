@@ -10,18 +10,12 @@
 # bash, redis-cli, curl and the binaries it builds (no python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ops/lib.sh
 
 need=()
 { command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || need+=(redis-server)
 command -v curl >/dev/null 2>&1 || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "demo: installing ${need[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  # The system's own PATH for apt: its maintainer scripts are not ours.
-  sys_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-  $SUDO env PATH="$sys_path" apt-get update -qq
-  $SUDO env PATH="$sys_path" DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+install_missing demo "${need[@]}"
 echo "demo: building (release; the first build takes about 1.5 minutes on 2 cores)"
 cargo build --release --bins
 BIN=target/release
@@ -36,14 +30,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { # a loopback port nothing listens on (bash's /dev/tcp, no python)
-  local p
-  for _ in $(seq 1 100); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
-  done
-  echo "demo: no free port found" >&2; exit 1
-}
 wait_for() { # file pattern [after-line]
   local from=${3:-0}
   for _ in $(seq 1 150); do

@@ -13,17 +13,12 @@
 # Needs bash, redis-server/redis-cli and curl (installed when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ops/lib.sh
 
 need=()
 { command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || need+=(redis-server)
 command -v curl >/dev/null 2>&1 || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "drill: installing ${need[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  sys_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-  $SUDO env PATH="$sys_path" apt-get update -qq
-  $SUDO env PATH="$sys_path" DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+install_missing drill "${need[@]}"
 echo "drill: building (release)"
 cargo build --release --bins --quiet
 BIN=target/release
@@ -39,14 +34,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { # a loopback port nothing listens on (bash's /dev/tcp)
-  local p
-  for _ in $(seq 1 100); do
-    p=$((20000 + RANDOM % 12000)) # below the ephemeral range
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
-  done
-  echo "drill: no free port found" >&2; exit 1
-}
 until_true() { # seconds what command...
   local n=$(($1 * 20)) what=$2; shift 2
   for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.05; done
@@ -54,8 +41,11 @@ until_true() { # seconds what command...
 }
 now_ms() { date +%s%3N; }
 
-A=$(free_port); B=$(free_port)
-S=("$(free_port)" "$(free_port)" "$(free_port)")
+while :; do # five distinct ports (free_port draws at random)
+  A=$(free_port); B=$(free_port)
+  S=("$(free_port)" "$(free_port)" "$(free_port)")
+  [ "$(printf '%s\n' "$A" "$B" "${S[@]}" | sort -u | wc -l)" -eq 5 ] && break
+done
 node() { # port [more redis-server arguments]
   local port=$1; shift
   mkdir -p "$work/n$port"

@@ -4,19 +4,13 @@
 # ports) and promtool (checks the /metrics exposition and the alert rules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ops/lib.sh
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "ops/test.sh: installing ${need[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  # The system's own PATH for apt: its maintainer scripts are not ours.
-  sys_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-  $SUDO env PATH="$sys_path" apt-get update -qq
-  $SUDO env PATH="$sys_path" DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+install_missing ops/test.sh "${need[@]}"
 
 # Property tests (tests/props.rs): a few thousand arbitrary inputs per parser.
 export PROPTEST_CASES="${PROPTEST_CASES:-3000}"

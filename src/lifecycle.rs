@@ -1,9 +1,11 @@
 //! Lifecycle: start order, task supervision, signals, systemd (SPEC §10).
 //!
-//! Start: bind HTTP (busy port: fatal) → Redis (retry forever) → consumer
-//! groups → first allowlist resolution → `READY=1` → work. The tasks —
-//! HTTP, allowlist refresher, plan consumer, ledger follower, exchange
-//! poller and step-size loader — share one cancellation token. If any of
+//! Start: bind HTTP (busy port: fatal) → Redis (retry forever; with
+//! sentinels, once they name a master) → consumer groups → first allowlist
+//! resolution → `READY=1` → work. The tasks — HTTP, the sentinel follower
+//! and its metrics, allowlist refresher, plan consumer, ledger follower,
+//! control follower, exchange poller and step-size loader — share one
+//! cancellation token. If any of
 //! them ends before shutdown was asked for (a panic included), the others are
 //! cancelled and [`run`] returns an error, so the process exits non-zero and
 //! systemd restarts it: no task ever dies silently.

@@ -630,6 +630,70 @@ pub fn count_permit_sets(
     (counts, h)
 }
 
+/// Waits until the group has nothing pending and the stream's last entry was delivered.
+pub fn wait_drained(con: &mut redis::Connection, group: &str) {
+    wait_for("the group to drain", Duration::from_secs(10), || {
+        let v: redis::Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(PLAN_STREAM)
+            .query(con)
+            .ok()?;
+        let text = format!("{v:?}");
+        let last: String = redis::cmd("XREVRANGE")
+            .arg(PLAN_STREAM)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query::<redis::Value>(con)
+            .ok()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default();
+        let last_id = last.split('"').nth(1).unwrap_or("").to_string();
+        (pending(con, PLAN_STREAM, group) == 0 && text.contains(&last_id)).then_some(())
+    });
+}
+
+/// Waits for every plan in `ids` to have a permit (`counts`, from keyspace
+/// events on the node `con` is connected to) and the group to drain,
+/// then checks each was SET exactly once: keyspace events arrive in order,
+/// so once the permit event of one more plan (`last`) is in, a late second
+/// SET of an earlier one would have been too.
+pub fn assert_each_permitted_once(
+    con: &mut redis::Connection,
+    counts: &Mutex<HashMap<String, u32>>,
+    stop: Arc<AtomicBool>,
+    listener: std::thread::JoinHandle<()>,
+    ids: &[String],
+    last: &str,
+) {
+    wait_for("every permit", Duration::from_secs(60), || {
+        let c = counts.lock().unwrap();
+        ids.iter().all(|id| c.contains_key(id)).then_some(())
+    });
+    wait_drained(con, "p33");
+    push_plan(
+        con,
+        &[
+            ("plan_id", last),
+            ("symbol", "BTCUSDT"),
+            ("decision", "EXECUTE"),
+            ("action", "FULL_CLOSE_PROPOSED"),
+            ("reduceOnly", "true"),
+        ],
+    );
+    wait_for("the last permit event", Duration::from_secs(10), || {
+        counts.lock().unwrap().contains_key(last).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    listener.join().unwrap();
+    let c = counts.lock().unwrap();
+    for id in ids {
+        assert_eq!(c.get(id), Some(&1), "plan {id} permitted exactly once");
+    }
+    assert_eq!(pending(con, PLAN_STREAM, "p33"), 0);
+}
+
 /// How a test daemon is set up (see [`spawn_daemon`]).
 #[derive(Debug, Clone, Default)]
 pub struct Opts {

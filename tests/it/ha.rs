@@ -151,38 +151,6 @@ fn start() -> (SentinelSet, Daemon, HashMap<String, String>) {
     (set, d, env)
 }
 
-/// Waits until every plan in `ids` has its permit on the node (`counts`,
-/// from keyspace events there), then XADDs one more plan there and waits
-/// for it (the daemon has drained what came before), and checks: exactly
-/// one permit SET each, nothing pending.
-fn assert_each_permitted_once_on(
-    node: &Redis,
-    counts: &Mutex<HashMap<String, u32>>,
-    stop: Arc<AtomicBool>,
-    listener: std::thread::JoinHandle<()>,
-    ids: &[String],
-    last: &str,
-) {
-    wait_for("a permit for every plan", Duration::from_secs(60), || {
-        let c = counts.lock().unwrap();
-        ids.iter().all(|id| c.contains_key(id)).then_some(())
-    });
-    let mut con = node.con();
-    push_plan(&mut con, &plan(last));
-    wait_for("the last permit event", T, || {
-        counts.lock().unwrap().contains_key(last).then_some(())
-    });
-    wait_for("nothing pending", T, || {
-        (pending(&mut con, PLAN_STREAM, "p33") == 0).then_some(())
-    });
-    stop.store(true, Ordering::SeqCst);
-    listener.join().unwrap();
-    let c = counts.lock().unwrap();
-    for id in ids {
-        assert_eq!(c.get(id), Some(&1), "plan {id}: exactly one permit SET");
-    }
-}
-
 /// Counts permit SETs on the promoted node from now on. Only from now:
 /// Sentinel ends every client connection of the node it promotes (`CLIENT
 /// KILL TYPE normal|pubsub`), a listener's included, so a count started
@@ -235,7 +203,14 @@ fn a_sigkilled_master_fails_over_and_every_later_plan_gets_exactly_one_permit() 
     });
     producer.stop();
     let after = producer.on_since(new, Some(since));
-    assert_each_permitted_once_on(&set.nodes[1], &counts, stop, listener, &after, "kill-last");
+    assert_each_permitted_once(
+        &mut set.nodes[1].con(),
+        &counts,
+        stop,
+        listener,
+        &after,
+        "kill-last",
+    );
     let switched = d.wait_log(
         &format!(
             "master switched from 127.0.0.1:{} to 127.0.0.1:{new}",
@@ -278,8 +253,8 @@ fn a_graceful_sentinel_failover_moves_every_write_and_ctl_follows() {
     });
     producer.stop();
     let after = producer.on_since(new, Some(since));
-    assert_each_permitted_once_on(
-        &set.nodes[1],
+    assert_each_permitted_once(
+        &mut set.nodes[1].con(),
         &counts,
         stop,
         listener,
@@ -338,7 +313,14 @@ fn the_old_master_back_as_a_replica_does_not_confuse_the_daemon() {
         push_plan(&mut con, &plan(&id));
         ids.push(id);
     }
-    assert_each_permitted_once_on(&set.nodes[1], &counts, stop, listener, &ids, "back-last");
+    assert_each_permitted_once(
+        &mut set.nodes[1].con(),
+        &counts,
+        stop,
+        listener,
+        &ids,
+        "back-last",
+    );
     assert_eq!(d.metric("p33_redis_failovers_total"), Some(1.0));
     assert!(
         d.grep(&format!("from 127.0.0.1:{new}")).is_empty(),

@@ -33,63 +33,6 @@ fn key_exists(con: &mut redis::Connection, key: &str) -> bool {
     redis::cmd("EXISTS").arg(key).query::<i64>(con).unwrap() == 1
 }
 
-/// Waits until the group has nothing pending and the stream's last entry was delivered.
-fn wait_drained(con: &mut redis::Connection, group: &str) {
-    wait_for("the group to drain", T, || {
-        let v: redis::Value = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(PLAN_STREAM)
-            .query(con)
-            .ok()?;
-        let text = format!("{v:?}");
-        let last: String = redis::cmd("XREVRANGE")
-            .arg(PLAN_STREAM)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query::<redis::Value>(con)
-            .ok()
-            .map(|v| format!("{v:?}"))
-            .unwrap_or_default();
-        let last_id = last.split('"').nth(1).unwrap_or("").to_string();
-        (pending(con, PLAN_STREAM, group) == 0 && text.contains(&last_id)).then_some(())
-    });
-}
-
-/// Waits for every plan in `ids` to have a permit and the group to drain,
-/// then checks each was SET exactly once: keyspace events arrive in order,
-/// so once the permit event of one more plan (`last`) is in, a late second
-/// SET of an earlier one would have been too.
-fn assert_each_permitted_once(
-    t: &mut TestDaemon,
-    counts: &Mutex<HashMap<String, u32>>,
-    stop: Arc<AtomicBool>,
-    listener: std::thread::JoinHandle<()>,
-    ids: &[String],
-    last: &str,
-) {
-    wait_for("every permit", Duration::from_secs(60), || {
-        let c = counts.lock().unwrap();
-        ids.iter().all(|id| c.contains_key(id)).then_some(())
-    });
-    wait_drained(&mut t.con, "p33");
-    push_plan(
-        &mut t.con,
-        &plan(last, "BTCUSDT", "EXECUTE", "FULL_CLOSE_PROPOSED", "true"),
-    );
-    wait_for("the last permit event", T, || {
-        counts.lock().unwrap().contains_key(last).then_some(())
-    });
-    stop.store(true, Ordering::SeqCst);
-    listener.join().unwrap();
-    let c = counts.lock().unwrap();
-    for id in ids {
-        assert_eq!(c.get(id), Some(&1), "plan {id} permitted exactly once");
-    }
-    assert_eq!(pending(&mut t.con, PLAN_STREAM, "p33"), 0);
-}
-
 #[test]
 fn plans_of_every_kind_get_the_expected_permits() {
     let mut t = spawn_daemon(Opts::env_allowlist("BTCUSDT,ETHUSDT,SOLUSDT,XRPUSDT").deferred());
@@ -446,7 +389,7 @@ fn sigkill_under_load_loses_no_plan_and_permits_none_twice() {
             t.restart();
         }
     }
-    assert_each_permitted_once(&mut t, &counts, stop, listener, &ids, "crash-last");
+    assert_each_permitted_once(&mut t.con, &counts, stop, listener, &ids, "crash-last");
 }
 
 #[test]
@@ -885,7 +828,7 @@ fn three_instances_in_one_group_with_one_killed_every_two_seconds_permit_each_pl
     assert!(kills >= 8, "{kills} kills");
     assert!(ids.len() >= 3000, "{} plans produced", ids.len());
 
-    assert_each_permitted_once(&mut t, &counts, stop, listener, &ids, "inst-last");
+    assert_each_permitted_once(&mut t.con, &counts, stop, listener, &ids, "inst-last");
     // All three were in the group.
     let consumers: redis::Value = redis::cmd("XINFO")
         .arg("CONSUMERS")

@@ -1,0 +1,25 @@
+# Shared by the ops scripts (sourced): install missing Debian packages, and
+# find a free loopback port. Needs nothing but bash.
+
+# install_missing WHO PACKAGE...: apt-get installs the packages (none: nothing).
+install_missing() {
+  local who=$1; shift
+  [ $# -gt 0 ] || return 0
+  echo "$who: installing $*"
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  # The system's own PATH for apt: its maintainer scripts are not ours.
+  local sys_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+  $sudo env PATH="$sys_path" apt-get update -qq
+  $sudo env PATH="$sys_path" DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# free_port: a loopback port nothing listens on (bash's /dev/tcp, no python),
+# below the kernel's ephemeral range so no outgoing connection holds it.
+free_port() {
+  local p
+  for _ in $(seq 1 100); do
+    p=$((20000 + RANDOM % 12000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
+  done
+  echo "no free port found" >&2; exit 1
+}
