@@ -124,7 +124,16 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        // A `--requirepass` among the extra arguments is the password.
+        let pw = self
+            .extra
+            .iter()
+            .position(|a| a == "--requirepass")
+            .and_then(|i| self.extra.get(i + 1));
+        match pw {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
     }
 
     pub fn con(&self) -> redis::Connection {
@@ -894,10 +903,17 @@ pub struct Sentinel {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Its `requirepass`, if any.
+    password: Option<String>,
 }
 
 impl Sentinel {
     fn start(master_port: u16) -> Sentinel {
+        Self::start_with(master_port, "", None)
+    }
+
+    /// With more configuration lines, and `requirepass` when `password`.
+    pub fn start_with(master_port: u16, extra_conf: &str, password: Option<&str>) -> Sentinel {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("p33-sentinel-{port}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -910,8 +926,9 @@ impl Sentinel {
                  sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
                  sentinel failover-timeout {SENTINEL_MASTER} 10000\n\
-                 sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
-                dir.display()
+                 sentinel parallel-syncs {SENTINEL_MASTER} 1\n{extra_conf}\n{}",
+                dir.display(),
+                password.map_or(String::new(), |p| format!("requirepass {p}\n"))
             ),
         )
         .unwrap();
@@ -926,6 +943,7 @@ impl Sentinel {
             port,
             dir,
             child: Some(child),
+            password: password.map(str::to_string),
         };
         wait_for("a sentinel to answer PING", Duration::from_secs(10), || {
             let mut c = s.try_con()?;
@@ -939,7 +957,11 @@ impl Sentinel {
     }
 
     fn try_con(&self) -> Option<redis::Connection> {
-        let c = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).ok()?;
+        let auth = self
+            .password
+            .as_ref()
+            .map_or(String::new(), |p| format!(":{p}@"));
+        let c = redis::Client::open(format!("redis://{auth}127.0.0.1:{}", self.port)).ok()?;
         let con = c
             .get_connection_with_timeout(Duration::from_millis(500))
             .ok()?;

@@ -370,3 +370,48 @@ fn sentinel_settings_that_cannot_work_exit_78_before_connecting() {
         assert!(!err.contains("pw"), "{err}");
     }
 }
+
+#[test]
+fn password_protected_sentinels_and_nodes_are_found_and_no_password_is_printed() {
+    // The master wants one password, the sentinel another (SPEC §15).
+    let master = Redis::start_with(&["--requirepass", "n0de-pw"]);
+    let sentinel = Sentinel::start_with(
+        master.port,
+        &format!("sentinel auth-pass {SENTINEL_MASTER} n0de-pw"),
+        Some("s3ntinel-pw"),
+    );
+    let mut con = master.con();
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    let mut env = base_env(&master);
+    env.remove("REDIS_URL");
+    for (k, v) in [
+        ("REDIS_SENTINELS", sentinel.addr()),
+        ("REDIS_SENTINEL_MASTER", SENTINEL_MASTER.to_string()),
+        ("REDIS_SENTINEL_PASSWORD", "s3ntinel-pw".to_string()),
+        ("REDIS_PASSWORD", "n0de-pw".to_string()),
+        ("P33_ALLOWLIST_SOURCE", "env".to_string()),
+        ("P33_ALLOWLIST", "BTCUSDT".to_string()),
+    ] {
+        env.insert(k.into(), v);
+    }
+    let d = Daemon::start(&env);
+    d.wait_log(&format!("redis: master is 127.0.0.1:{}", master.port), T);
+    d.wait_log("ready: reading plans", T);
+    push_plan(&mut con, &plan("pw-1"));
+    assert_eq!(wait_permit(&mut con, "pw-1")["allow"], true);
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, out, err) = run_once(&["ctl", "status"], &pairs);
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    // A wrong sentinel password: no master is known, and the WARN says why
+    // without the password.
+    env.insert("REDIS_SENTINEL_PASSWORD".into(), "wrong-pw".into());
+    env.insert("P33_CONSUMER_NAME".into(), "p33-wrong".into());
+    let bad = Daemon::start(&env);
+    bad.wait_log("sentinel discovery: no sentinel answers", T);
+    assert_eq!(bad.get("/readyz").0, 503);
+    let logs = [d.grep(""), bad.grep("")].concat().join("\n") + &out + &err;
+    for secret in ["n0de-pw", "s3ntinel-pw", "wrong-pw"] {
+        assert!(!logs.contains(secret), "{secret} printed");
+    }
+}
