@@ -19,7 +19,7 @@
 //! pending entries. While no master is known every call fails at once ("no
 //! master known") and nothing is written anywhere.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -117,6 +117,9 @@ struct Shared {
     master: watch::Sender<Master>,
     /// A call failed in a way that may mean a failover: look now.
     nudge: Notify,
+    /// The master answered `READONLY`: check its `ROLE` at the next look,
+    /// even if the sentinels still name it.
+    suspect: AtomicBool,
     failovers: AtomicU64,
 }
 
@@ -179,14 +182,41 @@ fn master_changed() -> RedisError {
     ))
 }
 
+/// Server refusals that may mean the node is no longer (or not yet) the
+/// master.
+const FAILOVER_CODES: &[&str] = &["READONLY", "MASTERDOWN", "LOADING", "UNBLOCKED"];
+
+/// A reply, as far as a failover is concerned: a command's refusal arrives
+/// as a server error inside it, not as an `Err`.
+trait Reply {
+    /// Whether it holds a server error with one of `codes`.
+    fn refused(&self, codes: &[&str]) -> bool;
+}
+
+impl Reply for Value {
+    fn refused(&self, codes: &[&str]) -> bool {
+        matches!(self, Value::ServerError(e) if codes.contains(&e.code()))
+    }
+}
+
+impl Reply for Vec<Value> {
+    fn refused(&self, codes: &[&str]) -> bool {
+        self.iter().any(|v| v.refused(codes))
+    }
+}
+
+/// The node says it is a replica.
+fn is_readonly(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::ReadOnly || e.code() == Some("READONLY")
+}
+
 /// An error that may mean the node is no longer the master.
 fn suggests_failover(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()
-        || e.kind() == redis::ErrorKind::ReadOnly
-        || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
+        || e.code().is_some_and(|c| FAILOVER_CODES.contains(&c))
 }
 
 impl Redis {
@@ -209,6 +239,7 @@ impl Redis {
                 target,
                 master: tx,
                 nudge: Notify::new(),
+                suspect: AtomicBool::new(false),
                 failovers: AtomicU64::new(0),
             }),
         }
@@ -333,7 +364,7 @@ impl Redis {
                     .node
                     .as_ref()
                     .is_some_and(|n| n.shown == join_host_port(&host, port));
-                if same {
+                if same && !self.shared.suspect.swap(false, Ordering::SeqCst) {
                     return Ok(());
                 }
                 // The node must say so itself before anything is written there.
@@ -342,10 +373,15 @@ impl Redis {
                         self.publish(Some((host, port)));
                         Ok(())
                     }
-                    Ok(false) => Err(format!(
-                        "the sentinels name {} but it is not a master (yet)",
-                        join_host_port(&host, port)
-                    )),
+                    Ok(false) => {
+                        // Named but a replica (demoted behind the sentinels'
+                        // back, or not promoted yet): nowhere to write.
+                        self.publish(None);
+                        Err(format!(
+                            "the sentinels name {} but it is not a master (yet)",
+                            join_host_port(&host, port)
+                        ))
+                    }
                     Err(e) => {
                         self.publish(None);
                         Err(format!(
@@ -582,12 +618,19 @@ impl Conn {
             .then(|| (self.rx.clone(), self.generation))
     }
 
-    /// After a call: a failure a failover would cause asks for a look.
-    fn after<T>(&self, r: &Result<T, RedisError>) {
-        if let Err(e) = r {
-            if suggests_failover(e) {
-                self.redis.shared.nudge.notify_one();
-            }
+    /// After a call: a failure a failover would cause asks for a look; a
+    /// `READONLY` (an error, or a server error inside the reply, which is
+    /// how a command's refusal arrives here) has the node's `ROLE` checked.
+    fn after<T: Reply>(&self, r: &Result<T, RedisError>) {
+        let (failover, readonly) = match r {
+            Ok(v) => (v.refused(FAILOVER_CODES), v.refused(&["READONLY"])),
+            Err(e) => (suggests_failover(e), is_readonly(e)),
+        };
+        if readonly && self.redis.is_sentinel() {
+            self.redis.shared.suspect.store(true, Ordering::SeqCst);
+        }
+        if failover {
+            self.redis.shared.nudge.notify_one();
         }
     }
 }

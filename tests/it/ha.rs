@@ -415,3 +415,53 @@ fn password_protected_sentinels_and_nodes_are_found_and_no_password_is_printed()
         assert!(!logs.contains(secret), "{secret} printed");
     }
 }
+
+#[test]
+fn a_master_demoted_behind_the_sentinels_back_is_no_master() {
+    // The sentinels still name it, but the node says it is a replica (here
+    // turned into one by hand): READONLY makes the daemon check its ROLE,
+    // and no master is known until it is one again.
+    let master = Redis::start();
+    let other = Redis::start();
+    let sentinel = Sentinel::start_with(master.port, "", None);
+    let mut con = master.con();
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    let mut env = base_env(&master);
+    env.remove("REDIS_URL");
+    for (k, v) in [
+        ("REDIS_SENTINELS", sentinel.addr()),
+        ("REDIS_SENTINEL_MASTER", SENTINEL_MASTER.to_string()),
+        ("P33_ALLOWLIST_SOURCE", "env".to_string()),
+        ("P33_ALLOWLIST", "BTCUSDT".to_string()),
+    ] {
+        env.insert(k.into(), v);
+    }
+    let d = Daemon::start(&env);
+    d.wait_log("ready: reading plans", T);
+    push_plan(&mut con, &plan("demoted-1"));
+    wait_permit(&mut con, "demoted-1");
+
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(other.port)
+        .query(&mut con)
+        .unwrap();
+    wait_for("no master known", T, || {
+        (d.metric("p33_redis_master_known") == Some(0.0) && d.get("/readyz").0 == 503).then_some(())
+    });
+    d.wait_log("but it is not a master", T);
+
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut con)
+        .unwrap();
+    wait_for("the master known again", T, || {
+        (d.metric("p33_redis_master_known") == Some(1.0)).then_some(())
+    });
+    // It synced from the empty node: the snapshot is gone; write it again.
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    push_plan(&mut con, &plan("demoted-2"));
+    assert_eq!(wait_permit(&mut con, "demoted-2")["allow"], true);
+    assert_eq!(d.metric("p33_redis_failovers_total"), Some(0.0));
+}
