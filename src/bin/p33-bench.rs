@@ -10,7 +10,7 @@
 //! one JSON line per run.
 //!
 //! Usage:
-//!   p33-bench [--plans 100000] [--rate 0] [--symbols 566] [--log-level INFO] [--instances 1]
+//!   p33-bench [--plans 100000] [--rate 0] [--symbols 566] [--log-level INFO] [--instances 1] [--sentinel]
 //!   --rate 0 sends as fast as possible (throughput); --rate N offers N plans/s (latency).
 
 use std::collections::HashMap;
@@ -51,6 +51,11 @@ struct Args {
     /// several instances on one Redis would.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     instances: u16,
+    /// Start a Redis Sentinel watching the bench's Redis and have the
+    /// daemons find it through REDIS_SENTINELS (the cost of following a
+    /// master), instead of REDIS_URL.
+    #[arg(long, conflicts_with = "null")]
+    sentinel: bool,
 }
 
 /// The `--null` consumer: the daemon's Redis round trips, nothing else.
@@ -284,6 +289,30 @@ async fn main() -> anyhow::Result<()> {
             .spawn()?,
     );
     let url = format!("redis://127.0.0.1:{port}/0");
+    let redis_env: Vec<(&str, String)> = if args.sentinel {
+        let sport = free_port()?;
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {sport}\nbind 127.0.0.1\ndir {}\nsentinel monitor p33bench 127.0.0.1 {port} 1\n",
+                dir.display()
+            ),
+        )?;
+        guard.0.push(
+            Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+        vec![
+            ("REDIS_SENTINELS", format!("127.0.0.1:{sport}")),
+            ("REDIS_SENTINEL_MASTER", "p33bench".to_string()),
+        ]
+    } else {
+        vec![("REDIS_URL", url.clone())]
+    };
     let client = redis::Client::open(url.as_str())?;
     let mut con = loop {
         if let Ok(c) = client.get_multiplexed_async_connection().await {
@@ -349,7 +378,7 @@ async fn main() -> anyhow::Result<()> {
             guard.0.push(
                 Command::new(&daemon)
                     .env_clear()
-                    .env("REDIS_URL", &url)
+                    .envs(redis_env.iter().map(|(k, v)| (*k, v.as_str())))
                     .env("P33_SNAPSHOT_SOURCE", "external")
                     .env(
                         "P33_EXCHANGE_BASE_URL",
@@ -502,6 +531,7 @@ async fn main() -> anyhow::Result<()> {
         "mode": if rate > 0.0 { "latency" } else { "throughput" },
         "null": (null),
         "instances": if null { 0 } else { args.instances },
+        "sentinel": args.sentinel,
         "plans": plans,
         "permits_expected": want,
         "symbols": symbols,
