@@ -23,7 +23,7 @@ use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, RedisConnecti
 use crate::config::{join_host_port, SentinelTarget};
 
 /// How long one sentinel (or the named master's `ROLE`) may take to answer.
-pub const ASK_TIMEOUT: Duration = Duration::from_millis(800);
+pub const ASK_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What one sentinel says of the master.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,56 +157,39 @@ impl Sentinels {
         }
     }
 
-    async fn ask_one(&mut self, i: usize) -> Result<Option<MasterView>, redis::RedisError> {
-        if self.cons[i].is_none() {
-            let client = redis::Client::open(self.info(i))?;
-            let c = tokio::time::timeout(
-                ASK_TIMEOUT,
-                client.get_multiplexed_async_connection_with_config(&config(ASK_TIMEOUT)),
-            )
-            .await
-            .map_err(|_| timed_out())??;
-            self.cons[i] = Some(c);
+    /// Asks every sentinel at once (a hung one costs [`ASK_TIMEOUT`], not
+    /// a turn each) and chooses ([`choose`]). Also says what failed.
+    pub async fn lookup(&mut self) -> (Lookup, Vec<String>) {
+        let mut asks = tokio::task::JoinSet::new();
+        for i in 0..self.cons.len() {
+            let (con, info, master) = (
+                self.cons[i].take(),
+                self.info(i),
+                self.target.master.clone(),
+            );
+            asks.spawn(async move { (i, ask(con, info, master).await) });
         }
-        let Some(con) = self.cons[i].as_mut() else {
-            return Ok(None);
-        };
-        let r: Result<Value, _> = tokio::time::timeout(
-            ASK_TIMEOUT,
-            redis::cmd("SENTINEL")
-                .arg("MASTER")
-                .arg(&self.target.master)
-                .query_async(con),
-        )
-        .await
-        .map_err(|_| timed_out())
-        .and_then(|r| r);
-        match r {
-            Ok(v) => Ok(MasterView::parse(&v)),
-            // "ERR No such master with that name": it answered, knows nothing.
-            Err(e) if e.kind() == redis::ErrorKind::ResponseError => Ok(None),
-            Err(e) => {
-                self.cons[i] = None;
-                Err(e)
+        let mut answers: Vec<(usize, Result<Option<MasterView>, redis::RedisError>)> =
+            Vec::with_capacity(self.cons.len());
+        while let Some(done) = asks.join_next().await {
+            // A panicked ask is a sentinel that did not answer.
+            if let Ok((i, (con, r))) = done {
+                self.cons[i] = con;
+                answers.push((i, r));
             }
         }
-    }
-
-    /// Asks every sentinel, in order, and chooses ([`choose`]).
-    pub async fn lookup(&mut self) -> (Lookup, Vec<String>) {
-        let mut views = Vec::with_capacity(self.cons.len());
+        answers.sort_by_key(|(i, _)| *i);
         let mut problems = Vec::new();
-        for i in 0..self.cons.len() {
-            match self.ask_one(i).await {
-                Ok(v) => views.push(Some(v)),
+        let mut answered = Vec::new();
+        for (i, r) in answers {
+            match r {
+                Ok(v) => answered.push(v),
                 Err(e) => {
                     let (h, p) = &self.target.sentinels[i];
                     problems.push(format!("sentinel {}: {e}", join_host_port(h, *p)));
-                    views.push(None);
                 }
             }
         }
-        let answered: Vec<Option<MasterView>> = views.into_iter().flatten().collect();
         if answered.is_empty() {
             return (Lookup::Unreachable, problems);
         }
@@ -214,6 +197,53 @@ impl Sentinels {
             Some((h, p)) => (Lookup::Master(h, p), problems),
             None => (Lookup::NoMaster, problems),
         }
+    }
+}
+
+/// Asks one sentinel (connecting first when `con` is `None`); gives back
+/// the connection to keep (none after a failure) and its answer (`None`:
+/// it does not know the name).
+async fn ask(
+    con: Option<MultiplexedConnection>,
+    info: ConnectionInfo,
+    master: String,
+) -> (
+    Option<MultiplexedConnection>,
+    Result<Option<MasterView>, redis::RedisError>,
+) {
+    let mut con = match con {
+        Some(c) => c,
+        None => {
+            let connect = async {
+                let client = redis::Client::open(info)?;
+                tokio::time::timeout(
+                    ASK_TIMEOUT,
+                    client.get_multiplexed_async_connection_with_config(&config(ASK_TIMEOUT)),
+                )
+                .await
+                .map_err(|_| timed_out())?
+            };
+            match connect.await {
+                Ok(c) => c,
+                Err(e) => return (None, Err(e)),
+            }
+        }
+    };
+    let r: Result<Value, _> = tokio::time::timeout(
+        ASK_TIMEOUT,
+        redis::cmd("SENTINEL")
+            .arg("MASTER")
+            .arg(&master)
+            .query_async(&mut con),
+    )
+    .await
+    .map_err(|_| timed_out())
+    .and_then(|r| r);
+    match r {
+        Ok(v) => (Some(con), Ok(MasterView::parse(&v))),
+        // "ERR No such master with that name": it answered, knows nothing.
+        Err(e) if e.kind() == redis::ErrorKind::ResponseError => (Some(con), Ok(None)),
+        Err(e) => (None, Err(e)),
     }
 }
 

@@ -905,6 +905,8 @@ pub struct Sentinel {
     child: Option<Child>,
     /// Its `requirepass`, if any.
     password: Option<String>,
+    /// SIGSTOPped ([`Sentinel::pause`]): not asked by the helpers.
+    pub paused: bool,
 }
 
 impl Sentinel {
@@ -944,6 +946,7 @@ impl Sentinel {
             dir,
             child: Some(child),
             password: password.map(str::to_string),
+            paused: false,
         };
         wait_for("a sentinel to answer PING", Duration::from_secs(10), || {
             let mut c = s.try_con()?;
@@ -983,6 +986,14 @@ impl Sentinel {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP: a hung sentinel (accepts connections, never answers).
+    pub fn pause(&mut self) {
+        if let Some(c) = &self.child {
+            signal(c.id(), "STOP");
+            self.paused = true;
         }
     }
 }
@@ -1068,7 +1079,7 @@ impl SentinelSet {
 
     /// The master's port as the sentinels name it (the first that answers).
     pub fn master_port(&self) -> Option<u16> {
-        self.sentinels.iter().find_map(|s| {
+        self.sentinels.iter().filter(|s| !s.paused).find_map(|s| {
             let a: Vec<String> =
                 s.cmd(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])?;
             a.get(1)?.parse().ok()
@@ -1083,7 +1094,7 @@ impl SentinelSet {
     /// Waits until every sentinel names `port` and that node says master.
     pub fn wait_master(&self, port: u16, timeout: Duration) {
         wait_for(&format!("the sentinels to name {port}"), timeout, || {
-            let all = self.sentinels.iter().all(|s| {
+            let all = self.sentinels.iter().filter(|s| !s.paused).all(|s| {
                 s.cmd::<Vec<String>>(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])
                     .and_then(|a| a.get(1).cloned())
                     == Some(port.to_string())
