@@ -247,6 +247,50 @@ async fn ask(
     }
 }
 
+/// Listens for `+switch-master` on the sentinel at `i` until `cancel`,
+/// calling `heard` at each announcement (reconnecting after a failure, at
+/// most once a second). A hint only: the choice is [`Sentinels::lookup`]'s.
+pub async fn listen(
+    target: SentinelTarget,
+    i: usize,
+    heard: impl Fn(),
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    use futures_util::StreamExt;
+    let info = Sentinels::new(target).info(i);
+    loop {
+        let subscribed = async {
+            let client = redis::Client::open(info.clone())?;
+            let mut ps = tokio::time::timeout(ASK_TIMEOUT, client.get_async_pubsub())
+                .await
+                .map_err(|_| timed_out())??;
+            tokio::time::timeout(ASK_TIMEOUT, ps.subscribe("+switch-master"))
+                .await
+                .map_err(|_| timed_out())??;
+            Ok::<_, redis::RedisError>(ps)
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = subscribed => if let Ok(ps) = r {
+                let mut messages = ps.into_on_message();
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        m = messages.next() => match m {
+                            Some(_) => heard(),
+                            None => break,
+                        },
+                    }
+                }
+            },
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 fn timed_out() -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::IoError, "timed out"))
 }

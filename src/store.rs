@@ -11,8 +11,9 @@
 //! itself; the failing call returns an error that callers treat as transient.
 //!
 //! With sentinels, [`Redis::follow`] (one task) asks them every
-//! [`POLL_EVERY`], and at once when a call fails with a lost connection or
-//! `READONLY`, which node is the master ([`crate::sentinel`]). When that
+//! [`POLL_EVERY`], and at once when one announces `+switch-master` or a
+//! call fails with a lost connection or `READONLY`, which node is the
+//! master ([`crate::sentinel`]). When that
 //! changes, every `Conn` moves on its next call — a call still waiting on
 //! the old master is abandoned with an error, so nothing more is written
 //! there — and [`Conn::take_moved`] tells stream readers to replay their own
@@ -410,9 +411,22 @@ impl Redis {
         let Some(target) = self.shared.target.sentinel.clone() else {
             return cancel.cancelled().await;
         };
+        // Each sentinel's +switch-master announcement starts a look at once.
+        let mut listeners = tokio::task::JoinSet::new();
+        for i in 0..target.sentinels.len() {
+            let shared = self.shared.clone();
+            listeners.spawn(sentinel::listen(
+                target.clone(),
+                i,
+                move || shared.nudge.notify_one(),
+                cancel.clone(),
+            ));
+        }
         let mut sentinels = Sentinels::new(target);
         let mut failures = 0u64;
+        let mut last_look;
         loop {
+            last_look = tokio::time::Instant::now();
             match self.look(&mut sentinels).await {
                 Ok(()) => failures = 0,
                 Err(why) => {
@@ -432,9 +446,9 @@ impl Redis {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.shared.nudge.notified() => {
-                    // At most one extra look per POLL_FAST, however many
-                    // calls fail at once.
-                    tokio::time::sleep(POLL_FAST).await;
+                    // At most one look per POLL_FAST, however many calls
+                    // fail at once.
+                    tokio::time::sleep_until(last_look + POLL_FAST).await;
                 }
             }
         }
