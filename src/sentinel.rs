@@ -102,6 +102,8 @@ pub fn choose(views: &[Option<MasterView>]) -> Option<(String, u16)> {
 pub struct Sentinels {
     target: SentinelTarget,
     cons: Vec<Option<MultiplexedConnection>>,
+    /// The sentinels that did not answer the last lookup (for the log).
+    silent: Vec<String>,
 }
 
 impl std::fmt::Debug for Sentinels {
@@ -134,6 +136,35 @@ impl Sentinels {
         Sentinels {
             target,
             cons: (0..n).map(|_| None).collect(),
+            silent: Vec::new(),
+        }
+    }
+
+    /// Logs which sentinels stopped or started answering (`problems` from
+    /// [`Sentinels::lookup`]): one WARN per change, not one per look, so a
+    /// degraded sentinel set is visible while the master is still found.
+    pub fn report(&mut self, problems: &[String]) {
+        let silent: Vec<String> = problems
+            .iter()
+            // "sentinel host:port: error" -> "sentinel host:port"
+            .map(|p| {
+                p.split_once(": ")
+                    .map_or(p.as_str(), |(who, _)| who)
+                    .to_string()
+            })
+            .collect();
+        if silent != self.silent {
+            if problems.is_empty() {
+                tracing::info!("redis: every sentinel answers again");
+            } else {
+                tracing::warn!(
+                    "redis: {} of {} sentinels do not answer: {}",
+                    problems.len(),
+                    self.cons.len(),
+                    problems.join("; ")
+                );
+            }
+            self.silent = silent;
         }
     }
 

@@ -296,14 +296,14 @@ impl Redis {
     }
 
     /// Records what the sentinels said: `Some` node, or `None` (no master).
-    fn publish(&self, found: Option<(String, u16)>) {
+    fn publish(&self, found: Option<(String, u16)>, why: &str) {
         let shared = &self.shared;
         shared.master.send_if_modified(|m| match found {
             None => {
                 if m.node.is_none() {
                     return false;
                 }
-                warn!("redis: no master known: the sentinels name none that is up; every Redis call fails until they do");
+                warn!("redis: no master known ({why}); every Redis call fails until there is one");
                 m.node = None;
                 true
             }
@@ -353,9 +353,7 @@ impl Redis {
 
     async fn look(&self, sentinels: &mut Sentinels) -> Result<(), String> {
         let (found, problems) = sentinels.lookup().await;
-        for p in &problems {
-            debug!("redis: {p}");
-        }
+        sentinels.report(&problems);
         match found {
             Lookup::Master(host, port) => {
                 let same = self
@@ -371,33 +369,36 @@ impl Redis {
                 // The node must say so itself before anything is written there.
                 match sentinel::is_master(&self.node_info(host.clone(), port)).await {
                     Ok(true) => {
-                        self.publish(Some((host, port)));
+                        self.publish(Some((host, port)), "");
                         Ok(())
                     }
                     Ok(false) => {
                         // Named but a replica (demoted behind the sentinels'
                         // back, or not promoted yet): nowhere to write.
-                        self.publish(None);
-                        Err(format!(
+                        let why = format!(
                             "the sentinels name {} but it is not a master (yet)",
                             join_host_port(&host, port)
-                        ))
+                        );
+                        self.publish(None, &why);
+                        Err(why)
                     }
                     Err(e) => {
-                        self.publish(None);
-                        Err(format!(
+                        let why = format!(
                             "the sentinels name {}, which does not answer: {e}",
                             join_host_port(&host, port)
-                        ))
+                        );
+                        self.publish(None, &why);
+                        Err(why)
                     }
                 }
             }
             Lookup::NoMaster => {
-                self.publish(None);
-                Err(format!(
+                let why = format!(
                     "the sentinels name no master {:?} that is up",
                     sentinels.master_name()
-                ))
+                );
+                self.publish(None, &why);
+                Err(why)
             }
             // Nobody to ask: keep the master we have (its connections still
             // work or fail by themselves).

@@ -195,6 +195,8 @@ fn a_sigkilled_master_fails_over_with_a_sentinel_hung_and_every_later_plan_gets_
     // The first sentinel the daemon asks hangs: it must be skipped (the
     // other two still make the quorum and elect a leader).
     set.sentinels[0].pause();
+    let hung = d.wait_log("1 of 3 sentinels do not answer", T);
+    assert!(hung.contains(&set.sentinels[0].addr()), "{hung}");
     let sentinels: Vec<u16> = set.sentinels[1..].iter().map(|s| s.port).collect();
     let mut producer = Producer::start(sentinels, "kill");
     wait_for("plans flowing through the first master", T, || {
