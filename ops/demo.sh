@@ -12,10 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . ops/lib.sh
 
-need=()
-{ command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || need+=(redis-server)
-command -v curl >/dev/null 2>&1 || need+=(curl)
-install_missing demo "${need[@]}"
+need_redis_and_curl demo
 echo "demo: building (release; the first build takes about 1.5 minutes on 2 cores)"
 cargo build --release --bins
 BIN=target/release

@@ -15,10 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . ops/lib.sh
 
-need=()
-{ command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || need+=(redis-server)
-command -v curl >/dev/null 2>&1 || need+=(curl)
-install_missing drill "${need[@]}"
+need_redis_and_curl drill
 echo "drill: building (release)"
 cargo build --release --bins --quiet
 BIN=target/release

@@ -13,6 +13,14 @@ install_missing() {
   $sudo env PATH="$sys_path" DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# need_redis_and_curl WHO: redis-server, redis-cli and curl, installed when missing.
+need_redis_and_curl() {
+  local need=()
+  { command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || need+=(redis-server)
+  command -v curl >/dev/null 2>&1 || need+=(curl)
+  install_missing "$1" "${need[@]}"
+}
+
 # free_port: a loopback port nothing listens on (bash's /dev/tcp, no python),
 # below the kernel's ephemeral range so no outgoing connection holds it.
 free_port() {

@@ -170,6 +170,24 @@ fn count_on_new_master(
     (stop, counts, listener, Instant::now())
 }
 
+/// After the switch to `node`: counts permit SETs there from now on, waits
+/// for 200 plans the producer XADDs there meanwhile, stops it, and checks
+/// each got exactly one permit and nothing is left pending. Returns them.
+fn each_later_plan_permitted_once(
+    node: &Redis,
+    producer: &mut Producer,
+    last: &str,
+) -> Vec<String> {
+    let (stop, counts, listener, since) = count_on_new_master(node);
+    wait_for("200 plans on the new master", FAILOVER, || {
+        (producer.on_since(node.port, Some(since)).len() >= 200).then_some(())
+    });
+    producer.stop();
+    let after = producer.on_since(node.port, Some(since));
+    assert_each_permitted_once(&mut node.con(), &counts, stop, listener, &after, last);
+    after
+}
+
 /// SIGKILLs the master under load and waits for the promotion; returns the
 /// new master's port, having seen `/readyz` 503 while no master was known.
 fn kill_master_and_wait(set: &mut SentinelSet, d: &Daemon) -> u16 {
@@ -203,20 +221,7 @@ fn a_sigkilled_master_fails_over_with_a_sentinel_hung_and_every_later_plan_gets_
         (producer.on(set.nodes[0].port).len() >= 50).then_some(())
     });
     kill_master_and_wait(&mut set, &d);
-    let (stop, counts, listener, since) = count_on_new_master(&set.nodes[1]);
-    wait_for("200 plans on the new master", FAILOVER, || {
-        (producer.on_since(new, Some(since)).len() >= 200).then_some(())
-    });
-    producer.stop();
-    let after = producer.on_since(new, Some(since));
-    assert_each_permitted_once(
-        &mut set.nodes[1].con(),
-        &counts,
-        stop,
-        listener,
-        &after,
-        "kill-last",
-    );
+    let after = each_later_plan_permitted_once(&set.nodes[1], &mut producer, "kill-last");
     let switched = d.wait_log(
         &format!(
             "master switched from 127.0.0.1:{} to 127.0.0.1:{new}",
@@ -253,20 +258,7 @@ fn a_graceful_sentinel_failover_moves_every_write_and_ctl_follows() {
         (ok == "OK").then_some(())
     });
     set.wait_master(new, FAILOVER);
-    let (stop, counts, listener, since) = count_on_new_master(&set.nodes[1]);
-    wait_for("200 plans on the new master", FAILOVER, || {
-        (producer.on_since(new, Some(since)).len() >= 200).then_some(())
-    });
-    producer.stop();
-    let after = producer.on_since(new, Some(since));
-    assert_each_permitted_once(
-        &mut set.nodes[1].con(),
-        &counts,
-        stop,
-        listener,
-        &after,
-        "graceful-last",
-    );
+    each_later_plan_permitted_once(&set.nodes[1], &mut producer, "graceful-last");
     d.wait_log(
         &format!("master switched from 127.0.0.1:{old} to 127.0.0.1:{new}"),
         T,
