@@ -100,12 +100,16 @@ pub struct SentinelTarget {
 impl SentinelTarget {
     /// `host:port,host:port` (IPv6 hosts in brackets).
     pub fn addresses(&self) -> String {
-        self.sentinels
-            .iter()
-            .map(|(h, p)| join_host_port(h, *p))
-            .collect::<Vec<_>>()
-            .join(",")
+        join_addresses(&self.sentinels)
     }
+}
+
+/// `host:port,host:port` (IPv6 hosts in brackets).
+fn join_addresses(list: &[(String, u16)]) -> String {
+    list.iter()
+        .map(|(h, p)| join_host_port(h, *p))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `host:port`, with an IPv6 host in brackets.
@@ -389,11 +393,7 @@ impl Value {
             Value::Secret(_) => "[redacted]".to_string(),
             Value::Rate(r) => r.to_string(),
             Value::Count(n) => n.to_string(),
-            Value::Sentinels(l) => l
-                .iter()
-                .map(|(h, p)| join_host_port(h, *p))
-                .collect::<Vec<_>>()
-                .join(","),
+            Value::Sentinels(l) => join_addresses(l),
         }
     }
 }

@@ -112,6 +112,42 @@ impl std::fmt::Debug for Sentinels {
     }
 }
 
+/// How to reach sentinel `i` of `target` (its own password, no database).
+fn sentinel_info(target: &SentinelTarget, i: usize) -> ConnectionInfo {
+    let (host, port) = &target.sentinels[i];
+    ConnectionInfo {
+        addr: ConnectionAddr::Tcp(host.clone(), *port),
+        redis: RedisConnectionInfo {
+            password: target.password.as_ref().map(|s| s.expose().to_string()),
+            ..Default::default()
+        },
+    }
+}
+
+/// A sentinel that did not answer a lookup, and why.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// `host:port`.
+    pub sentinel: String,
+    /// The error.
+    pub error: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sentinel {}: {}", self.sentinel, self.error)
+    }
+}
+
+/// `a; b; c`.
+pub fn join(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(Problem::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// What asking the sentinels gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -143,16 +179,8 @@ impl Sentinels {
     /// Logs which sentinels stopped or started answering (`problems` from
     /// [`Sentinels::lookup`]): one WARN per change, not one per look, so a
     /// degraded sentinel set is visible while the master is still found.
-    pub fn report(&mut self, problems: &[String]) {
-        let silent: Vec<String> = problems
-            .iter()
-            // "sentinel host:port: error" -> "sentinel host:port"
-            .map(|p| {
-                p.split_once(": ")
-                    .map_or(p.as_str(), |(who, _)| who)
-                    .to_string()
-            })
-            .collect();
+    pub fn report(&mut self, problems: &[Problem]) {
+        let silent: Vec<String> = problems.iter().map(|p| p.sentinel.clone()).collect();
         if silent != self.silent {
             if problems.is_empty() {
                 tracing::info!("redis: every sentinel answers again");
@@ -161,7 +189,7 @@ impl Sentinels {
                     "redis: {} of {} sentinels do not answer: {}",
                     problems.len(),
                     self.cons.len(),
-                    problems.join("; ")
+                    join(problems)
                 );
             }
             self.silent = silent;
@@ -173,53 +201,43 @@ impl Sentinels {
         &self.target.master
     }
 
-    fn info(&self, i: usize) -> ConnectionInfo {
-        let (host, port) = &self.target.sentinels[i];
-        ConnectionInfo {
-            addr: ConnectionAddr::Tcp(host.clone(), *port),
-            redis: RedisConnectionInfo {
-                password: self
-                    .target
-                    .password
-                    .as_ref()
-                    .map(|s| s.expose().to_string()),
-                ..Default::default()
-            },
-        }
-    }
-
     /// Asks every sentinel at once (a hung one costs [`ASK_TIMEOUT`], not
     /// a turn each) and chooses ([`choose`]). Also says what failed.
-    pub async fn lookup(&mut self) -> (Lookup, Vec<String>) {
+    pub async fn lookup(&mut self) -> (Lookup, Vec<Problem>) {
         let mut asks = tokio::task::JoinSet::new();
         for i in 0..self.cons.len() {
             let (con, info, master) = (
                 self.cons[i].take(),
-                self.info(i),
+                sentinel_info(&self.target, i),
                 self.target.master.clone(),
             );
             asks.spawn(async move { (i, ask(con, info, master).await) });
         }
-        let mut answers: Vec<(usize, Result<Option<MasterView>, redis::RedisError>)> =
-            Vec::with_capacity(self.cons.len());
+        let mut answers: Vec<Option<Result<Option<MasterView>, redis::RedisError>>> =
+            (0..self.cons.len()).map(|_| None).collect();
         while let Some(done) = asks.join_next().await {
-            // A panicked ask is a sentinel that did not answer.
             if let Ok((i, (con, r))) = done {
                 self.cons[i] = con;
-                answers.push((i, r));
+                answers[i] = Some(r);
             }
         }
-        answers.sort_by_key(|(i, _)| *i);
         let mut problems = Vec::new();
         let mut answered = Vec::new();
-        for (i, r) in answers {
-            match r {
-                Ok(v) => answered.push(v),
-                Err(e) => {
-                    let (h, p) = &self.target.sentinels[i];
-                    problems.push(format!("sentinel {}: {e}", join_host_port(h, *p)));
+        for (i, r) in answers.into_iter().enumerate() {
+            let error = match r {
+                Some(Ok(v)) => {
+                    answered.push(v);
+                    continue;
                 }
-            }
+                Some(Err(e)) => e.to_string(),
+                // Its ask panicked: a sentinel that did not answer.
+                None => "the lookup failed".to_string(),
+            };
+            let (h, p) = &self.target.sentinels[i];
+            problems.push(Problem {
+                sentinel: join_host_port(h, *p),
+                error,
+            });
         }
         if answered.is_empty() {
             return (Lookup::Unreachable, problems);
@@ -288,7 +306,7 @@ pub async fn listen(
     cancel: tokio_util::sync::CancellationToken,
 ) {
     use futures_util::StreamExt;
-    let info = Sentinels::new(target).info(i);
+    let info = sentinel_info(&target, i);
     loop {
         let subscribed = async {
             let client = redis::Client::open(info.clone())?;

@@ -275,24 +275,13 @@ impl Redis {
         MasterWatch(self.shared.master.subscribe())
     }
 
-    /// The data node at `host:port`: the configured database, password and
-    /// TLS mode.
+    /// The data node at `host:port`: the configured database and password.
     fn node_info(&self, host: String, port: u16) -> ConnectionInfo {
-        let mut info = self.shared.target.info.clone();
-        info.addr = match info.addr {
-            redis::ConnectionAddr::TcpTls {
-                insecure,
-                tls_params,
-                ..
-            } => redis::ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure,
-                tls_params,
-            },
-            _ => redis::ConnectionAddr::Tcp(host, port),
-        };
-        info
+        // Plain TCP: with sentinels there is no REDIS_URL, hence no TLS.
+        ConnectionInfo {
+            addr: redis::ConnectionAddr::Tcp(host, port),
+            redis: self.shared.target.info.redis.clone(),
+        }
     }
 
     /// Records what the sentinels said: `Some` node, or `None` (no master).
@@ -402,7 +391,10 @@ impl Redis {
             }
             // Nobody to ask: keep the master we have (its connections still
             // work or fail by themselves).
-            Lookup::Unreachable => Err(format!("no sentinel answers ({})", problems.join("; "))),
+            Lookup::Unreachable => Err(format!(
+                "no sentinel answers ({})",
+                sentinel::join(&problems)
+            )),
         }
     }
 

@@ -369,6 +369,29 @@ fn sentinel_settings_that_cannot_work_exit_78_before_connecting() {
     }
 }
 
+/// A daemon (tier-3 allowlist BTCUSDT) finding `master` through the one
+/// `sentinel`, with `more` variables.
+fn one_sentinel_env(
+    master: &Redis,
+    sentinel: &Sentinel,
+    more: &[(&str, &str)],
+) -> HashMap<String, String> {
+    let mut env = base_env(master);
+    env.remove("REDIS_URL");
+    for (k, v) in [
+        ("REDIS_SENTINELS", sentinel.addr().as_str()),
+        ("REDIS_SENTINEL_MASTER", SENTINEL_MASTER),
+        ("P33_ALLOWLIST_SOURCE", "env"),
+        ("P33_ALLOWLIST", "BTCUSDT"),
+    ]
+    .into_iter()
+    .chain(more.iter().copied())
+    {
+        env.insert(k.into(), v.into());
+    }
+    env
+}
+
 #[test]
 fn password_protected_sentinels_and_nodes_are_found_and_no_password_is_printed() {
     // The master wants one password, the sentinel another (SPEC §15).
@@ -380,18 +403,14 @@ fn password_protected_sentinels_and_nodes_are_found_and_no_password_is_printed()
     );
     let mut con = master.con();
     set_snapshot(&mut con, "BTCUSDT", "1", now());
-    let mut env = base_env(&master);
-    env.remove("REDIS_URL");
-    for (k, v) in [
-        ("REDIS_SENTINELS", sentinel.addr()),
-        ("REDIS_SENTINEL_MASTER", SENTINEL_MASTER.to_string()),
-        ("REDIS_SENTINEL_PASSWORD", "s3ntinel-pw".to_string()),
-        ("REDIS_PASSWORD", "n0de-pw".to_string()),
-        ("P33_ALLOWLIST_SOURCE", "env".to_string()),
-        ("P33_ALLOWLIST", "BTCUSDT".to_string()),
-    ] {
-        env.insert(k.into(), v);
-    }
+    let mut env = one_sentinel_env(
+        &master,
+        &sentinel,
+        &[
+            ("REDIS_SENTINEL_PASSWORD", "s3ntinel-pw"),
+            ("REDIS_PASSWORD", "n0de-pw"),
+        ],
+    );
     let d = Daemon::start(&env);
     d.wait_log(&format!("redis: master is 127.0.0.1:{}", master.port), T);
     d.wait_log("ready: reading plans", T);
@@ -424,16 +443,7 @@ fn a_master_demoted_behind_the_sentinels_back_is_no_master() {
     let sentinel = Sentinel::start_with(master.port, "", None);
     let mut con = master.con();
     set_snapshot(&mut con, "BTCUSDT", "1", now());
-    let mut env = base_env(&master);
-    env.remove("REDIS_URL");
-    for (k, v) in [
-        ("REDIS_SENTINELS", sentinel.addr()),
-        ("REDIS_SENTINEL_MASTER", SENTINEL_MASTER.to_string()),
-        ("P33_ALLOWLIST_SOURCE", "env".to_string()),
-        ("P33_ALLOWLIST", "BTCUSDT".to_string()),
-    ] {
-        env.insert(k.into(), v);
-    }
+    let env = one_sentinel_env(&master, &sentinel, &[]);
     let d = Daemon::start(&env);
     d.wait_log("ready: reading plans", T);
     push_plan(&mut con, &plan("demoted-1"));
