@@ -254,7 +254,13 @@ pub struct Consumer {
     positioned: Positioned,
     metrics: Arc<Metrics>,
     limits: rules::Limits,
+    /// When the last foreign-permit WARN was logged, and how many were
+    /// replaced since.
+    foreign_log: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
 }
+
+/// At most one foreign-permit WARN per this period (SPEC §6).
+const FOREIGN_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl Consumer {
     /// A consumer for `cfg`.
@@ -279,6 +285,40 @@ impl Consumer {
             positioned,
             metrics,
             limits,
+            foreign_log: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// A foreign permit (`<type>:<reason>`) was replaced by the verdict of
+    /// `plan_id`: counted, and logged at most once per 10 s with the count
+    /// since the last line.
+    fn foreign_replaced(&self, plan_id: &str, foreign: &str) {
+        let (ty, reason) = foreign.split_once(':').unwrap_or((foreign, "-"));
+        // A type is one of Redis's few names (a module's at worst): the label
+        // stays bounded, but is cut all the same.
+        let label: String = ty
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .take(32)
+            .collect();
+        self.metrics
+            .foreign_permits_total
+            .with_label_values(&[&label])
+            .inc();
+        let now = std::time::Instant::now();
+        let Ok(mut g) = self.foreign_log.lock() else {
+            return;
+        };
+        g.1 += 1;
+        if g.0.is_none_or(|last| now.duration_since(last) >= FOREIGN_WARN_EVERY) {
+            warn!(
+                "P3.3 replaced a foreign permit plan {} type={} reason={} ({} replaced since the last such line; another service is writing permits)",
+                id8(plan_id),
+                clip(ty),
+                clip(reason),
+                g.1
+            );
+            *g = (Some(now), 0);
         }
     }
 
@@ -385,12 +425,42 @@ impl Consumer {
             version: env!("CARGO_PKG_VERSION"),
             consumer: &self.cfg.consumer_name,
         };
-        let results = permits::write_batch(con, batch, &writes).await?;
+        let results = match permits::write_batch(con, batch, &writes).await {
+            Ok(r) => r,
+            Err(e) => {
+                if e.code() == Some(permits::GUARD_ERROR) {
+                    // Nothing was written: the batch stays pending.
+                    let detail = e.detail().unwrap_or("");
+                    let key = detail.split_whitespace().next().unwrap_or("?");
+                    self.metrics
+                        .guard_key_errors_total
+                        .with_label_values(&[key])
+                        .inc();
+                    warn!(
+                        "P3.3 cannot record decisions: {} - {} plans stay pending until it is repaired",
+                        clip(detail),
+                        entries.len()
+                    );
+                }
+                return Err(e);
+            }
+        };
         let done = store::now_epoch();
         for ((e, o), res) in entries.iter().zip(&outcomes).zip(results) {
             let label = match o {
                 Outcome::Filtered(f) => self.log_filtered(e, f, &allow),
-                Outcome::Evaluated(ev) => self.log_evaluated(ev, res, done, &batch),
+                Outcome::Evaluated(ev) => {
+                    if let Some(f) = &res.foreign {
+                        self.foreign_replaced(&ev.plan.plan_id, f);
+                    }
+                    if let Written::InvalidGuardState(k) = res.written {
+                        self.metrics
+                            .guard_key_errors_total
+                            .with_label_values(&[&k.name(&batch, &ev.plan.symbol)])
+                            .inc();
+                    }
+                    self.log_evaluated(ev, res.written, done, &batch)
+                }
             };
             self.metrics
                 .plans_total
@@ -566,10 +636,11 @@ impl Consumer {
             | Written::TradingHalted(_)
             | Written::TradingReducing(_)
             | Written::Throttled(_)
+            | Written::InvalidGuardState(_)
             | Written::MaxOpenPositions { .. } => {}
         }
         // What was written (in dry run: what would have been), guards included.
-        let decision = &res.effective(&ev.decision, batch);
+        let decision = &res.effective(&ev.decision, sym, batch);
         let limit = match res {
             Written::Throttled(permits::Scope::Global) => Some("max_opens"),
             Written::Throttled(permits::Scope::Symbol) => Some("max_opens_per_symbol"),

@@ -45,13 +45,26 @@ pub fn trading_state_pattern() -> String {
     format!("{TRADING_STATE}:*")
 }
 
-/// Opening allows of the last window, all symbols (SPEC §13): a sorted set
-/// of entry IDs scored by the time they were granted, ms.
+/// The prefix of the open throttles' sorted sets (SPEC §13).
 pub const OPENS: &str = "quantum:p33:opens";
 
-/// Opening allows of the last window, one symbol (SPEC §13).
-pub fn opens(symbol: &str) -> String {
-    format!("{OPENS}:{symbol}")
+/// Opening allows of the last window, all symbols (SPEC §13): a sorted set
+/// of entry IDs scored by the time they were granted, ms. One set per
+/// window length, so that instances configured with different windows never
+/// trim each other's counts; instances with the same window share one.
+pub fn opens(window_ms: u64) -> String {
+    format!("{OPENS}:{window_ms}ms")
+}
+
+/// Opening allows of the last window, one symbol (SPEC §13); one set per
+/// window length, as [`opens`].
+pub fn opens_symbol(window_ms: u64, symbol: &str) -> String {
+    format!("{OPENS}:{window_ms}ms:{symbol}")
+}
+
+/// A name in the throttles' family, for a key slot a script never touches.
+pub fn opens_unused(rest: &str) -> String {
+    format!("{OPENS}:{rest}")
 }
 
 /// Symbols granted an open while flat, within the permit TTL (SPEC §13

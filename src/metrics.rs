@@ -69,6 +69,12 @@ pub struct Metrics {
     pub symbol_overrides: GaugeVec,
     /// `p33_limit_denies_total{limit}` (SPEC §13).
     pub limit_denies_total: IntCounterVec,
+    /// `p33_foreign_permits_total{type}`: permit keys of another type
+    /// (another service's "permits") replaced by a verdict (SPEC §6).
+    pub foreign_permits_total: IntCounterVec,
+    /// `p33_guard_key_errors_total{key}`: opens denied, or batches left
+    /// pending, because a key a guard needs was unusable (SPEC §11).
+    pub guard_key_errors_total: IntCounterVec,
     /// `p33_throttle_latch_tripped`: 1 while the latch holds the state.
     pub throttle_latch_tripped: IntGauge,
     /// `p33_build_info{version}`.
@@ -268,6 +274,16 @@ impl Metrics {
                 "Opening allows turned into denies by an automatic limit, by limit.",
                 &["limit"],
             ),
+            foreign_permits_total: iv(
+                "p33_foreign_permits_total",
+                "Permit keys of another type (another service's permits) replaced by a P3.3 verdict.",
+                &["type"],
+            ),
+            guard_key_errors_total: iv(
+                "p33_guard_key_errors_total",
+                "Opens denied invalid_guard_state, or batches left pending, because a guard key was unusable.",
+                &["key"],
+            ),
             watchdog_pings_total: reg(
                 &r,
                 IntCounter::new("p33_watchdog_pings_total", "systemd WATCHDOG=1 notifications sent.")
@@ -292,6 +308,7 @@ impl Metrics {
         for l in ["max_opens", "max_opens_per_symbol", "max_open_positions"] {
             m.limit_denies_total.with_label_values(&[l]).inc_by(0);
         }
+        m.foreign_permits_total.with_label_values(&["hash"]).inc_by(0);
         for t in crate::domain::TradingState::ALL {
             m.trading_state.with_label_values(&[t.as_str()]).set(0.0);
             m.symbol_overrides.with_label_values(&[t.as_str()]).set(0.0);

@@ -256,6 +256,34 @@ impl Scope {
     }
 }
 
+/// A guard key of the write script that an open needs (SPEC §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardKey {
+    /// The global throttle's sorted set.
+    Opens,
+    /// The symbol's throttle sorted set.
+    OpensSymbol,
+    /// The position cap's sorted set.
+    OpenPositions,
+    /// The control stream (the latch's entry).
+    Control,
+}
+
+impl GuardKey {
+    /// The key's name in this batch.
+    pub fn name(self, b: &Batch<'_>, symbol: &str) -> String {
+        match self {
+            GuardKey::Opens => opens_key(b),
+            GuardKey::OpensSymbol => b.max_opens_per_symbol.map_or_else(
+                || keys::unused(keys::opens_unused),
+                |r| keys::opens_symbol(window_ms(r), symbol),
+            ),
+            GuardKey::OpenPositions => keys::OPEN_POSITIONS.to_string(),
+            GuardKey::Control => keys::CONTROL_STREAM.to_string(),
+        }
+    }
+}
+
 /// What the script did with one entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -276,6 +304,9 @@ pub enum Written {
     TradingReducing(Scope),
     /// ACKed and `throttled` written instead of the open (SPEC §13).
     Throttled(Scope),
+    /// ACKed and `invalid_guard_state` written instead of the open: a key
+    /// a guard needs holds another type, or a stream cannot take an entry.
+    InvalidGuardState(GuardKey),
     /// ACKed and `max_open_positions` written instead of the open, with
     /// the symbols in flight the script counted.
     MaxOpenPositions {
@@ -287,7 +318,7 @@ pub enum Written {
 impl Written {
     /// The decision that was written (or, in dry run, would have been):
     /// the evaluated one, or the deny a guard put in its place.
-    pub fn effective(self, evaluated: &Decision, b: &Batch<'_>) -> Decision {
+    pub fn effective(self, evaluated: &Decision, symbol: &str, b: &Batch<'_>) -> Decision {
         let Decision::Allow(a) = evaluated else {
             return evaluated.clone();
         };
@@ -302,6 +333,7 @@ impl Written {
         };
         match self {
             Written::HoldDenied => Decision::Deny(hold_deny(a.exchange_amt, a.ledger_amt)),
+            Written::InvalidGuardState(k) => Decision::Deny(broken_deny(&k.name(b, symbol))),
             Written::TradingHalted(s) => trading(Reason::TradingHalted, s),
             Written::TradingReducing(s) => trading(Reason::TradingReducing, s),
             Written::MaxOpenPositions { in_flight } => Decision::Deny(Deny {
@@ -367,12 +399,85 @@ pub struct Batch<'a> {
 
 /// The limit and window (ms) of a throttle for the script; 0: off.
 fn rate_args(r: Option<Rate>) -> (u32, u64) {
-    r.map_or((0, 0), |r| {
-        (
-            r.limit,
-            u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX),
-        )
+    r.map_or((0, 0), |r| (r.limit, window_ms(r)))
+}
+
+/// A throttle's window in ms (the name of its sorted sets).
+pub fn window_ms(r: Rate) -> u64 {
+    u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The `invalid_guard_state` deny naming a broken key, as a batch template
+/// (`__KEY__` where the key goes).
+fn guard_template(now: f64) -> String {
+    deny_json("__PLAN__", "__SYMBOL__", &broken_deny("__KEY__"), now)
+}
+
+/// The deny of an open whose guard key cannot be used (SPEC §11).
+pub fn broken_deny(key: &str) -> Deny {
+    let mut context = serde_json::Map::new();
+    context.insert("key".into(), Value::from(key));
+    Deny {
+        reason: Reason::InvalidGuardState,
+        context,
+    }
+}
+
+/// The batch's settings: the script's one JSON header (`ARGV[1]`).
+fn header(b: &Batch<'_>) -> String {
+    let (max_g, win_g) = rate_args(b.max_opens);
+    let (max_s, win_s) = rate_args(b.max_opens_per_symbol);
+    let latch_reason = b.max_opens.map_or_else(String::new, |r| {
+        format!("throttle latch: more than P33_MAX_OPENS={r} opening allows")
+    });
+    json!({
+        "stream": b.stream,
+        "group": b.group,
+        "ttl": b.ttl_ms,
+        "default_state": b.default_state.as_str(),
+        "dry": b.dry_run,
+        "halted": trading_deny_template(Reason::TradingHalted, b.now),
+        "reducing": trading_deny_template(Reason::TradingReducing, b.now),
+        "guard": guard_template(b.now),
+        "max_g": max_g,
+        "win_g": win_g,
+        "max_s": max_s,
+        "win_s": win_s,
+        "throttled_g": throttled_template(Scope::Global, b.max_opens, b.now),
+        "throttled_s": throttled_template(Scope::Symbol, b.max_opens_per_symbol, b.now),
+        "latch": b.latch,
+        "latch_reason": latch_reason,
+        "cap": b.max_open_positions.unwrap_or(0),
+        "positioned": b.positioned,
+        "cap_tmpl": cap_template(b.max_open_positions, b.now),
+        "maxlen": b.decisions_maxlen,
+        "config": b.config_hash,
+        "version": b.version,
+        "consumer": b.consumer,
     })
+    .to_string()
+}
+
+/// The error code of the script's refusal to write a batch whose record
+/// stream cannot take the records (SPEC §11): nothing was written.
+pub const GUARD_ERROR: &str = "P33GUARD";
+
+/// The global throttle's key for this batch (an unused name while off).
+fn opens_key(b: &Batch<'_>) -> String {
+    b.max_opens.map_or_else(
+        || keys::unused(keys::opens_unused),
+        |r| keys::opens(window_ms(r)),
+    )
+}
+
+/// What the script did with one entry, and the foreign permit it replaced
+/// (`<type>:<reason>`), if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done {
+    /// What was written.
+    pub written: Written,
+    /// A permit key of another type that was deleted and replaced.
+    pub foreign: Option<String>,
 }
 
 /// Writes a batch atomically; one result per write, in order. In dry run
@@ -381,52 +486,20 @@ pub async fn write_batch(
     con: &mut crate::store::Conn,
     b: Batch<'_>,
     writes: &[Write],
-) -> Result<Vec<Written>, redis::RedisError> {
+) -> Result<Vec<Done>, redis::RedisError> {
     if writes.is_empty() {
         return Ok(Vec::new());
     }
     let mut inv = crate::scripts::WRITE_PERMITS.prepare_invoke();
     inv.key(keys::TRADING_STATE)
-        .key(keys::OPENS)
+        .key(opens_key(&b))
         .key(keys::CONTROL_STREAM)
         .key(keys::OPEN_POSITIONS)
         .key(keys::DECISIONS_STREAM);
-    let (max_g, win_g) = rate_args(b.max_opens);
-    let (max_s, win_s) = rate_args(b.max_opens_per_symbol);
-    let latch_reason = b.max_opens.map_or_else(String::new, |r| {
-        format!("throttle latch: more than P33_MAX_OPENS={r} opening allows")
-    });
-    inv.arg(b.stream)
-        .arg(b.group)
-        .arg(b.ttl_ms)
-        .arg(b.default_state.as_str())
-        .arg(if b.dry_run { "1" } else { "0" })
-        .arg(trading_deny_template(Reason::TradingHalted, b.now))
-        .arg(trading_deny_template(Reason::TradingReducing, b.now))
-        .arg(max_g)
-        .arg(win_g)
-        .arg(max_s)
-        .arg(win_s)
-        .arg(throttled_template(Scope::Global, b.max_opens, b.now))
-        .arg(throttled_template(
-            Scope::Symbol,
-            b.max_opens_per_symbol,
-            b.now,
-        ))
-        .arg(if b.latch { "1" } else { "0" })
-        .arg(latch_reason)
-        .arg(b.max_open_positions.unwrap_or(0))
-        .arg(b.ttl_ms)
-        .arg(b.positioned.len())
-        .arg(b.positioned.join(","))
-        .arg(cap_template(b.max_open_positions, b.now))
-        .arg(b.decisions_maxlen)
-        .arg(b.config_hash)
-        .arg(b.version)
-        .arg(b.consumer);
+    inv.arg(header(&b));
     // Unused key slots still need a name; the ACK-only placeholder is never
     // touched, nor is the per-symbol throttle key while that throttle is off.
-    let unused_opens = keys::unused(keys::opens);
+    let unused_opens = keys::unused(keys::opens_unused);
     for w in writes {
         match w {
             Write::AckOnly { entry_id, record } => {
@@ -451,11 +524,10 @@ pub async fn write_batch(
                 inv.key(keys::permit(plan_id))
                     .key(keys::hold(symbol))
                     .key(keys::trading_state(symbol));
-                if b.max_opens_per_symbol.is_some() {
-                    inv.key(keys::opens(symbol));
-                } else {
-                    inv.key(&unused_opens);
-                }
+                match b.max_opens_per_symbol {
+                    Some(r) => inv.key(keys::opens_symbol(window_ms(r), symbol)),
+                    None => inv.key(&unused_opens),
+                };
                 inv.arg(entry_id).arg(guard.mode()).arg(body).arg(hold);
                 if b.decisions_maxlen > 0 {
                     record_args(&mut inv, record);
@@ -463,34 +535,45 @@ pub async fn write_batch(
             }
         }
     }
-    let codes: Vec<i64> = inv.invoke_async(con).await?;
-    if codes.len() != writes.len() {
+    let rows: Vec<(i64, String)> = inv.invoke_async(con).await?;
+    if rows.len() != writes.len() {
         return Err(script_error(format!(
             "write script returned {} results for {} entries",
-            codes.len(),
+            rows.len(),
             writes.len()
         )));
     }
-    codes
-        .into_iter()
-        .map(|c| match c {
-            0 => Ok(Written::AlreadyAcked),
-            1 => Ok(Written::Acked),
-            2 => Ok(Written::Permit),
-            3 => Ok(Written::HoldDenied),
-            4 => Ok(Written::DuplicatePlanId),
-            5 => Ok(Written::TradingHalted(Scope::Global)),
-            6 => Ok(Written::TradingHalted(Scope::Symbol)),
-            7 => Ok(Written::TradingReducing(Scope::Global)),
-            8 => Ok(Written::TradingReducing(Scope::Symbol)),
-            9 => Ok(Written::Throttled(Scope::Global)),
-            10 => Ok(Written::Throttled(Scope::Symbol)),
-            c if (1000..1_000_000).contains(&c) => Ok(Written::MaxOpenPositions {
-                in_flight: (c - 1000) as u32,
-            }),
-            other => Err(script_error(format!(
-                "write script returned the unknown code {other}"
-            ))),
+    rows.into_iter()
+        .map(|(c, foreign)| {
+            let written = match c {
+                0 => Written::AlreadyAcked,
+                1 => Written::Acked,
+                2 => Written::Permit,
+                3 => Written::HoldDenied,
+                4 => Written::DuplicatePlanId,
+                5 => Written::TradingHalted(Scope::Global),
+                6 => Written::TradingHalted(Scope::Symbol),
+                7 => Written::TradingReducing(Scope::Global),
+                8 => Written::TradingReducing(Scope::Symbol),
+                9 => Written::Throttled(Scope::Global),
+                10 => Written::Throttled(Scope::Symbol),
+                11 => Written::InvalidGuardState(GuardKey::Opens),
+                12 => Written::InvalidGuardState(GuardKey::OpensSymbol),
+                13 => Written::InvalidGuardState(GuardKey::OpenPositions),
+                14 => Written::InvalidGuardState(GuardKey::Control),
+                c if (1000..1_000_000).contains(&c) => Written::MaxOpenPositions {
+                    in_flight: (c - 1000) as u32,
+                },
+                other => {
+                    return Err(script_error(format!(
+                        "write script returned the unknown code {other}"
+                    )))
+                }
+            };
+            Ok(Done {
+                written,
+                foreign: (!foreign.is_empty()).then_some(foreign),
+            })
         })
         .collect()
 }

@@ -224,6 +224,9 @@ pub fn decide(case: &Case, cfg: &Config) -> Outcome {
     if !reconcile && g["hold"] == true {
         return deny("reconcile_hold_active");
     }
+    if open && g["broken"].is_string() {
+        return deny("invalid_guard_state");
+    }
     if open {
         let count = |k: &str| g[k].as_u64();
         if let (Some(r), Some(c)) = (cfg.max_opens, count("opens_global")) {

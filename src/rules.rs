@@ -190,6 +190,10 @@ pub enum Reason {
     Throttled,
     /// The position cap is reached (SPEC §13; counted in the atomic write).
     MaxOpenPositions,
+    /// A key a guard of the atomic write needs (a limit's counter, the
+    /// control stream for the latch) holds another type or cannot take an
+    /// entry: the open is denied rather than judged without it (SPEC §11).
+    InvalidGuardState,
 }
 
 impl Reason {
@@ -215,6 +219,7 @@ impl Reason {
             Reason::TradingReducing => "trading_reducing",
             Reason::Throttled => "throttled",
             Reason::MaxOpenPositions => "max_open_positions",
+            Reason::InvalidGuardState => "invalid_guard_state",
         }
     }
 }

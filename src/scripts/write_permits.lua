@@ -1,47 +1,60 @@
 -- write_permits.lua: a batch's permits and ACKs, atomically (SPEC §4-§6,
--- §12, §13). Every guard that must hold at the instant of the write lives
--- here: the no-overwrite rule, the trading state (kill switch), the
--- reconcile hold, then the open throttles. A change made before this script
--- runs is in force for every permit it writes, and the throttles' counts are
--- shared by every instance.
+-- §11-§13). Every guard that must hold at the instant of the write lives
+-- here: the no-overwrite rule (and the replacement of foreign permits), the
+-- trading state (kill switch), the reconcile hold, then the open throttles
+-- and the position cap. A change made before this script runs is in force
+-- for every permit it writes, and the limits' counts are shared by every
+-- instance.
+--
+-- Nothing that can fail is done after the first write: every key the
+-- script may write or read with a typed command is checked first (its type,
+-- a stream's last ID), because Redis keeps a script's writes made before an
+-- error. The decision record's stream unusable -> an error reply before any
+-- write (P33GUARD <key> <why>): the batch stays pending. A counter key or
+-- the control stream unusable -> the opens that need it are denied
+-- invalid_guard_state {key}.
 --
 -- KEYS[1]  quantum:p33:trading_state (the global state; set by the latch)
--- KEYS[2]  quantum:p33:opens (global open throttle, sorted set)
+-- KEYS[2]  quantum:p33:opens:<window>ms (global open throttle, sorted set;
+--          one per window, so instances with different windows never trim
+--          each other's counts)
 -- KEYS[3]  quantum:stream:p33.control (the latch's control entry)
 -- KEYS[4]  quantum:p33:open_positions (symbols granted an open while flat,
 --          sorted set scored by the time, ms; P33_MAX_OPEN_POSITIONS)
 -- KEYS[5]  quantum:stream:p33.decisions (the decision record, SPEC §14)
 -- KEYS     then per entry i, four keys from KEYS[6 + 4(i-1)]:
---            quantum:permit:p33:<plan_id>          (written)
---            quantum:reconcile:hold:<symbol>       (read)
---            quantum:p33:trading_state:<symbol>    (read)
---            quantum:p33:opens:<symbol>            (per-symbol throttle)
+--            quantum:permit:p33:<plan_id>           (written)
+--            quantum:reconcile:hold:<symbol>        (read)
+--            quantum:p33:trading_state:<symbol>     (read)
+--            quantum:p33:opens:<window>ms:<symbol>  (per-symbol throttle)
 --          An ACK-only entry fills its slots with unused names.
--- ARGV[1]  the plan stream
--- ARGV[2]  the consumer group
--- ARGV[3]  the permit TTL, ms
--- ARGV[4]  the global state while KEYS[1] is missing (P33_DEFAULT_TRADING_STATE)
--- ARGV[5]  '1' in dry run: ACK and decide, write nothing
--- ARGV[6]  the trading_halted deny template, ARGV[7] the trading_reducing
---          one: permit JSON with the literals __SCOPE__ ("global" or
---          "symbol"), __PLAN__ (the plan_id, JSON-escaped) and __SYMBOL__
---          where they go; the plan_id and the symbol are taken from the
---          entry's permit and hold keys
--- ARGV[8]  P33_MAX_OPENS limit (0: off)       ARGV[9]  its window, ms
--- ARGV[10] P33_MAX_OPENS_PER_SYMBOL limit     ARGV[11] its window, ms
--- ARGV[12] the throttled deny template, global scope; ARGV[13] symbol scope
---          (the same placeholders; limit and window already filled in)
--- ARGV[14] '1': P33_THROTTLE_LATCH            ARGV[15] the latch's reason
--- ARGV[16] P33_MAX_OPEN_POSITIONS (0: off)     ARGV[17] the permit TTL, ms
--- ARGV[18] how many allowlisted symbols hold a position now
--- ARGV[19] those symbols, comma separated
--- ARGV[20] the max_open_positions deny template (placeholders as above,
---          plus "__POSITIONS__" and "__INFLIGHT__", quotes included, where
---          the two counts go as numbers)
--- ARGV[21] P33_DECISIONS_MAXLEN (0: no record)  ARGV[22] the config hash
--- ARGV[23] the version                           ARGV[24] the consumer name
--- ARGV     then per entry i, eleven values from ARGV[25 + 11(i-1)] (four,
---          from ARGV[25 + 4(i-1)], when the record is off):
+--
+-- ARGV[1]  the batch's settings, one JSON object (decoded once):
+--            stream, group        the plan stream and its consumer group
+--            ttl                  the permit TTL, ms
+--            default_state        the global state while KEYS[1] is missing
+--            dry                  true in dry run: ACK and decide, write nothing
+--            halted, reducing     the trading_halted / trading_reducing deny
+--                                 templates: permit JSON with the literals
+--                                 __SCOPE__ ("global" or "symbol"), __PLAN__
+--                                 (the plan_id, JSON-escaped) and __SYMBOL__;
+--                                 the plan_id and the symbol are taken from
+--                                 the entry's permit and hold keys
+--            guard                the invalid_guard_state template (__KEY__
+--                                 where the broken key's name goes)
+--            max_g, win_g         P33_MAX_OPENS limit (0: off), window ms
+--            max_s, win_s         P33_MAX_OPENS_PER_SYMBOL, the same
+--            throttled_g, throttled_s   the throttled templates
+--            latch, latch_reason  P33_THROTTLE_LATCH and the entry's reason
+--            cap                  P33_MAX_OPEN_POSITIONS (0: off)
+--            positioned           the allowlisted symbols holding a position
+--            cap_tmpl             the max_open_positions template ("__POSITIONS__"
+--                                 and "__INFLIGHT__", quotes included, where
+--                                 the two counts go as numbers)
+--            maxlen               P33_DECISIONS_MAXLEN (0: no record)
+--            config, version, consumer   the record's fields
+-- ARGV     then per entry i, eleven values from ARGV[2 + 11(i-1)] (four,
+--          from ARGV[2 + 4(i-1)], when the record is off):
 --            entry ID, mode, permit body, hold-deny body, then the record:
 --            plan_id, symbol, outcome ('' for an evaluated plan: the script
 --            decides allow/deny/dry_run_*), reason (the rules'), safe_qty,
@@ -50,24 +63,32 @@
 --          mode '0' = ACK only
 --               '1' = a deny, written as evaluated
 --               '2' = an allow that closes: trading state, then hold
---               '3' = an allow that opens: trading state (REDUCING too), then hold
+--               '3' = an allow that opens: trading state (REDUCING too), hold,
+--                     then the limits
 --               '4' = a reconcile-close allow: trading state only
 --
--- A state is ACTIVE, REDUCING or HALTED (any case); any other value, or a
--- key of another type, is HALTED (fail closed). A plan's state is the
--- stricter of the global one and its symbol's.
+-- A state is ACTIVE, REDUCING or HALTED (any case, ASCII blanks trimmed); any
+-- other value, a value longer than 16 bytes, or a key of another type, is
+-- HALTED (fail closed). A plan's state is the stricter of the global one and
+-- its symbol's.
 --
--- Returns one code per entry:
+-- Returns one row per entry: {code, foreign}, foreign being '' or, when a
+-- permit key of another type (a foreign permit, SPEC §6) was deleted and
+-- replaced, '<type>:<its reason field, or ->'. Codes:
 --   0  the entry was not pending any more (another consumer finished it):
 --      nothing written
 --   1  ACKed, no permit (as asked)
 --   2  ACKed, permit written as evaluated
 --   3  ACKed, hold denial written instead of the allow
---   4  ACKed, nothing written: a permit for this plan_id already exists
---      (an earlier entry with the same id); a permit is never overwritten
+--   4  ACKed, nothing written: a permit (a string) for this plan_id already
+--      exists (an earlier entry with the same id); a verdict is never
+--      overwritten
 --   5  ACKed, trading_halted written (global)      6  the same, symbol
 --   7  ACKed, trading_reducing written (global)    8  the same, symbol
 --   9  ACKed, throttled written (global)          10  the same, symbol
+--  11  ACKed, invalid_guard_state written: KEYS[2] unusable
+--  12  the same, the entry's per-symbol throttle key
+--  13  the same, KEYS[4]                          14  the same, KEYS[3]
 --  1000 + n  ACKed, max_open_positions written, n symbols in flight
 -- In dry run the codes say what would have been written, and nothing is
 -- counted or latched.
@@ -90,16 +111,57 @@ local function state_of(key, default)
   local t = redis.call('TYPE', key).ok
   if t == 'none' then return default end
   if t ~= 'string' then return 'HALTED' end
+  -- Bounded before any string work: a long value is no state.
+  if redis.call('STRLEN', key) > 16 then return 'HALTED' end
   local v = string.upper(redis.call('GET', key))
   v = string.match(v, '^%s*(.-)%s*$')
   if RANK[v] then return v end
   return 'HALTED'
 end
 
--- The deny a trading state writes, from its template. Replacements go
--- through functions, so no character of a plan_id is read as a pattern.
+-- Why a stream cannot take an XADD (nil when it can).
+local MAX_ID = '18446744073709551615-18446744073709551615'
+local function stream_problem(key)
+  local t = redis.call('TYPE', key).ok
+  if t == 'none' then return nil end
+  if t ~= 'stream' then return 'holds a ' .. t end
+  local info = redis.call('XINFO', 'STREAM', key)
+  for j = 1, #info - 1, 2 do
+    if info[j] == 'last-generated-id' then
+      if info[j + 1] == MAX_ID then return 'is at its last possible ID' end
+      return nil
+    end
+  end
+  return nil
+end
+
+-- Whether a counter key can be counted in (a sorted set, or missing).
+local function zset_ok(key)
+  local t = redis.call('TYPE', key).ok
+  return t == 'none' or t == 'zset'
+end
+
+-- What a foreign permit said, for the record and the log: its type and its
+-- reason field (printable ASCII, at most 64 bytes; read only when short).
+local function foreign_of(key, t)
+  local reason = '-'
+  if t == 'hash' then
+    local len = redis.call('HSTRLEN', key, 'reason')
+    if len > 1024 then
+      reason = '(long)'
+    elseif len > 0 then
+      reason = string.sub(string.gsub(redis.call('HGET', key, 'reason'), '[^%w%p ]', '?'), 1, 64)
+    end
+  end
+  return t .. ':' .. reason
+end
+
+local h = cjson.decode(ARGV[1])
+
+-- The deny a guard writes, from its template. Replacements go through
+-- functions, so no character of a plan_id is read as a pattern.
 local PERMIT_PREFIX, HOLD_PREFIX = 'quantum:permit:p33:', 'quantum:reconcile:hold:'
-local function trading_deny(template, scope, permit_key, hold_key)
+local function guard_deny(template, scope, permit_key, hold_key)
   local plan = string.sub(permit_key, #PERMIT_PREFIX + 1)
   local symbol = string.sub(hold_key, #HOLD_PREFIX + 1)
   local plan_esc = string.gsub(plan, '[\\"]', function(c) return '\\' .. c end)
@@ -109,17 +171,26 @@ local function trading_deny(template, scope, permit_key, hold_key)
   return body
 end
 
-local stream, group, ttl, dry = ARGV[1], ARGV[2], ARGV[3], ARGV[5] == '1'
-local halted_tmpl, reducing_tmpl = ARGV[6], ARGV[7]
-local max_g, win_g = tonumber(ARGV[8]), tonumber(ARGV[9])
-local max_s, win_s = tonumber(ARGV[10]), tonumber(ARGV[11])
-local throttled_g, throttled_s = ARGV[12], ARGV[13]
-local latch, latch_reason = ARGV[14] == '1', ARGV[15]
-local cap, cap_ttl, positions = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
+local stream, group, ttl, dry = h.stream, h.group, h.ttl, h.dry
+local max_g, win_g, max_s, win_s = h.max_g, h.win_g, h.max_s, h.win_s
+local latch, cap = h.latch and max_g > 0, h.cap
+local positions = #h.positioned
 local positioned = {}
-for s in string.gmatch(ARGV[19], '[^,]+') do positioned[s] = true end
-local cap_tmpl = ARGV[20]
-local global = state_of(KEYS[1], ARGV[4])
+for _, s in ipairs(h.positioned) do positioned[s] = true end
+local maxlen = h.maxlen
+local global = state_of(KEYS[1], h.default_state)
+
+-- The record's stream is checked before anything is written: a record that
+-- cannot be written leaves the whole batch pending.
+if maxlen > 0 then
+  local why = stream_problem(KEYS[5])
+  if why then return redis.error_reply('P33GUARD ' .. KEYS[5] .. ' ' .. why) end
+end
+-- The shared guard keys the opens need; a broken one denies them.
+local broken_g = max_g > 0 and not zset_ok(KEYS[2])
+local broken_cap = cap > 0 and not zset_ok(KEYS[4])
+local broken_ctl = latch and stream_problem(KEYS[3]) ~= nil
+
 local now_ms = 0
 if max_g > 0 or max_s > 0 or cap > 0 then
   local t = redis.call('TIME')
@@ -136,7 +207,7 @@ end
 
 -- Symbols granted an open within the TTL that still hold no position.
 local function in_flight()
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (now_ms - cap_ttl))
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (now_ms - ttl))
   local n = 0
   for _, s in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
     if not positioned[s] then n = n + 1 end
@@ -148,28 +219,42 @@ end
 local GUARD_REASON = {
   [3] = 'reconcile_hold_active', [5] = 'trading_halted', [6] = 'trading_halted',
   [7] = 'trading_reducing', [8] = 'trading_reducing', [9] = 'throttled', [10] = 'throttled',
+  [11] = 'invalid_guard_state', [12] = 'invalid_guard_state',
+  [13] = 'invalid_guard_state', [14] = 'invalid_guard_state',
 }
 
-local maxlen, cfg_hash, version, consumer = tonumber(ARGV[21]), ARGV[22], ARGV[23], ARGV[24]
+-- The invalid_guard_state deny naming `key`.
+local function broken_deny(key, permit_key, hold_key)
+  local t = string.gsub(h.guard, '__KEY__', function() return key end)
+  return guard_deny(t, 'global', permit_key, hold_key)
+end
 
 -- With the record off, entries carry no record values.
 local stride = 4
 if maxlen > 0 then stride = 11 end
 local out = {}
-local n = (#ARGV - 24) / stride
+local n = (#ARGV - 1) / stride
 for i = 1, n do
-  local a = 24 + (i - 1) * stride
+  local a = 1 + (i - 1) * stride
   local k = 5 + (i - 1) * 4
   local id, mode = ARGV[a + 1], ARGV[a + 2]
   local guards = {}
+  local foreign = ''
+  local code
   local acked = redis.call('XACK', stream, group, id)
+  local ptype = 'none'
+  if acked ~= 0 and mode ~= '0' and not dry then ptype = redis.call('TYPE', KEYS[k + 1]).ok end
   if acked == 0 then
-    out[i] = 0
+    code = 0
   elseif mode == '0' then
-    out[i] = 1
-  elseif (not dry) and redis.call('EXISTS', KEYS[k + 1]) == 1 then
-    out[i] = 4
+    code = 1
+  elseif ptype == 'string' then
+    code = 4
   else
+    if ptype ~= 'none' then
+      foreign = foreign_of(KEYS[k + 1], ptype)
+      table.insert(guards, '"replaced_foreign":' .. cjson.encode(foreign))
+    end
     local body, res = ARGV[a + 3], 2
     if mode ~= '1' then
       local state, scope, shift = global, 'global', 0
@@ -177,15 +262,15 @@ for i = 1, n do
       if sym and RANK[sym] > RANK[global] then state, scope, shift = sym, 'symbol', 1 end
       table.insert(guards, '"state":"' .. state .. '","scope":"' .. scope .. '"')
       if state == 'HALTED' then
-        body, res = trading_deny(halted_tmpl, scope, KEYS[k + 1], KEYS[k + 2]), 5 + shift
+        body, res = guard_deny(h.halted, scope, KEYS[k + 1], KEYS[k + 2]), 5 + shift
       elseif state == 'REDUCING' and mode == '3' then
-        body, res = trading_deny(reducing_tmpl, scope, KEYS[k + 1], KEYS[k + 2]), 7 + shift
+        body, res = guard_deny(h.reducing, scope, KEYS[k + 1], KEYS[k + 2]), 7 + shift
       elseif mode ~= '4' then
         local hk = KEYS[k + 2]
         local t = redis.call('TYPE', hk).ok
         local held = false
         if t == 'string' then
-          held = string.len(redis.call('GET', hk)) > 0
+          held = redis.call('STRLEN', hk) > 0
         elseif t ~= 'none' then
           held = true
         end
@@ -193,15 +278,32 @@ for i = 1, n do
         if held then body, res = ARGV[a + 4], 3 end
       end
       if res == 2 and mode == '3' then
+        -- A guard the opens need that cannot be read or written denies them.
+        local broken, bcode = nil, 0
+        if broken_ctl then
+          broken, bcode = KEYS[3], 14
+        elseif broken_g then
+          broken, bcode = KEYS[2], 11
+        elseif max_s > 0 and not zset_ok(KEYS[k + 4]) then
+          broken, bcode = KEYS[k + 4], 12
+        elseif broken_cap then
+          broken, bcode = KEYS[4], 13
+        end
+        if broken then
+          table.insert(guards, '"broken":' .. cjson.encode(broken))
+          body, res = broken_deny(broken, KEYS[k + 1], KEYS[k + 2]), bcode
+        end
+      end
+      if res == 2 and mode == '3' then
         if max_g > 0 then
           local is_full, c = full(KEYS[2], max_g, win_g)
           table.insert(guards, '"opens_global":' .. c)
           if is_full then
-            body, res = trading_deny(throttled_g, 'global', KEYS[k + 1], KEYS[k + 2]), 9
+            body, res = guard_deny(h.throttled_g, 'global', KEYS[k + 1], KEYS[k + 2]), 9
             if latch and global == 'ACTIVE' and not dry then
               redis.call('SET', KEYS[1], 'REDUCING')
               redis.call('XADD', KEYS[3], '*', 'scope', 'global', 'symbol', '', 'from', 'ACTIVE',
-                'to', 'REDUCING', 'reason', latch_reason, 'actor', 'p33-auto',
+                'to', 'REDUCING', 'reason', h.latch_reason, 'actor', 'p33-auto',
                 'ts', tostring(math.floor(now_ms / 1000)))
               global = 'REDUCING'
             end
@@ -211,7 +313,7 @@ for i = 1, n do
           local is_full, c = full(KEYS[k + 4], max_s, win_s)
           table.insert(guards, '"opens_symbol":' .. c)
           if is_full then
-            body, res = trading_deny(throttled_s, 'symbol', KEYS[k + 1], KEYS[k + 2]), 10
+            body, res = guard_deny(h.throttled_s, 'symbol', KEYS[k + 1], KEYS[k + 2]), 10
           end
         end
         if res == 2 and cap > 0 then
@@ -219,9 +321,9 @@ for i = 1, n do
           table.insert(guards, '"positions":' .. positions .. ',"in_flight":' .. flying)
           if positions + flying >= cap then
             -- The quoted placeholders become bare numbers.
-            local t = string.gsub(cap_tmpl, '"__POSITIONS__"', tostring(positions))
+            local t = string.gsub(h.cap_tmpl, '"__POSITIONS__"', tostring(positions))
             t = string.gsub(t, '"__INFLIGHT__"', tostring(flying))
-            body, res = trading_deny(t, 'global', KEYS[k + 1], KEYS[k + 2]), 1000 + flying
+            body, res = guard_deny(t, 'global', KEYS[k + 1], KEYS[k + 2]), 1000 + flying
           end
         end
         if res == 2 and not dry then
@@ -236,20 +338,22 @@ for i = 1, n do
           if cap > 0 then
             local symbol = string.sub(KEYS[k + 2], #HOLD_PREFIX + 1)
             redis.call('ZADD', KEYS[4], now_ms, symbol)
-            redis.call('PEXPIRE', KEYS[4], cap_ttl)
+            redis.call('PEXPIRE', KEYS[4], ttl)
           end
         end
       end
     end
     if not dry then
+      -- A foreign permit is no verdict: it is replaced in this same step.
+      if ptype ~= 'none' then redis.call('DEL', KEYS[k + 1]) end
       redis.call('SET', KEYS[k + 1], body, 'PX', ttl, 'NX')
     end
-    out[i] = res
+    code = res
   end
+  out[i] = {code, foreign}
   -- The record of every entry finished here (none for one another consumer
   -- had already finished).
-  if maxlen > 0 and out[i] ~= 0 then
-    local code = out[i]
+  if maxlen > 0 and code ~= 0 then
     local outcome, reason, qty, inputs = ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 11]
     if outcome == '' then
       if code == 4 then
@@ -272,7 +376,7 @@ for i = 1, n do
     redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*',
       'plan_id', ARGV[a + 5], 'entry_id', id, 'symbol', ARGV[a + 6], 'outcome', outcome,
       'reason', reason, 'safe_qty', qty, 'plan', ARGV[a + 10], 'inputs', inputs,
-      'config', cfg_hash, 'version', version, 'consumer', consumer)
+      'config', h.config, 'version', h.version, 'consumer', h.consumer)
   end
 end
 return out

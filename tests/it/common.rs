@@ -572,12 +572,17 @@ pub fn push_plan(con: &mut redis::Connection, fields: &[(&str, &str)]) -> String
     c.query(con).unwrap()
 }
 
-/// The permit JSON of `plan_id`, if any.
+/// The permit JSON of `plan_id`, if any (a key of another type, such as a
+/// foreign service's hash, is no permit).
 pub fn read_permit(con: &mut redis::Connection, plan_id: &str) -> Option<serde_json::Value> {
-    let v: Option<String> = redis::cmd("GET")
+    let v: Option<String> = match redis::cmd("GET")
         .arg(format!("quantum:permit:p33:{plan_id}"))
         .query(con)
-        .unwrap();
+    {
+        Ok(v) => v,
+        Err(e) if e.code() == Some("WRONGTYPE") => None,
+        Err(e) => panic!("reading the permit of {plan_id}: {e}"),
+    };
     v.map(|s| serde_json::from_str(&s).expect("permit is JSON"))
 }
 

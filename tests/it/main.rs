@@ -16,3 +16,4 @@ mod ops;
 mod plans;
 mod props;
 mod record;
+mod verdict;
