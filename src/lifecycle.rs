@@ -231,6 +231,7 @@ async fn start_and_supervise(
     loop {
         let r = async {
             stream::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group, "$").await?;
+            stream::repair_group_ahead(&mut con, PLAN_STREAM, &cfg.consumer_group).await?;
             stream::ensure_group(&mut con, RESULT_STREAM, cfg.ledger_group(), "$").await?;
             stream::ensure_group(
                 &mut con,

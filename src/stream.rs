@@ -268,12 +268,88 @@ impl std::fmt::Display for StreamId {
     }
 }
 
+/// How far ahead of the clock an entry ID may be and still be a place to
+/// recreate a group at (SPEC §4).
+pub const FUTURE_SLACK_MS: u64 = 5_000;
+
 /// Where a group is (re)created: at `$` when the daemon starts, at the last
 /// entry this process finished (`0` when none) when the group vanished while
 /// running (SPEC §4): plans published between Redis coming back empty and
-/// the recreation must still be read.
-pub fn recreate_at(last_done: Option<StreamId>) -> String {
-    last_done.map_or_else(|| "0".to_string(), |id| id.to_string())
+/// the recreation must still be read. A finished entry more than
+/// [`FUTURE_SLACK_MS`] ahead of `now_ms` (one XADD with a future ID) is no
+/// safe position: a group there would skip every later plan, so it is `0`,
+/// and the second value says so (for a WARN).
+pub fn recreate_at(last_done: Option<StreamId>, now_ms: u64) -> (String, bool) {
+    match last_done {
+        None => ("0".to_string(), false),
+        Some(id) if id.ms > now_ms.saturating_add(FUTURE_SLACK_MS) => ("0".to_string(), true),
+        Some(id) => (id.to_string(), false),
+    }
+}
+
+/// A flat key/value reply (`XINFO`) as a map of its text keys.
+fn info_map(v: &Value) -> HashMap<String, &Value> {
+    match v {
+        Value::Array(kv) => kv
+            .chunks_exact(2)
+            .filter_map(|c| Some((text(&c[0])?, &c[1])))
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+/// A group whose last delivered ID is beyond its stream's last ID can
+/// never read another entry: the stream was deleted and recreated below
+/// it (after an entry with a future ID), or someone moved the group. Such a
+/// group is moved to `0`, with a WARN, so the entries published since are
+/// read (SPEC §4); returns whether it was.
+pub async fn repair_group_ahead(
+    con: &mut Conn,
+    stream: &str,
+    group: &str,
+) -> Result<bool, redis::RedisError> {
+    let groups: Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(con)
+        .await?;
+    let Value::Array(groups) = groups else {
+        return Ok(false);
+    };
+    let Some(delivered) = groups.iter().find_map(|g| {
+        let m = info_map(g);
+        (m.get("name").and_then(|v| text(v)).as_deref() == Some(group))
+            .then(|| m.get("last-delivered-id").and_then(|v| text(v)))
+            .flatten()
+    }) else {
+        return Ok(false);
+    };
+    let info: Value = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(stream)
+        .query_async(con)
+        .await?;
+    let last = info_map(&info)
+        .get("last-generated-id")
+        .and_then(|v| text(v))
+        .unwrap_or_default();
+    let (Some(d), Some(l)) = (StreamId::parse(&delivered), StreamId::parse(&last)) else {
+        return Ok(false);
+    };
+    if d <= l {
+        return Ok(false);
+    }
+    warn!(
+        "group {group} on {stream} was at {d}, beyond the stream's last entry {l}: no new entry could ever be read; moving it to 0 so the entries published since are read"
+    );
+    let _: () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .query_async(con)
+        .await?;
+    Ok(true)
 }
 
 /// Creates `group` on `stream` at `start` (`$`, `0` or an entry ID) with
@@ -423,7 +499,13 @@ impl GroupReader {
                     let missing = matches!(e, StreamError::NoGroup(_));
                     handler.on_error(missing);
                     if missing {
-                        let at = recreate_at(last_done);
+                        let (at, ahead) = recreate_at(last_done, store::now_ms());
+                        if ahead {
+                            warn!(
+                                "{}: the last entry finished here is ahead of the clock; the group is recreated at 0, not there (every later plan would be skipped)",
+                                self.who
+                            );
+                        }
                         warn!(
                             "{} group missing ({e}); recreating it at {at} (the last entry finished here)",
                             self.who
@@ -534,8 +616,24 @@ mod tests {
         assert_eq!(StreamId::parse("5"), Some(StreamId { ms: 5, seq: 0 }));
         assert_eq!(StreamId::parse("x-1"), None);
         assert_eq!(StreamId::parse("99999999999999999999-0"), None);
-        assert_eq!(recreate_at(None), "0");
-        assert_eq!(recreate_at(Some(b)), "1769920000123-10");
+        let now = 1769920000200;
+        for (name, last, want) in [
+            ("none finished", None, ("0", false)),
+            ("a past entry", Some(b), ("1769920000123-10", false)),
+            (
+                "within the slack",
+                StreamId::parse("1769920005200-0"),
+                ("1769920005200-0", false),
+            ),
+            (
+                "ahead of the clock",
+                StreamId::parse("9999999999999-0"),
+                ("0", true),
+            ),
+        ] {
+            let (at, ahead) = recreate_at(last, now);
+            assert_eq!((at.as_str(), ahead), want, "{name}");
+        }
     }
 
     #[test]

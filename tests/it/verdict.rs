@@ -317,3 +317,34 @@ fn instances_with_different_throttle_windows_do_not_shorten_each_other() {
         "A granted 2 in the last 60 s: B's shorter window must not trim them: {p}"
     );
 }
+
+#[test]
+fn a_future_entry_then_the_stream_deleted_does_not_silence_the_gate() {
+    let mut t = daemon(&[]);
+    let mut c = redis::cmd("XADD");
+    c.arg(PLAN_STREAM).arg("9999999999999-0");
+    for (k, v) in plan("future", "BTCUSDT", false) {
+        c.arg(k).arg(v);
+    }
+    let _: String = c.query(&mut t.con).unwrap();
+    assert_eq!(t.wait_permit("future")["reason"], "plan_from_future");
+    // The operator repairs the stream by deleting it.
+    cmd(&mut t.con, &["DEL", PLAN_STREAM]).unwrap();
+    push(&mut t.con, "after-repair", "BTCUSDT", false);
+    assert_eq!(t.wait_permit("after-repair")["allow"], true);
+    t.wait_log("ahead of the clock", Duration::from_secs(5));
+    // A group left at a future ID (by an older build, or by hand) is moved
+    // back at start, so a restart does not keep the gate silent.
+    t.kill();
+    cmd(
+        &mut t.con,
+        &["XGROUP", "SETID", PLAN_STREAM, "p33", "9999999999999-5"],
+    )
+    .unwrap();
+    push(&mut t.con, "while-down", "BTCUSDT", false);
+    t.start_ready();
+    assert_eq!(t.wait_permit("while-down")["allow"], true);
+    push(&mut t.con, "after-restart", "BTCUSDT", false);
+    assert_eq!(t.wait_permit("after-restart")["allow"], true);
+    t.wait_log("beyond the stream's last entry", Duration::from_secs(5));
+}
