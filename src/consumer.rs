@@ -310,7 +310,9 @@ impl Consumer {
             return;
         };
         g.1 += 1;
-        if g.0.is_none_or(|last| now.duration_since(last) >= FOREIGN_WARN_EVERY) {
+        if g.0
+            .is_none_or(|last| now.duration_since(last) >= FOREIGN_WARN_EVERY)
+        {
             warn!(
                 "P3.3 replaced a foreign permit plan {} type={} reason={} ({} replaced since the last such line; another service is writing permits)",
                 id8(plan_id),

@@ -44,9 +44,7 @@ pub fn rule_of(reason: &str) -> &'static str {
         "trading_reducing" => "the trading state REDUCING (opens denied)",
         "throttled" => "an open throttle (P33_MAX_OPENS…)",
         "max_open_positions" => "the position cap (P33_MAX_OPEN_POSITIONS)",
-        "invalid_guard_state" => {
-            "a key a limit needs is unusable (another type, or a full stream)"
-        }
+        "invalid_guard_state" => "a key a limit needs is unusable (another type, or a full stream)",
         "duplicate_plan_id" => "a permit for this plan_id already existed",
         _ => "no rule (the plan was not evaluated)",
     }

@@ -308,7 +308,9 @@ impl Metrics {
         for l in ["max_opens", "max_opens_per_symbol", "max_open_positions"] {
             m.limit_denies_total.with_label_values(&[l]).inc_by(0);
         }
-        m.foreign_permits_total.with_label_values(&["hash"]).inc_by(0);
+        m.foreign_permits_total
+            .with_label_values(&["hash"])
+            .inc_by(0);
         for t in crate::domain::TradingState::ALL {
             m.trading_state.with_label_values(&[t.as_str()]).set(0.0);
             m.symbol_overrides.with_label_values(&[t.as_str()]).set(0.0);

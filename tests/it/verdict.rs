@@ -110,7 +110,10 @@ fn a_foreign_permit_hash_is_replaced_by_the_verdict_counted_and_logged() {
     push(&mut t.con, "bridge-open", "BTCUSDT", true);
     push(&mut t.con, "bridge-close", "BTCUSDT", false);
     let p = t.wait_permit("bridge-open");
-    assert_eq!(p["allow"], false, "the verdict, not the bridge's allow: {p}");
+    assert_eq!(
+        p["allow"], false,
+        "the verdict, not the bridge's allow: {p}"
+    );
     assert_eq!(p["reason"], "position_exists", "{p}");
     let p = t.wait_permit("bridge-close");
     assert_eq!(p["reason"], "sanity_checks_passed", "{p}");
@@ -118,7 +121,10 @@ fn a_foreign_permit_hash_is_replaced_by_the_verdict_counted_and_logged() {
         .arg("quantum:permit:p33:bridge-open")
         .query(&mut t.con)
         .unwrap();
-    assert!((1..=60).contains(&ttl), "the permit TTL, not the bridge's: {ttl}");
+    assert!(
+        (1..=60).contains(&ttl),
+        "the permit TTL, not the bridge's: {ttl}"
+    );
     t.wait_metric("p33_foreign_permits_total{type=\"hash\"}", 2.0);
     t.wait_log(
         "P3.3 replaced a foreign permit plan bridge-o type=hash reason=auto_bypass_no_p33",
@@ -148,10 +154,13 @@ fn a_foreign_permit_hash_is_replaced_by_the_verdict_counted_and_logged() {
     assert_eq!(t.pending("p33"), 0);
 }
 
+/// A case: its name, the limits, the key broken and the command breaking it.
+type BrokenCase<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a [&'a str]);
+
 /// Each way a guard key can be broken, with the limits that need it.
 #[test]
 fn a_broken_counter_or_control_key_denies_opens_naming_it_and_loses_no_plan() {
-    let cases: [(&str, &[(&str, &str)], &str, &[&str]); 4] = [
+    let cases: [BrokenCase; 4] = [
         (
             "global throttle as a hash",
             &[("P33_MAX_OPENS", "5/60s")],
@@ -233,7 +242,10 @@ fn an_unusable_decision_stream_leaves_plans_pending_until_repaired() {
         );
         assert!(t.pending("p33") >= 1, "{name}");
         for id in &ids {
-            assert!(t.permit(id).is_none(), "{name}: no permit without its record");
+            assert!(
+                t.permit(id).is_none(),
+                "{name}: no permit without its record"
+            );
         }
         // Repaired: every plan gets its permit and its record.
         cmd(&mut t.con, &["DEL", DECISIONS]).unwrap();
@@ -285,7 +297,10 @@ fn a_long_trading_state_value_is_halted_without_stalling_redis() {
         .query(&mut t.con)
         .unwrap();
     push(&mut t.con, "long-hold", "BTCUSDT", false);
-    assert_eq!(t.wait_permit("long-hold")["reason"], "reconcile_hold_active");
+    assert_eq!(
+        t.wait_permit("long-hold")["reason"],
+        "reconcile_hold_active"
+    );
 }
 
 #[test]
