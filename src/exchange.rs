@@ -366,14 +366,26 @@ async fn save_steps(
 }
 
 /// The last good table from `quantum:p33:step_sizes`; entries that are not
-/// valid symbols or steps are left out.
-async fn load_saved_steps(
+/// valid symbols or steps are left out, and a key of another type is no
+/// table (empty, with a WARN).
+pub async fn load_saved_steps(
     con: &mut crate::store::Conn,
 ) -> Result<HashMap<String, Decimal>, redis::RedisError> {
-    let raw: HashMap<String, String> = redis::cmd("HGETALL")
+    let raw: HashMap<String, String> = match redis::cmd("HGETALL")
         .arg(keys::STEP_SIZES)
         .query_async(con)
-        .await?;
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if e.code() == Some("WRONGTYPE") => {
+            warn!(
+                "step sizes: {} holds another type; no saved table",
+                keys::STEP_SIZES
+            );
+            return Ok(HashMap::new());
+        }
+        Err(e) => return Err(e),
+    };
     Ok(raw
         .into_iter()
         .filter(|(s, _)| keys::valid_symbol(s))
@@ -407,7 +419,8 @@ pub async fn run_step_sizes(
     };
     let url = format!("{}/fapi/v1/exchangeInfo", cfg.exchange_base_url);
     let mut failures = 0u64;
-    let mut have_table = false;
+    // The saved table, loaded before the first plan (lifecycle), counts.
+    let mut have_table = !steps.is_empty();
     loop {
         let wait = match client.step_sizes().await {
             Ok(t) => {
@@ -601,6 +614,18 @@ fn fold_rows(rows: &[(Option<Decimal>, &Value)]) -> Position {
     }
 }
 
+/// What kind of JSON value `v` is, for an error message.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// Folds a positionRisk reply into one position per symbol (see
 /// `fold_rows`). A row without a symbol fails the whole reply: the
 /// position it holds could not be attributed, and an absent symbol would
@@ -616,10 +641,18 @@ pub fn parse_positions(v: &Value) -> Result<HashMap<String, Position>, ExchangeE
                 "positionRisk row without a symbol".into(),
             ));
         };
+        // Binance sends amounts as strings; a number (or anything else) is a
+        // reply of another shape, and so doubtful: the cycle fails (§11).
         let amt = match r.get("positionAmt") {
             Some(Value::String(s)) => parse_amount(s),
-            Some(Value::Number(n)) => parse_amount(&n.to_string()),
-            _ => None,
+            Some(other) => {
+                return Err(ExchangeError::Malformed(format!(
+                    "positionRisk row for {}: positionAmt is {}, not a string",
+                    crate::text::clip(sym),
+                    json_kind(other)
+                )))
+            }
+            None => None,
         };
         by_symbol.entry(sym).or_default().push((amt, r));
     }
@@ -930,7 +963,7 @@ mod tests {
             {"symbol": "SPLITUSDT", "positionAmt": "2"},
             {"symbol": "HUGEUSDT", "positionAmt": "1e27"},
             {"symbol": "TEXTUSDT", "positionAmt": "lots"},
-            {"symbol": "NUMUSDT", "positionAmt": 0.25}
+            {"symbol": "MISSINGUSDT"}
         ]);
         let p = parse_positions(&v).unwrap();
         assert_eq!(p["DUPUSDT"].side, PositionSide::Hedged);
@@ -942,8 +975,17 @@ mod tests {
         assert_eq!(p["SPLITUSDT"].side, PositionSide::Hedged);
         assert_eq!(p["HUGEUSDT"].side, PositionSide::Hedged);
         assert_eq!(p["TEXTUSDT"].side, PositionSide::Hedged);
-        assert_eq!(p["NUMUSDT"].side, PositionSide::Long);
+        assert_eq!(p["MISSINGUSDT"].side, PositionSide::Hedged);
         assert!(parse_positions(&json!([{"positionAmt": "1"}])).is_err());
+        // Another shape than Binance's strings fails the whole reply.
+        for amt in [json!(0.25), json!(null), json!(["1"]), json!(true)] {
+            let v = json!([{"symbol": "OKUSDT", "positionAmt": "1"}, {"symbol": "NUMUSDT", "positionAmt": amt}]);
+            let e = parse_positions(&v).unwrap_err().to_string();
+            assert!(
+                e.contains("NUMUSDT") && e.contains("not a string"),
+                "{amt}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -259,6 +259,34 @@ async fn start_and_supervise(
     let mut resolver = Resolver::new(cfg.clone(), handle.clone(), metrics.clone());
     let first = resolver.refresh(Some(&mut con)).await;
     let steps = crate::steps::StepSizes::default();
+    // The saved step table before the first plan (SPEC §10): a plan pending
+    // at restart is never judged on the 0.001 fallback for a symbol the
+    // table knows while exchangeInfo is slow. The exchange refresh replaces
+    // it when it answers.
+    loop {
+        match exchange::load_saved_steps(&mut con).await {
+            Ok(t) => {
+                if !t.is_empty() {
+                    info!(
+                        "step sizes: {} loaded from {} (until exchangeInfo answers)",
+                        t.len(),
+                        crate::keys::STEP_SIZES
+                    );
+                    steps.set(t);
+                }
+                break;
+            }
+            Err(e) => {
+                warn!(
+                    "step sizes: reading {} failed: {e}; retrying",
+                    crate::keys::STEP_SIZES
+                );
+                if !backoff.wait(cancel).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
     let positioned = crate::steps::Positioned::default();
     let (gained_tx, gained_rx) = tokio::sync::watch::channel(0u64);
     resolver.on_gain(gained_tx);

@@ -19,6 +19,10 @@ impl StepSizes {
     pub fn get(&self, symbol: &str) -> Option<Decimal> {
         self.table.load().get(symbol).copied()
     }
+    /// Whether no step is known.
+    pub fn is_empty(&self) -> bool {
+        self.table.load().is_empty()
+    }
     /// Replaces the table.
     pub fn set(&self, t: HashMap<String, Decimal>) {
         self.table.store(Arc::new(t));

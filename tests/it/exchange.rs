@@ -582,3 +582,33 @@ fn the_position_cap_follows_the_exchange_when_one_snapshot_write_fails() {
     assert_eq!(p["reason"], "max_open_positions", "{p}");
     assert_eq!(p["context"]["positions"], 1, "{p}");
 }
+
+#[test]
+fn position_amounts_sent_as_json_numbers_fail_the_cycle() {
+    let mut t = spawn_daemon(Opts::env_allowlist("BTCUSDT").exchange(KEY, SECRET));
+    t.fx().control(
+        "/control/positions",
+        json!([{"symbol": "BTCUSDT", "positionAmt": "0.5"}]),
+    );
+    wait_for("the string amount in the snapshot", T, || {
+        (snapshot(&mut t.con, "BTCUSDT")
+            .get("position_amt")
+            .map(String::as_str)
+            == Some("0.5"))
+        .then_some(())
+    });
+    // Binance sends strings: a number is a reply of another shape.
+    t.fx().control(
+        "/control/positions",
+        json!([{"symbol": "BTCUSDT", "positionAmt": 0.25}]),
+    );
+    // Evidence, not a pause: two cycles refused the reply.
+    wait_for("two refused cycles", T, || {
+        (t.grep("positionAmt is a number, not a string").len() >= 2).then_some(())
+    });
+    assert_eq!(
+        snapshot(&mut t.con, "BTCUSDT")["position_amt"],
+        "0.5",
+        "a malformed reply writes nothing"
+    );
+}

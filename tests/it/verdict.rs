@@ -363,3 +363,34 @@ fn a_future_entry_then_the_stream_deleted_does_not_silence_the_gate() {
     assert_eq!(t.wait_permit("after-restart")["allow"], true);
     t.wait_log("beyond the stream's last entry", Duration::from_secs(5));
 }
+
+#[test]
+fn saved_step_sizes_judge_a_plan_pending_at_start_while_the_exchange_is_slow() {
+    // An "exchange" that takes connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("SOLUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .set("P33_EXCHANGE_BASE_URL", &url)
+            .deferred(),
+    );
+    cmd(
+        &mut t.con,
+        &["HSET", "quantum:p33:step_sizes", "SOLUSDT", "1"],
+    )
+    .unwrap();
+    t.snapshot("SOLUSDT", "6.5", now());
+    create_plan_group(&mut t.con, "$");
+    push(&mut t.con, "pending-close", "SOLUSDT", false);
+    t.start_ready();
+    let p = t.wait_permit("pending-close");
+    assert_eq!(p["allow"], true, "{p}");
+    assert_eq!(p["safe_qty"], 6, "whole steps of the saved 1: {p}");
+    assert_eq!(
+        t.metric("p33_step_size_fallback_total{symbol=\"SOLUSDT\"}"),
+        None,
+        "never judged on the fallback"
+    );
+    drop(silent);
+}
