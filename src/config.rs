@@ -754,10 +754,56 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// The process environment as text: every variable whose name and value are
+/// UTF-8, and the names of those of ours (`P33_*` and every name
+/// [`var_named`] knows) whose value is not. Another service's variable that
+/// is not UTF-8 is none of our business and left out; nothing here panics
+/// (`std::env::vars` would) or shows a value.
+pub fn env_text() -> (Vec<(String, String)>, Vec<String>) {
+    let mut pairs = Vec::new();
+    let mut bad = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        let Ok(k) = k.into_string() else { continue };
+        match v.into_string() {
+            Ok(v) => pairs.push((k, v)),
+            Err(_) if k.starts_with("P33_") || var_named(&k).is_some() => bad.push(k),
+            Err(_) => {}
+        }
+    }
+    bad.sort();
+    (pairs, bad)
+}
+
 impl Config {
-    /// Reads the process environment.
+    /// Reads the process environment: a variable of ours that is not UTF-8
+    /// is a configuration error naming it (its value never shown).
     pub fn from_env() -> Result<Config, ConfigErrors> {
-        Self::from_pairs(std::env::vars())
+        let (pairs, bad) = env_text();
+        Self::from_text_env(pairs, &bad)
+    }
+
+    /// [`Config::from_pairs`], with the variables of ours that were not
+    /// UTF-8 (from [`env_text`]) reported first.
+    pub fn from_text_env(
+        pairs: Vec<(String, String)>,
+        not_utf8: &[String],
+    ) -> Result<Config, ConfigErrors> {
+        let res = Self::from_pairs(pairs);
+        if not_utf8.is_empty() {
+            return res;
+        }
+        let mut errors: Vec<ConfigError> = not_utf8
+            .iter()
+            .map(|name| ConfigError {
+                var: name.clone(),
+                value: "[not shown]".to_string(),
+                why: "the value is not valid UTF-8".to_string(),
+            })
+            .collect();
+        if let Err(ConfigErrors(more)) = res {
+            errors.extend(more);
+        }
+        Err(ConfigErrors(errors))
     }
 
     /// Builds the configuration from `(name, value)` pairs (a later pair

@@ -41,28 +41,42 @@ pub struct States {
     pub overrides: Vec<(String, TradingState)>,
 }
 
-/// A stored value read as a state: a string that is not a state, or a key
-/// of another type, is HALTED (fail closed, as the write script reads it).
-async fn read_key(con: &mut Conn, key: &str) -> Result<Option<TradingState>, redis::RedisError> {
-    let ty: String = redis::cmd("TYPE").arg(key).query_async(con).await?;
-    Ok(match ty.as_str() {
-        "none" => None,
-        "string" => {
-            let v: String = redis::cmd("GET").arg(key).query_async(con).await?;
-            Some(TradingState::from_stored(&v))
-        }
-        _ => Some(TradingState::Halted),
-    })
+/// Keys read per call of the state script.
+const STATES_PAGE: usize = 1000;
+
+/// Reads `keys` with the state script (the write script's own reading,
+/// `state_of`), atomically: `None` for a missing key.
+async fn read_keys(
+    con: &mut Conn,
+    keys: &[String],
+) -> Result<Vec<Option<TradingState>>, redis::RedisError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut inv = crate::scripts::READ_STATES.prepare_invoke();
+    for k in keys {
+        inv.key(k);
+    }
+    let v: Vec<String> = inv.invoke_async(con).await?;
+    Ok(v.iter()
+        .map(|s| (!s.is_empty()).then(|| TradingState::from_stored(s)))
+        .collect())
 }
 
-/// Reads the global state and every override (SCAN; a few hundred keys at
-/// most).
+/// Reads the global state and every override: each SCAN page of override
+/// keys is read in one script call (50,000 overrides cost about 100 calls,
+/// not 100,000), at most 100,000 overrides.
 pub async fn read_states(
     con: &mut Conn,
     default: TradingState,
 ) -> Result<States, redis::RedisError> {
-    let global = read_key(con, keys::TRADING_STATE).await?;
-    let mut found: Vec<String> = Vec::new();
+    let global = read_keys(con, &[keys::TRADING_STATE.to_string()])
+        .await?
+        .pop()
+        .flatten();
+    let prefix = keys::trading_state("");
+    let mut overrides = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut cursor: u64 = 0;
     loop {
         let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -70,30 +84,26 @@ pub async fn read_states(
             .arg("MATCH")
             .arg(keys::trading_state_pattern())
             .arg("COUNT")
-            .arg(1000)
+            .arg(STATES_PAGE)
             .query_async(con)
             .await?;
-        found.extend(batch);
-        if next == 0 || found.len() > 100_000 {
+        // SCAN may return a key twice; a key that is no symbol's is ignored.
+        let page: Vec<String> = batch
+            .into_iter()
+            .filter(|k| k.strip_prefix(&prefix).is_some_and(keys::valid_symbol))
+            .filter(|k| seen.insert(k.clone()))
+            .collect();
+        for (k, st) in page.iter().zip(read_keys(con, &page).await?) {
+            if let (Some(sym), Some(st)) = (k.strip_prefix(&prefix), st) {
+                overrides.push((sym.to_string(), st));
+            }
+        }
+        if next == 0 || seen.len() > 100_000 {
             break;
         }
         cursor = next;
     }
-    found.sort();
-    found.dedup();
-    let prefix = keys::trading_state("");
-    let mut overrides = Vec::with_capacity(found.len());
-    for k in found {
-        let Some(sym) = k.strip_prefix(&prefix) else {
-            continue;
-        };
-        if !keys::valid_symbol(sym) {
-            continue;
-        }
-        if let Some(s) = read_key(con, &k).await? {
-            overrides.push((sym.to_string(), s));
-        }
-    }
+    overrides.sort();
     Ok(States {
         global: global.unwrap_or(default),
         global_set: global.is_some(),
@@ -134,8 +144,10 @@ pub struct ControlEntry {
 }
 
 impl ControlEntry {
+    /// An entry as read: every field cut and escaped like any echoed value
+    /// (SPEC §11), since anyone who can write the stream wrote it.
     fn from_fields(id: &str, f: &HashMap<String, String>) -> ControlEntry {
-        let g = |k: &str| f.get(k).cloned().unwrap_or_default();
+        let g = |k: &str| f.get(k).map(|v| clip(v).into_owned()).unwrap_or_default();
         ControlEntry {
             id: id.to_string(),
             scope: g("scope"),
@@ -157,7 +169,7 @@ impl ControlEntry {
         }
     }
 
-    /// The SPEC §12 WARN line.
+    /// The SPEC §12 WARN line (every field cut and escaped).
     pub fn log_line(&self) -> String {
         format!(
             "P3.3 trading state {} {} -> {} (reason={}, actor={})",
@@ -170,9 +182,14 @@ impl ControlEntry {
     }
 }
 
-/// Applies a change: one WATCH/MULTI/EXEC of the state key and the control
-/// entry, so a change is never made without its record (or recorded
-/// without being made). Returns the entry written.
+/// The error code of the change script's refusal: the control stream
+/// cannot take the entry, so nothing was changed.
+pub const CONTROL_ERROR: &str = "P33CONTROL";
+
+/// Applies a change: one script call that checks the control stream, then
+/// sets (or deletes) the state key and writes the control entry — both or
+/// neither (SPEC §12). A global change by an operator also ends the
+/// throttle latch. Returns the entry written.
 pub async fn apply_change(
     con: &mut Conn,
     change: Change,
@@ -182,65 +199,42 @@ pub async fn apply_change(
     default: TradingState,
 ) -> Result<ControlEntry, redis::RedisError> {
     let key = symbol.map_or_else(|| keys::TRADING_STATE.to_string(), keys::trading_state);
-    for _ in 0..10 {
-        let _: () = redis::cmd("WATCH").arg(&key).query_async(con).await?;
-        let before = read_key(con, &key).await?;
-        let from = match (before, symbol) {
-            (Some(s), _) => s.as_str(),
-            (None, None) => default.as_str(),
-            (None, Some(_)) => NO_OVERRIDE,
-        };
-        let to = match (change, symbol) {
-            (Change::Halt, _) => TradingState::Halted.as_str(),
-            (Change::Reduce, _) => TradingState::Reducing.as_str(),
-            (Change::Resume, None) => TradingState::Active.as_str(),
-            (Change::Resume, Some(_)) => NO_OVERRIDE,
-        };
-        let ts = (store::now_ms() / 1000).to_string();
-        let scope = if symbol.is_some() { "symbol" } else { "global" };
-        let mut p = redis::pipe();
-        p.atomic();
-        if to == NO_OVERRIDE {
-            p.del(&key).ignore();
-        } else {
-            p.set(&key, to).ignore();
-        }
-        p.cmd("XADD")
-            .arg(CONTROL_STREAM)
-            .arg("*")
-            .arg("scope")
-            .arg(scope)
-            .arg("symbol")
-            .arg(symbol.unwrap_or(""))
-            .arg("from")
-            .arg(from)
-            .arg("to")
-            .arg(to)
-            .arg("reason")
-            .arg(reason)
-            .arg("actor")
-            .arg(actor)
-            .arg("ts")
-            .arg(&ts);
-        // EXEC answers nil when the watched key changed meanwhile: retry.
-        let done: Option<(String,)> = p.query_async(con).await?;
-        if let Some((id,)) = done {
-            return Ok(ControlEntry {
-                id,
-                scope: scope.into(),
-                symbol: symbol.unwrap_or("").into(),
-                from: from.into(),
-                to: to.into(),
-                reason: reason.into(),
-                actor: actor.into(),
-                ts,
-            });
-        }
-    }
-    Err(redis::RedisError::from((
-        redis::ErrorKind::TryAgain,
-        "the trading state kept changing under this change; try again",
-    )))
+    let to = match (change, symbol) {
+        (Change::Halt, _) => TradingState::Halted.as_str(),
+        (Change::Reduce, _) => TradingState::Reducing.as_str(),
+        (Change::Resume, None) => TradingState::Active.as_str(),
+        (Change::Resume, Some(_)) => NO_OVERRIDE,
+    };
+    let missing = if symbol.is_some() {
+        NO_OVERRIDE
+    } else {
+        default.as_str()
+    };
+    let ts = (store::now_ms() / 1000).to_string();
+    let scope = if symbol.is_some() { "symbol" } else { "global" };
+    let (id, from): (String, String) = crate::scripts::CHANGE_STATE
+        .key(&key)
+        .key(CONTROL_STREAM)
+        .key(keys::LATCH)
+        .arg(to)
+        .arg(scope)
+        .arg(symbol.unwrap_or(""))
+        .arg(reason)
+        .arg(actor)
+        .arg(&ts)
+        .arg(missing)
+        .invoke_async(con)
+        .await?;
+    Ok(ControlEntry {
+        id,
+        scope: scope.into(),
+        symbol: symbol.unwrap_or("").into(),
+        from,
+        to: to.into(),
+        reason: reason.into(),
+        actor: actor.into(),
+        ts,
+    })
 }
 
 /// The last `n` control entries, newest first.
@@ -262,17 +256,17 @@ pub async fn last_entries(
         .collect())
 }
 
-/// Whether the throttle latch (SPEC §13) holds the global state: the entry
-/// that set the current global state was written by `p33-auto`.
-pub fn latch_tripped(states: &States, newest_first: &[ControlEntry]) -> bool {
-    newest_first
-        .iter()
-        .find(|e| e.scope == "global")
-        .is_some_and(|e| {
-            e.actor == "p33-auto"
-                && e.to == states.global.as_str()
-                && states.global != TradingState::Active
-        })
+/// Whether the throttle latch (SPEC §13) holds the global state: the
+/// daemon's own record of tripping it (`quantum:p33:latch`, which only the
+/// write script sets and an operator's global change deletes) exists and
+/// the global state is not ACTIVE. A control entry naming `p33-auto` as its
+/// actor proves nothing: anyone who can write the stream can write that.
+pub async fn latch_tripped(con: &mut Conn, states: &States) -> Result<bool, redis::RedisError> {
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(keys::LATCH)
+        .query_async(con)
+        .await?;
+    Ok(exists && states.global != TradingState::Active)
 }
 
 /// The follower: logs each change at WARN, ACKs it, refreshes the gauges.
@@ -343,16 +337,14 @@ pub async fn run_state_metrics(
     loop {
         let read = async {
             let s = read_states(&mut con, cfg.default_trading_state).await?;
-            let last = last_entries(&mut con, 10).await?;
-            Ok::<_, redis::RedisError>((s, last))
+            let latch = latch_tripped(&mut con, &s).await?;
+            Ok::<_, redis::RedisError>((s, latch))
         };
         match read.await {
-            Ok((s, last)) => {
+            Ok((s, latch)) => {
                 let o: Vec<TradingState> = s.overrides.iter().map(|(_, t)| *t).collect();
                 metrics.set_trading_state(s.global, &o);
-                metrics
-                    .throttle_latch_tripped
-                    .set(i64::from(latch_tripped(&s, &last)));
+                metrics.throttle_latch_tripped.set(i64::from(latch));
             }
             Err(e) => warn!("trading state: reading it failed: {e}"),
         }

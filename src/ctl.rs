@@ -17,6 +17,7 @@ use crate::allowlist::{self, Source};
 use crate::config::Config;
 use crate::control::{self, Change, ControlEntry, States};
 use crate::store;
+use crate::text::clip;
 
 /// `ctl`'s arguments.
 #[derive(Debug, clap::Args)]
@@ -47,18 +48,29 @@ pub enum Verb {
 /// The arguments of a change.
 #[derive(Debug, clap::Args)]
 pub struct ChangeArgs {
-    /// One symbol instead of the global state.
-    #[arg(long, value_parser = parse_symbol)]
-    pub symbol: Option<String>,
-    /// Why (recorded in the control entry; required).
+    /// One symbol instead of the global state (checked after parsing, so
+    /// that a bad value is not echoed whole).
     #[arg(long)]
+    pub symbol: Option<String>,
+    /// Why (recorded in the control entry; required, with a word in it).
+    #[arg(long, value_parser = parse_reason)]
     pub reason: String,
 }
 
-fn parse_symbol(s: &str) -> Result<String, String> {
+/// Why a `--symbol` is no symbol (the value cut and escaped), if it is not.
+fn check_symbol(s: &str) -> Result<(), String> {
     match crate::keys::symbol_problem(s) {
-        None => Ok(s.to_string()),
-        Some(why) => Err(format!("{s:?} is not a symbol: {why}")),
+        None => Ok(()),
+        Some(why) => Err(format!("{:?} is not a symbol: {why}", clip(s))),
+    }
+}
+
+/// A reason must say something: blank or empty is a usage error.
+fn parse_reason(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err("the reason must hold a word (it is recorded in the control entry)".into())
+    } else {
+        Ok(s.to_string())
     }
 }
 
@@ -74,6 +86,12 @@ fn actor() -> String {
 
 /// Runs `ctl`; returns the exit code.
 pub async fn run(cfg: &Config, args: CtlArgs) -> i32 {
+    if let Verb::Halt(a) | Verb::Reduce(a) | Verb::Resume(a) = &args.verb {
+        if let Some(Err(why)) = a.symbol.as_deref().map(check_symbol) {
+            eprintln!("ctl: --symbol {why}");
+            return 64;
+        }
+    }
     let mut con = match store::Redis::new(cfg.redis.clone())
         .connect_once(Duration::from_secs(5))
         .await
@@ -92,6 +110,13 @@ pub async fn run(cfg: &Config, args: CtlArgs) -> i32 {
     };
     match outcome {
         Ok(()) => 0,
+        Err(e) if e.code() == Some(control::CONTROL_ERROR) => {
+            eprintln!(
+                "ctl: the control entry cannot be written ({}); nothing was changed",
+                clip(e.detail().unwrap_or(""))
+            );
+            1
+        }
         Err(e) => {
             eprintln!("ctl: Redis error: {e}");
             1
@@ -142,7 +167,7 @@ async fn status(
             max_age_s: cfg.universe_max_age_s,
         },
     );
-    let latch = control::latch_tripped(&states, &entries);
+    let latch = control::latch_tripped(con, &states).await?;
     if as_json {
         println!(
             "{}",
@@ -208,7 +233,7 @@ fn status_text(
     out.push_str(&format!(
         "throttle latch  {}\n",
         if latch {
-            "TRIPPED: the state was set by p33-auto; `ctl resume --reason …` after checking"
+            "TRIPPED: the daemon's throttle latch set REDUCING; `ctl resume --reason …` after checking"
         } else {
             "not tripped"
         }

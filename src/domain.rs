@@ -171,7 +171,26 @@ impl TradingState {
     /// How a stored value reads: anything that is not a state is `HALTED`
     /// (fail closed).
     pub fn from_stored(s: &str) -> Self {
-        Self::parse(s).unwrap_or(TradingState::Halted)
+        Self::from_stored_bytes(s.as_bytes())
+    }
+
+    /// How a stored value reads, byte for byte as the scripts' `state_of`
+    /// (`src/scripts/common.lua`) reads it: more than 16 bytes, bytes that
+    /// are not UTF-8, or anything but a state after trimming Lua's `%s`
+    /// (ASCII space, `\t\n\v\f\r`; a no-break space is no blank) is
+    /// `HALTED`.
+    pub fn from_stored_bytes(b: &[u8]) -> Self {
+        if b.len() > 16 {
+            return TradingState::Halted;
+        }
+        let blank = |c: &u8| matches!(c, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r');
+        let start = b.iter().position(|c| !blank(c)).unwrap_or(b.len());
+        let end = b.iter().rposition(|c| !blank(c)).map_or(start, |i| i + 1);
+        let word = &b[start..end.max(start)];
+        TradingState::ALL
+            .into_iter()
+            .find(|t| word.eq_ignore_ascii_case(t.as_str().as_bytes()))
+            .unwrap_or(TradingState::Halted)
     }
 
     /// The stored spelling.
@@ -222,6 +241,18 @@ mod tests {
             TradingState::from_stored("Reducing"),
             TradingState::Reducing
         );
+        for (raw, want) in [
+            (&b"ACTIVE"[..], TradingState::Active),
+            (b" \t\x0bActive\r\n", TradingState::Active),
+            (b"reducing", TradingState::Reducing),
+            ("ACTIVE\u{a0}".as_bytes(), TradingState::Halted),
+            (b"ACTIVE\xe9", TradingState::Halted),
+            (b"   ACTIVE        x", TradingState::Halted),
+            (b"      ACTIVE      ", TradingState::Halted),
+            (b"", TradingState::Halted),
+        ] {
+            assert_eq!(TradingState::from_stored_bytes(raw), want, "{raw:?}");
+        }
         assert!(TradingState::Halted > TradingState::Reducing);
         assert!(TradingState::Reducing > TradingState::Active);
     }

@@ -194,7 +194,8 @@ pub async fn run(cfg: &Config, plan_id: &str) -> i32 {
     };
     let Some(r) = found else {
         eprintln!(
-            "explain: no record of plan {plan_id:?} in the last {MAX_SCANNED} records of {}",
+            "explain: no record of plan {:?} in the last {MAX_SCANNED} records of {}",
+            clip(plan_id),
             keys::DECISIONS_STREAM
         );
         return 1;

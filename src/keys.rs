@@ -74,6 +74,13 @@ pub const OPEN_POSITIONS: &str = "quantum:p33:open_positions";
 /// Every finished plan, one record each (SPEC §14).
 pub const DECISIONS_STREAM: &str = "quantum:stream:p33.decisions";
 
+/// The throttle latch's own record (SPEC §13): the ID of the control entry
+/// the write script wrote when the latch tripped. Only the daemon writes it;
+/// an operator's global change (`ctl`) deletes it. `ctl status` and
+/// `p33_throttle_latch_tripped` report the latch from it, never from an
+/// `actor` name anyone can write to the control stream.
+pub const LATCH: &str = "quantum:p33:latch";
+
 /// Every trading-state change, one entry each (SPEC §12).
 pub const CONTROL_STREAM: &str = "quantum:stream:p33.control";
 

@@ -232,14 +232,26 @@ async fn start_and_supervise(
         let r = async {
             stream::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group, "$").await?;
             stream::repair_group_ahead(&mut con, PLAN_STREAM, &cfg.consumer_group).await?;
-            stream::ensure_group(&mut con, RESULT_STREAM, cfg.ledger_group(), "$").await?;
-            stream::ensure_group(
-                &mut con,
-                CONTROL_STREAM,
-                &crate::keys::control_group(&cfg.consumer_name),
-                "$",
-            )
-            .await
+            // The ledger and control streams are not the gate's own: one of
+            // another type is said (their followers retry and say it again)
+            // and the daemon starts all the same (SPEC §11).
+            for (stream, group) in [
+                (RESULT_STREAM, cfg.ledger_group().to_string()),
+                (CONTROL_STREAM, crate::keys::control_group(&cfg.consumer_name)),
+            ] {
+                match stream::ensure_group(&mut con, stream, &group, "$").await {
+                    Err(e) if e.code() == Some("WRONGTYPE") => warn!(
+                        "redis: {stream} holds another type, not a stream: {} cannot follow it until it is deleted or repaired; starting without it",
+                        if stream == CONTROL_STREAM {
+                            "the control follower (states are still enforced; with P33_THROTTLE_LATCH opens are denied invalid_guard_state)"
+                        } else {
+                            "the ledger follower"
+                        }
+                    ),
+                    r => r?,
+                }
+            }
+            Ok::<(), redis::RedisError>(())
         }
         .await;
         match r {

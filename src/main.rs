@@ -37,7 +37,7 @@ fn main() {
                 match command {
                     Command::Ctl(args) => ctl::run(&cfg, args).await,
                     Command::Explain { plan_id } => explain::run(&cfg, &plan_id).await,
-                    Command::Replay(args) => replay::run(std::env::vars().collect(), args).await,
+                    Command::Replay(args) => replay::run(args).await,
                 }
             }),
             Err(e) => {

@@ -311,6 +311,9 @@ impl Metrics {
         m.foreign_permits_total
             .with_label_values(&["hash"])
             .inc_by(0);
+        m.guard_key_errors_total
+            .with_label_values(&[crate::keys::DECISIONS_STREAM])
+            .inc_by(0);
         for t in crate::domain::TradingState::ALL {
             m.trading_state.with_label_values(&[t.as_str()]).set(0.0);
             m.symbol_overrides.with_label_values(&[t.as_str()]).set(0.0);

@@ -495,7 +495,8 @@ pub async fn write_batch(
         .key(opens_key(&b))
         .key(keys::CONTROL_STREAM)
         .key(keys::OPEN_POSITIONS)
-        .key(keys::DECISIONS_STREAM);
+        .key(keys::DECISIONS_STREAM)
+        .key(keys::LATCH);
     inv.arg(header(&b));
     // Unused key slots still need a name; the ACK-only placeholder is never
     // touched, nor is the per-symbol throttle key while that throttle is off.

@@ -367,10 +367,10 @@ async fn read(
 
 /// Runs `replay`; returns the exit code. `base` is the environment the
 /// daemon reads; each `--set` changes it (a bad value exits 78).
-pub async fn run(base: Vec<(String, String)>, args: ReplayArgs) -> i32 {
-    let mut vars = base;
+pub async fn run(args: ReplayArgs) -> i32 {
+    let (mut vars, not_utf8) = crate::config::env_text();
     vars.extend(args.set.iter().cloned());
-    let cfg = match Config::from_pairs(vars) {
+    let cfg = match Config::from_text_env(vars, &not_utf8) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");

@@ -15,10 +15,36 @@ pub(crate) static READ_UNIVERSE: LazyLock<Script> =
 pub(crate) static READ_STATE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/read_state.lua")));
 
+/// The functions several scripts share (`common.lua`: how a trading state
+/// is read, whether a stream can take an entry), put in front of them.
+const COMMON: &str = include_str!("scripts/common.lua");
+
 /// A batch's permits and ACKs, with the hold and the no-overwrite guard
 /// (`permits`).
-pub(crate) static WRITE_PERMITS: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/write_permits.lua")));
+pub(crate) static WRITE_PERMITS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{COMMON}{}",
+        include_str!("scripts/write_permits.lua")
+    ))
+});
+
+/// The trading states of the global key and a page of override keys,
+/// atomically (`control`).
+pub(crate) static READ_STATES: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{COMMON}{}",
+        include_str!("scripts/read_states.lua")
+    ))
+});
+
+/// One trading-state change and its control entry: both or neither
+/// (`control`, for `ctl`).
+pub(crate) static CHANGE_STATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{COMMON}{}",
+        include_str!("scripts/change_state.lua")
+    ))
+});
 
 /// One result entry's ledger metadata and ACK (`ledger`).
 pub(crate) static APPLY_LEDGER: LazyLock<Script> =

@@ -10,12 +10,29 @@ use std::borrow::Cow;
 /// The most characters of a raw value ever echoed.
 pub(crate) const ECHO_MAX_CHARS: usize = 64;
 
-/// `s` cut to [`ECHO_MAX_CHARS`] characters, with `…` when something was cut.
+/// `s` cut to [`ECHO_MAX_CHARS`] characters, with `…` when something was
+/// cut, and its control characters escaped (`\n`, `\u{1b}`): an echoed value
+/// can neither forge a log line nor paint the operator's terminal (SPEC §11).
 pub(crate) fn clip(s: &str) -> Cow<'_, str> {
-    match s.char_indices().nth(ECHO_MAX_CHARS) {
-        None => Cow::Borrowed(s),
-        Some((i, _)) => Cow::Owned(format!("{}…", &s[..i])),
+    let (head, cut) = match s.char_indices().nth(ECHO_MAX_CHARS) {
+        None => (s, false),
+        Some((i, _)) => (&s[..i], true),
+    };
+    if !cut && !head.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
     }
+    let mut out = String::with_capacity(head.len() + 4);
+    for c in head.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    if cut {
+        out.push('…');
+    }
+    Cow::Owned(out)
 }
 
 /// Raw bytes for an echo: valid UTF-8 as text, anything else with its
@@ -56,6 +73,21 @@ mod tests {
         let c = clip(&long);
         assert_eq!(c.chars().count(), 65);
         assert!(c.ends_with('…'));
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        for (raw, want) in [
+            ("a\nb", "a\\nb"),
+            ("\u{1b}[31mred", "\\u{1b}[31mred"),
+            ("tab\there\r", "tab\\there\\r"),
+            ("caf\u{e9} \u{a0}ok", "caf\u{e9} \u{a0}ok"),
+        ] {
+            assert_eq!(clip(raw), want, "{raw:?}");
+        }
+        let forged = format!("x\n{}", "y".repeat(100));
+        let c = clip(&forged);
+        assert!(!c.contains('\n') && c.ends_with('…'), "{c}");
     }
 
     #[test]

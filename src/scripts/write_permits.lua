@@ -22,7 +22,9 @@
 -- KEYS[4]  quantum:p33:open_positions (symbols granted an open while flat,
 --          sorted set scored by the time, ms; P33_MAX_OPEN_POSITIONS)
 -- KEYS[5]  quantum:stream:p33.decisions (the decision record, SPEC §14)
--- KEYS     then per entry i, four keys from KEYS[6 + 4(i-1)]:
+-- KEYS[6]  quantum:p33:latch (set to the latch's control entry ID when the
+--          latch trips: what ctl status and the alert report)
+-- KEYS     then per entry i, four keys from KEYS[7 + 4(i-1)]:
 --            quantum:permit:p33:<plan_id>           (written)
 --            quantum:reconcile:hold:<symbol>        (read)
 --            quantum:p33:trading_state:<symbol>     (read)
@@ -67,10 +69,9 @@
 --                     then the limits
 --               '4' = a reconcile-close allow: trading state only
 --
--- A state is ACTIVE, REDUCING or HALTED (any case, ASCII blanks trimmed); any
--- other value, a value longer than 16 bytes, or a key of another type, is
--- HALTED (fail closed). A plan's state is the stricter of the global one and
--- its symbol's.
+-- A state is read by state_of (state_of.lua, put in front of this script):
+-- anything but ACTIVE/REDUCING/HALTED is HALTED. A plan's state is the
+-- stricter of the global one and its symbol's.
 --
 -- Returns one row per entry: {code, foreign}, foreign being '' or, when a
 -- permit key of another type (a foreign permit, SPEC §6) was deleted and
@@ -104,36 +105,6 @@
 -- plus the symbols granted an open within the permit TTL that still hold
 -- none reach P33_MAX_OPEN_POSITIONS; a granted open adds its symbol (once:
 -- the set is keyed by symbol).
-
-local RANK = {ACTIVE = 1, REDUCING = 2, HALTED = 3}
-
-local function state_of(key, default)
-  local t = redis.call('TYPE', key).ok
-  if t == 'none' then return default end
-  if t ~= 'string' then return 'HALTED' end
-  -- Bounded before any string work: a long value is no state.
-  if redis.call('STRLEN', key) > 16 then return 'HALTED' end
-  local v = string.upper(redis.call('GET', key))
-  v = string.match(v, '^%s*(.-)%s*$')
-  if RANK[v] then return v end
-  return 'HALTED'
-end
-
--- Why a stream cannot take an XADD (nil when it can).
-local MAX_ID = '18446744073709551615-18446744073709551615'
-local function stream_problem(key)
-  local t = redis.call('TYPE', key).ok
-  if t == 'none' then return nil end
-  if t ~= 'stream' then return 'holds a ' .. t end
-  local info = redis.call('XINFO', 'STREAM', key)
-  for j = 1, #info - 1, 2 do
-    if info[j] == 'last-generated-id' then
-      if info[j + 1] == MAX_ID then return 'is at its last possible ID' end
-      return nil
-    end
-  end
-  return nil
-end
 
 -- Whether a counter key can be counted in (a sorted set, or missing).
 local function zset_ok(key)
@@ -236,7 +207,7 @@ local out = {}
 local n = (#ARGV - 1) / stride
 for i = 1, n do
   local a = 1 + (i - 1) * stride
-  local k = 5 + (i - 1) * 4
+  local k = 6 + (i - 1) * 4
   local id, mode = ARGV[a + 1], ARGV[a + 2]
   local guards = {}
   local foreign = ''
@@ -302,9 +273,10 @@ for i = 1, n do
             body, res = guard_deny(h.throttled_g, 'global', KEYS[k + 1], KEYS[k + 2]), 9
             if latch and global == 'ACTIVE' and not dry then
               redis.call('SET', KEYS[1], 'REDUCING')
-              redis.call('XADD', KEYS[3], '*', 'scope', 'global', 'symbol', '', 'from', 'ACTIVE',
-                'to', 'REDUCING', 'reason', h.latch_reason, 'actor', 'p33-auto',
+              local entry = redis.call('XADD', KEYS[3], '*', 'scope', 'global', 'symbol', '',
+                'from', 'ACTIVE', 'to', 'REDUCING', 'reason', h.latch_reason, 'actor', 'p33-auto',
                 'ts', tostring(math.floor(now_ms / 1000)))
+              redis.call('SET', KEYS[6], entry)
               global = 'REDUCING'
             end
           end

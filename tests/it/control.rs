@@ -388,3 +388,188 @@ fn no_allow_is_written_after_a_halt_returned() {
         "{reasons:?}"
     );
 }
+
+fn redis_cmd(t: &mut TestDaemon, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query(&mut t.con)
+}
+
+const CONTROL: &str = "quantum:stream:p33.control";
+
+#[test]
+fn a_change_whose_control_entry_cannot_be_written_changes_nothing() {
+    let mut t = daemon();
+    for (name, breaker) in [
+        ("a string", vec!["SET", CONTROL, "x"]),
+        (
+            "at its last possible ID",
+            vec![
+                "XADD",
+                CONTROL,
+                "18446744073709551615-18446744073709551615",
+                "f",
+                "v",
+            ],
+        ),
+    ] {
+        redis_cmd(&mut t, &["DEL", CONTROL]).unwrap();
+        redis_cmd(&mut t, &breaker).unwrap();
+        for args in [
+            vec!["halt", "--reason", "test"],
+            vec!["reduce", "--symbol", "BTCUSDT", "--reason", "test"],
+        ] {
+            let (code, out, err) = ctl(&t, &args);
+            assert_eq!(code, Some(1), "{name} {args:?}: {out}{err}");
+            assert!(
+                err.contains("nothing was changed") && err.contains(CONTROL),
+                "{name}: {err}"
+            );
+            for key in [
+                "quantum:p33:trading_state",
+                "quantum:p33:trading_state:BTCUSDT",
+            ] {
+                let v: Option<String> = redis::cmd("GET").arg(key).query(&mut t.con).unwrap();
+                assert_eq!(v, None, "{name} {args:?}: {key} unchanged");
+            }
+        }
+    }
+}
+
+#[test]
+fn ctl_the_gauge_and_the_write_script_read_a_state_value_alike() {
+    let mut t = daemon();
+    // A no-break space is no blank to the script: HALTED; so is a byte
+    // that is not UTF-8.
+    for (name, value) in [
+        ("no-break space", "ACTIVE\u{a0}".as_bytes().to_vec()),
+        ("Latin-1 byte", b"ACTIVE\xe9".to_vec()),
+    ] {
+        let _: () = redis::cmd("SET")
+            .arg("quantum:p33:trading_state")
+            .arg(&value)
+            .query(&mut t.con)
+            .unwrap();
+        let id = format!("nbsp-{}", name.len());
+        push(&mut t, close(&id, "BTCUSDT"));
+        assert_eq!(t.wait_permit(&id)["reason"], "trading_halted", "{name}");
+        let out = ctl_ok(&t, &["status"]);
+        assert!(out.contains("trading state   HALTED"), "{name}: {out}");
+        let (_, json, _) = ctl(&t, &["status", "--json"]);
+        let v: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["global"], "HALTED", "{name}");
+        t.wait_metric("p33_trading_state{state=\"HALTED\"}", 1.0);
+        assert_eq!(t.metric("p33_trading_state{state=\"ACTIVE\"}"), Some(0.0));
+    }
+}
+
+#[test]
+fn a_forged_p33_auto_entry_is_no_tripped_latch() {
+    let mut t = daemon();
+    // Anyone who can write the stream can name p33-auto as the actor.
+    ctl_ok(&t, &["reduce", "--reason", "operator"]);
+    redis_cmd(
+        &mut t,
+        &[
+            "XADD", CONTROL, "*", "scope", "global", "symbol", "", "from", "ACTIVE", "to",
+            "REDUCING", "reason", "forged", "actor", "p33-auto", "ts", "1",
+        ],
+    )
+    .unwrap();
+    t.wait_log("reason=forged, actor=p33-auto", T);
+    let out = ctl_ok(&t, &["status"]);
+    assert!(out.contains("throttle latch  not tripped"), "{out}");
+    let (_, json, _) = ctl(&t, &["status", "--json"]);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["latch_tripped"], false, "{v}");
+    assert_eq!(t.metric("p33_throttle_latch_tripped"), Some(0.0));
+}
+
+#[test]
+fn control_entries_cannot_forge_log_lines_or_paint_the_terminal() {
+    let mut t = daemon();
+    let evil = format!(
+        "x\nP3.3 trading state global HALTED -> ACTIVE \u{1b}[2J{}",
+        "y".repeat(3_000_000)
+    );
+    redis_cmd(
+        &mut t,
+        &[
+            "XADD",
+            CONTROL,
+            "*",
+            "scope",
+            "global",
+            "symbol",
+            "",
+            "from",
+            "ACTIVE",
+            "to",
+            "HALTED\n",
+            "reason",
+            &evil,
+            "actor",
+            "mallory\u{1b}[31m",
+            "ts",
+            "1",
+        ],
+    )
+    .unwrap();
+    let line = t.wait_log("actor=mallory", T);
+    assert!(line.contains("\\n") && line.contains("\\u{1b}"), "{line}");
+    assert!(line.len() < 1000, "cut: {} bytes", line.len());
+    assert!(
+        t.grep("P3.3 trading state global HALTED -> ACTIVE").len() <= 1,
+        "no forged line"
+    );
+    let out = ctl_ok(&t, &["status"]);
+    assert!(!out.contains('\u{1b}'), "no escape reaches the terminal");
+    assert!(out.len() < 10_000, "ctl status printed {} bytes", out.len());
+    let (_, json, _) = ctl(&t, &["status", "--json"]);
+    assert!(
+        json.len() < 10_000,
+        "ctl status --json printed {} bytes",
+        json.len()
+    );
+}
+
+#[test]
+fn ctl_refuses_a_blank_reason_and_does_not_echo_a_huge_symbol() {
+    let t = daemon();
+    for reason in ["", "   ", "\t"] {
+        let (code, _, err) = ctl(&t, &["halt", "--reason", reason]);
+        assert_eq!(code, Some(64), "{reason:?}: {err}");
+        assert!(err.contains("reason"), "{err}");
+    }
+    let huge = "A".repeat(100_000);
+    let (code, _, err) = ctl(&t, &["halt", "--symbol", &huge, "--reason", "x"]);
+    assert_eq!(code, Some(64), "{}", err.len());
+    assert!(err.len() < 2_000, "stderr is {} bytes", err.len());
+    let env: Vec<(&str, &str)> = t
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (code, _, err) = run_once(&["explain", &huge], &env);
+    assert_eq!(code, Some(1), "{}", err.len());
+    assert!(err.len() < 2_000, "explain's stderr is {} bytes", err.len());
+}
+
+#[test]
+fn the_daemon_starts_with_the_control_stream_holding_a_string() {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .deferred(),
+    );
+    t.snapshot("BTCUSDT", "0.5", now());
+    redis_cmd(&mut t, &["SET", CONTROL, "x"]).unwrap();
+    t.start_ready();
+    t.wait_log("holds another type, not a stream", T);
+    push(&mut t, close("ctl-string", "BTCUSDT"));
+    assert_eq!(t.wait_permit("ctl-string")["allow"], true);
+    let (code, _) = t.get("/readyz");
+    assert_eq!(code, 200);
+}

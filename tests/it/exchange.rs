@@ -526,7 +526,7 @@ fn step_sizes_survive_a_restart_without_the_exchange() {
         warn.to_lowercase().contains("refused"),
         "names the cause: {warn}"
     );
-    t.wait_log("using the 1 saved in quantum:p33:step_sizes", T);
+    t.wait_log("step sizes: 1 loaded from quantum:p33:step_sizes", T);
     set_snapshot(&mut t.con, "SOLUSDT", "-9.75", now());
     push_plan(
         &mut t.con,

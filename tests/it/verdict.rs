@@ -394,3 +394,57 @@ fn saved_step_sizes_judge_a_plan_pending_at_start_while_the_exchange_is_slow() {
     );
     drop(silent);
 }
+
+/// Runs the binary with `env` plus one variable whose value is raw bytes.
+fn run_with_bytes(
+    args: &[&str],
+    env: &[(&str, &str)],
+    raw: (&str, &[u8]),
+) -> (Option<i32>, String, String) {
+    use std::os::unix::ffi::OsStrExt;
+    let mut cmd = std::process::Command::new(DAEMON);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.env(raw.0, std::ffi::OsStr::from_bytes(raw.1));
+    let out = cmd.args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_variable_that_is_not_utf8_is_ignored_or_a_named_config_error_never_a_panic() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let env = [
+        ("REDIS_URL", url.as_str()),
+        ("P33_SNAPSHOT_SOURCE", "external"),
+        ("P33_ALLOWLIST_SOURCE", "env"),
+        ("P33_ALLOWLIST", "BTCUSDT"),
+    ];
+    // Another service's variable: none of ours, ignored everywhere.
+    for args in [
+        &["ctl", "status"][..],
+        &["replay", "--last", "5"],
+        &["--check-config"],
+    ] {
+        let (code, out, err) = run_with_bytes(args, &env, ("OTHER_SERVICE_NOTE", b"caf\xe9"));
+        assert_eq!(code, Some(0), "{args:?}: {out}{err}");
+    }
+    // One we read: exit 78, named, its value never printed.
+    for args in [&["--check-config"][..], &["ctl", "status"], &[]] {
+        let (code, out, err) = run_with_bytes(args, &env, ("REDIS_PASSWORD", b"s3cr\xe9t-hunter2"));
+        assert_eq!(code, Some(78), "{args:?}: {out}{err}");
+        assert!(
+            err.contains("REDIS_PASSWORD") && err.contains("UTF-8"),
+            "{err}"
+        );
+        assert!(!format!("{out}{err}").contains("hunter2"), "{out}{err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+}
