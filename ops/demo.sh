@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 need_redis_and_curl demo
 echo "demo: building (release; the first build takes about 1.5 minutes on 2 cores)"
 cargo build --release --bins
-BIN=target/release
+BIN=$(release_bins)
 
 work=$(mktemp -d /tmp/p33-demo.XXXXXX)
 pids=()

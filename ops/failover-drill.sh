@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 need_redis_and_curl drill
 echo "drill: building (release)"
 cargo build --release --bins --quiet
-BIN=target/release
+BIN=$(release_bins)
 
 work=$(mktemp -d /tmp/p33-drill.XXXXXX)
 pids=()

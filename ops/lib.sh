@@ -31,3 +31,13 @@ free_port() {
   done
   echo "no free port found" >&2; exit 1
 }
+
+# release_bins: the directory cargo builds release binaries into, as cargo
+# itself reports it (CARGO_TARGET_DIR and .cargo/config included).
+release_bins() {
+  local dir
+  dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
+    | grep -o '"target_directory":"[^"]*"' | head -n 1 | cut -d'"' -f4)
+  [ -n "$dir" ] || { echo "cargo metadata named no target directory" >&2; exit 1; }
+  echo "$dir/release"
+}

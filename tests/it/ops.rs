@@ -517,3 +517,33 @@ fn proof_script_passes_on_a_healthy_daemon_and_fails_when_fail_closed() {
         "{out}"
     );
 }
+
+#[test]
+fn the_ops_scripts_find_the_binaries_where_cargo_builds_them() {
+    // With CARGO_TARGET_DIR set, release binaries are not in ./target.
+    let dir = std::env::temp_dir().join(format!("p33-target-{}", std::process::id()));
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(". ops/lib.sh; release_bins")
+        .current_dir(ROOT)
+        .env("CARGO_TARGET_DIR", &dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        dir.join("release").to_string_lossy()
+    );
+    for script in ["ops/demo.sh", "ops/failover-drill.sh"] {
+        let s = std::fs::read_to_string(Path::new(ROOT).join(script)).unwrap();
+        assert!(s.contains("BIN=$(release_bins)"), "{script}");
+        assert!(
+            !s.contains("target/release"),
+            "{script} names ./target/release"
+        );
+    }
+}
