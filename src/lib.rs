@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod permits;
 pub mod record;
 pub mod replay;
+mod resp;
 pub mod rules;
 mod scripts;
 pub mod sentinel;

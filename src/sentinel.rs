@@ -17,10 +17,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, RedisConnectionInfo, Value};
+use redis::{AsyncConnectionConfig, ConnectionInfo, Value};
 
 use crate::config::{join_host_port, SentinelTarget};
+use crate::resp;
 
 /// How long one sentinel (or the named master's `ROLE`) may take to answer.
 pub const ASK_TIMEOUT: Duration = Duration::from_millis(500);
@@ -101,7 +101,7 @@ pub fn choose(views: &[Option<MasterView>]) -> Option<(String, u16)> {
 /// The sentinels, with a cached connection to each.
 pub struct Sentinels {
     target: SentinelTarget,
-    cons: Vec<Option<MultiplexedConnection>>,
+    cons: Vec<Option<resp::Conn>>,
     /// The sentinels that did not answer the last lookup (for the log).
     silent: Vec<String>,
 }
@@ -112,16 +112,27 @@ impl std::fmt::Debug for Sentinels {
     }
 }
 
-/// How to reach sentinel `i` of `target` (its own password, no database).
-fn sentinel_info(target: &SentinelTarget, i: usize) -> ConnectionInfo {
+/// `+switch-master` looks at most this often, however fast a sentinel
+/// announces (SPEC §11: a flood of announcements must not cost a core).
+pub const HINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Connects to sentinel `i` of `target` and authenticates with its own
+/// password (when it has one), every reply read under the 64 KiB cap.
+async fn connect(target: &SentinelTarget, i: usize) -> Result<resp::Conn, String> {
     let (host, port) = &target.sentinels[i];
-    ConnectionInfo {
-        addr: ConnectionAddr::Tcp(host.clone(), *port),
-        redis: RedisConnectionInfo {
-            password: target.password.as_ref().map(|s| s.expose().to_string()),
-            ..Default::default()
-        },
+    let mut con = resp::Conn::connect(host, *port, ASK_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(pw) = &target.password {
+        let auth = con
+            .call(&[b"AUTH", pw.expose().as_bytes()], ASK_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let resp::Reply::Error(e) = auth {
+            return Err(crate::text::clip(&e).into_owned());
+        }
     }
+    Ok(con)
 }
 
 /// A sentinel that did not answer a lookup, and why.
@@ -206,14 +217,10 @@ impl Sentinels {
     pub async fn lookup(&mut self) -> (Lookup, Vec<Problem>) {
         let mut asks = tokio::task::JoinSet::new();
         for i in 0..self.cons.len() {
-            let (con, info, master) = (
-                self.cons[i].take(),
-                sentinel_info(&self.target, i),
-                self.target.master.clone(),
-            );
-            asks.spawn(async move { (i, ask(con, info, master).await) });
+            let (con, target) = (self.cons[i].take(), self.target.clone());
+            asks.spawn(async move { (i, ask(con, &target, i).await) });
         }
-        let mut answers: Vec<Option<Result<Option<MasterView>, redis::RedisError>>> =
+        let mut answers: Vec<Option<Result<Option<MasterView>, String>>> =
             (0..self.cons.len()).map(|_| None).collect();
         while let Some(done) = asks.join_next().await {
             if let Ok((i, (con, r))) = done {
@@ -229,7 +236,7 @@ impl Sentinels {
                     answered.push(v);
                     continue;
                 }
-                Some(Err(e)) => e.to_string(),
+                Some(Err(e)) => e,
                 // Its ask panicked: a sentinel that did not answer.
                 None => "the lookup failed".to_string(),
             };
@@ -251,91 +258,85 @@ impl Sentinels {
 
 /// Asks one sentinel (connecting first when `con` is `None`); gives back
 /// the connection to keep (none after a failure) and its answer (`None`:
-/// it does not know the name).
+/// it does not know the name). A reply over 64 KiB, or one that is not
+/// RESP, is a sentinel that did not answer.
 async fn ask(
-    con: Option<MultiplexedConnection>,
-    info: ConnectionInfo,
-    master: String,
-) -> (
-    Option<MultiplexedConnection>,
-    Result<Option<MasterView>, redis::RedisError>,
-) {
+    con: Option<resp::Conn>,
+    target: &SentinelTarget,
+    i: usize,
+) -> (Option<resp::Conn>, Result<Option<MasterView>, String>) {
     let mut con = match con {
         Some(c) => c,
-        None => {
-            let connect = async {
-                let client = redis::Client::open(info)?;
-                tokio::time::timeout(
-                    ASK_TIMEOUT,
-                    client.get_multiplexed_async_connection_with_config(&config(ASK_TIMEOUT)),
-                )
-                .await
-                .map_err(|_| timed_out())?
-            };
-            match connect.await {
-                Ok(c) => c,
-                Err(e) => return (None, Err(e)),
-            }
-        }
+        None => match connect(target, i).await {
+            Ok(c) => c,
+            Err(e) => return (None, Err(e)),
+        },
     };
-    let r: Result<Value, _> = tokio::time::timeout(
-        ASK_TIMEOUT,
-        redis::cmd("SENTINEL")
-            .arg("MASTER")
-            .arg(&master)
-            .query_async(&mut con),
-    )
-    .await
-    .map_err(|_| timed_out())
-    .and_then(|r| r);
-    match r {
-        Ok(v) => (Some(con), Ok(MasterView::parse(&v))),
+    let asked = con
+        .call(
+            &[b"SENTINEL", b"MASTER", target.master.as_bytes()],
+            ASK_TIMEOUT,
+        )
+        .await;
+    match asked.map(resp::Reply::into_result) {
+        Ok(Ok(v)) => (Some(con), Ok(MasterView::parse(&v))),
+        // Not allowed to ask: no answer.
+        Ok(Err(e))
+            if e.starts_with("NOAUTH") || e.starts_with("WRONGPASS") || e.starts_with("NOPERM") =>
+        {
+            (None, Err(crate::text::clip(&e).into_owned()))
+        }
         // "ERR No such master with that name": it answered, knows nothing.
-        Err(e) if e.kind() == redis::ErrorKind::ResponseError => (Some(con), Ok(None)),
-        Err(e) => (None, Err(e)),
+        Ok(Err(_)) => (Some(con), Ok(None)),
+        Err(e) => (None, Err(e.to_string())),
     }
 }
 
 /// Listens for `+switch-master` on the sentinel at `i` until `cancel`,
-/// calling `heard` at each announcement (reconnecting after a failure, at
-/// most once a second). A hint only: the choice is [`Sentinels::lookup`]'s.
+/// calling `heard` at each announcement — at most once per [`HINT_EVERY`]:
+/// after one, nothing more is read for that long, so a flooding sentinel
+/// meets TCP back-pressure rather than a busy core. Reconnects after a
+/// failure at most once a second. A hint only: the choice is
+/// [`Sentinels::lookup`]'s.
 pub async fn listen(
     target: SentinelTarget,
     i: usize,
     heard: impl Fn(),
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    use futures_util::StreamExt;
-    let info = sentinel_info(&target, i);
     loop {
-        let subscribed = async {
-            let client = redis::Client::open(info.clone())?;
-            let mut ps = tokio::time::timeout(ASK_TIMEOUT, client.get_async_pubsub())
-                .await
-                .map_err(|_| timed_out())??;
-            tokio::time::timeout(ASK_TIMEOUT, ps.subscribe("+switch-master"))
-                .await
-                .map_err(|_| timed_out())??;
-            Ok::<_, redis::RedisError>(ps)
-        };
+        let follow = subscribed(&target, i, &heard);
         tokio::select! {
             _ = cancel.cancelled() => return,
-            r = subscribed => if let Ok(ps) = r {
-                let mut messages = ps.into_on_message();
-                loop {
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        m = messages.next() => match m {
-                            Some(_) => heard(),
-                            None => break,
-                        },
-                    }
-                }
-            },
+            _ = follow => {}
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// One subscription to `+switch-master` on sentinel `i`, until it fails;
+/// returns why.
+async fn subscribed(target: &SentinelTarget, i: usize, heard: &impl Fn()) -> String {
+    let mut con = match connect(target, i).await {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    if let Err(e) = con.send(&[b"SUBSCRIBE", b"+switch-master"]).await {
+        return e.to_string();
+    }
+    let message = resp::Reply::Bulk(Some(b"message".to_vec()));
+    loop {
+        match con.read().await {
+            Ok(resp::Reply::Array(Some(m))) if m.first() == Some(&message) => {
+                heard();
+                tokio::time::sleep(HINT_EVERY).await;
+            }
+            Ok(resp::Reply::Error(e)) => return crate::text::clip(&e).into_owned(),
+            Ok(_) => {}
+            Err(e) => return e.to_string(),
         }
     }
 }

@@ -473,3 +473,122 @@ fn a_master_demoted_behind_the_sentinels_back_is_no_master() {
     assert_eq!(wait_permit(&mut con, "demoted-2")["allow"], true);
     assert_eq!(d.metric("p33_redis_failovers_total"), Some(0.0));
 }
+
+/// A "sentinel" that answers `SENTINEL MASTER` with a bulk string announced
+/// as 300 MB (and sends it, as fast as the reader takes it), and floods
+/// every `SUBSCRIBE` with `+switch-master` messages. Serves for `serve`.
+fn hostile_sentinel(serve: Duration) -> (u16, Arc<AtomicBool>, Arc<AtomicBool>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let (flag, sub) = (stop.clone(), subscribed.clone());
+    std::thread::spawn(move || {
+        let end = Instant::now() + serve;
+        listener.set_nonblocking(true).unwrap();
+        while Instant::now() < end && !flag.load(Ordering::SeqCst) {
+            let Ok((mut s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            let (flag, sub) = (flag.clone(), sub.clone());
+            std::thread::spawn(move || {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut buf = [0u8; 4096];
+                let Ok(n) = s.read(&mut buf) else { return };
+                let req = String::from_utf8_lossy(&buf[..n]).to_uppercase();
+                if req.contains("SUBSCRIBE") {
+                    sub.store(true, Ordering::SeqCst);
+                    let _ =
+                        s.write_all(b"*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n");
+                    let payload = "p33m 127.0.0.1 1 127.0.0.1 2";
+                    let msg = format!(
+                        "*3\r\n$7\r\nmessage\r\n$14\r\n+switch-master\r\n${}\r\n{payload}\r\n",
+                        payload.len()
+                    )
+                    .into_bytes();
+                    let many: Vec<u8> =
+                        msg.iter().copied().cycle().take(msg.len() * 1000).collect();
+                    while Instant::now() < end && !flag.load(Ordering::SeqCst) {
+                        if s.write_all(&many).is_err() {
+                            return;
+                        }
+                    }
+                } else if req.contains("SENTINEL") {
+                    let _ = s.write_all(b"$300000000\r\n");
+                    let chunk = vec![b'x'; 1 << 20];
+                    for _ in 0..300 {
+                        if s.write_all(&chunk).is_err() {
+                            return;
+                        }
+                    }
+                } else {
+                    let _ = s.write_all(b"+OK\r\n");
+                }
+            });
+        }
+    });
+    (port, stop, subscribed)
+}
+
+/// Peak resident memory (VmHWM) and CPU time (utime + stime, in ticks).
+fn usage(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // Fields 14 and 15 of stat; after the ")" the 3rd field is index 0.
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    (hwm_kb, ticks)
+}
+
+#[test]
+fn a_hostile_sentinel_costs_neither_memory_nor_a_core() {
+    let master = Redis::start();
+    let sentinel = Sentinel::start_with(master.port, "", None);
+    let (port, stop, subscribed) = hostile_sentinel(Duration::from_secs(30));
+    let mut con = master.con();
+    set_snapshot(&mut con, "BTCUSDT", "1", now());
+    // The hostile one is listed first; the real one still names the master.
+    let list = format!("127.0.0.1:{port},{}", sentinel.addr());
+    let env = one_sentinel_env(&master, &sentinel, &[("REDIS_SENTINELS", list.as_str())]);
+    let d = Daemon::start(&env);
+    d.wait_log("ready: reading plans", T);
+    push_plan(&mut con, &plan("hostile-1"));
+    assert_eq!(wait_permit(&mut con, "hostile-1")["allow"], true);
+    d.wait_log(&format!("sentinel 127.0.0.1:{port}: reply larger than"), T);
+    wait_for("the daemon to subscribe to the flood", T, || {
+        subscribed.load(Ordering::SeqCst).then_some(())
+    });
+    // Two seconds under the flood: a few looks, not a busy core.
+    let (_, before) = usage(d.pid());
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let (hwm_kb, after) = usage(d.pid());
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let cpu = (after - before) as f64 / ticks_per_s / t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::SeqCst);
+    eprintln!(
+        "under the flood: {:.0} % of a core, peak {} MB",
+        cpu * 100.0,
+        hwm_kb / 1024
+    );
+    assert!(cpu < 0.5, "the daemon used {:.0} % of a core", cpu * 100.0);
+    assert!(
+        hwm_kb < 100 * 1024,
+        "peak memory {} MB: a 300 MB reply was read",
+        hwm_kb / 1024
+    );
+    push_plan(&mut con, &plan("hostile-2"));
+    assert_eq!(wait_permit(&mut con, "hostile-2")["allow"], true);
+}

@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     // Plumbing: configuration, metrics, connections, shared tables.
     ("config", 1),
     ("scripts", 1),
+    ("resp", 1),
     ("steps", 1),
     ("metrics", 2),
     ("telemetry", 2),
