@@ -63,17 +63,20 @@ async fn read_keys(
         .collect())
 }
 
-/// Reads the global state and every override: each SCAN page of override
-/// keys is read in one script call (50,000 overrides cost about 100 calls,
-/// not 100,000), at most 100,000 overrides.
-pub async fn read_states(
-    con: &mut Conn,
-    default: TradingState,
-) -> Result<States, redis::RedisError> {
-    let global = read_keys(con, &[keys::TRADING_STATE.to_string()])
+/// The global state's key as read (`None`: missing).
+pub async fn read_global(con: &mut Conn) -> Result<Option<TradingState>, redis::RedisError> {
+    Ok(read_keys(con, &[keys::TRADING_STATE.to_string()])
         .await?
         .pop()
-        .flatten();
+        .flatten())
+}
+
+/// Every override, sorted by symbol: each SCAN page of override keys is
+/// read in one script call (50,000 overrides cost about 100 calls, not
+/// 100,000), at most 100,000 overrides.
+pub async fn read_overrides(
+    con: &mut Conn,
+) -> Result<Vec<(String, TradingState)>, redis::RedisError> {
     let prefix = keys::trading_state("");
     let mut overrides = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -104,11 +107,29 @@ pub async fn read_states(
         cursor = next;
     }
     overrides.sort();
+    Ok(overrides)
+}
+
+/// Reads the global state and every override.
+pub async fn read_states(
+    con: &mut Conn,
+    default: TradingState,
+) -> Result<States, redis::RedisError> {
+    let global = read_global(con).await?;
+    let overrides = read_overrides(con).await?;
     Ok(States {
         global: global.unwrap_or(default),
         global_set: global.is_some(),
         overrides,
     })
+}
+
+/// How long the override gauge waits before counting `n` overrides again:
+/// 5 s, or one override per ms beyond 5,000 (50 s for 50,000), so that a
+/// flood of override keys costs Redis about 1,000 keys a second, not
+/// 10,000 (SPEC §11). The global state is read every turn regardless.
+pub fn overrides_period(n: usize) -> Duration {
+    Duration::from_millis(u64::try_from(n).unwrap_or(u64::MAX)).max(Duration::from_secs(5))
 }
 
 /// What an operator asks for.
@@ -261,12 +282,15 @@ pub async fn last_entries(
 /// write script sets and an operator's global change deletes) exists and
 /// the global state is not ACTIVE. A control entry naming `p33-auto` as its
 /// actor proves nothing: anyone who can write the stream can write that.
-pub async fn latch_tripped(con: &mut Conn, states: &States) -> Result<bool, redis::RedisError> {
+pub async fn latch_tripped(
+    con: &mut Conn,
+    global: TradingState,
+) -> Result<bool, redis::RedisError> {
     let exists: bool = redis::cmd("EXISTS")
         .arg(keys::LATCH)
         .query_async(con)
         .await?;
-    Ok(exists && states.global != TradingState::Active)
+    Ok(exists && global != TradingState::Active)
 }
 
 /// The follower: logs each change at WARN, ACKs it, refreshes the gauges.
@@ -334,16 +358,27 @@ pub async fn run_state_metrics(
     else {
         return;
     };
+    let mut overrides: Vec<TradingState> = Vec::new();
+    let mut next_count = tokio::time::Instant::now();
     loop {
         let read = async {
-            let s = read_states(&mut con, cfg.default_trading_state).await?;
-            let latch = latch_tripped(&mut con, &s).await?;
-            Ok::<_, redis::RedisError>((s, latch))
+            let global = read_global(&mut con)
+                .await?
+                .unwrap_or(cfg.default_trading_state);
+            if tokio::time::Instant::now() >= next_count {
+                overrides = read_overrides(&mut con)
+                    .await?
+                    .into_iter()
+                    .map(|(_, t)| t)
+                    .collect();
+                next_count = tokio::time::Instant::now() + overrides_period(overrides.len());
+            }
+            let latch = latch_tripped(&mut con, global).await?;
+            Ok::<_, redis::RedisError>((global, latch))
         };
         match read.await {
-            Ok((s, latch)) => {
-                let o: Vec<TradingState> = s.overrides.iter().map(|(_, t)| *t).collect();
-                metrics.set_trading_state(s.global, &o);
+            Ok((global, latch)) => {
+                metrics.set_trading_state(global, &overrides);
                 metrics.throttle_latch_tripped.set(i64::from(latch));
             }
             Err(e) => warn!("trading state: reading it failed: {e}"),

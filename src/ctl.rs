@@ -167,7 +167,7 @@ async fn status(
             max_age_s: cfg.universe_max_age_s,
         },
     );
-    let latch = control::latch_tripped(con, &states).await?;
+    let latch = control::latch_tripped(con, states.global).await?;
     if as_json {
         println!(
             "{}",

@@ -573,3 +573,76 @@ fn the_daemon_starts_with_the_control_stream_holding_a_string() {
     let (code, _) = t.get("/readyz");
     assert_eq!(code, 200);
 }
+
+/// `INFO commandstats`: calls per command, and all commands processed.
+fn command_calls(con: &mut redis::Connection) -> (HashMap<String, u64>, u64) {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(con).unwrap();
+    let mut calls = HashMap::new();
+    for l in info.lines() {
+        if let Some(rest) = l.strip_prefix("cmdstat_") {
+            if let Some((name, stats)) = rest.split_once(':') {
+                let n = stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("calls="))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                calls.insert(name.to_string(), n);
+            }
+        }
+    }
+    let stats: String = redis::cmd("INFO").arg("stats").query(con).unwrap();
+    let total = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    (calls, total)
+}
+
+#[test]
+fn fifty_thousand_overrides_are_not_read_again_every_five_seconds() {
+    let mut t = daemon();
+    for chunk in 0..50 {
+        let mut p = redis::pipe();
+        for i in 0..1000 {
+            p.cmd("SET")
+                .arg(format!("quantum:p33:trading_state:S{chunk}X{i}USDT"))
+                .arg("HALTED")
+                .ignore();
+        }
+        let _: () = p.query(&mut t.con).unwrap();
+    }
+    // The refresh runs every 5 s; once it has counted them all, measure one.
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if t.metric("p33_symbol_overrides{state=\"HALTED\"}") == Some(50_000.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the gauge never counted 50,000"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, before) = command_calls(&mut t.con);
+    // Evidence that the refresh ran meanwhile: a global state set by hand
+    // (no control entry) reaches the gauge.
+    let _: () = redis::cmd("SET")
+        .arg("quantum:p33:trading_state")
+        .arg("HALTED")
+        .query(&mut t.con)
+        .unwrap();
+    t.wait_metric("p33_trading_state{state=\"HALTED\"}", 1.0);
+    let (_, after) = command_calls(&mut t.con);
+    // Reading 50,000 keys is at least 100,000 commands (inside a script or
+    // not): the overrides were not read again within seconds.
+    assert!(
+        after - before < 5_000,
+        "{} Redis commands for one refresh of the gauges",
+        after - before
+    );
+    assert_eq!(
+        t.metric("p33_symbol_overrides{state=\"HALTED\"}"),
+        Some(50_000.0)
+    );
+}
