@@ -269,6 +269,21 @@ async fn apply(
         debug!("apply.result {} was already acknowledged", e.id);
         return Ok(());
     }
+    if acked == 2 {
+        if let ResultAction::Apply(m) = &action {
+            warn!(
+                "{}: {} holds another type than a hash; result {} ACKed without ledger metadata",
+                m.symbol,
+                keys::ledger(&m.symbol),
+                e.id
+            );
+        }
+        metrics
+            .ledger_updates_total
+            .with_label_values(&["wrong_type"])
+            .inc();
+        return Ok(());
+    }
     match &action {
         ResultAction::Apply(m) if !cfg.dry_run => info!(
             "{}: ledger metadata from result {} (order {} {} qty={})",

@@ -448,3 +448,49 @@ fn a_variable_that_is_not_utf8_is_ignored_or_a_named_config_error_never_a_panic(
         assert_eq!(err.lines().count(), 1, "one line: {err}");
     }
 }
+
+#[test]
+fn a_ledger_key_of_another_type_is_said_and_the_follower_goes_on() {
+    let mut t = daemon(&[]);
+    cmd(
+        &mut t.con,
+        &["RPUSH", "quantum:position:ledger:AAAUSDT", "x"],
+    )
+    .unwrap();
+    for (plan, symbol) in [("exec-a", "AAAUSDT"), ("exec-b", "BBBUSDT")] {
+        cmd(
+            &mut t.con,
+            &[
+                "XADD",
+                "quantum:stream:apply.result",
+                "*",
+                "plan_id",
+                plan,
+                "symbol",
+                symbol,
+                "executed",
+                "true",
+                "details",
+                r#"{"order_id": 7, "filled_qty": "1", "side": "BUY", "order_status": "FILLED"}"#,
+            ],
+        )
+        .unwrap();
+    }
+    t.wait_log(
+        "AAAUSDT: quantum:position:ledger:AAAUSDT holds another type than a hash",
+        Duration::from_secs(10),
+    );
+    wait_for("BBBUSDT's metadata", Duration::from_secs(10), || {
+        let h: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg("quantum:position:ledger:BBBUSDT")
+            .query(&mut t.con)
+            .ok()?;
+        (h.get("last_result_plan_id").map(String::as_str) == Some("exec-b")).then_some(())
+    });
+    t.wait_metric("p33_ledger_updates_total{outcome=\"wrong_type\"}", 1.0);
+    assert_eq!(
+        pending(&mut t.con, "quantum:stream:apply.result", "p33-ledger"),
+        0
+    );
+    assert!(t.grep("ledger follower: redis error").is_empty());
+}
