@@ -536,47 +536,71 @@ pub async fn write_batch(
             }
         }
     }
-    let rows: Vec<(i64, String)> = inv.invoke_async(con).await?;
-    if rows.len() != writes.len() {
+    let reply: Vec<redis::Value> = inv.invoke_async(con).await?;
+    if reply.len() < writes.len() || !(reply.len() - writes.len()).is_multiple_of(2) {
         return Err(script_error(format!(
-            "write script returned {} results for {} entries",
-            rows.len(),
+            "write script returned {} values for {} entries",
+            reply.len(),
             writes.len()
         )));
     }
-    rows.into_iter()
-        .map(|(c, foreign)| {
-            let written = match c {
-                0 => Written::AlreadyAcked,
-                1 => Written::Acked,
-                2 => Written::Permit,
-                3 => Written::HoldDenied,
-                4 => Written::DuplicatePlanId,
-                5 => Written::TradingHalted(Scope::Global),
-                6 => Written::TradingHalted(Scope::Symbol),
-                7 => Written::TradingReducing(Scope::Global),
-                8 => Written::TradingReducing(Scope::Symbol),
-                9 => Written::Throttled(Scope::Global),
-                10 => Written::Throttled(Scope::Symbol),
-                11 => Written::InvalidGuardState(GuardKey::Opens),
-                12 => Written::InvalidGuardState(GuardKey::OpensSymbol),
-                13 => Written::InvalidGuardState(GuardKey::OpenPositions),
-                14 => Written::InvalidGuardState(GuardKey::Control),
-                c if (1000..1_000_000).contains(&c) => Written::MaxOpenPositions {
-                    in_flight: (c - 1000) as u32,
-                },
-                other => {
-                    return Err(script_error(format!(
-                        "write script returned the unknown code {other}"
-                    )))
-                }
-            };
-            Ok(Done {
+    let (codes, extra) = reply.split_at(writes.len());
+    let mut done = codes
+        .iter()
+        .map(|v| match v {
+            redis::Value::Int(c) => written_of(*c).map(|written| Done {
                 written,
-                foreign: (!foreign.is_empty()).then_some(foreign),
-            })
+                foreign: None,
+            }),
+            other => Err(script_error(format!(
+                "write script returned {other:?} for a code"
+            ))),
         })
-        .collect()
+        .collect::<Result<Vec<Done>, _>>()?;
+    for pair in extra.chunks_exact(2) {
+        let (redis::Value::Int(i), redis::Value::BulkString(what)) = (&pair[0], &pair[1]) else {
+            return Err(script_error(
+                "write script returned a bad foreign permit".into(),
+            ));
+        };
+        let slot = usize::try_from(*i)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| done.get_mut(i));
+        if let Some(d) = slot {
+            d.foreign = Some(String::from_utf8_lossy(what).into_owned());
+        }
+    }
+    Ok(done)
+}
+
+/// What a code of the write script means.
+fn written_of(c: i64) -> Result<Written, redis::RedisError> {
+    Ok(match c {
+        0 => Written::AlreadyAcked,
+        1 => Written::Acked,
+        2 => Written::Permit,
+        3 => Written::HoldDenied,
+        4 => Written::DuplicatePlanId,
+        5 => Written::TradingHalted(Scope::Global),
+        6 => Written::TradingHalted(Scope::Symbol),
+        7 => Written::TradingReducing(Scope::Global),
+        8 => Written::TradingReducing(Scope::Symbol),
+        9 => Written::Throttled(Scope::Global),
+        10 => Written::Throttled(Scope::Symbol),
+        11 => Written::InvalidGuardState(GuardKey::Opens),
+        12 => Written::InvalidGuardState(GuardKey::OpensSymbol),
+        13 => Written::InvalidGuardState(GuardKey::OpenPositions),
+        14 => Written::InvalidGuardState(GuardKey::Control),
+        c if (1000..1_000_000).contains(&c) => Written::MaxOpenPositions {
+            in_flight: (c - 1000) as u32,
+        },
+        other => {
+            return Err(script_error(format!(
+                "write script returned the unknown code {other}"
+            )))
+        }
+    })
 }
 
 /// The seven record values of one entry (SPEC §14).

@@ -73,9 +73,11 @@
 -- anything but ACTIVE/REDUCING/HALTED is HALTED. A plan's state is the
 -- stricter of the global one and its symbol's.
 --
--- Returns one row per entry: {code, foreign}, foreign being '' or, when a
--- permit key of another type (a foreign permit, SPEC §6) was deleted and
--- replaced, '<type>:<its reason field, or ->'. Codes:
+-- Returns one code per entry, then, for each entry whose permit key held
+-- another type (a foreign permit, SPEC §6) that was deleted and replaced,
+-- two more values: the entry's position (1-based) and '<type>:<its reason
+-- field, or ->'. (A flat array: a table per entry costs Redis about 1 µs
+-- each.) Codes:
 --   0  the entry was not pending any more (another consumer finished it):
 --      nothing written
 --   1  ACKed, no permit (as asked)
@@ -203,7 +205,7 @@ end
 -- With the record off, entries carry no record values.
 local stride = 4
 if maxlen > 0 then stride = 11 end
-local out = {}
+local out, foreigners = {}, {}
 local n = (#ARGV - 1) / stride
 for i = 1, n do
   local a = 1 + (i - 1) * stride
@@ -322,7 +324,11 @@ for i = 1, n do
     end
     code = res
   end
-  out[i] = {code, foreign}
+  out[i] = code
+  if foreign ~= '' then
+    table.insert(foreigners, i)
+    table.insert(foreigners, foreign)
+  end
   -- The record of every entry finished here (none for one another consumer
   -- had already finished).
   if maxlen > 0 and code ~= 0 then
@@ -351,4 +357,5 @@ for i = 1, n do
       'config', h.config, 'version', h.version, 'consumer', h.consumer)
   end
 end
+for _, v in ipairs(foreigners) do table.insert(out, v) end
 return out
