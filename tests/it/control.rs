@@ -646,3 +646,37 @@ fn fifty_thousand_overrides_are_not_read_again_every_five_seconds() {
         Some(50_000.0)
     );
 }
+
+#[test]
+fn ctl_status_reads_overrides_while_they_change() {
+    // An override deleted between two reads of it is simply gone: the
+    // state script reads each page at once (no TYPE, then GET).
+    let t = daemon();
+    let stop = Arc::new(AtomicBool::new(false));
+    let env: Vec<(String, String)> = t.env.clone().into_iter().collect();
+    let flag = stop.clone();
+    let changer = std::thread::spawn(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut n = 0;
+        while !flag.load(Ordering::SeqCst) {
+            let verb = if n % 2 == 0 { "halt" } else { "resume" };
+            let (code, out, err) = run_once(
+                &["ctl", verb, "--symbol", "ETHUSDT", "--reason", "churn"],
+                &env,
+            );
+            assert_eq!(code, Some(0), "{verb}: {out}{err}");
+            n += 1;
+        }
+        n
+    });
+    for _ in 0..100 {
+        let (code, out, err) = ctl(&t, &["status", "--json"]);
+        assert_eq!(code, Some(0), "{out}{err}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let changes = changer.join().unwrap();
+    assert!(
+        changes >= 2,
+        "the overrides changed meanwhile ({changes} changes)"
+    );
+}
