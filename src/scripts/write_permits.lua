@@ -69,7 +69,7 @@
 --                     then the limits
 --               '4' = a reconcile-close allow: trading state only
 --
--- A state is read by state_of (state_of.lua, put in front of this script):
+-- A state is read by state_of (common.lua, put in front of this script):
 -- anything but ACTIVE/REDUCING/HALTED is HALTED. A plan's state is the
 -- stricter of the global one and its symbol's.
 --
