@@ -46,49 +46,70 @@ fn imports_run_only_downward() {
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
     let mut seen = 0;
     let mut wrong = Vec::new();
+    // A module is `src/<name>.rs` or a folder `src/<name>/` (every file in
+    // it belongs to the module's layer).
+    let mut modules: Vec<(String, Vec<std::path::PathBuf>)> = Vec::new();
     for entry in std::fs::read_dir(src).unwrap().flatten() {
         let path = entry.path();
-        let Some(name) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".rs"))
-        else {
+        let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
+        if path.is_dir() {
+            if file == "bin" || file == "scripts" {
+                continue;
+            }
+            let mut files: Vec<_> = std::fs::read_dir(&path)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+                .collect();
+            files.sort();
+            modules.push((file.to_string(), files));
+        } else if let Some(name) = file.strip_suffix(".rs") {
+            modules.push((name.to_string(), vec![path.clone()]));
+        }
+    }
+    for (name, files) in &modules {
+        let name = name.as_str();
         if name == "lib" || name == "main" {
             continue;
         }
         let Some(&mine) = layer.get(name) else {
-            panic!("src/{name}.rs has no layer in tests/layout.rs: give it one");
+            panic!("src/{name} has no layer in tests/layout.rs: give it one");
         };
         seen += 1;
-        let text = std::fs::read_to_string(&path).unwrap();
-        let code = text.split("#[cfg(test)]").next().unwrap_or("");
-        for (n, line) in code.lines().enumerate() {
-            let line = line.trim_start();
-            if line.starts_with("//") {
-                continue;
-            }
-            let mut rest = line;
-            while let Some(i) = rest.find("crate::") {
-                rest = &rest[i + "crate::".len()..];
-                let used: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                let mut targets = vec![used.clone()];
-                if used.is_empty() && rest.starts_with('{') {
-                    // `use crate::{a, b::c}`
-                    let inner = rest[1..].split('}').next().unwrap_or("");
-                    targets = inner
-                        .split(',')
-                        .map(|t| t.trim().split("::").next().unwrap_or("").to_string())
-                        .collect();
+        for path in files {
+            let text = std::fs::read_to_string(path).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or("");
+            for (n, line) in code.lines().enumerate() {
+                let line = line.trim_start();
+                if line.starts_with("//") {
+                    continue;
                 }
-                for t in targets.into_iter().filter(|t| !t.is_empty() && t != name) {
-                    match layer.get(t.as_str()) {
-                        Some(&theirs) if theirs < mine => {}
-                        _ => wrong.push(format!("src/{name}.rs:{}: uses crate::{t}", n + 1)),
+                let mut rest = line;
+                while let Some(i) = rest.find("crate::") {
+                    rest = &rest[i + "crate::".len()..];
+                    let used: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    let mut targets = vec![used.clone()];
+                    if used.is_empty() && rest.starts_with('{') {
+                        // `use crate::{a, b::c}`
+                        let inner = rest[1..].split('}').next().unwrap_or("");
+                        targets = inner
+                            .split(',')
+                            .map(|t| t.trim().split("::").next().unwrap_or("").to_string())
+                            .collect();
+                    }
+                    for t in targets.into_iter().filter(|t| !t.is_empty() && t != name) {
+                        match layer.get(t.as_str()) {
+                            Some(&theirs) if theirs < mine => {}
+                            _ => {
+                                wrong.push(format!("{}:{}: uses crate::{t}", path.display(), n + 1))
+                            }
+                        }
                     }
                 }
             }
