@@ -774,6 +774,22 @@ pub fn env_text() -> (Vec<(String, String)>, Vec<String>) {
     (pairs, bad)
 }
 
+/// What a configuration is read for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// The daemon: everything is required and validated.
+    Daemon,
+    /// `ctl`, `explain`, `replay`: only what reaches Redis and what the
+    /// rules read; the exchange settings are ignored.
+    Tools,
+}
+
+/// Whether `name` is an exchange setting (credentials, URLs): what the
+/// tools never validate or read.
+fn is_exchange_var(name: &str) -> bool {
+    name.starts_with("BINANCE_") || name.starts_with("P33_EXCHANGE_")
+}
+
 impl Config {
     /// Reads the process environment: a variable of ours that is not UTF-8
     /// is a configuration error naming it (its value never shown).
@@ -788,7 +804,14 @@ impl Config {
         pairs: Vec<(String, String)>,
         not_utf8: &[String],
     ) -> Result<Config, ConfigErrors> {
-        let res = Self::from_pairs(pairs);
+        Self::from_text_env_errors(Self::from_pairs(pairs), not_utf8)
+    }
+
+    /// `res`, with the variables of ours that were not UTF-8 reported first.
+    fn from_text_env_errors(
+        res: Result<Config, ConfigErrors>,
+        not_utf8: &[String],
+    ) -> Result<Config, ConfigErrors> {
         if not_utf8.is_empty() {
             return res;
         }
@@ -809,6 +832,33 @@ impl Config {
     /// Builds the configuration from `(name, value)` pairs (a later pair
     /// wins, as in an environment).
     pub fn from_pairs<I>(vars: I) -> Result<Config, ConfigErrors>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        Self::from_pairs_for(vars, Purpose::Daemon)
+    }
+
+    /// The configuration `ctl`, `explain` and `replay` run with (SPEC §12):
+    /// the exchange settings are neither required nor validated, so an
+    /// operator can halt trading from a shell that holds no exchange secret.
+    pub fn tools_from_env() -> Result<Config, ConfigErrors> {
+        Self::tools_from_env_with(Vec::new())
+    }
+
+    /// [`Config::tools_from_env`] with more pairs that win over the
+    /// environment (`replay --set`).
+    pub fn tools_from_env_with(extra: Vec<(String, String)>) -> Result<Config, ConfigErrors> {
+        let (mut pairs, bad) = env_text();
+        pairs.extend(extra);
+        let bad: Vec<String> = bad.into_iter().filter(|n| !is_exchange_var(n)).collect();
+        match Self::from_pairs_for(pairs, Purpose::Tools) {
+            Ok(c) if bad.is_empty() => Ok(c),
+            res => Self::from_text_env_errors(res, &bad),
+        }
+    }
+
+    /// [`Config::from_pairs`] for `purpose`.
+    pub fn from_pairs_for<I>(vars: I, purpose: Purpose) -> Result<Config, ConfigErrors>
     where
         I: IntoIterator<Item = (String, String)>,
     {
@@ -848,7 +898,8 @@ impl Config {
             });
         // Credentials matter only in binance mode, and only when the mode
         // itself was valid: a misspelt mode is one error, not two.
-        if snapshot_source == SnapshotSource::Binance
+        if purpose == Purpose::Daemon
+            && snapshot_source == SnapshotSource::Binance
             && !p.failed("P33_SNAPSHOT_SOURCE")
             && (key.is_none() || secret.is_none())
         {
@@ -914,6 +965,9 @@ impl Config {
             .text("P33_CONSUMER_NAME")
             .unwrap_or_else(|| format!("p33-{}", hostname()));
 
+        if purpose == Purpose::Tools {
+            p.errors.retain(|e| !is_exchange_var(&e.var));
+        }
         if !p.errors.is_empty() {
             return Err(ConfigErrors(p.errors));
         }

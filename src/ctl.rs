@@ -48,8 +48,9 @@ pub enum Verb {
 /// The arguments of a change.
 #[derive(Debug, clap::Args)]
 pub struct ChangeArgs {
-    /// One symbol instead of the global state (checked after parsing, so
-    /// that a bad value is not echoed whole).
+    /// One symbol instead of the global state, upper-cased like the
+    /// allowlist (checked after parsing, so that a bad value is not echoed
+    /// whole).
     #[arg(long)]
     pub symbol: Option<String>,
     /// Why (recorded in the control entry; required, with a word in it).
@@ -85,8 +86,10 @@ fn actor() -> String {
 }
 
 /// Runs `ctl`; returns the exit code.
-pub async fn run(cfg: &Config, args: CtlArgs) -> i32 {
-    if let Verb::Halt(a) | Verb::Reduce(a) | Verb::Resume(a) = &args.verb {
+pub async fn run(cfg: &Config, mut args: CtlArgs) -> i32 {
+    if let Verb::Halt(a) | Verb::Reduce(a) | Verb::Resume(a) = &mut args.verb {
+        // Upper-cased like the allowlist: `--symbol solusdt` is SOLUSDT.
+        a.symbol = a.symbol.as_deref().map(str::to_ascii_uppercase);
         if let Some(Err(why)) = a.symbol.as_deref().map(check_symbol) {
             eprintln!("ctl: --symbol {why}");
             return 64;

@@ -24,7 +24,14 @@ fn main() {
             std::process::exit(code);
         }
     };
-    let cfg = match Config::from_env() {
+    // The subcommands need only the Redis settings (SPEC §12): an operator
+    // halts trading from a shell that holds no exchange secret.
+    let read = if cli.command.is_some() {
+        Config::tools_from_env()
+    } else {
+        Config::from_env()
+    };
+    let cfg = match read {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("{errors}");

@@ -368,9 +368,7 @@ async fn read(
 /// Runs `replay`; returns the exit code. `base` is the environment the
 /// daemon reads; each `--set` changes it (a bad value exits 78).
 pub async fn run(args: ReplayArgs) -> i32 {
-    let (mut vars, not_utf8) = crate::config::env_text();
-    vars.extend(args.set.iter().cloned());
-    let cfg = match Config::from_text_env(vars, &not_utf8) {
+    let cfg = match Config::tools_from_env_with(args.set.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");

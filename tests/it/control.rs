@@ -680,3 +680,47 @@ fn ctl_status_reads_overrides_while_they_change() {
         "the overrides changed meanwhile ({changes} changes)"
     );
 }
+
+#[test]
+fn ctl_explain_and_replay_need_no_exchange_settings() {
+    let t = daemon();
+    // The daemon's environment without any exchange secret, in binance mode,
+    // with an exchange URL that would not even parse.
+    let env: Vec<(&str, &str)> = t
+        .env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("BINANCE_") && !k.starts_with("P33_EXCHANGE_"))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain([
+            ("P33_SNAPSHOT_SOURCE", "binance"),
+            ("P33_EXCHANGE_BASE_URL", "not a url"),
+            ("USER", "alice"),
+        ])
+        .collect();
+    for args in [
+        &["ctl", "status"][..],
+        &[
+            "ctl",
+            "halt",
+            "--symbol",
+            "ethusdt",
+            "--reason",
+            "no secret here",
+        ],
+        &["replay", "--last", "5"],
+    ] {
+        let (code, out, err) = run_once(args, &env);
+        assert_eq!(code, Some(0), "{args:?}: {out}{err}");
+    }
+    let (code, _, err) = run_once(&["explain", "no-such-plan"], &env);
+    assert_eq!(code, Some(1), "not found, not a configuration error: {err}");
+    assert!(err.contains("no record"), "{err}");
+    let v: Option<String> = redis::cmd("GET")
+        .arg("quantum:p33:trading_state:ETHUSDT")
+        .query(&mut t.redis.con())
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("HALTED"), "--symbol ethusdt is ETHUSDT");
+    // The daemon itself still requires them.
+    let (code, _, err) = run_once(&["--check-config"], &env);
+    assert_eq!(code, Some(78), "{err}");
+}
