@@ -365,9 +365,35 @@ async fn read(
     Ok(out)
 }
 
-/// Runs `replay`; returns the exit code. `base` is the environment the
-/// daemon reads; each `--set` changes it (a bad value exits 78).
+/// The variables a replay judges with ([`decide`]: the rules' limits and
+/// the automatic limits): the only ones `--set` may change.
+pub const REPLAYABLE: [&str; 7] = [
+    "P33_STALE_THRESHOLD_SEC",
+    "P33_COOLDOWN_SEC",
+    "P33_QTY_TOLERANCE_PCT",
+    "P33_PLAN_MAX_AGE_S",
+    "P33_MAX_OPENS",
+    "P33_MAX_OPENS_PER_SYMBOL",
+    "P33_MAX_OPEN_POSITIONS",
+];
+
+/// Runs `replay`; returns the exit code. The configuration is the
+/// environment's; each `--set` changes it. A `--set` of a name the replay
+/// does not judge with (a typo must never read as "no impact"), or of a bad
+/// value, exits 78 naming it.
 pub async fn run(args: ReplayArgs) -> i32 {
+    if let Some((name, _)) = args
+        .set
+        .iter()
+        .find(|(k, _)| !REPLAYABLE.contains(&k.as_str()))
+    {
+        eprintln!(
+            "invalid configuration: --set {}: not a variable the rules or limits read; replay can change {}",
+            crate::text::clip(name),
+            REPLAYABLE.join(", ")
+        );
+        return crate::config::EXIT_CONFIG;
+    }
     let cfg = match Config::tools_from_env_with(args.set.clone()) {
         Ok(c) => c,
         Err(e) => {

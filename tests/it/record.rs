@@ -399,6 +399,12 @@ fn replay_is_deterministic_and_answers_what_if() {
 
     let (code, _, err) = run_once(&["replay", "--set", "P33_STALE_THRESHOLD_SEC=abc"], &env);
     assert_eq!(code, Some(78), "a bad --set is a bad configuration: {err}");
+    // A typo must never read as "no impact" (issue 22, item 6).
+    for name in ["P33_QTY_TOLERANCE", "P33_POLL_SEC", "REDIS_URL"] {
+        let (code, out, err) = run_once(&["replay", "--set", &format!("{name}=0.1")], &env);
+        assert_eq!(code, Some(78), "--set {name}: {out}{err}");
+        assert!(err.contains(name) && err.lines().count() == 1, "{err}");
+    }
     let keys_after: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut t.con).unwrap();
     let (mut a, mut b) = (keys_before, keys_after);
     a.sort();
