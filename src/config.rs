@@ -671,6 +671,11 @@ pub struct Config {
     pub legacy_present: Vec<&'static str>,
     /// `P33_*` variables that this daemon does not know (likely typos).
     pub unknown_p33: Vec<String>,
+    /// Variables set that look like a misspelt `REDIS_*`/`BINANCE_*` name
+    /// this daemon reads: (as set, the name meant).
+    pub near_misses: Vec<(String, &'static str)>,
+    /// Both a testnet and a mainnet key (or secret) are set.
+    pub both_key_kinds: bool,
     /// `NAME=value` of every variable as in effect, secrets redacted.
     shown: Vec<(&'static str, String)>,
 }
@@ -877,6 +882,23 @@ impl Config {
             .cloned()
             .collect();
         unknown_p33.sort();
+        let mut near_misses: Vec<(String, &'static str)> = env
+            .keys()
+            .filter(|k| {
+                (k.starts_with("REDIS_") || k.starts_with("BINANCE_")) && var_named(k).is_none()
+            })
+            .filter_map(|k| {
+                VARS.iter()
+                    .map(|v| v.name)
+                    .filter(|n| n.starts_with("REDIS_") || n.starts_with("BINANCE_"))
+                    .find(|n| edit_distance(k, n) <= 2)
+                    .map(|n| (k.clone(), n))
+            })
+            .collect();
+        near_misses.sort();
+        let given = |n: &str| env.get(n).is_some_and(|v| !v.trim().is_empty());
+        let both_key_kinds = (given("BINANCE_TESTNET_API_KEY") && given("BINANCE_API_KEY"))
+            || (given("BINANCE_TESTNET_API_SECRET") && given("BINANCE_API_SECRET"));
 
         sentinel_rules(&mut p);
         let redis = redis_target(&p);
@@ -1044,6 +1066,8 @@ impl Config {
             },
             legacy_present,
             unknown_p33,
+            near_misses,
+            both_key_kinds,
             shown,
         })
     }
@@ -1089,8 +1113,50 @@ impl Config {
                 ));
             }
         }
+        for (set, meant) in &self.near_misses {
+            w.push(format!(
+                "{} is not a variable this daemon reads; did you mean {meant}?",
+                crate::text::clip(set)
+            ));
+        }
+        if self.both_key_kinds {
+            w.push(
+                "testnet and mainnet exchange credentials are both set: BINANCE_TESTNET_API_KEY/SECRET win; unset the ones not meant"
+                    .to_string(),
+            );
+        }
+        if self.snapshot_source == SnapshotSource::Binance
+            && self.poll_interval.as_secs_f64() >= self.stale_threshold_s
+        {
+            w.push(format!(
+                "P33_POLL_SEC={} is not below P33_STALE_THRESHOLD_SEC={}: every snapshot goes stale between polls and plans are denied stale_exchange_state",
+                self.poll_interval.as_secs_f64(),
+                self.stale_threshold_s
+            ));
+        }
+        if !self.metrics_addr.is_loopback() {
+            w.push(format!(
+                "P33_METRICS_ADDR={} is not loopback: /metrics (positions, the allowlist) is reachable from other hosts; set 127.0.0.1, or allow only the Prometheus host to port {}",
+                self.metrics_addr, self.metrics_port
+            ));
+        }
         w
     }
+}
+
+/// The Levenshtein distance of two short names (ASCII, bytes).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// SPEC §15: `REDIS_SENTINELS` and `REDIS_SENTINEL_MASTER` come together,
@@ -1281,6 +1347,39 @@ mod tests {
         );
         assert!(!w.contains("ETHUSDT"), "{w}");
         assert!(w.contains("P33_POLL_SECS"), "{w}");
+    }
+
+    #[test]
+    fn check_config_warns_of_settings_that_cannot_be_meant() {
+        let c = cfg(&[
+            ("P33_SNAPSHOT_SOURCE", "binance"),
+            ("BINANCE_TESTNET_API_KEY", "k"),
+            ("BINANCE_TESTNET_API_SECRET", "s"),
+            ("BINANCE_API_KEY", "k2"),
+            ("REDIS_PASWORD", "x"),
+            ("P33_POLL_SEC", "15"),
+            ("P33_STALE_THRESHOLD_SEC", "10"),
+            ("P33_METRICS_ADDR", "0.0.0.0"),
+        ])
+        .unwrap();
+        let w = c.warnings().join("\n");
+        for want in [
+            "REDIS_PASWORD is not a variable this daemon reads; did you mean REDIS_PASSWORD?",
+            "testnet and mainnet exchange credentials are both set",
+            "P33_POLL_SEC=15 is not below P33_STALE_THRESHOLD_SEC=10",
+            "P33_METRICS_ADDR=0.0.0.0 is not loopback",
+        ] {
+            assert!(w.contains(want), "{want}: {w}");
+        }
+        assert!(!w.contains("\"x\""), "no value of a secret-like name: {w}");
+        let quiet = cfg(&[
+            ("P33_SNAPSHOT_SOURCE", "external"),
+            ("P33_METRICS_ADDR", "127.0.0.1"),
+            ("REDIS_OTHER_SERVICE_SETTING", "1"),
+        ])
+        .unwrap();
+        assert!(quiet.warnings().is_empty(), "{:?}", quiet.warnings());
+        assert_eq!(edit_distance("REDIS_PASWORD", "REDIS_PASSWORD"), 1);
     }
 
     #[test]

@@ -305,16 +305,18 @@ fn the_template_instance_name_sets_consumer_name_and_metrics_port_over_the_env_f
     );
     d.wait_log("ready: reading plans", Duration::from_secs(10));
     let mut con = redis.con();
-    let consumers: redis::Value = redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg("quantum:stream:apply.plan")
-        .arg("p33")
-        .query(&mut con)
-        .unwrap();
-    assert!(
-        format!("{consumers:?}").contains(&format!("p33-gatehost-{port}")),
-        "{consumers:?}"
-    );
+    // The consumer joins the group at its first read, just after "ready".
+    wait_for("the consumer in the group", Duration::from_secs(10), || {
+        let consumers: redis::Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg("quantum:stream:apply.plan")
+            .arg("p33")
+            .query(&mut con)
+            .ok()?;
+        format!("{consumers:?}")
+            .contains(&format!("p33-gatehost-{port}"))
+            .then_some(())
+    });
     let (code, _) = d.terminate();
     assert_eq!(code, Some(0));
 }
