@@ -77,7 +77,7 @@ pub struct Metrics {
     pub guard_key_errors_total: IntCounterVec,
     /// `p33_throttle_latch_tripped`: 1 while the latch holds the state.
     pub throttle_latch_tripped: IntGauge,
-    /// `p33_build_info{version}`.
+    /// `p33_build_info{version,commit}`.
     pub build_info: GaugeVec,
     /// `p33_watchdog_pings_total`.
     pub watchdog_pings_total: IntCounter,
@@ -250,7 +250,11 @@ impl Metrics {
                 "apply.result entries handled by the ledger follower, by outcome.",
                 &["outcome"],
             ),
-            build_info: gv("p33_build_info", "Build version; always 1.", &["version"]),
+            build_info: gv(
+                "p33_build_info",
+                "Build version and git commit; always 1.",
+                &["version", "commit"],
+            ),
             trading_state: gv(
                 "p33_trading_state",
                 "1 on the global trading state (ACTIVE, REDUCING, HALTED), 0 on the others.",
@@ -300,7 +304,7 @@ impl Metrics {
             allowlist_loaded: AtomicBool::new(false),
         };
         m.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("P33_GIT_COMMIT")])
             .set(1.0);
         for s in SOURCES {
             m.allowlist_source.with_label_values(&[s]).set(0.0);
@@ -475,6 +479,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("p33_allowlist_age_seconds 13"), "{text}");
-        assert!(text.contains("p33_build_info{version="), "{text}");
+        assert!(
+            text.contains(&format!(
+                "p33_build_info{{commit=\"{}\",version=\"{}\"}} 1",
+                env!("P33_GIT_COMMIT"),
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
     }
 }
