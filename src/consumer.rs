@@ -626,7 +626,7 @@ impl Consumer {
             Written::DuplicatePlanId => {
                 error!(
                     symbol = %sym,
-                    plan = %id,
+                    plan_id = %ev.plan.plan_id,
                     "{sym}: duplicate plan_id {:?}: a permit for it already exists - ACK, no permit (the first decision stands)",
                     ev.plan.plan_id
                 );
@@ -682,7 +682,7 @@ impl Consumer {
             Decision::Allow(a) => {
                 info!(
                     symbol = %sym,
-                    plan = %id,
+                    plan_id = %ev.plan.plan_id,
                     "{sym}: P3.3 ALLOW plan {id} (safe_qty={}, exchange_amt={})",
                     dec_str(a.safe_qty),
                     dec_str(a.exchange_amt)
@@ -696,7 +696,7 @@ impl Consumer {
             Decision::Deny(d) => {
                 warn!(
                     symbol = %sym,
-                    plan = %id,
+                    plan_id = %ev.plan.plan_id,
                     reason = d.reason.as_str(),
                     "{sym}: P3.3 DENY plan {id} reason={} context={}",
                     d.reason.as_str(),

@@ -50,30 +50,66 @@ pub fn rule_of(reason: &str) -> &'static str {
     }
 }
 
-/// Finds the newest record of `plan_id`.
-pub async fn find(
-    con: &mut crate::store::Conn,
-    plan_id: &str,
-) -> Result<Option<HashMap<String, String>>, redis::RedisError> {
+/// The shortest prefix of a plan_id that `explain` looks up as a prefix
+/// (what the log lines show is 8 characters).
+pub const MIN_PREFIX: usize = 8;
+
+/// What the record search found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Found {
+    /// The newest record of the one plan that matched.
+    One(HashMap<String, String>),
+    /// More than one plan_id starts with the prefix (up to 10 of them,
+    /// newest first).
+    Ambiguous(Vec<String>),
+    /// No record holds that plan_id, or a plan_id starting with it.
+    Nothing,
+}
+
+/// Finds the newest record of `query`: the plan_id itself, or, for a query
+/// of at least [`MIN_PREFIX`] characters, the one plan_id among the
+/// records searched that starts with it (SPEC §14).
+pub async fn find(con: &mut crate::store::Conn, query: &str) -> Result<Found, redis::RedisError> {
     let mut pages = RangeCursor::newest_first(keys::DECISIONS_STREAM);
+    let by_prefix = query.chars().count() >= MIN_PREFIX;
+    let mut first: Option<HashMap<String, String>> = None;
+    let mut candidates: Vec<String> = Vec::new();
+    let mut more = false;
     let mut scanned = 0;
     while scanned < MAX_SCANNED {
         let entries = pages.next_page(con, 1000).await?;
         if entries.is_empty() {
-            return Ok(None);
+            break;
         }
         for e in &entries {
-            if let Some(f) = &e.fields {
-                if f.get("plan_id").map(String::as_str) == Some(plan_id) {
-                    let mut f = f.clone();
-                    f.insert("record_id".into(), e.id.clone());
-                    return Ok(Some(f));
+            let Some(f) = &e.fields else { continue };
+            let Some(id) = f.get("plan_id") else { continue };
+            let with_id = || {
+                let mut f = f.clone();
+                f.insert("record_id".into(), e.id.clone());
+                f
+            };
+            if id == query {
+                return Ok(Found::One(with_id()));
+            }
+            if by_prefix && id.starts_with(query) && !candidates.contains(id) {
+                if candidates.len() < 10 {
+                    candidates.push(id.clone());
+                } else {
+                    more = true;
+                }
+                if first.is_none() {
+                    first = Some(with_id());
                 }
             }
         }
         scanned += entries.len();
     }
-    Ok(None)
+    Ok(match (candidates.len(), first) {
+        (1, Some(r)) if !more => Found::One(r),
+        (0, _) => Found::Nothing,
+        _ => Found::Ambiguous(candidates),
+    })
 }
 
 /// The record, in words.
@@ -192,16 +228,30 @@ pub async fn run(cfg: &Config, plan_id: &str) -> i32 {
             return 1;
         }
     };
-    let Some(r) = found else {
-        eprintln!(
-            "explain: no record of plan {:?} in the last {MAX_SCANNED} records of {}",
-            clip(plan_id),
-            keys::DECISIONS_STREAM
-        );
-        return 1;
+    let r = match found {
+        Found::One(r) => r,
+        Found::Ambiguous(ids) => {
+            eprintln!(
+                "explain: {:?} is the start of more than one plan_id; give more of it:",
+                clip(plan_id)
+            );
+            for id in ids {
+                eprintln!("  {}", clip(&id));
+            }
+            return 1;
+        }
+        Found::Nothing => {
+            eprintln!(
+                "explain: no record of plan {:?} (nor of a plan_id starting with it) in the last {MAX_SCANNED} records of {}",
+                clip(plan_id),
+                keys::DECISIONS_STREAM
+            );
+            return 1;
+        }
     };
+    let full = r.get("plan_id").cloned().unwrap_or_default();
     let permit: Option<String> = redis::cmd("GET")
-        .arg(keys::permit(plan_id))
+        .arg(keys::permit(&full))
         .query_async(&mut con)
         .await
         .ok()

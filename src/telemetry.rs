@@ -10,10 +10,53 @@
 //! (`P3.3 allowlist source=…`, `… P3.3 ALLOW plan …`) stay exactly as
 //! operators grep them.
 
+use tracing::{Event, Level, Subscriber};
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+
+/// The syslog priority of a level (`sd-daemon(3)` prefixes): ERROR 3,
+/// WARN 4, INFO 6, DEBUG and TRACE 7.
+pub fn priority(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        _ => 7,
+    }
+}
+
+/// A text line format that starts each line with its syslog priority
+/// (`<4>`) when `prefix` is on — under systemd, so that `journalctl -p
+/// warning` separates WARN from INFO (SPEC §10); the rest of the line is the
+/// inner format's, unchanged.
+struct Prioritized<F> {
+    inner: F,
+    prefix: bool,
+}
+
+impl<S, N, F> FormatEvent<S, N> for Prioritized<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        if self.prefix {
+            write!(writer, "<{}>", priority(event.metadata().level()))?;
+        }
+        self.inner.format_event(ctx, writer, event)
+    }
+}
 
 /// Installs the global subscriber. `filter` is a `tracing` directive
 /// (validated by the config).
@@ -27,8 +70,14 @@ pub fn init(filter: &str, format: LogFormat) -> WorkerGuard {
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(false);
+    // journald sets JOURNAL_STREAM for the services whose stdout it reads.
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let res = match format {
         LogFormat::Text => builder
+            .event_format(Prioritized {
+                inner: tracing_subscriber::fmt::format().with_ansi(false),
+                prefix: under_journald,
+            })
             .fmt_fields(tracing_subscriber::fmt::format::debug_fn(
                 |w, field, value| {
                     if field.name() == "message" {

@@ -549,3 +549,22 @@ fn the_ops_scripts_find_the_binaries_where_cargo_builds_them() {
         );
     }
 }
+
+#[test]
+fn under_journald_each_line_starts_with_its_syslog_priority() {
+    let redis = Redis::start();
+    let mut env = base_env(&redis);
+    env.insert("JOURNAL_STREAM".into(), "8:12345".into());
+    env.insert("P33_LOG_LEVEL".into(), "INFO".into());
+    // An unknown P33_ name: a WARN at start.
+    env.insert("P33_POLL_SECS".into(), "3".into());
+    let d = Daemon::start(&env);
+    let ready = d.wait_log("ready: reading plans", Duration::from_secs(10));
+    assert!(ready.starts_with("<6>"), "{ready}");
+    let warn = d.wait_log("unknown P33_ variables", Duration::from_secs(10));
+    assert!(warn.starts_with("<4>"), "{warn}");
+    // Without journald, lines are as before.
+    let plain = Daemon::start(&base_env(&redis));
+    let line = plain.wait_log("ready: reading plans", Duration::from_secs(10));
+    assert!(!line.starts_with('<'), "{line}");
+}

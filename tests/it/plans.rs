@@ -731,7 +731,8 @@ fn json_logs_carry_symbol_and_plan_fields_and_text_lines_stay_exact() {
     let line = t.wait_log("P3.3 ALLOW plan", T);
     let v: Value = serde_json::from_str(&line).expect("one JSON object per line");
     assert_eq!(v["symbol"], "BTCUSDT", "{line}");
-    assert_eq!(v["plan"], "json-pla", "{line}");
+    // The whole plan_id, so a log line leads to `explain` (SPEC §14).
+    assert_eq!(v["plan_id"], "json-plan-1", "{line}");
     assert_eq!(
         v["message"],
         "BTCUSDT: P3.3 ALLOW plan json-pla (safe_qty=0.5, exchange_amt=0.5)"

@@ -411,3 +411,50 @@ fn replay_is_deterministic_and_answers_what_if() {
     b.sort();
     assert_eq!(a, b, "replay writes nothing");
 }
+
+#[test]
+fn explain_finds_a_plan_from_the_prefix_a_log_line_shows() {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .deferred(),
+    );
+    t.snapshot("BTCUSDT", "0.5", now());
+    t.start_ready();
+    let close = |id: &str| -> Vec<(&str, String)> {
+        vec![
+            ("plan_id", id.to_string()),
+            ("symbol", "BTCUSDT".to_string()),
+            ("decision", "EXECUTE".to_string()),
+            ("action", "FULL_CLOSE_PROPOSED".to_string()),
+            ("reduceOnly", "true".to_string()),
+        ]
+    };
+    for id in ["7f3c9a1e-aaaa", "5b5b5b5b-0001", "5b5b5b5b-0002"] {
+        let f = close(id);
+        let f: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        t.push_plan(&f);
+        t.wait_permit(id);
+    }
+    let line = t.wait_log("P3.3 ALLOW plan 7f3c9a1e", T);
+    assert!(
+        !line.contains("7f3c9a1e-aaaa"),
+        "the log shows 8 characters: {line}"
+    );
+    let env = env_of(&t);
+    let (code, out, err) = run_once(&["explain", "7f3c9a1e"], &env);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("7f3c9a1e-aaaa"), "{out}");
+    assert!(
+        out.contains("\"plan_id\":\"7f3c9a1e-aaaa\""),
+        "its permit: {out}"
+    );
+    let (code, _, err) = run_once(&["explain", "5b5b5b5b"], &env);
+    assert_eq!(code, Some(1), "ambiguous: {err}");
+    assert!(
+        err.contains("5b5b5b5b-0001") && err.contains("5b5b5b5b-0002"),
+        "{err}"
+    );
+    let (code, _, err) = run_once(&["explain", "7f3c"], &env);
+    assert_eq!(code, Some(1), "shorter than 8 is no prefix: {err}");
+}
