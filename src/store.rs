@@ -28,7 +28,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{join_host_port, RedisTarget};
 use crate::sentinel::{self, Lookup, Sentinels};
@@ -477,6 +477,7 @@ impl Redis {
             };
             match attempt {
                 Ok(c) => {
+                    REFUSAL_SAID.store(false, Ordering::SeqCst);
                     if attempts > 1 {
                         info!(
                             "redis: {who} connected to {} after {attempts} attempts",
@@ -486,6 +487,15 @@ impl Redis {
                     return Some(c);
                 }
                 Err(e) => {
+                    // Refused credentials are no outage to wait out quietly:
+                    // said at once, at ERROR, naming the cause (never the
+                    // password), then retried like an outage (SPEC §10).
+                    if refused_credentials(&e) && !REFUSAL_SAID.swap(true, Ordering::SeqCst) {
+                        error!(
+                            "redis: {} refused the credentials ({e}); check REDIS_PASSWORD (and the user); retrying",
+                            self.display()
+                        );
+                    }
                     // One line per attempt up to 5, then one every 20, so an
                     // outage of hours does not flood the journal.
                     if attempts <= 5 || attempts.is_multiple_of(20) {
@@ -539,11 +549,33 @@ impl Redis {
     }
 }
 
+/// Whether the ERROR of refused credentials was said since the last
+/// connection that succeeded (one line for the process, not one per task).
+static REFUSAL_SAID: AtomicBool = AtomicBool::new(false);
+
+/// Whether Redis refused the credentials (WRONGPASS, NOAUTH, a failed AUTH).
+fn refused_credentials(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
+}
+
 async fn manager(
     info: &ConnectionInfo,
     response_timeout: Duration,
 ) -> Result<ConnectionManager, RedisError> {
     let client = redis::Client::open(info.clone())?;
+    // Refused credentials are said at once: one plain connection first,
+    // which the manager below would retry with backoff for seconds. Any
+    // other failure is left to the manager, as before.
+    let probe_cfg = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Duration::from_secs(3))
+        .set_response_timeout(Duration::from_secs(3));
+    let probe = client.get_multiplexed_async_connection_with_config(&probe_cfg);
+    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(4), probe).await {
+        if refused_credentials(&e) {
+            return Err(e);
+        }
+    }
     let cfg = ConnectionManagerConfig::new()
         .set_connection_timeout(Duration::from_secs(3))
         .set_response_timeout(response_timeout)

@@ -568,3 +568,35 @@ fn under_journald_each_line_starts_with_its_syslog_priority() {
     let line = plain.wait_log("ready: reading plans", Duration::from_secs(10));
     assert!(!line.starts_with('<'), "{line}");
 }
+
+#[test]
+fn a_wrong_redis_password_is_one_error_line_at_once() {
+    let redis = Redis::start_with(&["--requirepass", "right-pw"]);
+    let mut env = base_env(&redis);
+    env.insert(
+        "REDIS_URL".into(),
+        format!("redis://127.0.0.1:{}", redis.port),
+    );
+    env.insert("REDIS_PASSWORD".into(), "wrong-pw-4711".into());
+    let t0 = std::time::Instant::now();
+    let d = Daemon::start(&env);
+    let line = d.wait_log("refused the credentials", Duration::from_secs(10));
+    eprintln!("said after {:?}: {line}", t0.elapsed());
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "said after {:?}",
+        t0.elapsed()
+    );
+    let all = d.grep("").join("\n");
+    assert!(
+        !all.contains("wrong-pw-4711") && !all.contains("right-pw"),
+        "{all}"
+    );
+    assert_eq!(d.get("/readyz").0, 503);
+    assert_eq!(
+        d.grep("refused the credentials").len(),
+        1,
+        "one line for the process: {all}"
+    );
+}
