@@ -297,13 +297,88 @@ pub async fn latch_tripped(
 struct Follower {
     group: String,
     refresh: Arc<Notify>,
+    cfg: Arc<Config>,
+    config_hash: String,
+}
+
+/// The actor of a revocation's confirmation entry.
+pub const REVOKE_ACTOR: &str = "p33-revoke@";
+
+/// The error code of the revocation script's refusal (a key it must write
+/// cannot take it): nothing was revoked.
+pub const REVOKE_ERROR: &str = "P33REVOKE";
+
+impl Follower {
+    /// A halt or reduce entry (not a confirmation): revokes the allows it
+    /// makes void (SPEC §12), unless in dry run. `Ok(None)`: nothing to do,
+    /// or another instance did it.
+    async fn revoke(
+        &self,
+        con: &mut Conn,
+        id: &str,
+        f: &HashMap<String, String>,
+    ) -> Result<Option<i64>, redis::RedisError> {
+        let g = |k: &str| f.get(k).map_or("", String::as_str);
+        let to = g("to").trim().to_ascii_uppercase();
+        let halted = to == TradingState::Halted.as_str();
+        if self.cfg.dry_run
+            || !(halted || to == TradingState::Reducing.as_str())
+            || f.contains_key("ref")
+            || g("actor").starts_with(REVOKE_ACTOR)
+        {
+            return Ok(None);
+        }
+        let (scope, symbol) = match g("scope") {
+            "global" => ("global", ""),
+            "symbol" if keys::valid_symbol(g("symbol")) => ("symbol", g("symbol")),
+            _ => return Ok(None),
+        };
+        let ttl_ms = u64::try_from(self.cfg.permit_ttl.as_millis()).unwrap_or(u64::MAX);
+        let n: i64 = crate::scripts::REVOKE
+            .key(keys::ALLOWS)
+            .key(CONTROL_STREAM)
+            .key(keys::revoked_marker(id))
+            .key(keys::DECISIONS_STREAM)
+            .arg(scope)
+            .arg(symbol)
+            .arg(&to)
+            .arg(id)
+            .arg(g("reason"))
+            .arg(format!("{REVOKE_ACTOR}{}", self.cfg.consumer_name))
+            .arg(ttl_ms.saturating_mul(2).max(60_000))
+            .arg(crate::permits::revoked_template(halted, store::now_epoch()))
+            .arg(self.cfg.decisions_maxlen)
+            .arg(&self.config_hash)
+            .arg(env!("CARGO_PKG_VERSION"))
+            .arg(&self.cfg.consumer_name)
+            .invoke_async(con)
+            .await?;
+        Ok((n >= 0).then_some(n))
+    }
 }
 
 impl BatchHandler for Follower {
     async fn handle(&mut self, con: &mut Conn, entries: &[Entry]) -> Result<(), redis::RedisError> {
         for e in entries {
-            if let Some(f) = &e.fields {
-                warn!("{}", ControlEntry::from_fields(&e.id, f).log_line());
+            let Some(f) = &e.fields else { continue };
+            let entry = ControlEntry::from_fields(&e.id, f);
+            warn!("{}", entry.log_line());
+            match self.revoke(con, &e.id, f).await {
+                Ok(Some(n)) => warn!(
+                    "P3.3 revoked {n} outstanding allows after {} -> {} (control entry {})",
+                    entry.scope_label(),
+                    entry.to,
+                    e.id
+                ),
+                Ok(None) => {}
+                // A key the revocation must write is unusable: said, and
+                // not retried for ever (the allows expire within the TTL).
+                Err(err) if err.code() == Some(REVOKE_ERROR) => warn!(
+                    "P3.3 cannot revoke the allows after control entry {}: {}; they stay valid until they expire",
+                    e.id,
+                    clip(err.detail().unwrap_or(""))
+                ),
+                Err(err) => return Err(err),
             }
         }
         let mut ack = redis::cmd("XACK");
@@ -338,6 +413,8 @@ pub async fn run_follower(
     let mut handler = Follower {
         group: reader.group.clone(),
         refresh,
+        config_hash: crate::record::config_hash(&cfg),
+        cfg,
     };
     reader.run(&redis, &mut handler, &cancel).await;
 }

@@ -150,7 +150,58 @@ async fn change(
         e.id,
         crate::keys::CONTROL_STREAM
     );
+    if c != Change::Resume {
+        // The daemon revokes the allows not yet used (SPEC §12); say how
+        // many, or that the ones written before stay valid until they expire.
+        match confirmation(con, &e.id, REVOKE_WAIT).await? {
+            Some(n) => println!("revoked {n} outstanding allows"),
+            None => println!(
+                "no running instance confirmed the revocation within {} s: the allows written before this change stay valid until they expire (at most P33_PERMIT_TTL={} s); the change itself is in force",
+                REVOKE_WAIT.as_secs(),
+                cfg.permit_ttl.as_secs()
+            ),
+        }
+    }
     Ok(())
+}
+
+/// How long `ctl halt|reduce` waits for the revocation's confirmation.
+const REVOKE_WAIT: Duration = Duration::from_secs(2);
+
+/// The `revoked` count of the confirmation entry of control entry `id`,
+/// read from the control stream until `wait` has passed.
+async fn confirmation(
+    con: &mut crate::store::Conn,
+    id: &str,
+    wait: Duration,
+) -> Result<Option<u64>, redis::RedisError> {
+    let end = std::time::Instant::now() + wait;
+    let mut last = id.to_string();
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let v: redis::Value = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(100)
+            .arg("BLOCK")
+            .arg(left.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(crate::keys::CONTROL_STREAM)
+            .arg(&last)
+            .query_async(con)
+            .await?;
+        for entry in crate::stream::parse_xread(&v) {
+            last = entry.id.clone();
+            let Some(f) = entry.fields else { continue };
+            if f.get("ref").map(String::as_str) == Some(id) {
+                return Ok(Some(
+                    f.get("revoked").and_then(|n| n.parse().ok()).unwrap_or(0),
+                ));
+            }
+        }
+    }
 }
 
 async fn status(

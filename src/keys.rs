@@ -81,6 +81,16 @@ pub const DECISIONS_STREAM: &str = "quantum:stream:p33.decisions";
 /// `actor` name anyone can write to the control stream.
 pub const LATCH: &str = "quantum:p33:latch";
 
+/// The allows written and not yet expired (SPEC §12): a sorted set of
+/// `<symbol>|<plan_id>` scored by the permit's expiry, ms. A halt revokes
+/// those still held.
+pub const ALLOWS: &str = "quantum:p33:allows";
+
+/// The marker that a halt entry's revocation was done (by one instance).
+pub fn revoked_marker(entry_id: &str) -> String {
+    format!("quantum:p33:revoked:{entry_id}")
+}
+
 /// Every trading-state change, one entry each (SPEC §12).
 pub const CONTROL_STREAM: &str = "quantum:stream:p33.control";
 

@@ -81,6 +81,21 @@ fn trading_deny_template(reason: Reason, now: f64) -> String {
     deny_json("__PLAN__", "__SYMBOL__", &Deny { reason, context }, now)
 }
 
+/// The deny a halt (`trading_halted`) or a reduce (`trading_reducing`)
+/// rewrites an outstanding allow into (SPEC §12): `{scope, revoked: true}`,
+/// as a template for the revocation script.
+pub fn revoked_template(halted: bool, now: f64) -> String {
+    let mut context = serde_json::Map::new();
+    context.insert("scope".into(), Value::from("__SCOPE__"));
+    context.insert("revoked".into(), Value::from(true));
+    let reason = if halted {
+        Reason::TradingHalted
+    } else {
+        Reason::TradingReducing
+    };
+    deny_json("__PLAN__", "__SYMBOL__", &Deny { reason, context }, now)
+}
+
 /// The `throttled` deny of one throttle (SPEC §13), as a batch template.
 fn throttled_template(scope: Scope, rate: Option<Rate>, now: f64) -> String {
     let Some(r) = rate else {
@@ -267,6 +282,8 @@ pub enum GuardKey {
     OpenPositions,
     /// The control stream (the latch's entry).
     Control,
+    /// The index of allows a halt revokes.
+    Allows,
 }
 
 impl GuardKey {
@@ -280,6 +297,7 @@ impl GuardKey {
             ),
             GuardKey::OpenPositions => keys::OPEN_POSITIONS.to_string(),
             GuardKey::Control => keys::CONTROL_STREAM.to_string(),
+            GuardKey::Allows => keys::ALLOWS.to_string(),
         }
     }
 }
@@ -496,7 +514,8 @@ pub async fn write_batch(
         .key(keys::CONTROL_STREAM)
         .key(keys::OPEN_POSITIONS)
         .key(keys::DECISIONS_STREAM)
-        .key(keys::LATCH);
+        .key(keys::LATCH)
+        .key(keys::ALLOWS);
     inv.arg(header(&b));
     // Unused key slots still need a name; the ACK-only placeholder is never
     // touched, nor is the per-symbol throttle key while that throttle is off.
@@ -592,6 +611,7 @@ fn written_of(c: i64) -> Result<Written, redis::RedisError> {
         12 => Written::InvalidGuardState(GuardKey::OpensSymbol),
         13 => Written::InvalidGuardState(GuardKey::OpenPositions),
         14 => Written::InvalidGuardState(GuardKey::Control),
+        15 => Written::InvalidGuardState(GuardKey::Allows),
         c if (1000..1_000_000).contains(&c) => Written::MaxOpenPositions {
             in_flight: (c - 1000) as u32,
         },

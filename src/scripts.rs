@@ -37,6 +37,10 @@ pub(crate) static READ_STATES: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
+/// A halt's revocation of the allows not yet used (`control`).
+pub(crate) static REVOKE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{COMMON}{}", include_str!("scripts/revoke.lua"))));
+
 /// One trading-state change and its control entry: both or neither
 /// (`control`, for `ctl`).
 pub(crate) static CHANGE_STATE: LazyLock<Script> = LazyLock::new(|| {

@@ -39,3 +39,17 @@ local function stream_problem(key)
   return nil
 end
 
+-- guard_deny: the deny a guard writes, from its template (a permit JSON with
+-- __SCOPE__, __PLAN__ and __SYMBOL__ where they go). Replacements go through
+-- functions, so no character of a plan_id is read as a pattern.
+local PERMIT_PREFIX, HOLD_PREFIX = 'quantum:permit:p33:', 'quantum:reconcile:hold:'
+local function guard_deny(template, scope, permit_key, hold_key)
+  local plan = string.sub(permit_key, #PERMIT_PREFIX + 1)
+  local symbol = string.sub(hold_key, #HOLD_PREFIX + 1)
+  local plan_esc = string.gsub(plan, '[\\"]', function(c) return '\\' .. c end)
+  local body = string.gsub(template, '__SCOPE__', function() return scope end)
+  body = string.gsub(body, '__PLAN__', function() return plan_esc end)
+  body = string.gsub(body, '__SYMBOL__', function() return symbol end)
+  return body
+end
+

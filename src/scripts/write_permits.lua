@@ -24,7 +24,9 @@
 -- KEYS[5]  quantum:stream:p33.decisions (the decision record, SPEC §14)
 -- KEYS[6]  quantum:p33:latch (set to the latch's control entry ID when the
 --          latch trips: what ctl status and the alert report)
--- KEYS     then per entry i, four keys from KEYS[7 + 4(i-1)]:
+-- KEYS[7]  quantum:p33:allows (every allow written, `<symbol>|<plan_id>`
+--          scored by its expiry, ms: what a halt revokes, SPEC §12)
+-- KEYS     then per entry i, four keys from KEYS[8 + 4(i-1)]:
 --            quantum:permit:p33:<plan_id>           (written)
 --            quantum:reconcile:hold:<symbol>        (read)
 --            quantum:p33:trading_state:<symbol>     (read)
@@ -92,6 +94,7 @@
 --  11  ACKed, invalid_guard_state written: KEYS[2] unusable
 --  12  the same, the entry's per-symbol throttle key
 --  13  the same, KEYS[4]                          14  the same, KEYS[3]
+--  15  the same, KEYS[7] (the allows a halt revokes)
 --  1000 + n  ACKed, max_open_positions written, n symbols in flight
 -- In dry run the codes say what would have been written, and nothing is
 -- counted or latched.
@@ -131,19 +134,6 @@ end
 
 local h = cjson.decode(ARGV[1])
 
--- The deny a guard writes, from its template. Replacements go through
--- functions, so no character of a plan_id is read as a pattern.
-local PERMIT_PREFIX, HOLD_PREFIX = 'quantum:permit:p33:', 'quantum:reconcile:hold:'
-local function guard_deny(template, scope, permit_key, hold_key)
-  local plan = string.sub(permit_key, #PERMIT_PREFIX + 1)
-  local symbol = string.sub(hold_key, #HOLD_PREFIX + 1)
-  local plan_esc = string.gsub(plan, '[\\"]', function(c) return '\\' .. c end)
-  local body = string.gsub(template, '__SCOPE__', function() return scope end)
-  body = string.gsub(body, '__PLAN__', function() return plan_esc end)
-  body = string.gsub(body, '__SYMBOL__', function() return symbol end)
-  return body
-end
-
 local stream, group, ttl, dry = h.stream, h.group, h.ttl, h.dry
 local max_g, win_g, max_s, win_s = h.max_g, h.win_g, h.max_s, h.win_s
 local latch, cap = h.latch and max_g > 0, h.cap
@@ -163,12 +153,13 @@ end
 local broken_g = max_g > 0 and not zset_ok(KEYS[2])
 local broken_cap = cap > 0 and not zset_ok(KEYS[4])
 local broken_ctl = latch and stream_problem(KEYS[3]) ~= nil
+-- An allow a halt could not revoke is not written: opens are denied while
+-- the index holds another type (closes go on: they reduce risk).
+local broken_allows = not zset_ok(KEYS[7])
 
-local now_ms = 0
-if max_g > 0 or max_s > 0 or cap > 0 then
-  local t = redis.call('TIME')
-  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local indexed = false
 
 -- Whether the sorted set `key` holds `limit` members younger than `win` ms,
 -- and how many it holds.
@@ -193,7 +184,7 @@ local GUARD_REASON = {
   [3] = 'reconcile_hold_active', [5] = 'trading_halted', [6] = 'trading_halted',
   [7] = 'trading_reducing', [8] = 'trading_reducing', [9] = 'throttled', [10] = 'throttled',
   [11] = 'invalid_guard_state', [12] = 'invalid_guard_state',
-  [13] = 'invalid_guard_state', [14] = 'invalid_guard_state',
+  [13] = 'invalid_guard_state', [14] = 'invalid_guard_state', [15] = 'invalid_guard_state',
 }
 
 -- The invalid_guard_state deny naming `key`.
@@ -209,7 +200,7 @@ local out, foreigners = {}, {}
 local n = (#ARGV - 1) / stride
 for i = 1, n do
   local a = 1 + (i - 1) * stride
-  local k = 6 + (i - 1) * 4
+  local k = 7 + (i - 1) * 4
   local id, mode = ARGV[a + 1], ARGV[a + 2]
   local guards = {}
   local foreign = ''
@@ -253,7 +244,9 @@ for i = 1, n do
       if res == 2 and mode == '3' then
         -- A guard the opens need that cannot be read or written denies them.
         local broken, bcode = nil, 0
-        if broken_ctl then
+        if broken_allows then
+          broken, bcode = KEYS[7], 15
+        elseif broken_ctl then
           broken, bcode = KEYS[3], 14
         elseif broken_g then
           broken, bcode = KEYS[2], 11
@@ -321,6 +314,16 @@ for i = 1, n do
       -- A foreign permit is no verdict: it is replaced in this same step.
       if ptype ~= 'none' then redis.call('DEL', KEYS[k + 1]) end
       redis.call('SET', KEYS[k + 1], body, 'PX', ttl, 'NX')
+      -- Every allow is indexed until it expires, so a halt can revoke it.
+      if res == 2 and mode ~= '1' and not broken_allows then
+        if not indexed then
+          redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. now_ms)
+          indexed = true
+        end
+        local plan = string.sub(KEYS[k + 1], #PERMIT_PREFIX + 1)
+        local symbol = string.sub(KEYS[k + 2], #HOLD_PREFIX + 1)
+        redis.call('ZADD', KEYS[7], now_ms + ttl, symbol .. '|' .. plan)
+      end
     end
     code = res
   end
@@ -357,5 +360,6 @@ for i = 1, n do
       'config', h.config, 'version', h.version, 'consumer', h.consumer)
   end
 end
+if indexed then redis.call('PEXPIRE', KEYS[7], ttl) end
 for _, v in ipairs(foreigners) do table.insert(out, v) end
 return out

@@ -132,8 +132,14 @@ fn halt_reduce_and_resume_take_effect_and_are_recorded() {
         .arg("+")
         .query(&mut t.con)
         .unwrap();
-    let entries = position_state_brain::stream::parse_entries(&v);
+    // The changes, and after the halt and the reduce one confirmation each
+    // of the daemon's revocation (SPEC §12).
+    let (entries, confirmations): (Vec<_>, Vec<_>) =
+        position_state_brain::stream::parse_entries(&v)
+            .into_iter()
+            .partition(|e| e.fields.as_ref().is_some_and(|f| !f.contains_key("ref")));
     assert_eq!(entries.len(), 3);
+    assert_eq!(confirmations.len(), 2);
     let f = entries[0].fields.as_ref().unwrap();
     assert_eq!(f["scope"], "global");
     assert_eq!(f["symbol"], "");
@@ -194,7 +200,13 @@ fn a_symbol_override_is_the_stricter_state_and_resume_removes_it() {
     let json: Value = serde_json::from_str(&ctl_ok(&t, &["status", "--json"])).unwrap();
     assert_eq!(json["global"], "REDUCING");
     assert_eq!(json["allowlist"]["source"], "env");
-    assert_eq!(json["control"].as_array().unwrap().len(), 3);
+    let changes = json["control"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| !e["actor"].as_str().unwrap_or("").starts_with("p33-revoke@"))
+        .count();
+    assert_eq!(changes, 3, "{json}");
     assert_eq!(json["latch_tripped"], false);
 }
 
@@ -374,7 +386,8 @@ fn no_allow_is_written_after_a_halt_returned() {
         };
         let p = read_permit(&mut t.con, id).expect("permits live 60 s");
         if i < halt_at {
-            allows_before += usize::from(p["allow"] == true);
+            // An allow written before the halt was revoked by it since.
+            allows_before += usize::from(p["allow"] == true || p["context"]["revoked"] == true);
         } else {
             assert_eq!(p["allow"], false, "{id} written after the halt: {p}");
             *reasons
@@ -723,4 +736,108 @@ fn ctl_explain_and_replay_need_no_exchange_settings() {
     // The daemon itself still requires them.
     let (code, _, err) = run_once(&["--check-config"], &env);
     assert_eq!(code, Some(78), "{err}");
+}
+
+/// Every permit key in Redis that holds an allow.
+fn allows_in_redis(con: &mut redis::Connection) -> Vec<String> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("quantum:permit:p33:*")
+        .query(con)
+        .unwrap();
+    keys.into_iter()
+        .filter(|k| {
+            let v: Option<String> = redis::cmd("GET").arg(k).query(con).ok().flatten();
+            v.is_some_and(|v| v.contains("\"allow\":true"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_halt_under_load_revokes_every_allow_not_yet_used() {
+    let mut t = daemon();
+    push(&mut t, close("pre-close", "BTCUSDT"));
+    push(&mut t, open("pre-open", "ETHUSDT"));
+    assert_eq!(t.wait_permit("pre-close")["allow"], true);
+    assert_eq!(t.wait_permit("pre-open")["allow"], true);
+    // A producer of closes all through the halt.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (flag, mut con) = (stop.clone(), t.redis.con());
+    let producer = std::thread::spawn(move || {
+        let mut n = 0;
+        while !flag.load(Ordering::SeqCst) {
+            let f = close(&format!("load-{n}"), "BTCUSDT");
+            let f: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            push_plan(&mut con, &f);
+            n += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        n
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ctl_ok(&t, &["halt", "--reason", "incident 4711"]);
+    let n: u64 = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("revoked ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("ctl says how many it revoked: {out}"));
+    assert!(n >= 2, "{out}");
+    let left = allows_in_redis(&mut t.con);
+    assert!(left.is_empty(), "allows after ctl halt returned: {left:?}");
+    stop.store(true, Ordering::SeqCst);
+    let produced = producer.join().unwrap();
+    assert!(produced > 20, "{produced} plans during the test");
+    push(&mut t, close("after-halt", "BTCUSDT"));
+    assert_eq!(t.wait_permit("after-halt")["reason"], "trading_halted");
+    wait_for("the group to drain", T, || {
+        (t.pending("p33") == 0).then_some(())
+    });
+    let left = allows_in_redis(&mut t.con);
+    assert!(left.is_empty(), "allows written after the halt: {left:?}");
+    let p = t.permit("pre-close").unwrap();
+    assert_eq!(p["reason"], "trading_halted", "{p}");
+    assert_eq!(
+        p["context"],
+        serde_json::json!({"scope": "global", "revoked": true})
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("quantum:permit:p33:pre-close")
+        .query(&mut t.con)
+        .unwrap();
+    assert!(ttl > 0, "the TTL is kept: {ttl}");
+    t.wait_log("P3.3 revoked", T);
+    // Exactly one confirmation for the halt entry.
+    let v: redis::Value = redis::cmd("XRANGE")
+        .arg(CONTROL)
+        .arg("-")
+        .arg("+")
+        .query(&mut t.con)
+        .unwrap();
+    let confirmations = position_state_brain::stream::parse_entries(&v)
+        .into_iter()
+        .filter(|e| e.fields.as_ref().is_some_and(|f| f.contains_key("ref")))
+        .count();
+    assert_eq!(confirmations, 1);
+}
+
+#[test]
+fn reduce_revokes_the_opening_allows_and_keeps_the_closes() {
+    let mut t = daemon();
+    push(&mut t, close("keep-close", "BTCUSDT"));
+    push(&mut t, open("drop-open", "ETHUSDT"));
+    assert_eq!(t.wait_permit("keep-close")["allow"], true);
+    assert_eq!(t.wait_permit("drop-open")["allow"], true);
+    let out = ctl_ok(&t, &["reduce", "--reason", "open nothing"]);
+    assert!(out.contains("revoked 1 outstanding allows"), "{out}");
+    assert_eq!(t.permit("keep-close").unwrap()["allow"], true);
+    let p = t.permit("drop-open").unwrap();
+    assert_eq!(p["reason"], "trading_reducing", "{p}");
+    // With no daemon running, ctl says the allows stay valid.
+    t.kill();
+    let out = ctl_ok(&t, &["halt", "--reason", "nobody home"]);
+    assert!(out.contains("stay valid until they expire"), "{out}");
 }
