@@ -70,7 +70,20 @@ pub enum Found {
 /// of at least [`MIN_PREFIX`] characters, the one plan_id among the
 /// records searched that starts with it (SPEC §14).
 pub async fn find(con: &mut crate::store::Conn, query: &str) -> Result<Found, redis::RedisError> {
-    let mut pages = RangeCursor::newest_first(keys::DECISIONS_STREAM);
+    // The live record first, then a dry run's (SPEC §14).
+    match find_in(con, keys::DECISIONS_STREAM, query).await? {
+        Found::Nothing => find_in(con, keys::DECISIONS_DRY_RUN, query).await,
+        found => Ok(found),
+    }
+}
+
+/// [`find`] in one stream.
+async fn find_in(
+    con: &mut crate::store::Conn,
+    stream: &'static str,
+    query: &str,
+) -> Result<Found, redis::RedisError> {
+    let mut pages = RangeCursor::newest_first(stream);
     let by_prefix = query.chars().count() >= MIN_PREFIX;
     let mut first: Option<HashMap<String, String>> = None;
     let mut candidates: Vec<String> = Vec::new();

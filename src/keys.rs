@@ -74,6 +74,18 @@ pub const OPEN_POSITIONS: &str = "quantum:p33:open_positions";
 /// Every finished plan, one record each (SPEC §14).
 pub const DECISIONS_STREAM: &str = "quantum:stream:p33.decisions";
 
+/// The records of a dry run (`P33_DRY_RUN`), never mixed into the live ones.
+pub const DECISIONS_DRY_RUN: &str = "quantum:stream:p33.decisions.dry_run";
+
+/// The decision stream of a daemon in dry run or not.
+pub fn decisions(dry_run: bool) -> &'static str {
+    if dry_run {
+        DECISIONS_DRY_RUN
+    } else {
+        DECISIONS_STREAM
+    }
+}
+
 /// The throttle latch's own record (SPEC §13): the ID of the control entry
 /// the write script wrote when the latch tripped. Only the daemon writes it;
 /// an operator's global change (`ctl`) deletes it. `ctl status` and

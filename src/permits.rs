@@ -513,7 +513,7 @@ pub async fn write_batch(
         .key(opens_key(&b))
         .key(keys::CONTROL_STREAM)
         .key(keys::OPEN_POSITIONS)
-        .key(keys::DECISIONS_STREAM)
+        .key(keys::decisions(b.dry_run))
         .key(keys::LATCH)
         .key(keys::ALLOWS);
     inv.arg(header(&b));

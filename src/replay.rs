@@ -40,6 +40,9 @@ pub struct ReplayArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Replay a dry run's records (`quantum:stream:p33.decisions.dry_run`).
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 fn parse_set(s: &str) -> Result<(String, String), String> {
@@ -342,7 +345,7 @@ async fn read(
     let mut out = Vec::new();
     if let Some(d) = args.since {
         let from = store::now_ms().saturating_sub(u64::try_from(d.as_millis()).unwrap_or(0));
-        let mut pages = RangeCursor::oldest_first(keys::DECISIONS_STREAM, from.to_string());
+        let mut pages = RangeCursor::oldest_first(keys::decisions(args.dry_run), from.to_string());
         loop {
             let page = pages.next_page(con, 1000).await?;
             if page.is_empty() {
@@ -353,7 +356,7 @@ async fn read(
         return Ok(out);
     }
     let want = args.last.unwrap_or(10_000);
-    let mut pages = RangeCursor::newest_first(keys::DECISIONS_STREAM);
+    let mut pages = RangeCursor::newest_first(keys::decisions(args.dry_run));
     while out.len() < want {
         let page = pages.next_page(con, (want - out.len()).min(1000)).await?;
         if page.is_empty() {

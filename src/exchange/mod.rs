@@ -135,16 +135,21 @@ pub async fn run_poller(
                 .cloned()
                 .collect(),
         );
-        match write_snapshots(
-            &mut con,
-            &symbols,
-            &positions,
-            ts_ms,
-            source,
-            cfg.canonical_positions,
-        )
-        .await
-        {
+        // A dry run writes nothing the live pipeline reads (SPEC §14).
+        let written = if cfg.dry_run {
+            Ok(())
+        } else {
+            write_snapshots(
+                &mut con,
+                &symbols,
+                &positions,
+                ts_ms,
+                source,
+                cfg.canonical_positions,
+            )
+            .await
+        };
+        match written {
             Ok(()) => {
                 if failures > 0 {
                     info!("snapshots: positionRisk recovered after {failures} failed cycle(s)");

@@ -106,7 +106,13 @@ pub async fn run_step_sizes(
                     "step sizes loaded for {} symbols from exchangeInfo",
                     t.len()
                 );
-                if let Err(e) = save_steps(&mut con, &t).await {
+                // A dry run writes nothing the live pipeline reads.
+                let saved = if cfg.dry_run {
+                    Ok(())
+                } else {
+                    save_steps(&mut con, &t).await
+                };
+                if let Err(e) = saved {
                     warn!(
                         "step sizes: saving them to {} failed: {e}",
                         keys::STEP_SIZES

@@ -612,3 +612,67 @@ fn position_amounts_sent_as_json_numbers_fail_the_cycle() {
         "a malformed reply writes nothing"
     );
 }
+
+#[test]
+fn dry_run_writes_nothing_the_live_pipeline_reads() {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .exchange(KEY, SECRET)
+            .set("P33_DRY_RUN", "true")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .deferred(),
+    );
+    t.fx().control(
+        "/control/positions",
+        json!([{"symbol": "BTCUSDT", "positionAmt": "0.5"}]),
+    );
+    t.fx().control("/control/steps", json!({"BTCUSDT": "0.001"}));
+    // The live instance's snapshot, as the dry run finds it.
+    set_snapshot(&mut t.con, "BTCUSDT", "0.25", now());
+    t.start_ready();
+    // Evidence that it polled and loaded step sizes: its own log lines.
+    t.wait_log("step sizes loaded for 1 symbols", T);
+    wait_for("two polls", T, || {
+        (t.metric("p33_exchange_requests_total{outcome=\"ok\"}")
+            .unwrap_or(0.0)
+            >= 3.0)
+            .then_some(())
+    });
+    push_plan(
+        &mut t.con,
+        &plan("dry-close", "BTCUSDT", "FULL_CLOSE_PROPOSED"),
+    );
+    t.wait_log("DRY-RUN would ALLOW plan dry-clos", T);
+    assert_eq!(
+        snapshot(&mut t.con, "BTCUSDT")["position_amt"],
+        "0.25",
+        "the live snapshot is untouched"
+    );
+    let steps: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("quantum:p33:step_sizes")
+        .query(&mut t.con)
+        .unwrap();
+    assert!(steps.is_empty(), "no step table written: {steps:?}");
+    let live: i64 = redis::cmd("XLEN")
+        .arg("quantum:stream:p33.decisions")
+        .query(&mut t.con)
+        .unwrap();
+    assert_eq!(live, 0, "no record in the live stream");
+    let dry: i64 = redis::cmd("XLEN")
+        .arg("quantum:stream:p33.decisions.dry_run")
+        .query(&mut t.con)
+        .unwrap();
+    assert_eq!(dry, 1, "its record in its own stream");
+    let env: Vec<(&str, &str)> = t
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (code, out, err) = run_once(&["explain", "dry-close"], &env);
+    assert_eq!(code, Some(0), "explain finds a dry run's record: {err}");
+    assert!(out.contains("dry_run_allow"), "{out}");
+    let (code, out, err) = run_once(&["replay", "--dry-run", "--json"], &env);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["records"], 1, "{v}");
+}
