@@ -17,37 +17,139 @@ use crate::text::clip;
 /// How far back `explain` looks.
 pub const MAX_SCANNED: usize = 200_000;
 
-/// Which rule of SPEC §5 (or guard of §12–§13) a reason comes from.
-pub fn rule_of(reason: &str) -> &'static str {
-    match reason {
-        "plan_expired" => "row 0: the plan is older than P33_PLAN_MAX_AGE_S",
-        "plan_from_future" => "row 0b: the plan's stream ID is ahead of the clock",
-        "invalid_plan" => "the plan's side is not BUY/SELL/LONG/SHORT/CLOSE",
-        "no_exchange_snapshot" => "row 1: no exchange snapshot",
-        "invalid_exchange_snapshot" => "row 2: the snapshot is invalid, from the future or hedged",
-        "stale_exchange_state" => "row 3: the snapshot is older than P33_STALE_THRESHOLD_SEC",
-        "reconcile_close_bypass" => "row 4: a reconcile close of a real, fresh position",
-        "open_permit_granted" => "row 5: an open while flat, out of cooldown",
-        "position_exists" => "row 5b: an open while a position exists",
-        "no_position" => "row 4/6: a close with no position",
-        "invalid_ledger" => "row 7: the ledger amount is unusable",
-        "reconcile_required_side_mismatch" => "row 7: ledger and exchange disagree on the side",
-        "reconcile_required_qty_mismatch" => {
-            "row 7b: ledger and exchange quantities differ beyond tolerance"
-        }
-        "cooldown_in_flight" => "row 8: the last execution is within P33_COOLDOWN_SEC",
-        "invalid_cooldown" => "row 8: the cooldown value is unusable",
-        "safe_qty_below_step" => "row 9: the safe quantity rounds down to zero steps",
-        "sanity_checks_passed" => "row 9: a close that passed every check",
-        "reconcile_hold_active" => "the reconcile hold (checked in the atomic write)",
-        "trading_halted" => "the trading state HALTED (the kill switch)",
-        "trading_reducing" => "the trading state REDUCING (opens denied)",
-        "throttled" => "an open throttle (P33_MAX_OPENS…)",
-        "max_open_positions" => "the position cap (P33_MAX_OPEN_POSITIONS)",
-        "invalid_guard_state" => "a key a limit needs is unusable (another type, or a full stream)",
-        "duplicate_plan_id" => "a permit for this plan_id already existed",
-        _ => "no rule (the plan was not evaluated)",
+/// The rules table (`docs/rules.md` shows it; a test keeps the two equal):
+/// each reason a permit can carry, the row or guard that decides it, and
+/// what that row says.
+pub const RULES: [(&str, &str, &str); 25] = [
+    (
+        "plan_expired",
+        "0",
+        "the plan is older than P33_PLAN_MAX_AGE_S",
+    ),
+    (
+        "plan_from_future",
+        "0b",
+        "the plan's stream ID is ahead of the clock",
+    ),
+    (
+        "invalid_plan",
+        "side",
+        "the plan's side is not BUY/SELL/LONG/SHORT/CLOSE",
+    ),
+    ("no_exchange_snapshot", "1", "no exchange snapshot"),
+    (
+        "invalid_exchange_snapshot",
+        "2",
+        "the snapshot is invalid, from the future or hedged",
+    ),
+    (
+        "stale_exchange_state",
+        "3",
+        "the snapshot is older than P33_STALE_THRESHOLD_SEC",
+    ),
+    (
+        "reconcile_close_bypass",
+        "4",
+        "a reconcile close of a real, fresh position",
+    ),
+    (
+        "no_position",
+        "4/6",
+        "a close (or reconcile close) with no position",
+    ),
+    (
+        "open_permit_granted",
+        "5",
+        "an open while flat, out of cooldown",
+    ),
+    ("position_exists", "5b", "an open while a position exists"),
+    ("invalid_ledger", "7", "the ledger amount is unusable"),
+    (
+        "reconcile_required_side_mismatch",
+        "7",
+        "ledger and exchange disagree on the side",
+    ),
+    (
+        "reconcile_required_qty_mismatch",
+        "7b",
+        "ledger and exchange quantities differ beyond tolerance",
+    ),
+    (
+        "cooldown_in_flight",
+        "8",
+        "the last execution is within P33_COOLDOWN_SEC",
+    ),
+    ("invalid_cooldown", "8", "the cooldown value is unusable"),
+    (
+        "safe_qty_below_step",
+        "9",
+        "the safe quantity rounds down to zero steps",
+    ),
+    (
+        "sanity_checks_passed",
+        "9",
+        "a close that passed every check",
+    ),
+    (
+        "reconcile_hold_active",
+        "hold",
+        "the reconcile hold (checked in the atomic write)",
+    ),
+    (
+        "trading_halted",
+        "state",
+        "the trading state HALTED (the kill switch)",
+    ),
+    (
+        "trading_reducing",
+        "state",
+        "the trading state REDUCING (opens denied)",
+    ),
+    ("throttled", "limit", "an open throttle (P33_MAX_OPENS…)"),
+    (
+        "max_open_positions",
+        "limit",
+        "the position cap (P33_MAX_OPEN_POSITIONS)",
+    ),
+    (
+        "invalid_guard_state",
+        "limit",
+        "a key a limit needs is unusable (another type, or a full stream)",
+    ),
+    (
+        "duplicate_plan_id",
+        "write",
+        "a permit for this plan_id already existed: no second one",
+    ),
+    ("", "—", "no rule: the plan was not evaluated"),
+];
+
+/// Which rule of SPEC §5 (or guard of §12–§13) a reason comes from, in the
+/// words of `docs/rules.md`.
+pub fn rule_of(reason: &str) -> String {
+    let (row, what) = RULES.iter().find(|(r, _, _)| *r == reason).map_or(
+        ("—", "no rule: the plan was not evaluated"),
+        |(_, row, what)| (*row, *what),
+    );
+    match row {
+        "—" => what.to_string(),
+        r if r.chars().next().is_some_and(|c| c.is_ascii_digit()) => format!("row {r}: {what}"),
+        r => format!("{r}: {what}"),
     }
+}
+
+/// What became of the permit of a record whose outcome wrote none, or
+/// rewrote it: `None` for an evaluated allow or deny.
+fn no_permit(outcome: &str) -> Option<&'static str> {
+    Some(match outcome {
+        "not_allowlisted" => "none was written: the symbol is not on the allowlist",
+        "skip_decision" => "none was written: the decision is not EXECUTE or RECONCILE_CLOSE",
+        "malformed" => "none was written: the entry is malformed",
+        "duplicate_plan_id" => "none was written: a permit for this plan_id already existed",
+        "dry_run_allow" | "dry_run_deny" => "none was written: a dry run writes no permit",
+        "revoked" => "a halt rewrote the allow into a deny (revoked)",
+        _ => return None,
+    })
 }
 
 /// The shortest prefix of a plan_id that `explain` looks up as a prefix
@@ -151,7 +253,13 @@ pub fn describe(r: &HashMap<String, String>, permit: Option<&str>) -> String {
         g("outcome"),
         g("reason")
     ));
-    out.push_str(&format!("decided by {}\n", rule_of(g("reason"))));
+    let rule = match g("outcome") {
+        "not_allowlisted" | "skip_decision" | "malformed" => {
+            format!("no rule: the plan was not evaluated ({})", g("outcome"))
+        }
+        _ => rule_of(g("reason")),
+    };
+    out.push_str(&format!("decided by {rule}\n"));
     if let Some(rules) = inputs.get("rules").and_then(Value::as_str) {
         let own = rules.split_once(':').map_or(rules, |(_, r)| r);
         if own != g("reason") {
@@ -205,10 +313,11 @@ pub fn describe(r: &HashMap<String, String>, permit: Option<&str>) -> String {
         inputs["allowlist"].as_str().unwrap_or("?"),
         inputs["now"]
     ));
-    out.push_str(&format!(
-        "permit    {}\n",
-        permit.unwrap_or("(no longer in Redis: consumed by the executor, or expired)")
-    ));
+    let gone = match no_permit(g("outcome")) {
+        Some(why) if permit.is_none() => why,
+        _ => "(no longer in Redis: consumed by the executor, or expired)",
+    };
+    out.push_str(&format!("permit    {}\n", permit.unwrap_or(gone)));
     out
 }
 
@@ -271,4 +380,53 @@ pub async fn run(cfg: &Config, plan_id: &str) -> i32 {
         .flatten();
     print!("{}", describe(&r, permit.as_deref()));
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rules_table_in_docs_is_the_one_the_code_uses() {
+        let doc = include_str!("../docs/rules.md");
+        for (reason, row, what) in RULES {
+            let line = if reason.is_empty() {
+                format!("| {row} | — | {what} |")
+            } else {
+                format!("| {row} | `{reason}` | {what} |")
+            };
+            assert!(doc.contains(&line), "docs/rules.md lacks: {line}");
+        }
+        let rows = doc
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| row"))
+            .count();
+        assert_eq!(
+            rows,
+            RULES.len(),
+            "docs/rules.md has rows the code does not"
+        );
+        // Every reason a permit can carry has its row.
+        let reasons: Vec<&str> = crate::rules::Reason::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .chain([
+                "reconcile_close_bypass",
+                "open_permit_granted",
+                "sanity_checks_passed",
+            ])
+            .collect();
+        for r in reasons {
+            assert!(RULES.iter().any(|(x, _, _)| *x == r), "{r} has no row");
+            assert!(!rule_of(r).starts_with("no rule"), "{r}");
+        }
+        assert_eq!(
+            rule_of("reconcile_required_qty_mismatch"),
+            "row 7b: ledger and exchange quantities differ beyond tolerance"
+        );
+        assert_eq!(
+            rule_of("trading_halted"),
+            "state: the trading state HALTED (the kill switch)"
+        );
+    }
 }

@@ -197,6 +197,30 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every deny reason, in the order of the rules table.
+    pub const ALL: [Reason; 20] = [
+        Reason::PlanExpired,
+        Reason::PlanFromFuture,
+        Reason::InvalidPlan,
+        Reason::NoExchangeSnapshot,
+        Reason::InvalidExchangeSnapshot,
+        Reason::StaleExchangeState,
+        Reason::NoPosition,
+        Reason::PositionExists,
+        Reason::InvalidLedger,
+        Reason::ReconcileRequiredSideMismatch,
+        Reason::ReconcileRequiredQtyMismatch,
+        Reason::CooldownInFlight,
+        Reason::InvalidCooldown,
+        Reason::SafeQtyBelowStep,
+        Reason::ReconcileHoldActive,
+        Reason::TradingHalted,
+        Reason::TradingReducing,
+        Reason::Throttled,
+        Reason::MaxOpenPositions,
+        Reason::InvalidGuardState,
+    ];
+
     /// The permit's `reason` string (and the metric label).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -626,7 +626,8 @@ fn dry_run_writes_nothing_the_live_pipeline_reads() {
         "/control/positions",
         json!([{"symbol": "BTCUSDT", "positionAmt": "0.5"}]),
     );
-    t.fx().control("/control/steps", json!({"BTCUSDT": "0.001"}));
+    t.fx()
+        .control("/control/steps", json!({"BTCUSDT": "0.001"}));
     // The live instance's snapshot, as the dry run finds it.
     set_snapshot(&mut t.con, "BTCUSDT", "0.25", now());
     t.start_ready();

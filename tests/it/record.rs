@@ -152,7 +152,7 @@ fn every_finished_plan_has_one_record_with_its_inputs() {
         out.contains("outcome   deny: reconcile_hold_active"),
         "{out}"
     );
-    assert!(out.contains("decided by the reconcile hold"), "{out}");
+    assert!(out.contains("decided by hold: the reconcile hold"), "{out}");
     assert!(
         out.contains("the rules alone said allow:sanity_checks_passed"),
         "{out}"
@@ -436,6 +436,10 @@ fn explain_finds_a_plan_from_the_prefix_a_log_line_shows() {
         t.push_plan(&f);
         t.wait_permit(id);
     }
+    let f = close("not-listed-1");
+    let mut f: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    f[1].1 = "XRPUSDT";
+    t.push_plan(&f);
     let line = t.wait_log("P3.3 ALLOW plan 7f3c9a1e", T);
     assert!(
         !line.contains("7f3c9a1e-aaaa"),
@@ -457,4 +461,18 @@ fn explain_finds_a_plan_from_the_prefix_a_log_line_shows() {
     );
     let (code, _, err) = run_once(&["explain", "7f3c"], &env);
     assert_eq!(code, Some(1), "shorter than 8 is no prefix: {err}");
+    // A plan that never got a permit says so, truthfully.
+    let (code, out, err) = wait_for("the record of not-listed-1", T, || {
+        let r = run_once(&["explain", "not-listed-1"], &env);
+        (r.0 == Some(0)).then_some(r)
+    });
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("decided by no rule: the plan was not evaluated (not_allowlisted)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("none was written: the symbol is not on the allowlist"),
+        "{out}"
+    );
 }
