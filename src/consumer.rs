@@ -448,6 +448,8 @@ impl Consumer {
             }
         };
         let done = store::now_epoch();
+        self.metrics
+            .plans_done_at(store::now_ms(), entries.len() as u64);
         for ((e, o), res) in entries.iter().zip(&outcomes).zip(results) {
             let label = match o {
                 Outcome::Filtered(f) => self.log_filtered(e, f, &allow),

@@ -2,7 +2,8 @@
 //! with the daemon's own environment.
 //!
 //! `ctl status [--json]` prints the global trading state, every symbol
-//! override, the allowlist source as the daemon would resolve it now, whether
+//! override, each running instance as it reports itself (its own allowlist,
+//! mode, pending entries, last plan, Redis master), whether
 //! the throttle latch holds the state, and the last 10 control entries.
 //! `ctl halt|reduce|resume [--symbol S] --reason TEXT` changes the state:
 //! one transaction of the key and its control entry. Exit 0 on success, 1
@@ -13,7 +14,6 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::allowlist::{self, Source};
 use crate::config::Config;
 use crate::control::{self, Change, ControlEntry, States};
 use crate::store;
@@ -30,7 +30,7 @@ pub struct CtlArgs {
 /// A `ctl` verb.
 #[derive(Debug, clap::Subcommand)]
 pub enum Verb {
-    /// Print the trading state, overrides, allowlist source, latch and the
+    /// Print the trading state, overrides, the running instances, latch and the
     /// last 10 control entries.
     Status {
         /// One JSON object instead of text.
@@ -211,43 +211,73 @@ async fn status(
 ) -> Result<(), redis::RedisError> {
     let states = control::read_states(con, cfg.default_trading_state).await?;
     let entries = control::last_entries(con, 10).await?;
-    let read = allowlist::read_universe(con, cfg).await;
-    let res = allowlist::resolve(
-        read.as_ref().map_err(|_| ()),
-        &cfg.allowlist_env,
-        cfg.allowlist_mode,
-        store::now_epoch(),
-        &allowlist::Limits {
-            max_age_s: cfg.universe_max_age_s,
-        },
-    );
+    // Each running instance's own view, never an allowlist resolved from
+    // ctl's environment (SPEC §12).
+    let instances = crate::instance::read_all(con).await?;
     let latch = control::latch_tripped(con, states.global).await?;
     if as_json {
-        println!(
-            "{}",
-            status_json(&states, &entries, res.source, res.symbols.len(), latch)
-        );
+        println!("{}", status_json(&states, &entries, &instances, latch));
     } else {
-        print!(
-            "{}",
-            status_text(&states, &entries, &res.log_line(), latch, cfg)
-        );
+        print!("{}", status_text(&states, &entries, &instances, latch, cfg));
     }
     Ok(())
+}
+
+/// The running instances, by consumer name, as they report themselves.
+type Instances = [(String, std::collections::HashMap<String, String>)];
+
+/// One instance in a line of `ctl status` (every value cut and escaped).
+fn instance_line(name: &str, f: &std::collections::HashMap<String, String>, now: u64) -> String {
+    let g = |k: &str| clip(f.get(k).map_or("?", String::as_str)).into_owned();
+    let last = match f.get("last_plan_at").and_then(|v| v.parse::<u64>().ok()) {
+        Some(0) | None => "none yet".to_string(),
+        Some(t) => format!("{} s ago", now.saturating_sub(t)),
+    };
+    format!(
+        "  {} {} v{} ({}) on {} pid {}: allowlist source={} count={}{} pending={} plans={} last plan {} position_stream={} redis_master={}\n",
+        clip(name),
+        g("mode"),
+        g("version"),
+        g("commit"),
+        g("host"),
+        g("pid"),
+        g("source"),
+        g("count"),
+        if f.get("stale").map(String::as_str) == Some("1") {
+            " (expired)"
+        } else {
+            ""
+        },
+        g("pending"),
+        g("plans"),
+        last,
+        g("position_stream"),
+        g("redis_master"),
+    )
 }
 
 fn status_json(
     s: &States,
     entries: &[ControlEntry],
-    source: Source,
-    count: usize,
+    instances: &Instances,
     latch: bool,
 ) -> serde_json::Value {
+    let instances: Vec<serde_json::Value> = instances
+        .iter()
+        .map(|(name, f)| {
+            let mut o = serde_json::Map::new();
+            o.insert("consumer".into(), json!(clip(name)));
+            for (k, v) in f {
+                o.insert(clip(k).into_owned(), json!(clip(v)));
+            }
+            serde_json::Value::Object(o)
+        })
+        .collect();
     json!({
         "global": s.global.as_str(),
         "global_key_set": s.global_set,
         "overrides": s.overrides.iter().map(|(sym, st)| json!({"symbol": sym, "state": st.as_str()})).collect::<Vec<_>>(),
-        "allowlist": {"source": source.label(), "count": count},
+        "instances": instances,
         "latch_tripped": latch,
         "control": entries,
     })
@@ -256,7 +286,7 @@ fn status_json(
 fn status_text(
     s: &States,
     entries: &[ControlEntry],
-    allowlist_line: &str,
+    instances: &Instances,
     latch: bool,
     cfg: &Config,
 ) -> String {
@@ -280,10 +310,15 @@ fn status_text(
             .collect();
         out.push_str(&format!("overrides       {}\n", list.join(" ")));
     }
-    out.push_str(&format!(
-        "allowlist       {}\n",
-        allowlist_line.trim_start_matches("P3.3 allowlist ")
-    ));
+    if instances.is_empty() {
+        out.push_str("instances       no instance running\n");
+    } else {
+        out.push_str(&format!("instances       {} running\n", instances.len()));
+        let now = store::now_ms() / 1000;
+        for (name, f) in instances {
+            out.push_str(&instance_line(name, f, now));
+        }
+    }
     out.push_str(&format!(
         "throttle latch  {}\n",
         if latch {

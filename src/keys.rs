@@ -98,6 +98,11 @@ pub const LATCH: &str = "quantum:p33:latch";
 /// those still held.
 pub const ALLOWS: &str = "quantum:p33:allows";
 
+/// A running instance's report of itself (SPEC §12), a hash with a TTL.
+pub fn instance(consumer: &str) -> String {
+    format!("quantum:p33:instance:{consumer}")
+}
+
 /// The marker that a halt entry's revocation was done (by one instance).
 pub fn revoked_marker(entry_id: &str) -> String {
     format!("quantum:p33:revoked:{entry_id}")

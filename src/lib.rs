@@ -40,6 +40,7 @@ pub mod domain;
 pub mod exchange;
 pub mod explain;
 mod http;
+pub mod instance;
 pub mod keys;
 pub mod ledger;
 pub mod lifecycle;

@@ -348,6 +348,17 @@ async fn start_and_supervise(
     let refresh = Arc::new(Notify::new());
     spawn_named(
         tasks,
+        "instance",
+        crate::instance::run(
+            cfg.clone(),
+            redis.clone(),
+            handle.clone(),
+            metrics.clone(),
+            cancel.clone(),
+        ),
+    );
+    spawn_named(
+        tasks,
         "control",
         control::run_follower(cfg.clone(), redis.clone(), refresh.clone(), cancel.clone()),
     );

@@ -8,7 +8,7 @@
 //! daemon has a fresh one. Also holds the readiness latches `/readyz` reads.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use prometheus::{
@@ -86,6 +86,10 @@ pub struct Metrics {
     snapshot_ts: Mutex<HashMap<String, f64>>,
     /// `asof_epoch` of the current universe-derived allowlist, if any.
     allowlist_asof: Mutex<Option<f64>>,
+    /// When the last plan was finished, epoch ms (0: none yet).
+    last_plan_ms: AtomicU64,
+    /// Plans finished since start.
+    plans_finished: AtomicU64,
     redis_ok: AtomicBool,
     master_known: AtomicBool,
     group_ok: AtomicBool,
@@ -296,6 +300,8 @@ impl Metrics {
             registry: r,
             snapshot_ts: Mutex::new(HashMap::new()),
             allowlist_asof: Mutex::new(None),
+            last_plan_ms: AtomicU64::new(0),
+            plans_finished: AtomicU64::new(0),
             redis_ok: AtomicBool::new(false),
             // Without sentinels the master is always known; with them the
             // lifecycle sets this before anything else can be ready.
@@ -347,6 +353,27 @@ impl Metrics {
                 .with_label_values(&[t.as_str()])
                 .set(n as f64);
         }
+    }
+
+    /// The allowlist's as-of time, epoch s, when the source has one.
+    pub fn allowlist_asof(&self) -> Option<f64> {
+        *lock(&self.allowlist_asof)
+    }
+
+    /// Plans finished since start (every outcome of `p33_plans_total`).
+    pub fn plans_finished(&self) -> u64 {
+        self.plans_finished.load(Ordering::Relaxed)
+    }
+
+    /// Notes that a batch of `n` plans was finished at `ms`.
+    pub fn plans_done_at(&self, ms: u64, n: u64) {
+        self.last_plan_ms.store(ms, Ordering::Relaxed);
+        self.plans_finished.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// When the last plan was finished, epoch ms (0: none yet).
+    pub fn last_plan_ms(&self) -> u64 {
+        self.last_plan_ms.load(Ordering::Relaxed)
     }
 
     /// Sets the source gauge to 1 on `source` and 0 on the other three.

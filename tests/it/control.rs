@@ -199,7 +199,10 @@ fn a_symbol_override_is_the_stricter_state_and_resume_removes_it() {
     assert!(out.contains("symbol:BTCUSDT HALTED -> NONE"), "{out}");
     let json: Value = serde_json::from_str(&ctl_ok(&t, &["status", "--json"])).unwrap();
     assert_eq!(json["global"], "REDUCING");
-    assert_eq!(json["allowlist"]["source"], "env");
+    // The running instance's own view (it reports itself every 5 s).
+    let inst = &json["instances"][0];
+    assert_eq!(inst["source"], "env", "{json}");
+    assert_eq!(inst["consumer"], "p33-test", "{json}");
     let changes = json["control"]
         .as_array()
         .unwrap()
@@ -840,4 +843,54 @@ fn reduce_revokes_the_opening_allows_and_keeps_the_closes() {
     t.kill();
     let out = ctl_ok(&t, &["halt", "--reason", "nobody home"]);
     assert!(out.contains("stay valid until they expire"), "{out}");
+}
+
+#[test]
+fn ctl_status_lists_each_running_instance_with_its_own_view() {
+    let mut t = daemon();
+    // A second instance with another allowlist, on the same Redis.
+    let mut env2 = t.env.clone();
+    env2.insert("P33_CONSUMER_NAME".into(), "p33-second".into());
+    env2.insert("P33_ALLOWLIST".into(), "BTCUSDT".into());
+    let second = Daemon::start(&env2);
+    second.wait_log("ready: reading plans", T);
+    // ctl's own environment says something else: it must not matter.
+    let mut owned: Vec<(String, String)> = t.env.clone().into_iter().collect();
+    owned.push(("P33_ALLOWLIST".into(), "AAAUSDT,BBBUSDT,CCCUSDT".into()));
+    let env: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (code, out, err) = wait_for("both instances reported", T, || {
+        let r = run_once(&["ctl", "status"], &env);
+        r.1.contains("instances       2 running").then_some(r)
+    });
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("p33-test live"), "{out}");
+    assert!(out.contains("p33-second live"), "{out}");
+    assert!(
+        out.contains("allowlist source=env count=2"),
+        "the first's own: {out}"
+    );
+    assert!(
+        out.contains("allowlist source=env count=1"),
+        "the second's own: {out}"
+    );
+    assert!(!out.contains("count=3"), "never ctl's own allowlist: {out}");
+    let (_, json, _) = run_once(&["ctl", "status", "--json"], &env);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["instances"].as_array().map(Vec::len), Some(2), "{v}");
+    drop(second);
+    t.kill();
+    // With none running (the reports expire 15 s after the last), ctl says
+    // so: here the keys are removed as an expiry would.
+    let mut con = t.redis.con();
+    for k in [
+        "quantum:p33:instance:p33-test",
+        "quantum:p33:instance:p33-second",
+    ] {
+        let _: () = redis::cmd("DEL").arg(k).query(&mut con).unwrap();
+    }
+    let (_, out, _) = run_once(&["ctl", "status"], &env);
+    assert!(out.contains("instances       no instance running"), "{out}");
 }

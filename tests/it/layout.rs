@@ -33,6 +33,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("exchange", 6),
     ("http", 6),
     ("control", 6),
+    ("instance", 6),
     // The operator's command line, then start, supervision, signals.
     ("ctl", 7),
     ("explain", 7),

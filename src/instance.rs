@@ -1,0 +1,264 @@
+//! Instances report themselves (SPEC §12): every running daemon writes the
+//! hash `quantum:p33:instance:<consumer>` every 5 s with a TTL of 15 s, so
+//! `ctl status` shows each instance's own view (its allowlist, mode, pending
+//! entries, last plan, Redis master) rather than one `ctl` would resolve
+//! from its own environment. A stopped instance's hash expires by itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::allowlist::AllowlistHandle;
+use crate::config::Config;
+use crate::keys;
+use crate::metrics::Metrics;
+use crate::store;
+
+/// How often an instance reports itself.
+pub const EVERY: Duration = Duration::from_secs(5);
+/// How long a report lives: three periods.
+pub const TTL: Duration = Duration::from_secs(15);
+
+/// What an instance knows of itself at one moment (the hash's fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The package version.
+    pub version: &'static str,
+    /// The git commit.
+    pub commit: &'static str,
+    /// The host name.
+    pub host: String,
+    /// The process ID.
+    pub pid: u32,
+    /// When the process started, epoch s.
+    pub started_at: u64,
+    /// `live` or `dry_run`.
+    pub mode: &'static str,
+    /// The allowlist in force: its source, size, as-of time and whether it
+    /// has expired (a universe list past `asof_epoch + MAX_AGE`).
+    pub allowlist: (String, usize, Option<f64>, bool),
+    /// The position stream (SPEC §16): `off` until it exists.
+    pub position_stream: &'static str,
+    /// The Redis master in use (`host:port`), or `none`.
+    pub redis_master: String,
+    /// This consumer's pending plan entries.
+    pub pending: u64,
+    /// Plans finished since start.
+    pub plans: u64,
+    /// When the last plan was finished, epoch s (0: none yet).
+    pub last_plan_at: u64,
+}
+
+impl Report {
+    /// The hash's fields, in a fixed order.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        let (source, count, asof, stale) = &self.allowlist;
+        vec![
+            ("version", self.version.to_string()),
+            ("commit", self.commit.to_string()),
+            ("host", self.host.clone()),
+            ("pid", self.pid.to_string()),
+            ("started_at", self.started_at.to_string()),
+            ("mode", self.mode.to_string()),
+            ("source", source.clone()),
+            ("count", count.to_string()),
+            (
+                "asof_epoch",
+                asof.map_or_else(String::new, |a| format!("{}", a.floor() as i64)),
+            ),
+            ("stale", u8::from(*stale).to_string()),
+            ("position_stream", self.position_stream.to_string()),
+            ("redis_master", self.redis_master.clone()),
+            ("pending", self.pending.to_string()),
+            ("plans", self.plans.to_string()),
+            ("last_plan_at", self.last_plan_at.to_string()),
+        ]
+    }
+}
+
+/// This consumer's pending entries on the plan stream.
+async fn pending(con: &mut store::Conn, cfg: &Config) -> Result<u64, redis::RedisError> {
+    let v: redis::Value = redis::cmd("XPENDING")
+        .arg(keys::PLAN_STREAM)
+        .arg(&cfg.consumer_group)
+        .query_async(con)
+        .await?;
+    // The summary form: [count, min, max, [[consumer, count], ...]].
+    let redis::Value::Array(parts) = v else {
+        return Ok(0);
+    };
+    let Some(redis::Value::Array(consumers)) = parts.get(3) else {
+        return Ok(0);
+    };
+    Ok(consumers
+        .iter()
+        .filter_map(|c| match c {
+            redis::Value::Array(pair) => {
+                let name = crate::stream::text(pair.first()?)?;
+                let n = crate::stream::text(pair.get(1)?)?;
+                (name == cfg.consumer_name)
+                    .then(|| n.parse::<u64>().ok())
+                    .flatten()
+            }
+            _ => None,
+        })
+        .sum())
+}
+
+/// Writes this instance's report every [`EVERY`] until `cancel`.
+pub async fn run(
+    cfg: Arc<Config>,
+    redis: store::Redis,
+    allowlist: AllowlistHandle,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let Some(mut con) = redis
+        .connect("instance report", Duration::from_secs(5), &cancel)
+        .await
+    else {
+        return;
+    };
+    let started_at = store::now_ms() / 1000;
+    let key = keys::instance(&cfg.consumer_name);
+    let mut failures = 0u64;
+    loop {
+        let a = allowlist.load();
+        let now = store::now_epoch();
+        let report = Report {
+            version: env!("CARGO_PKG_VERSION"),
+            commit: env!("P33_GIT_COMMIT"),
+            host: crate::config::hostname(),
+            pid: std::process::id(),
+            started_at,
+            mode: if cfg.dry_run { "dry_run" } else { "live" },
+            allowlist: (
+                a.source.label().to_string(),
+                a.symbols.len(),
+                metrics.allowlist_asof(),
+                a.expires_at.is_some_and(|e| now > e),
+            ),
+            position_stream: "off",
+            redis_master: redis.status().master.unwrap_or_else(|| "none".into()),
+            pending: 0,
+            plans: metrics.plans_finished(),
+            last_plan_at: metrics.last_plan_ms() / 1000,
+        };
+        let write = async {
+            let pending = pending(&mut con, &cfg).await.unwrap_or(0);
+            let mut fields = Report { pending, ..report }.fields();
+            fields.retain(|(_, v)| !v.is_empty());
+            let mut p = redis::pipe();
+            p.atomic()
+                .del(&key)
+                .ignore()
+                .hset_multiple(&key, &fields)
+                .ignore()
+                .pexpire(&key, TTL.as_millis() as i64)
+                .ignore();
+            p.query_async::<()>(&mut con).await
+        };
+        match write.await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(60) {
+                    warn!("instance report: writing {key} failed: {e}");
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}
+
+/// Every instance's report (`ctl status`), sorted by consumer name.
+pub async fn read_all(
+    con: &mut store::Conn,
+) -> Result<Vec<(String, HashMap<String, String>)>, redis::RedisError> {
+    let prefix = keys::instance("");
+    let mut names: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await?;
+        names.extend(batch);
+        if next == 0 || names.len() > 1000 {
+            break;
+        }
+        cursor = next;
+    }
+    names.sort();
+    names.dedup();
+    let mut out = Vec::new();
+    for k in names {
+        // A key of another type is no report.
+        let Ok(h) = redis::cmd("HGETALL")
+            .arg(&k)
+            .query_async::<HashMap<String, String>>(con)
+            .await
+        else {
+            continue;
+        };
+        if !h.is_empty() {
+            out.push((k[prefix.len()..].to_string(), h));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_has_the_fields_of_spec_12() {
+        let r = Report {
+            version: "1.2.3",
+            commit: "abc",
+            host: "h".into(),
+            pid: 7,
+            started_at: 100,
+            mode: "live",
+            allowlist: ("universe".into(), 566, Some(1769920585.9), false),
+            position_stream: "off",
+            redis_master: "127.0.0.1:6379".into(),
+            pending: 2,
+            plans: 9,
+            last_plan_at: 1769920590,
+        };
+        let f: HashMap<_, _> = r.fields().into_iter().collect();
+        for k in [
+            "version",
+            "commit",
+            "host",
+            "pid",
+            "started_at",
+            "mode",
+            "source",
+            "count",
+            "asof_epoch",
+            "stale",
+            "position_stream",
+            "redis_master",
+            "pending",
+            "plans",
+            "last_plan_at",
+        ] {
+            assert!(f.contains_key(k), "{k}");
+        }
+        assert_eq!(f["asof_epoch"], "1769920585");
+        assert_eq!(f["count"], "566");
+    }
+}
