@@ -191,6 +191,9 @@ async fn find_in(
     let mut candidates: Vec<String> = Vec::new();
     let mut more = false;
     let mut scanned = 0;
+    // A halt's revocation of a plan's allow, newest first: the decision
+    // itself is the older record, which is what is explained.
+    let mut revoked: HashMap<String, String> = HashMap::new();
     while scanned < MAX_SCANNED {
         let entries = pages.next_page(con, 1000).await?;
         if entries.is_empty() {
@@ -199,9 +202,16 @@ async fn find_in(
         for e in &entries {
             let Some(f) = &e.fields else { continue };
             let Some(id) = f.get("plan_id") else { continue };
+            if f.get("outcome").map(String::as_str) == Some("revoked") {
+                revoked.entry(id.clone()).or_insert_with(|| e.id.clone());
+                continue;
+            }
             let with_id = || {
                 let mut f = f.clone();
                 f.insert("record_id".into(), e.id.clone());
+                if let Some(r) = revoked.get(id) {
+                    f.insert("revoked_at".into(), r.clone());
+                }
                 f
             };
             if id == query {
@@ -318,6 +328,11 @@ pub fn describe(r: &HashMap<String, String>, permit: Option<&str>) -> String {
         _ => "(no longer in Redis: consumed by the executor, or expired)",
     };
     out.push_str(&format!("permit    {}\n", permit.unwrap_or(gone)));
+    if let Some(at) = r.get("revoked_at") {
+        out.push_str(&format!(
+            "revoked   a halt rewrote this allow into a deny (record {at})\n"
+        ));
+    }
     out
 }
 

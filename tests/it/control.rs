@@ -52,6 +52,16 @@ fn ctl(t: &TestDaemon, args: &[&str]) -> (Option<i32>, String, String) {
     run_once(&all, &env)
 }
 
+/// The binary with the daemon's environment (any subcommand).
+fn ctl_like(t: &TestDaemon, args: &[&str]) -> (Option<i32>, String, String) {
+    let env: Vec<(&str, &str)> = t
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    run_once(args, &env)
+}
+
 fn ctl_ok(t: &TestDaemon, args: &[&str]) -> String {
     let (code, out, err) = ctl(t, args);
     assert_eq!(code, Some(0), "ctl {args:?}: {out}{err}");
@@ -813,6 +823,11 @@ fn a_halt_under_load_revokes_every_allow_not_yet_used() {
         .unwrap();
     assert!(ttl > 0, "the TTL is kept: {ttl}");
     t.wait_log("P3.3 revoked", T);
+    // explain shows the decision, and that a halt revoked it.
+    let (code, out, err) = ctl_like(&t, &["explain", "pre-close"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("outcome   allow"), "{out}");
+    assert!(out.contains("revoked   a halt rewrote this allow"), "{out}");
     // Exactly one confirmation for the halt entry.
     let v: redis::Value = redis::cmd("XRANGE")
         .arg(CONTROL)
