@@ -339,6 +339,11 @@ impl Follower {
             .key(CONTROL_STREAM)
             .key(keys::revoked_marker(id))
             .key(keys::DECISIONS_STREAM)
+            .key(if scope == "symbol" {
+                keys::trading_state(symbol)
+            } else {
+                keys::TRADING_STATE.to_string()
+            })
             .arg(scope)
             .arg(symbol)
             .arg(&to)
@@ -351,6 +356,11 @@ impl Follower {
             .arg(&self.config_hash)
             .arg(env!("CARGO_PKG_VERSION"))
             .arg(&self.cfg.consumer_name)
+            .arg(if scope == "symbol" {
+                NO_OVERRIDE
+            } else {
+                self.cfg.default_trading_state.as_str()
+            })
             .invoke_async(con)
             .await?;
         Ok((n >= 0).then_some(n))

@@ -16,9 +16,13 @@
 -- ARGV[8]  the deny template (__SCOPE__, __PLAN__, __SYMBOL__)
 -- ARGV[9]  P33_DECISIONS_MAXLEN (0: no record)
 -- ARGV[10] config hash    ARGV[11] version    ARGV[12] consumer
+-- KEYS[5]  the state key of the scope (quantum:p33:trading_state[:<symbol>])
+-- ARGV[13] the state in force while KEYS[5] is missing
 --
--- Returns the number revoked, or -1 when another instance had confirmed
--- this entry already; an error reply P33REVOKE <key> <why> (nothing
+-- Returns the number revoked, -1 when another instance had confirmed this
+-- entry already, -2 when the state is no longer that strict (the entry is
+-- old: replayed after a crash, and an operator resumed since): nothing is
+-- revoked then; an error reply P33REVOKE <key> <why> (nothing
 -- written) when a key it must write cannot take it.
 
 local t = redis.call('TYPE', KEYS[1]).ok
@@ -29,6 +33,7 @@ for _, k in ipairs({KEYS[2], KEYS[4]}) do
   local why = stream_problem(k)
   if why then return redis.error_reply('P33REVOKE ' .. k .. ' ' .. why) end
 end
+if (RANK[state_of(KEYS[5], ARGV[13])] or 0) < (RANK[ARGV[3]] or 3) then return -2 end
 if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[7]) then return -1 end
 
 local scope, symbol, to = ARGV[1], ARGV[2], ARGV[3]

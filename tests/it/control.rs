@@ -909,3 +909,39 @@ fn ctl_status_lists_each_running_instance_with_its_own_view() {
     let (_, out, _) = run_once(&["ctl", "status"], &env);
     assert!(out.contains("instances       no instance running"), "{out}");
 }
+
+#[test]
+fn an_old_halt_entry_replayed_after_a_resume_revokes_nothing() {
+    let mut t = daemon();
+    push(&mut t, open("fresh-open", "ETHUSDT"));
+    assert_eq!(t.wait_permit("fresh-open")["allow"], true);
+    // A halt entry the follower sees while the state is ACTIVE again (as
+    // when an instance replays an old pending entry after a crash, once the
+    // operator had resumed): written by hand, with no state change.
+    let _: String = redis::cmd("XADD")
+        .arg(CONTROL)
+        .arg("*")
+        .arg("scope")
+        .arg("global")
+        .arg("symbol")
+        .arg("")
+        .arg("from")
+        .arg("ACTIVE")
+        .arg("to")
+        .arg("HALTED")
+        .arg("reason")
+        .arg("old")
+        .arg("actor")
+        .arg("sre@host")
+        .arg("ts")
+        .arg("1")
+        .query(&mut t.con)
+        .unwrap();
+    t.wait_log("reason=old, actor=sre@host", T);
+    // Evidence the follower handled it: its group has nothing pending.
+    wait_for("the control entry handled", T, || {
+        (pending(&mut t.con, CONTROL, "p33-control:p33-test") == 0).then_some(())
+    });
+    assert_eq!(t.permit("fresh-open").unwrap()["allow"], true);
+    assert!(t.grep("P3.3 revoked").is_empty());
+}
