@@ -123,15 +123,19 @@ pub async fn run(
         return;
     };
     let started_at = store::now_ms() / 1000;
+    let host = crate::config::hostname();
     let key = keys::instance(&cfg.consumer_name);
     let mut failures = 0u64;
     loop {
         let a = allowlist.load();
         let now = store::now_epoch();
+        // A failed count is reported as 0; the write below says why if
+        // Redis is away.
+        let pending = pending(&mut con, &cfg).await.unwrap_or(0);
         let report = Report {
             version: env!("CARGO_PKG_VERSION"),
             commit: env!("P33_GIT_COMMIT"),
-            host: crate::config::hostname(),
+            host: host.clone(),
             pid: std::process::id(),
             started_at,
             mode: if cfg.dry_run { "dry_run" } else { "live" },
@@ -143,13 +147,12 @@ pub async fn run(
             ),
             position_stream: "off",
             redis_master: redis.status().master.unwrap_or_else(|| "none".into()),
-            pending: 0,
+            pending,
             plans: metrics.plans_finished(),
             last_plan_at: metrics.last_plan_ms() / 1000,
         };
         let write = async {
-            let pending = pending(&mut con, &cfg).await.unwrap_or(0);
-            let mut fields = Report { pending, ..report }.fields();
+            let mut fields = report.fields();
             fields.retain(|(_, v)| !v.is_empty());
             let mut p = redis::pipe();
             p.atomic()

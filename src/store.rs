@@ -491,9 +491,11 @@ impl Redis {
                     // said at once, at ERROR, naming the cause (never the
                     // password), then retried like an outage (SPEC §10).
                     if refused_credentials(&e) && !REFUSAL_SAID.swap(true, Ordering::SeqCst) {
+                        // The server's words, cut and escaped like any echo.
                         error!(
-                            "redis: {} refused the credentials ({e}); check REDIS_PASSWORD (and the user); retrying",
-                            self.display()
+                            "redis: {} refused the credentials ({}); check REDIS_PASSWORD (and the user); retrying",
+                            self.display(),
+                            crate::text::clip(&e.to_string())
                         );
                     }
                     // One line per attempt up to 5, then one every 20, so an
