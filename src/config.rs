@@ -218,6 +218,8 @@ pub enum Kind {
     List,
     /// An http(s) URL.
     HttpUrl,
+    /// A ws(s) URL.
+    WsUrl,
     /// A Redis URL: parsed by the Redis client, shown redacted.
     RedisUrl,
     /// A host name (non-empty).
@@ -283,6 +285,9 @@ pub const VARS: &[Var] = &[
     var("BINANCE_API_KEY", None, Kind::Secret, "exchange API key when BINANCE_TESTNET_API_KEY is unset"),
     var("BINANCE_API_SECRET", None, Kind::Secret, "exchange API secret when BINANCE_TESTNET_API_SECRET is unset"),
     var("P33_EXCHANGE_BASE_URL", Some("https://testnet.binancefuture.com"), Kind::HttpUrl, "exchange REST base URL"),
+    var("P33_POSITION_STREAM", Some("on"), Kind::Choice(&["on", "off"]), "on: follow the user data stream for live positions, REST polling reconciles (binance mode); off: REST polling alone"),
+    var("P33_EXCHANGE_WS_URL", None, Kind::WsUrl, "user data stream base (default: from P33_EXCHANGE_BASE_URL, https://fapi.binance.com → wss://fstream.binance.com, http://h:p → ws://h:p)"),
+    var("P33_POSITION_STREAM_PING_SEC", Some("30"), Kind::Seconds { positive: true }, "client ping period on the user data stream; no frame within min(10 s, this) after a ping → reconnect"),
     var("P33_SNAPSHOT_SOURCE", Some("binance"), Kind::Choice(&["binance", "external"]), "binance: poll positionRisk and write snapshots; external: only read them"),
     var("P33_ALLOWLIST", None, Kind::List, "tier-3 symbols, comma separated (default: APPLY_ALLOWLIST, else empty)"),
     var("APPLY_ALLOWLIST", None, Kind::List, "the apply layer's list: tier 3 when P33_ALLOWLIST is unset"),
@@ -450,6 +455,12 @@ fn parse_value(kind: Kind, raw: &str) -> Result<Value, String> {
             }
             _ => Err("must be an http(s) URL".into()),
         },
+        Kind::WsUrl => match url::Url::parse(s) {
+            Ok(u) if (u.scheme() == "ws" || u.scheme() == "wss") && u.host_str().is_some() => {
+                Ok(Value::Text(s.trim_end_matches('/').to_string()))
+            }
+            _ => Err("must be a ws:// or wss:// URL".into()),
+        },
         Kind::RedisUrl => {
             use redis::IntoConnectionInfo;
             match s.into_connection_info() {
@@ -610,6 +621,12 @@ pub struct Config {
     pub exchange_base_url: String,
     /// Who writes the snapshot hashes.
     pub snapshot_source: SnapshotSource,
+    /// Follow the user data stream (SPEC §16; binance mode only).
+    pub position_stream: bool,
+    /// The user data stream's base URL, no trailing slash (no listenKey).
+    pub exchange_ws_url: String,
+    /// Client ping period on the user data stream.
+    pub stream_ping: Duration,
     /// Raw tier-3 list (validated at resolution time, so that the WARN about
     /// dropped entries is logged with the resolution that drops them).
     pub allowlist_env: Vec<String>,
@@ -787,6 +804,35 @@ pub enum Purpose {
     /// `ctl`, `explain`, `replay`: only what reaches Redis and what the
     /// rules read; the exchange settings are ignored.
     Tools,
+}
+
+/// The user data stream's base for a REST base URL (SPEC §16): Binance's
+/// hosts map to their stream hosts (`fapi.binance.com` →
+/// `fstream.binance.com`, the testnet's and the demo's likewise), any other
+/// keeps its host and port with `http` → `ws`, `https` → `wss`.
+pub fn derive_ws_url(base: &str) -> Option<String> {
+    let u = url::Url::parse(base).ok()?;
+    let scheme = match u.scheme() {
+        "https" => "wss",
+        "http" => "ws",
+        _ => return None,
+    };
+    let host = u.host_str()?;
+    let host = match host {
+        "fapi.binance.com" => "fstream.binance.com",
+        "testnet.binancefuture.com" => "stream.binancefuture.com",
+        "demo-fapi.binance.com" => "demo-fstream.binance.com",
+        h => h,
+    };
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    Some(match u.port() {
+        Some(port) => format!("{scheme}://{host}:{port}"),
+        None => format!("{scheme}://{host}"),
+    })
 }
 
 /// Whether `name` is an exchange setting (credentials, URLs): what the
@@ -1001,6 +1047,17 @@ impl Config {
             .insert("P33_CONSUMER_NAME", Value::Text(consumer_name.clone()));
         p.values
             .insert("P33_ALLOWLIST", Value::List(allowlist_env.clone()));
+        let exchange_ws_url = p
+            .text("P33_EXCHANGE_WS_URL")
+            .or_else(|| {
+                p.text("P33_EXCHANGE_BASE_URL")
+                    .and_then(|b| derive_ws_url(&b))
+            })
+            .unwrap_or_default();
+        if !exchange_ws_url.is_empty() {
+            p.values
+                .insert("P33_EXCHANGE_WS_URL", Value::Text(exchange_ws_url.clone()));
+        }
         let shown = VARS
             .iter()
             .map(|v| {
@@ -1020,6 +1077,10 @@ impl Config {
             binance_api_key: key.map(|(_, k)| k),
             binance_api_secret: secret.map(|(_, s)| s),
             exchange_base_url: p.text("P33_EXCHANGE_BASE_URL").unwrap_or_default(),
+            position_stream: snapshot_source == SnapshotSource::Binance
+                && p.word("P33_POSITION_STREAM") == "on",
+            exchange_ws_url,
+            stream_ping: dur(p.secs("P33_POSITION_STREAM_PING_SEC")),
             snapshot_source,
             allowlist_env,
             allowlist_mode,
@@ -1272,6 +1333,59 @@ mod tests {
         let mut v: Vec<(String, String)> = vec![("P33_SNAPSHOT_SOURCE".into(), "external".into())];
         v.extend(pairs.iter().map(|(k, x)| (k.to_string(), x.to_string())));
         Config::from_pairs(v)
+    }
+
+    #[test]
+    fn the_stream_url_follows_the_rest_url_unless_set() {
+        for (base, want) in [
+            (
+                "https://fapi.binance.com",
+                Some("wss://fstream.binance.com"),
+            ),
+            (
+                "https://testnet.binancefuture.com",
+                Some("wss://stream.binancefuture.com"),
+            ),
+            (
+                "https://demo-fapi.binance.com",
+                Some("wss://demo-fstream.binance.com"),
+            ),
+            ("http://127.0.0.1:8080", Some("ws://127.0.0.1:8080")),
+            (
+                "https://proxy.example:8443/api",
+                Some("wss://proxy.example:8443"),
+            ),
+            ("http://[::1]:9", Some("ws://[::1]:9")),
+            ("ftp://x", None),
+        ] {
+            assert_eq!(derive_ws_url(base).as_deref(), want, "{base}");
+        }
+        let binance = |extra: &[(&str, &str)]| {
+            let mut v: Vec<(String, String)> = vec![
+                ("BINANCE_API_KEY".into(), "k".into()),
+                ("BINANCE_API_SECRET".into(), "s".into()),
+            ];
+            v.extend(extra.iter().map(|(k, x)| (k.to_string(), x.to_string())));
+            Config::from_pairs(v)
+        };
+        let c = binance(&[("P33_EXCHANGE_BASE_URL", "http://127.0.0.1:9")]).unwrap();
+        assert_eq!(c.exchange_ws_url, "ws://127.0.0.1:9");
+        assert!(c.position_stream);
+        let c = binance(&[
+            ("P33_EXCHANGE_WS_URL", "wss://elsewhere/"),
+            ("P33_POSITION_STREAM", "OFF"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.exchange_ws_url.as_str(), c.position_stream),
+            ("wss://elsewhere", false)
+        );
+        // External mode never streams.
+        assert!(!cfg(&[]).unwrap().position_stream);
+        for bad in ["http://x", "wss://", "nonsense"] {
+            let e = binance(&[("P33_EXCHANGE_WS_URL", bad)]).unwrap_err();
+            assert!(e.to_string().contains("P33_EXCHANGE_WS_URL"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub struct Report {
     /// The allowlist in force: its source, size, as-of time and whether it
     /// has expired (a universe list past `asof_epoch + MAX_AGE`).
     pub allowlist: (String, usize, Option<f64>, bool),
-    /// The position stream (SPEC §16): `off` until it exists.
+    /// The position stream (SPEC §16): `live`, `down` or `off`.
     pub position_stream: &'static str,
     /// The Redis master in use (`host:port`), or `none`.
     pub redis_master: String,
@@ -145,7 +145,13 @@ pub async fn run(
                 metrics.allowlist_asof(),
                 a.expires_at.is_some_and(|e| now > e),
             ),
-            position_stream: "off",
+            position_stream: if metrics.position_stream_enabled.get() == 0 {
+                "off"
+            } else if metrics.position_stream_live.get() == 1 {
+                "live"
+            } else {
+                "down"
+            },
             redis_master: redis.status().master.unwrap_or_else(|| "none".into()),
             pending,
             plans: metrics.plans_finished(),

@@ -326,19 +326,39 @@ async fn start_and_supervise(
         ),
     );
     if cfg.snapshot_source == crate::config::SnapshotSource::Binance {
-        spawn_named(
-            tasks,
-            "snapshots",
-            exchange::run_poller(
-                cfg.clone(),
-                redis.clone(),
-                handle.clone(),
-                positioned.clone(),
-                metrics.clone(),
-                gained_rx,
-                cancel.clone(),
-            ),
-        );
+        let writer = Arc::new(exchange::Writer::new(
+            cfg,
+            handle.clone(),
+            positioned.clone(),
+            metrics.clone(),
+        ));
+        match exchange::Client::new(cfg, metrics.clone()) {
+            Ok(client) => {
+                let client = Arc::new(client);
+                spawn_named(
+                    tasks,
+                    "snapshots",
+                    exchange::run_poller(
+                        cfg.clone(),
+                        redis.clone(),
+                        client.clone(),
+                        writer.clone(),
+                        metrics.clone(),
+                        gained_rx,
+                        cancel.clone(),
+                    ),
+                );
+                if cfg.position_stream {
+                    spawn_named(
+                        tasks,
+                        "position-stream",
+                        exchange::Stream::new(cfg.clone(), client, writer, metrics.clone())
+                            .run(redis.clone(), cancel.clone()),
+                    );
+                }
+            }
+            Err(e) => warn!("snapshots: cannot build the HTTP client: {e}; snapshots will age"),
+        }
     }
     spawn_named(
         tasks,

@@ -81,6 +81,24 @@ pub struct Metrics {
     pub build_info: GaugeVec,
     /// `p33_watchdog_pings_total`.
     pub watchdog_pings_total: IntCounter,
+    /// `p33_position_stream_enabled`: 1 when the user data stream is
+    /// configured (SPEC §16).
+    pub position_stream_enabled: IntGauge,
+    /// `p33_position_stream_live`: 1 while reconciled and following.
+    pub position_stream_live: IntGauge,
+    /// `p33_position_stream_events_total{type,result}`.
+    pub position_stream_events_total: IntCounterVec,
+    /// `p33_position_stream_reconnects_total{reason}`.
+    pub position_stream_reconnects_total: IntCounterVec,
+    /// `p33_position_stream_corrections_total`: REST changed an amount the
+    /// stream had set (a missed event).
+    pub position_stream_corrections_total: IntCounter,
+    /// `p33_position_update_latency_seconds`: event `E` (on the local clock)
+    /// → snapshot written.
+    pub position_update_latency_seconds: Histogram,
+    /// `p33_decision_input_age_seconds`: decision time − the snapshot's
+    /// `ts_epoch_ms`.
+    pub decision_input_age_seconds: Histogram,
     /// `ts_epoch` of the newest snapshot seen per symbol; ages are computed
     /// at scrape time so a stalled poller shows growing ages.
     snapshot_ts: Mutex<HashMap<String, f64>>,
@@ -296,6 +314,66 @@ impl Metrics {
                 &r,
                 IntCounter::new("p33_watchdog_pings_total", "systemd WATCHDOG=1 notifications sent.")
                     .expect("valid metric"),
+            ),
+            position_stream_enabled: reg(
+                &r,
+                IntGauge::new(
+                    "p33_position_stream_enabled",
+                    "1 when the user data stream is configured (P33_POSITION_STREAM=on in binance mode).",
+                )
+                .expect("valid metric"),
+            ),
+            position_stream_live: reg(
+                &r,
+                IntGauge::new(
+                    "p33_position_stream_live",
+                    "1 while the user data stream is reconciled and followed; 0 otherwise.",
+                )
+                .expect("valid metric"),
+            ),
+            position_stream_events_total: iv(
+                "p33_position_stream_events_total",
+                "User data stream frames, by event type and what was done with them.",
+                &["type", "result"],
+            ),
+            position_stream_reconnects_total: iv(
+                "p33_position_stream_reconnects_total",
+                "User data stream connections ended, by reason.",
+                &["reason"],
+            ),
+            position_stream_corrections_total: reg(
+                &r,
+                IntCounter::new(
+                    "p33_position_stream_corrections_total",
+                    "positionRisk replies that changed an amount the stream had set (missed events).",
+                )
+                .expect("valid metric"),
+            ),
+            position_update_latency_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "p33_position_update_latency_seconds",
+                        "ACCOUNT_UPDATE event time (exchange clock, offset-corrected) to snapshot written.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            decision_input_age_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "p33_decision_input_age_seconds",
+                        "Age of the exchange snapshot a plan was judged on: decision time minus its ts_epoch_ms.",
+                    )
+                    .buckets(vec![
+                        0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0,
+                    ]),
+                )
+                .expect("valid metric"),
             ),
             registry: r,
             snapshot_ts: Mutex::new(HashMap::new()),

@@ -7,16 +7,34 @@
 //! checked like the real API does: `X-MBX-APIKEY` (-2015), the HMAC-SHA256
 //! `signature` (-1022) and `timestamp` within `recvWindow` (-1021).
 //!
+//! The user data stream (SPEC §16) on Binance's routes: `POST`/`PUT`
+//! `/fapi/v1/listenKey` (keyed; `PUT` of a key that is gone: -1125; one
+//! active key, shared by every client, as on Binance), and the WebSocket
+//! `GET /private/ws?listenKey=<key>`, which pushes an `ACCOUNT_UPDATE` for
+//! every position change and answers pings.
+//!
 //! Control endpoints (JSON bodies):
-//! - `POST /control/positions` — a list of positionRisk rows
+//! - `POST /control/positions[?swallow=1]` — a list of positionRisk rows
 //!   (`symbol`, `positionAmt`, optional `positionSide`, `entryPrice`, …);
+//!   each changed or removed row is pushed in one `ACCOUNT_UPDATE` to every
+//!   stream connection, unless `swallow=1` (the event is lost: only REST
+//!   knows);
+//! - `POST /control/stream` — `{"drop": true}` closes every connection
+//!   without a close frame, `{"expire_key": true}` ends the key (and pushes
+//!   `listenKeyExpired`), `{"stall": true}` makes every open connection go
+//!   silent (no frames, no pongs), `{"malformed": true}` pushes a frame that
+//!   is not JSON, `{"raw": "…"}` pushes that text, `{"old_event": {"symbol",
+//!   "positionAmt", "positionSide"?, "age_ms"}}` pushes an `ACCOUNT_UPDATE`
+//!   whose `T` is `age_ms` older than the last one (out of order);
 //! - `POST /control/steps` — `{"SYMBOL": "stepSize", …}` for exchangeInfo;
 //! - `POST /control/mode` — `{"delay_ms", "fail_5xx", "rate_limit_s",
 //!   "retry_after", "fail_1021_once", "time_offset_ms", "pad_bytes"}` (fields
 //!   absent are left as they are): `retry_after` is the raw `Retry-After`
 //!   header of the next 429 (default: `rate_limit_s`), `pad_bytes` pads
 //!   every positionRisk body with that many blanks (a huge reply);
-//! - `GET /control/stats` — request counts and positionRisk request times.
+//! - `GET /control/stats` — request counts (listenKey calls as
+//!   `POST /fapi/v1/listenKey` etc.), positionRisk request times, stream
+//!   connections opened (`ws_opened`) and open now (`ws_open`).
 //!
 //! Usage: `fake-exchange [--addr 127.0.0.1] [--port 0] [--api-key K] [--api-secret S]`
 //! (or `FAKE_API_KEY` / `FAKE_API_SECRET`). Prints
@@ -30,6 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -37,6 +56,17 @@ use hyper_util::rt::TokioIo;
 use position_state_brain::exchange::sign;
 use position_state_brain::store::now_ms;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+
+/// What a stream connection is told to do.
+enum Push {
+    Text(String),
+    Drop,
+    Stall,
+}
 
 #[derive(Default)]
 struct State {
@@ -53,6 +83,58 @@ struct State {
     time_offset_ms: i64,
     counts: HashMap<String, u64>,
     position_risk_ms: Vec<u64>,
+    /// The account's one active listenKey.
+    listen_key: Option<String>,
+    key_seq: u64,
+    /// Open stream connections: their key and their mailbox.
+    conns: Vec<(String, mpsc::UnboundedSender<Push>)>,
+    ws_opened: u64,
+    /// The last event's `T`, server clock.
+    last_t: i64,
+}
+
+impl State {
+    fn server_ms(&self) -> i64 {
+        now_ms() as i64 + self.time_offset_ms
+    }
+
+    /// A fresh transaction time: the server clock, strictly after the last.
+    fn next_t(&mut self) -> i64 {
+        self.last_t = self.server_ms().max(self.last_t + 1);
+        self.last_t
+    }
+
+    /// Sends `text` to every open connection (closed ones are forgotten).
+    fn push(&mut self, text: &str) {
+        self.conns
+            .retain(|(_, tx)| tx.send(Push::Text(text.to_string())).is_ok());
+    }
+}
+
+/// One position entry of an `ACCOUNT_UPDATE` from a positionRisk row.
+fn event_entry(row: &Value) -> Value {
+    let f = |k: &str, d: &str| row.get(k).cloned().unwrap_or_else(|| json!(d));
+    json!({
+        "s": f("symbol", ""),
+        "pa": f("positionAmt", "0"),
+        "ep": f("entryPrice", "0.0"),
+        "bep": "0",
+        "cr": "0",
+        "up": f("unRealizedProfit", "0.0"),
+        "mt": f("marginType", "cross"),
+        "iw": "0",
+        "ps": f("positionSide", "BOTH"),
+    })
+}
+
+fn account_update(t: i64, entries: Vec<Value>) -> String {
+    json!({"e": "ACCOUNT_UPDATE", "E": t, "T": t, "a": {"m": "ORDER", "B": [], "P": entries}})
+        .to_string()
+}
+
+fn row_id(r: &Value) -> (String, String) {
+    let g = |k: &str, d: &str| r.get(k).and_then(Value::as_str).unwrap_or(d).to_string();
+    (g("symbol", ""), g("positionSide", "BOTH"))
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -130,7 +212,102 @@ fn check_signed(
     Ok(())
 }
 
+/// `GET /private/ws?listenKey=…`: the user data stream.
+fn ws_upgrade(st: &Shared, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let query = req.uri().query().unwrap_or("").to_string();
+    let given = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("listenKey="))
+        .unwrap_or("")
+        .to_string();
+    let mut s = lock(st);
+    count(&mut s, "/private/ws");
+    if s.listen_key.as_deref() != Some(given.as_str()) || given.is_empty() {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            -1125,
+            "This listenKey does not exist.",
+        );
+    }
+    let Some(accept) = req
+        .headers()
+        .get("Sec-WebSocket-Key")
+        .map(|k| derive_accept_key(k.as_bytes()))
+    else {
+        return api_error(StatusCode::BAD_REQUEST, -1000, "not a WebSocket request");
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    s.conns.push((given, tx));
+    s.ws_opened += 1;
+    drop(s);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(up) = on_upgrade.await {
+            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(up),
+                Role::Server,
+                None,
+            )
+            .await;
+            serve_ws(ws, rx).await;
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("Upgrade"),
+    );
+    h.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static("websocket"),
+    );
+    if let Ok(v) = accept.parse() {
+        h.insert("Sec-WebSocket-Accept", v);
+    }
+    r
+}
+
+/// One stream connection: pushes what it is told, answers pings, until
+/// told to drop (or to stall: then nothing at all, like a dead peer).
+async fn serve_ws<S>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    mut rx: mpsc::UnboundedReceiver<Push>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut tx, mut frames) = ws.split();
+    let mut stalled = false;
+    loop {
+        tokio::select! {
+            p = rx.recv() => match p {
+                Some(Push::Text(t)) if !stalled => {
+                    if tx.send(Message::Text(t.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Push::Text(_)) => {}
+                Some(Push::Stall) => stalled = true,
+                Some(Push::Drop) | None => return,
+            },
+            m = frames.next(), if !stalled => match m {
+                Some(Ok(Message::Ping(p))) => {
+                    if tx.send(Message::Pong(p)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
 async fn handle(st: Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/private/ws" {
+        return ws_upgrade(&st, req);
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -144,21 +321,28 @@ async fn handle(st: Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         Err(_) => Bytes::new(),
     };
     if path.starts_with("/control/") {
-        return control(&st, &method, &path, &body);
+        return control(&st, &method, &path, &query, &body);
     }
-    let (delay, fail, rate) = {
+    if path == "/fapi/v1/listenKey" {
+        return listen_key(&st, &method, key.as_deref());
+    }
+    // positionRisk answers with the positions as they were when the request
+    // arrived: `delay_ms` is then the reply's way back, during which the
+    // account may move on (and its events overtake the reply).
+    let (delay, fail, rate, rows) = {
         let mut s = lock(&st);
         count(&mut s, &path);
         if path == "/fapi/v2/positionRisk" {
             s.position_risk_ms.push(now_ms());
         }
+        let rows = s.positions.clone();
         let rate = std::mem::take(&mut s.rate_limit_s);
         let header = if rate > 0 {
             s.retry_after.take().unwrap_or_else(|| rate.to_string())
         } else {
             String::new()
         };
-        (s.delay_ms, s.fail_5xx, (rate, header))
+        (s.delay_ms, s.fail_5xx, (rate, header), rows)
     };
     let (rate, retry_after) = rate;
     if delay > 0 {
@@ -206,7 +390,7 @@ async fn handle(st: Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
             count(&mut s, "position_risk_ok");
             if s.pad_bytes > 0 {
-                let mut body = Value::Array(s.positions.clone()).to_string().into_bytes();
+                let mut body = Value::Array(rows).to_string().into_bytes();
                 body.resize(body.len() + s.pad_bytes, b' ');
                 let mut r = Response::new(Full::new(Bytes::from(body)));
                 r.headers_mut().insert(
@@ -215,13 +399,53 @@ async fn handle(st: Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 );
                 return r;
             }
-            reply(StatusCode::OK, Value::Array(s.positions.clone()))
+            reply(StatusCode::OK, Value::Array(rows))
         }
         _ => api_error(StatusCode::NOT_FOUND, -1000, "unknown endpoint"),
     }
 }
 
-fn control(st: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<Full<Bytes>> {
+/// `POST`/`PUT`/`DELETE /fapi/v1/listenKey` (keyed, unsigned).
+fn listen_key(st: &Shared, method: &Method, key: Option<&str>) -> Response<Full<Bytes>> {
+    let mut s = lock(st);
+    count(&mut s, &format!("{method} /fapi/v1/listenKey"));
+    if key != Some(s.key.as_str()) {
+        return api_error(
+            StatusCode::UNAUTHORIZED,
+            -2015,
+            "Invalid API-key, IP, or permissions for action.",
+        );
+    }
+    match *method {
+        Method::POST => {
+            if s.listen_key.is_none() {
+                s.key_seq += 1;
+                let seed = format!("{}{}{}", s.key_seq, now_ms(), std::process::id());
+                s.listen_key = Some(format!("lk{}", sign(&seed, "listenKey")));
+            }
+            reply(StatusCode::OK, json!({"listenKey": s.listen_key}))
+        }
+        Method::PUT if s.listen_key.is_some() => reply(StatusCode::OK, json!({})),
+        Method::PUT => api_error(
+            StatusCode::BAD_REQUEST,
+            -1125,
+            "This listenKey does not exist.",
+        ),
+        Method::DELETE => {
+            s.listen_key = None;
+            reply(StatusCode::OK, json!({}))
+        }
+        _ => api_error(StatusCode::NOT_FOUND, -1000, "unknown endpoint"),
+    }
+}
+
+fn control(
+    st: &Shared,
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
     let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let mut s = lock(st);
     match (method, path) {
@@ -229,7 +453,8 @@ fn control(st: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<Fu
             let Some(rows) = v.as_array() else {
                 return reply(StatusCode::BAD_REQUEST, json!({"error": "expected a list"}));
             };
-            s.positions = rows
+            let t = s.next_t();
+            let new: Vec<Value> = rows
                 .iter()
                 .map(|r| {
                     let mut r = r.clone();
@@ -244,11 +469,74 @@ fn control(st: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<Fu
                         ] {
                             o.entry(k).or_insert(json!(d));
                         }
+                        o.entry("updateTime").or_insert(json!(t));
                     }
                     r
                 })
                 .collect();
-            reply(StatusCode::OK, json!({"positions": s.positions.len()}))
+            // What changed: new or different rows, and rows now gone (flat).
+            let old: HashMap<(String, String), Value> =
+                s.positions.iter().map(|r| (row_id(r), r.clone())).collect();
+            let mut entries: Vec<Value> = new
+                .iter()
+                .filter(|r| {
+                    old.get(&row_id(r)).is_none_or(|o| {
+                        o.get("positionAmt") != r.get("positionAmt")
+                            || o.get("entryPrice") != r.get("entryPrice")
+                    })
+                })
+                .map(event_entry)
+                .collect();
+            let kept: std::collections::HashSet<(String, String)> =
+                new.iter().map(row_id).collect();
+            for (id, o) in &old {
+                if !kept.contains(id) {
+                    let mut gone = event_entry(o);
+                    gone["pa"] = json!("0");
+                    entries.push(gone);
+                }
+            }
+            let pushed = !entries.is_empty() && !query.contains("swallow=1");
+            s.positions = new;
+            if pushed {
+                let text = account_update(t, entries);
+                s.push(&text);
+            }
+            reply(
+                StatusCode::OK,
+                json!({"positions": s.positions.len(), "pushed": pushed, "T": t}),
+            )
+        }
+        (&Method::POST, "/control/stream") => {
+            if v.get("malformed").and_then(Value::as_bool) == Some(true) {
+                s.push("{\"e\":\"ACCOUNT_UPDATE\",\"E\":");
+            }
+            if let Some(raw) = v.get("raw").and_then(Value::as_str) {
+                s.push(raw);
+            }
+            if let Some(o) = v.get("old_event") {
+                let age = o.get("age_ms").and_then(Value::as_i64).unwrap_or(1000);
+                let t = s.last_t - age;
+                let text = account_update(t, vec![event_entry(o)]);
+                s.push(&text);
+            }
+            if v.get("expire_key").and_then(Value::as_bool) == Some(true) {
+                if let Some(k) = s.listen_key.take() {
+                    let t = s.server_ms();
+                    let text = json!({"e": "listenKeyExpired", "E": t, "listenKey": k}).to_string();
+                    s.push(&text);
+                }
+            }
+            if v.get("stall").and_then(Value::as_bool) == Some(true) {
+                s.conns.retain(|(_, tx)| tx.send(Push::Stall).is_ok());
+            }
+            if v.get("drop").and_then(Value::as_bool) == Some(true) {
+                for (_, tx) in s.conns.drain(..) {
+                    let _ = tx.send(Push::Drop);
+                }
+            }
+            let open = s.conns.iter().filter(|(_, tx)| !tx.is_closed()).count();
+            reply(StatusCode::OK, json!({"ok": true, "ws_open": open}))
         }
         (&Method::POST, "/control/steps") => {
             let Some(o) = v.as_object() else {
@@ -287,10 +575,14 @@ fn control(st: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<Fu
             }
             reply(StatusCode::OK, json!({"ok": true}))
         }
-        (&Method::GET, "/control/stats") => reply(
-            StatusCode::OK,
-            json!({"counts": s.counts, "position_risk_ms": s.position_risk_ms}),
-        ),
+        (&Method::GET, "/control/stats") => {
+            let open = s.conns.iter().filter(|(_, tx)| !tx.is_closed()).count();
+            reply(
+                StatusCode::OK,
+                json!({"counts": s.counts, "position_risk_ms": s.position_risk_ms,
+                       "ws_opened": s.ws_opened, "ws_open": open}),
+            )
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             json!({"error": "unknown control endpoint"}),
@@ -353,6 +645,7 @@ async fn main() {
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades()
                 .await;
         });
     }

@@ -8,25 +8,42 @@
 //! `GET /fapi/v1/exchangeInfo`, loaded at start and hourly, in both snapshot
 //! modes. Both run as their own tasks: a slow exchange never delays plans.
 //!
-//! The parts: `rest.rs` (the signed client, capped bodies and waits),
-//! `positions.rs` (a positionRisk reply into one position per symbol),
-//! `snapshots.rs` (the snapshot writer), `step_table.rs` (step sizes); this
-//! file runs the poller.
+//! With `P33_POSITION_STREAM=on` (SPEC §16) the user data stream feeds the
+//! same state between polls, and polling becomes its reconcile.
+//!
+//! The parts: `rest.rs` (the signed client, capped bodies and waits, the
+//! listenKey), `positions.rs` (rows and events into one position per
+//! symbol), `book.rs` (the position state and its order rule),
+//! `machine.rs` (the stream's states, pure), `user_stream.rs` (the
+//! WebSocket task), `snapshots.rs` (the snapshot writer), `step_table.rs`
+//! (step sizes); this file runs the poller.
 
+mod book;
+mod machine;
 mod positions;
 mod rest;
 mod snapshots;
 mod step_table;
+mod user_stream;
 
-pub use positions::{parse_positions, Position};
+pub use book::{AccountUpdate, Applied, Book, Correction, EventLeg, Feed};
+pub use machine::{
+    backoff, Action, Input, Machine, Phase, Reason, BACKOFF_MAX, BACKOFF_MIN, MAX_BUFFERED,
+};
+pub use positions::{fold, parse_positions, parse_rest_legs, Leg, LegState, Legs, Position};
 pub use rest::{
     parse_step_sizes, retry_after, sign, Client, ExchangeError, HTTP_TIMEOUT, MAX_BODY_BYTES,
     MAX_RETRY_AFTER,
 };
-pub use snapshots::{source_label, write_snapshots, SNAPSHOT_TTL_S};
+pub use snapshots::{
+    source_label, write_snapshots, Row, Stamp, StreamState, Writer, SNAPSHOT_TTL_S,
+};
 pub use step_table::{load_saved_steps, run_step_sizes, STEP_REFRESH, STEP_RETRY};
+pub use user_stream::{
+    parse_frame, Frame, Stream, CONNECT_TIMEOUT, KEEPALIVE, MAX_FRAME_BYTES, PONG_DEADLINE,
+    REPLACE_AFTER, REPLACE_OVERLAP, RESTAMP_MAX_FRAME_AGE_MS,
+};
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,43 +51,50 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::allowlist::AllowlistHandle;
 use crate::config::Config;
 use crate::domain::{dec_str, PositionSide};
 use crate::metrics::Metrics;
-use crate::steps::Positioned;
 use crate::store;
 
 /// The shortest time between two polls triggered by allowlist gains.
 pub const MIN_EXTRA_POLL_GAP: Duration = Duration::from_secs(1);
 
+/// Counts and says each correction: a REST reply that changed an amount
+/// the stream had set is a missed event (SPEC §16).
+pub(crate) fn report_corrections(metrics: &Metrics, corrections: &[Correction]) {
+    for c in corrections {
+        metrics.position_stream_corrections_total.inc();
+        warn!(
+            "position stream: positionRisk corrected {} {}: the stream said {}, REST says {} (a missed event)",
+            c.symbol,
+            c.leg.as_str(),
+            dec_str(c.stream_amt),
+            dec_str(c.rest_amt)
+        );
+    }
+}
+
 /// Polls positions until `cancel` fires: every `P33_POLL_SEC`, and at once
 /// when `gained` changes (the allowlist gained symbols) — but such an extra
 /// poll comes at least [`MIN_EXTRA_POLL_GAP`] after the previous one, so a
-/// flapping universe cannot multiply the request rate (SPEC §7).
+/// flapping universe cannot multiply the request rate (SPEC §7). Each reply
+/// goes into the writer's book (replacing it, without the stream; by the
+/// order rule, with it) and every allowlisted snapshot is written from it.
 pub async fn run_poller(
     cfg: Arc<Config>,
     redis: store::Redis,
-    allowlist: AllowlistHandle,
-    positioned: Positioned,
+    client: Arc<Client>,
+    writer: Arc<Writer>,
     metrics: Arc<Metrics>,
     mut gained: watch::Receiver<u64>,
     cancel: CancellationToken,
 ) {
-    let client = match Client::new(&cfg, metrics.clone()) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!("snapshots: cannot build the HTTP client: {e}; snapshots will age");
-            return cancel.cancelled().await;
-        }
-    };
     let Some(mut con) = redis
         .connect("snapshot poller", Duration::from_secs(10), &cancel)
         .await
     else {
         return;
     };
-    let source = source_label(&cfg.exchange_base_url);
     let mut tick = tokio::time::interval(cfg.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures = 0u64;
@@ -96,18 +120,24 @@ pub async fn run_poller(
             }
         }
         last_poll = Some(Instant::now());
-        let allow = allowlist.load();
+        let allow = writer.allowlist().load();
         let mut symbols: Vec<String> = allow.symbols.iter().cloned().collect();
         symbols.sort();
         if symbols.is_empty() {
             continue;
         }
         let started = Instant::now();
+        let asked_ms = u64::try_from(
+            i64::try_from(store::now_ms())
+                .unwrap_or(i64::MAX)
+                .saturating_add(client.offset_ms()),
+        )
+        .unwrap_or(0);
         let fetched = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = client.signed_get("/fapi/v2/positionRisk") => r.and_then(|v| parse_positions(&v)),
+            r = client.signed_get("/fapi/v2/positionRisk") => r.and_then(|v| parse_rest_legs(&v, asked_ms)),
         };
-        let positions = match fetched {
+        let legs = match fetched {
             Ok(p) => p,
             Err(e) => {
                 failures += 1;
@@ -119,49 +149,28 @@ pub async fn run_poller(
                 continue;
             }
         };
-        let ts_ms = store::now_ms();
-        let ts = ts_ms as f64 / 1000.0;
-        // The position cap's view is the exchange's answer, whether or not
-        // every hash below is written: a write that fails for one key (one
-        // of another type) must not leave the cap counting an old view.
-        positioned.set(
-            symbols
-                .iter()
-                .filter(|s| {
-                    positions
-                        .get(*s)
-                        .is_some_and(|p| p.side != PositionSide::None)
-                })
-                .cloned()
-                .collect(),
-        );
-        // A dry run writes nothing the live pipeline reads (SPEC §14).
-        let written = if cfg.dry_run {
-            Ok(())
-        } else {
-            write_snapshots(
-                &mut con,
-                &symbols,
-                &positions,
-                ts_ms,
-                source,
-                cfg.canonical_positions,
-            )
-            .await
-        };
-        match written {
-            Ok(()) => {
+        let corrections =
+            writer
+                .book()
+                .apply_rest(&legs, asked_ms, store::now_ms(), !cfg.position_stream);
+        report_corrections(&metrics, &corrections);
+        match writer.write(&mut con, None, Stamp::Now).await {
+            Ok(_) => {
                 if failures > 0 {
                     info!("snapshots: positionRisk recovered after {failures} failed cycle(s)");
                 }
                 failures = 0;
                 let mut invalid = String::new();
-                for s in &symbols {
-                    if let Some(p) = positions.get(s).filter(|p| p.side == PositionSide::Hedged) {
-                        let why = p
-                            .problem
-                            .unwrap_or("hedge-mode positions open on both sides");
-                        invalid.push_str(&format!(" {s} ({why})"));
+                {
+                    let book = writer.book();
+                    for s in &symbols {
+                        let p = book.position(s);
+                        if p.side == PositionSide::Hedged {
+                            let why = p
+                                .problem
+                                .unwrap_or("hedge-mode positions open on both sides");
+                            invalid.push_str(&format!(" {s} ({why})"));
+                        }
                     }
                 }
                 if invalid != warned_invalid {
@@ -170,14 +179,6 @@ pub async fn run_poller(
                     }
                     warned_invalid = invalid;
                 }
-                for s in &symbols {
-                    let amt = positions
-                        .get(s)
-                        .map_or(0.0, |p| dec_str(p.amt).parse().unwrap_or(0.0));
-                    metrics.observe_snapshot(s, ts, amt);
-                }
-                let keep: HashSet<&str> = symbols.iter().map(String::as_str).collect();
-                metrics.retain_snapshot_symbols(&|s| keep.contains(s));
                 metrics
                     .snapshot_cycle_seconds
                     .observe(started.elapsed().as_secs_f64());

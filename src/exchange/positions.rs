@@ -1,7 +1,9 @@
-//! Positions from a positionRisk reply (SPEC §7, §11): one per symbol,
-//! hedge mode folded, hostile rows made invalid, never summed.
+//! Positions (SPEC §7, §11, §16): one per symbol, folded from its legs —
+//! the one-way `BOTH` leg, or hedge mode's `LONG` and `SHORT` — whether the
+//! legs came from a positionRisk reply or the user data stream. Hostile rows
+//! make the symbol invalid, never a sum.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -46,7 +48,7 @@ impl Position {
 
     /// A symbol whose rows make no single position: written as `HEDGED`
     /// with amount 0, so every plan for it is denied (SPEC §7, §11).
-    fn invalid(problem: &'static str) -> Self {
+    pub(crate) fn invalid(problem: &'static str) -> Self {
         Position {
             side: PositionSide::Hedged,
             problem: Some(problem),
@@ -55,8 +57,64 @@ impl Position {
     }
 }
 
-/// A raw field of a positionRisk row as a string, cut to 64 characters.
-fn row_field(r: &Value, k: &str) -> String {
+/// A position side of the exchange: one-way mode's `BOTH`, hedge mode's
+/// `LONG` and `SHORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Leg {
+    /// One-way mode.
+    Both,
+    /// Hedge mode, long side.
+    Long,
+    /// Hedge mode, short side.
+    Short,
+}
+
+impl Leg {
+    /// `positionSide`/`ps`: absent or `BOTH` (any case) is one-way; another
+    /// word is no side of Binance's (`None`).
+    pub fn parse(s: Option<&str>) -> Option<Leg> {
+        match s {
+            None => Some(Leg::Both),
+            Some(s) if s.eq_ignore_ascii_case("BOTH") => Some(Leg::Both),
+            Some(s) if s.eq_ignore_ascii_case("LONG") => Some(Leg::Long),
+            Some(s) if s.eq_ignore_ascii_case("SHORT") => Some(Leg::Short),
+            Some(_) => None,
+        }
+    }
+
+    /// Binance's word for the side.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Leg::Both => "BOTH",
+            Leg::Long => "LONG",
+            Leg::Short => "SHORT",
+        }
+    }
+}
+
+/// One leg of a symbol: what the exchange said of it, and when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegState {
+    /// Signed amount.
+    pub amt: Decimal,
+    /// Entry price, as the exchange wrote it (cut to 64 characters).
+    pub entry_price: String,
+    /// Unrealized PnL, as the exchange wrote it.
+    pub unrealized_pnl: String,
+    /// Mark price (REST only; the stream carries none).
+    pub mark_price: String,
+    /// Leverage (REST only).
+    pub leverage: String,
+    /// The exchange's time of this state, ms: an event's `T`, a REST row's
+    /// `updateTime`.
+    pub updated_ms: u64,
+}
+
+/// The legs of one symbol, or why its rows make none.
+pub type Legs = Result<BTreeMap<Leg, LegState>, &'static str>;
+
+/// A raw field of a row as a string, cut to 64 characters.
+pub(crate) fn row_field(r: &Value, k: &str) -> String {
     let s = match r.get(k) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Null) | None => "0".into(),
@@ -65,79 +123,91 @@ fn row_field(r: &Value, k: &str) -> String {
     crate::text::clip(&s).into_owned()
 }
 
-/// One symbol's rows → its position. One-way mode has one `BOTH` row; hedge
-/// mode a `LONG` and a `SHORT` row, of which one non-zero is the position
-/// and two are `HEDGED`. An amount that is not a number or beyond 1e12, or
-/// two one-way rows with different amounts, make the symbol invalid (never
-/// a sum): its plans are denied.
-fn fold_rows(rows: &[(Option<Decimal>, &Value)]) -> Position {
-    let mut amts = Vec::with_capacity(rows.len());
-    for (amt, r) in rows {
-        match amt {
-            Some(a) => amts.push((*a, *r)),
-            None => return Position::invalid("positionAmt not a number within ±1e12"),
-        }
-    }
-    let one_way = |r: &Value| {
-        r.get("positionSide")
-            .and_then(Value::as_str)
-            .is_none_or(|s| s.eq_ignore_ascii_case("BOTH"))
+/// Folds one symbol's legs into its position. One non-zero leg is the
+/// position (dust included: the rules decide what is flat); two are
+/// `HEDGED` with the combined amount and PnL, so every plan is denied.
+pub fn fold(legs: &Legs) -> Position {
+    let legs = match legs {
+        Ok(l) => l,
+        Err(problem) => return Position::invalid(problem),
     };
-    let both: Vec<Decimal> = amts
-        .iter()
-        .filter(|(_, r)| one_way(r))
-        .map(|(a, _)| *a)
-        .collect();
-    if both.windows(2).any(|w| w[0] != w[1]) {
-        return Position::invalid("duplicate one-way rows with different amounts");
-    }
-    // Identical duplicate one-way rows are one position, not two.
-    let mut seen_both = false;
-    let open: Vec<(Decimal, &Value)> = amts
-        .into_iter()
-        .filter(|(_, r)| !one_way(r) || !std::mem::replace(&mut seen_both, true))
-        .filter(|(a, _)| !a.is_zero())
-        .collect();
+    let open: Vec<&LegState> = legs.values().filter(|l| !l.amt.is_zero()).collect();
     match open.as_slice() {
         [] => Position::flat(),
-        [(amt, r)] => Position {
-            amt: *amt,
-            // Any non-zero row is a position, dust included: the rules
-            // decide what is flat.
-            side: if amt.is_sign_positive() {
+        [l] => Position {
+            amt: l.amt,
+            side: if l.amt.is_sign_positive() {
                 PositionSide::Long
             } else {
                 PositionSide::Short
             },
-            entry_price: row_field(r, "entryPrice"),
-            mark_price: row_field(r, "markPrice"),
-            unrealized_pnl: row_field(r, "unRealizedProfit"),
-            leverage: row_field(r, "leverage"),
+            entry_price: l.entry_price.clone(),
+            mark_price: l.mark_price.clone(),
+            unrealized_pnl: l.unrealized_pnl.clone(),
+            leverage: l.leverage.clone(),
             problem: None,
         },
-        [(_, r), ..] => {
+        [first, ..] => {
             let Some(amt) = open
                 .iter()
-                .try_fold(Decimal::ZERO, |acc, (a, _)| acc.checked_add(*a))
+                .try_fold(Decimal::ZERO, |acc, l| acc.checked_add(l.amt))
             else {
                 return Position::invalid("hedge-mode amounts overflow");
             };
             let pnl = open
                 .iter()
-                .map(|(_, r)| parse_dec(&row_field(r, "unRealizedProfit")))
+                .map(|l| parse_dec(&l.unrealized_pnl))
                 .try_fold(Decimal::ZERO, |acc, p| acc.checked_add(p?))
                 .map_or_else(|| "0".to_string(), dec_str);
             Position {
                 amt,
                 side: PositionSide::Hedged,
-                entry_price: row_field(r, "entryPrice"),
-                mark_price: row_field(r, "markPrice"),
+                entry_price: first.entry_price.clone(),
+                mark_price: first.mark_price.clone(),
                 unrealized_pnl: pnl,
-                leverage: row_field(r, "leverage"),
+                leverage: first.leverage.clone(),
                 problem: None,
             }
         }
     }
+}
+
+/// One symbol's positionRisk rows → its legs. An amount that is not a
+/// number within ±1e12, a side that is not Binance's, or two rows of one
+/// side with different amounts make the symbol invalid; identical duplicate
+/// rows are one. A row without `updateTime` (a number) counts as `asked_ms`,
+/// the time the request was sent: the reply knew at least that much.
+fn legs_of(rows: &[(Option<Decimal>, &Value)], asked_ms: u64) -> Legs {
+    let mut legs = BTreeMap::new();
+    for (amt, r) in rows {
+        let Some(amt) = amt else {
+            return Err("positionAmt not a number within ±1e12");
+        };
+        let Some(leg) = Leg::parse(r.get("positionSide").and_then(Value::as_str)) else {
+            return Err("positionSide is not BOTH, LONG or SHORT");
+        };
+        let state = LegState {
+            amt: *amt,
+            entry_price: row_field(r, "entryPrice"),
+            unrealized_pnl: row_field(r, "unRealizedProfit"),
+            mark_price: row_field(r, "markPrice"),
+            leverage: row_field(r, "leverage"),
+            updated_ms: r
+                .get("updateTime")
+                .and_then(Value::as_u64)
+                .unwrap_or(asked_ms),
+        };
+        if let Some(seen) = legs.insert(leg, state) {
+            if seen.amt != *amt {
+                return Err(if leg == Leg::Both {
+                    "duplicate one-way rows with different amounts"
+                } else {
+                    "duplicate hedge rows with different amounts"
+                });
+            }
+        }
+    }
+    Ok(legs)
 }
 
 /// What kind of JSON value `v` is, for an error message.
@@ -152,11 +222,11 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// Folds a positionRisk reply into one position per symbol (see
-/// `fold_rows`). A row without a symbol fails the whole reply: the
-/// position it holds could not be attributed, and an absent symbol would
-/// read as flat.
-pub fn parse_positions(v: &Value) -> Result<HashMap<String, Position>, ExchangeError> {
+/// A positionRisk reply → each symbol's legs (see `legs_of`). A row
+/// without a symbol, or with an amount that is not a string, fails the
+/// whole reply: the position it holds could not be attributed, and an
+/// absent symbol would read as flat.
+pub fn parse_rest_legs(v: &Value, asked_ms: u64) -> Result<HashMap<String, Legs>, ExchangeError> {
     let rows = v
         .as_array()
         .ok_or_else(|| ExchangeError::Malformed("positionRisk reply is not a list".into()))?;
@@ -184,7 +254,18 @@ pub fn parse_positions(v: &Value) -> Result<HashMap<String, Position>, ExchangeE
     }
     Ok(by_symbol
         .into_iter()
-        .map(|(sym, rows)| (sym.to_string(), fold_rows(&rows)))
+        .map(|(sym, rows)| (sym.to_string(), legs_of(&rows, asked_ms)))
+        .collect())
+}
+
+/// Folds a positionRisk reply into one position per symbol.
+pub fn parse_positions(v: &Value) -> Result<HashMap<String, Position>, ExchangeError> {
+    Ok(parse_rest_legs(v, 0)?
+        .into_iter()
+        .map(|(sym, legs)| {
+            let p = fold(&legs);
+            (sym, p)
+        })
         .collect())
 }
 

@@ -143,6 +143,9 @@ pub struct Client {
     offset_ms: AtomicI64,
     /// No request before this instant (after 429/418).
     hold_until: Mutex<Option<Instant>>,
+    /// When the clock was last resynced after a -1021: requests that failed
+    /// together (the poll and the stream's reconcile) resync once.
+    resynced: tokio::sync::Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
 }
 
@@ -162,6 +165,7 @@ impl Client {
             secret: cfg.binance_api_secret.clone(),
             offset_ms: AtomicI64::new(0),
             hold_until: Mutex::new(None),
+            resynced: tokio::sync::Mutex::new(None),
             metrics,
         })
     }
@@ -172,6 +176,18 @@ impl Client {
     }
 
     async fn get(&self, endpoint: &str, query: Option<String>) -> Result<Value, ExchangeError> {
+        let keyed = query.is_some();
+        self.request(reqwest::Method::GET, endpoint, query, keyed)
+            .await
+    }
+
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        endpoint: &str,
+        query: Option<String>,
+        keyed: bool,
+    ) -> Result<Value, ExchangeError> {
         if let Some(left) = self.held() {
             self.metrics
                 .exchange_requests_total
@@ -183,8 +199,8 @@ impl Client {
             Some(q) => format!("{}{endpoint}?{q}", self.base),
             None => format!("{}{endpoint}", self.base),
         };
-        let mut req = self.http.get(url);
-        if query.is_some() {
+        let mut req = self.http.request(method, url);
+        if keyed {
             if let Some(k) = &self.key {
                 req = req.header("X-MBX-APIKEY", k.expose());
             }
@@ -286,13 +302,51 @@ impl Client {
                 .await
             {
                 Err(ExchangeError::Api { code: -1021, .. }) if !retried => {
-                    warn!("exchange: -1021 timestamp outside recvWindow; resyncing the clock and retrying once");
                     retried = true;
+                    let mut last = self.resynced.lock().await;
+                    if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                        // Another request just resynced: retry on its offset.
+                        continue;
+                    }
+                    warn!("exchange: -1021 timestamp outside recvWindow; resyncing the clock and retrying once");
                     self.sync_time().await?;
+                    *last = Some(Instant::now());
                 }
                 other => return other,
             }
         }
+    }
+
+    /// Server time minus local time, ms (0 until a resync).
+    pub fn offset_ms(&self) -> i64 {
+        self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// `POST /fapi/v1/listenKey` (keyed, unsigned, SPEC §16): the account's
+    /// active listenKey, or a new one. It is a credential: kept as a
+    /// [`Secret`], never shown.
+    pub async fn create_listen_key(&self) -> Result<Secret, ExchangeError> {
+        let v = self
+            .request(reqwest::Method::POST, "/fapi/v1/listenKey", None, true)
+            .await?;
+        let key = v
+            .get("listenKey")
+            .and_then(Value::as_str)
+            .filter(|k| valid_listen_key(k))
+            .ok_or_else(|| {
+                ExchangeError::Malformed(
+                    "listenKey reply without a listenKey of 1-256 letters and digits".into(),
+                )
+            })?;
+        Ok(Secret::new(key.to_string()))
+    }
+
+    /// `PUT /fapi/v1/listenKey`: keeps the key alive another 60 minutes.
+    /// `-1125` says the key is gone.
+    pub async fn keep_listen_key_alive(&self) -> Result<(), ExchangeError> {
+        self.request(reqwest::Method::PUT, "/fapi/v1/listenKey", None, true)
+            .await
+            .map(|_| ())
     }
 
     /// `GET /fapi/v1/exchangeInfo` → symbol → step size.
@@ -300,6 +354,11 @@ impl Client {
         let v = self.get("/fapi/v1/exchangeInfo", None).await?;
         parse_step_sizes(&v)
     }
+}
+
+/// A listenKey fit to put in a URL: 1-256 ASCII letters and digits.
+fn valid_listen_key(k: &str) -> bool {
+    (1..=256).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Step sizes from an exchangeInfo reply: `MARKET_LOT_SIZE`, else `LOT_SIZE`.

@@ -1,13 +1,212 @@
-//! The snapshot writer (SPEC §7): every allowlisted symbol's
-//! `quantum:position:snapshot:<symbol>` (and the canonical hash) in one
-//! pipeline.
+//! The snapshot writer (SPEC §7, §16): symbols' positions from the shared
+//! [`Book`] into `quantum:position:snapshot:<symbol>` (and the canonical
+//! hash), one pipeline per write. The poller and the stream task both write
+//! through one [`Writer`]; a write reads the book under the writer's lock,
+//! so the last write to land is always built from the newest state.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::allowlist::AllowlistHandle;
 use crate::domain::{dec_str, PositionSide};
 use crate::keys;
+use crate::metrics::Metrics;
+use crate::steps::Positioned;
 
+use super::book::{Book, Feed};
+use super::machine::Phase;
 use super::Position;
+
+/// When a snapshot write says its position was current.
+#[derive(Debug, Clone, Copy)]
+pub enum Stamp {
+    /// Now (a REST reply or an event just applied).
+    Now,
+    /// The stream is live and its last frame came at this time (local ms):
+    /// each symbol is current as of then, or of its last update if later.
+    LastFrame(u64),
+}
+
+/// The stream's state as others see it (`p33_position_stream_live`, the
+/// instance report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamState {
+    /// `P33_POSITION_STREAM=off`, or external mode.
+    Off,
+    /// Configured, not live.
+    Down,
+    /// Reconciled and following.
+    Live,
+}
+
+impl StreamState {
+    /// The instance report's word.
+    pub fn word(self) -> &'static str {
+        match self {
+            StreamState::Off => "off",
+            StreamState::Down => "down",
+            StreamState::Live => "live",
+        }
+    }
+}
+
+/// The shared position state and its writer.
+pub struct Writer {
+    book: Mutex<Book>,
+    gate: tokio::sync::Mutex<()>,
+    allowlist: AllowlistHandle,
+    positioned: Positioned,
+    metrics: Arc<Metrics>,
+    source: &'static str,
+    canonical: bool,
+    dry_run: bool,
+    stream: AtomicU8,
+    last_frame_ms: AtomicU64,
+}
+
+impl Writer {
+    /// A writer for `cfg`'s snapshots; the stream is `Down` when configured.
+    pub fn new(
+        cfg: &crate::config::Config,
+        allowlist: AllowlistHandle,
+        positioned: Positioned,
+        metrics: Arc<Metrics>,
+    ) -> Writer {
+        let w = Writer {
+            book: Mutex::new(Book::default()),
+            gate: tokio::sync::Mutex::new(()),
+            allowlist,
+            positioned,
+            metrics,
+            source: source_label(&cfg.exchange_base_url),
+            canonical: cfg.canonical_positions,
+            dry_run: cfg.dry_run,
+            stream: AtomicU8::new(0),
+            last_frame_ms: AtomicU64::new(0),
+        };
+        w.set_stream(if cfg.position_stream {
+            StreamState::Down
+        } else {
+            StreamState::Off
+        });
+        w
+    }
+
+    /// The allowlist the writer writes for.
+    pub fn allowlist(&self) -> &AllowlistHandle {
+        &self.allowlist
+    }
+
+    /// The book, locked (never across an await).
+    pub fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stream's state.
+    pub fn stream(&self) -> StreamState {
+        match self.stream.load(Ordering::Relaxed) {
+            1 => StreamState::Down,
+            2 => StreamState::Live,
+            _ => StreamState::Off,
+        }
+    }
+
+    /// Sets the stream's state (and `p33_position_stream_live`).
+    pub fn set_stream(&self, s: StreamState) {
+        let n = match s {
+            StreamState::Off => 0,
+            StreamState::Down => 1,
+            StreamState::Live => 2,
+        };
+        self.stream.store(n, Ordering::Relaxed);
+        self.metrics
+            .position_stream_enabled
+            .set(i64::from(s != StreamState::Off));
+        self.metrics
+            .position_stream_live
+            .set(i64::from(s == StreamState::Live));
+    }
+
+    /// The phase of the machine, mirrored.
+    pub fn set_phase(&self, p: Phase) {
+        self.set_stream(if p == Phase::Live {
+            StreamState::Live
+        } else {
+            StreamState::Down
+        });
+    }
+
+    /// A frame (any, a pong included) came at `ms` (local).
+    pub fn frame_at(&self, ms: u64) {
+        self.last_frame_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the last frame came (local ms; 0: never).
+    pub fn last_frame_ms(&self) -> u64 {
+        self.last_frame_ms.load(Ordering::Relaxed)
+    }
+
+    /// Writes the snapshots of `only` (or, with `None`, of every
+    /// allowlisted symbol) that are allowlisted, from the book, once a
+    /// positionRisk reply has been applied; refreshes the position cap's
+    /// view and the snapshot metrics. Returns how many were written. A dry
+    /// run writes nothing (SPEC §14).
+    pub async fn write(
+        &self,
+        con: &mut crate::store::Conn,
+        only: Option<&[String]>,
+        stamp: Stamp,
+    ) -> Result<usize, redis::RedisError> {
+        let _gate = self.gate.lock().await;
+        let allow = self.allowlist.load();
+        let now = crate::store::now_ms();
+        let mut rows = Vec::new();
+        {
+            let book = self.book();
+            if !book.known() {
+                return Ok(0);
+            }
+            let wanted: Vec<&String> = match only {
+                Some(list) => list.iter().filter(|s| allow.symbols.contains(*s)).collect(),
+                None => allow.symbols.iter().collect(),
+            };
+            for sym in wanted {
+                let (feed, as_of) = book.feed(sym).unwrap_or((Feed::Rest, now));
+                let ts_ms = match stamp {
+                    Stamp::Now => now,
+                    Stamp::LastFrame(f) => f.max(as_of),
+                };
+                rows.push((sym.clone(), book.position(sym), feed, ts_ms));
+            }
+            self.positioned.set(
+                allow
+                    .symbols
+                    .iter()
+                    .filter(|s| book.position(s).side != PositionSide::None)
+                    .cloned()
+                    .collect(),
+            );
+        }
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        if !self.dry_run {
+            write_snapshots(con, &rows, self.source, self.canonical).await?;
+        }
+        for (sym, pos, _, ts_ms) in &rows {
+            let amt = dec_str(pos.amt).parse().unwrap_or(0.0);
+            self.metrics
+                .observe_snapshot(sym, *ts_ms as f64 / 1000.0, amt);
+        }
+        if only.is_none() {
+            let keep: HashSet<&str> = allow.symbols.iter().map(String::as_str).collect();
+            self.metrics.retain_snapshot_symbols(&|s| keep.contains(s));
+        }
+        Ok(rows.len())
+    }
+}
 
 /// Snapshot and canonical hash lifetime, seconds.
 pub const SNAPSHOT_TTL_S: i64 = 3600;
@@ -25,22 +224,21 @@ pub fn source_label(base_url: &str) -> &'static str {
     }
 }
 
-/// Writes every allowlisted symbol's snapshot in one pipeline.
+/// One snapshot to write: symbol, position, feed, time (local ms).
+pub type Row = (String, Position, Feed, u64);
+
+/// Writes the rows' snapshots in one pipeline.
 pub async fn write_snapshots(
     con: &mut crate::store::Conn,
-    symbols: &[String],
-    positions: &HashMap<String, Position>,
-    ts_ms: u64,
+    rows: &[Row],
     source: &str,
     canonical: bool,
 ) -> Result<(), redis::RedisError> {
     let mut p = redis::pipe();
-    // Whole seconds: the pipeline's Python readers call int() on it (§7).
-    let ts = (ts_ms / 1000).to_string();
-    let ts_ms = ts_ms.to_string();
-    let flat = Position::flat();
-    for sym in symbols {
-        let pos = positions.get(sym).unwrap_or(&flat);
+    for (sym, pos, feed, ts_ms) in rows {
+        // Whole seconds: the pipeline's Python readers call int() on it (§7).
+        let ts = (ts_ms / 1000).to_string();
+        let ts_ms = ts_ms.to_string();
         let key = keys::snapshot(sym);
         let amt = dec_str(pos.amt);
         p.cmd("HSET")
@@ -63,6 +261,8 @@ pub async fn write_snapshots(
             .arg(&ts_ms)
             .arg("source")
             .arg(source)
+            .arg("feed")
+            .arg(feed.as_str())
             .ignore();
         p.cmd("EXPIRE").arg(&key).arg(SNAPSHOT_TTL_S).ignore();
         // The canonical hash knows LONG/SHORT/FLAT only: a hedged symbol is

@@ -42,6 +42,8 @@ fn one_position_risk_request_per_cycle_for_566_symbols() {
     let mut t = spawn_daemon(
         Opts::env_allowlist(&symbols.join(","))
             .exchange(KEY, SECRET)
+            // Requests counted per cycle: REST alone (no reconcile).
+            .set("P33_POSITION_STREAM", "off")
             .set("P33_POLL_SEC", "1")
             .deferred(),
     );
@@ -170,9 +172,12 @@ fn hedge_mode_positions_and_hedged_plans_are_denied() {
 
 #[test]
 fn a_failed_cycle_writes_nothing_and_plans_are_then_denied_stale() {
+    // REST alone: while the stream is live it re-stamps the hash (SPEC §16;
+    // it/stream.rs covers the stream down with REST down too).
     let mut t = spawn_daemon(
         Opts::env_allowlist("BTCUSDT")
             .exchange(KEY, SECRET)
+            .set("P33_POSITION_STREAM", "off")
             .set("P33_STALE_THRESHOLD_SEC", "1.5")
             .deferred(),
     );
@@ -249,9 +254,11 @@ fn wrong_secret_is_rejected_by_the_exchange_and_counted() {
 
 #[test]
 fn error_1021_resyncs_the_clock_once_and_retries_once() {
+    // REST alone: the stream's reconcile would be one more positionRisk.
     let mut t = spawn_daemon(
         Opts::env_allowlist("BTCUSDT")
             .exchange(KEY, SECRET)
+            .set("P33_POSITION_STREAM", "off")
             .set("P33_POLL_SEC", "60")
             .deferred(),
     );
@@ -288,8 +295,16 @@ fn a_local_clock_an_hour_off_is_corrected_by_the_time_sync() {
         .control("/control/mode", json!({"time_offset_ms": 3_600_000}));
     t.start();
     wait_snapshot(&mut t.con, "BTCUSDT");
-    assert_eq!(t.fx().count("/fapi/v1/time"), 1);
-    assert_eq!(t.fx().count("rejected_timestamp"), 1);
+    assert_eq!(t.fx().count("/fapi/v1/time"), 1, "one resync");
+    // The first poll and the stream's reconcile may both be refused before
+    // that one resync; none after it.
+    let refused = t.fx().count("rejected_timestamp");
+    assert!((1..=2).contains(&refused), "{refused} refused");
+    let polls = t.fx().count("position_risk_ok");
+    wait_for("two more polls", T, || {
+        (t.fx().count("position_risk_ok") >= polls + 2).then_some(())
+    });
+    assert_eq!(t.fx().count("rejected_timestamp"), refused);
 }
 
 #[test]

@@ -16,4 +16,5 @@ mod ops;
 mod plans;
 mod props;
 mod record;
+mod stream;
 mod verdict;

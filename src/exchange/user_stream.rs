@@ -1,0 +1,714 @@
+//! The user data stream (SPEC §16): the listenKey, the WebSocket on
+//! Binance's private route, frames into checked events, and the task that
+//! runs [`Machine`] against the socket.
+//!
+//! Route: `<P33_EXCHANGE_WS_URL>/private/ws?listenKey=<key>` (Binance's
+//! USDⓈ-M routing since 2026; `docs/formats.md`). No `events=` filter: it
+//! is optional, and leaving it out is what guarantees `listenKeyExpired` is
+//! never filtered away; other events are counted and ignored.
+//!
+//! The listenKey is a credential: it lives in a [`Secret`], and every
+//! message that could hold it (a connect error) is redacted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{Config, Secret};
+use crate::domain::parse_amount;
+use crate::keys::valid_symbol;
+use crate::metrics::Metrics;
+use crate::store;
+
+use super::book::{AccountUpdate, EventLeg};
+use super::machine::{Action, Input, Machine, Phase, Reason};
+use super::positions::{parse_rest_legs, Leg};
+use super::snapshots::{Stamp, Writer};
+use super::{Client, ExchangeError};
+
+/// The largest frame read; a larger one fails the connection.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// The longest wait for the socket to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest wait for a frame after a ping.
+pub const PONG_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The listenKey keepalive period.
+pub const KEEPALIVE: Duration = Duration::from_secs(30 * 60);
+
+/// A connection's age at which it is replaced (Binance cuts at 24 h).
+pub const REPLACE_AFTER: Duration = Duration::from_secs(23 * 3600);
+
+/// How long the old connection is still read after its replacement opened.
+pub const REPLACE_OVERLAP: Duration = Duration::from_secs(2);
+
+/// Snapshots are re-stamped only while the last frame is at most this old.
+pub const RESTAMP_MAX_FRAME_AGE_MS: u64 = 40_000;
+
+/// One frame, read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// An `ACCOUNT_UPDATE` whose every position entry is within bounds.
+    Account(AccountUpdate),
+    /// `listenKeyExpired`.
+    KeyExpired,
+    /// Any other JSON object (another event, a reply): ignored.
+    Other,
+    /// Not JSON, not an object, or an `ACCOUNT_UPDATE` with anything out of
+    /// bounds: why, for the WARN (raw values cut and escaped).
+    Invalid(String),
+}
+
+impl Frame {
+    /// The `type` label of `p33_position_stream_events_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Account(_) => "account_update",
+            Frame::KeyExpired => "listen_key_expired",
+            Frame::Other => "other",
+            Frame::Invalid(_) => "invalid",
+        }
+    }
+}
+
+fn clip(s: &str) -> String {
+    crate::text::clip(s).into_owned()
+}
+
+/// A text field of a position entry, cut to 64 characters (a number is
+/// taken as its text; absent is "0").
+fn text_field(e: &Value, k: &str) -> Result<String, String> {
+    match e.get(k) {
+        Some(Value::String(s)) => Ok(clip(s)),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        None | Some(Value::Null) => Ok("0".into()),
+        Some(_) => Err(format!("{k} is not a string")),
+    }
+}
+
+fn event_leg(e: &Value) -> Result<EventLeg, String> {
+    let symbol = match e.get("s") {
+        Some(Value::String(s)) if valid_symbol(s) => s.clone(),
+        Some(Value::String(s)) => return Err(format!("symbol {:?} is not a symbol", clip(s))),
+        _ => return Err("a position entry without a symbol".into()),
+    };
+    let amt = match e.get("pa") {
+        Some(Value::String(s)) => parse_amount(s)
+            .ok_or_else(|| format!("{symbol}: pa {:?} is not a number within ±1e12", clip(s)))?,
+        _ => return Err(format!("{symbol}: pa is not a string")),
+    };
+    let leg = match e.get("ps") {
+        None => Leg::Both,
+        Some(Value::String(s)) => Leg::parse(Some(s))
+            .ok_or_else(|| format!("{symbol}: ps {:?} is not BOTH, LONG or SHORT", clip(s)))?,
+        Some(_) => return Err(format!("{symbol}: ps is not a string")),
+    };
+    Ok(EventLeg {
+        entry_price: text_field(e, "ep").map_err(|w| format!("{symbol}: {w}"))?,
+        unrealized_pnl: text_field(e, "up").map_err(|w| format!("{symbol}: {w}"))?,
+        symbol,
+        leg,
+        amt,
+    })
+}
+
+/// Reads one text frame. An `ACCOUNT_UPDATE` is taken whole or not at all:
+/// one entry out of bounds makes the frame invalid (never half-applied).
+pub fn parse_frame(text: &str) -> Frame {
+    let v: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return Frame::Invalid(format!("not JSON ({e})")),
+    };
+    let Some(obj) = v.as_object() else {
+        return Frame::Invalid("not a JSON object".into());
+    };
+    match obj.get("e").and_then(Value::as_str) {
+        Some("ACCOUNT_UPDATE") => {}
+        Some("listenKeyExpired") => return Frame::KeyExpired,
+        _ => return Frame::Other,
+    }
+    let time = |k: &str| obj.get(k).and_then(Value::as_u64);
+    let (Some(event_ms), Some(tx_ms)) = (time("E"), time("T")) else {
+        return Frame::Invalid("ACCOUNT_UPDATE without numeric E and T".into());
+    };
+    let Some(a) = obj.get("a").and_then(Value::as_object) else {
+        return Frame::Invalid("ACCOUNT_UPDATE without an object a".into());
+    };
+    let entries = match a.get("P") {
+        None => &Vec::new(),
+        Some(Value::Array(p)) => p,
+        Some(_) => return Frame::Invalid("ACCOUNT_UPDATE a.P is not a list".into()),
+    };
+    let mut legs = Vec::with_capacity(entries.len());
+    for e in entries {
+        match event_leg(e) {
+            Ok(l) => legs.push(l),
+            Err(why) => return Frame::Invalid(format!("ACCOUNT_UPDATE: {why}")),
+        }
+    }
+    Frame::Account(AccountUpdate {
+        event_ms,
+        tx_ms,
+        legs,
+    })
+}
+
+/// The connection URL for a key. Never logged.
+fn stream_url(base: &str, key: &Secret) -> String {
+    format!("{base}/private/ws?listenKey={}", key.expose())
+}
+
+/// `msg` with the key replaced (a connect error may quote the URL).
+fn redact(msg: &str, key: &Secret) -> String {
+    if key.expose().is_empty() {
+        return msg.to_string();
+    }
+    msg.replace(key.expose(), "[listenKey]")
+}
+
+/// A random number for the backoff's jitter (no crate for it: std's
+/// randomly keyed hasher over the clock spreads reconnects well enough).
+fn jitter() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(store::now_ms());
+    h.finish()
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Everything the stream task uses.
+pub struct Stream {
+    cfg: Arc<Config>,
+    client: Arc<Client>,
+    writer: Arc<Writer>,
+    metrics: Arc<Metrics>,
+}
+
+impl Stream {
+    /// The stream task's parts.
+    pub fn new(
+        cfg: Arc<Config>,
+        client: Arc<Client>,
+        writer: Arc<Writer>,
+        metrics: Arc<Metrics>,
+    ) -> Stream {
+        Stream {
+            cfg,
+            client,
+            writer,
+            metrics,
+        }
+    }
+
+    fn count(&self, kind: &str, result: &str) {
+        self.metrics
+            .position_stream_events_total
+            .with_label_values(&[kind, result])
+            .inc();
+    }
+
+    /// Runs until `cancel`: key, connect, reconcile, follow; on any loss,
+    /// back off and start again, forever.
+    pub async fn run(self, redis: store::Redis, cancel: CancellationToken) {
+        let Some(mut con) = redis
+            .connect("position stream", Duration::from_secs(10), &cancel)
+            .await
+        else {
+            return;
+        };
+        let mut machine = Machine::default();
+        let mut key: Option<Secret> = None;
+        let mut delay = Duration::ZERO;
+        let mut losses = 0u64;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let reason = self
+                .connection(&mut machine, &mut key, &mut con, &cancel)
+                .await;
+            let Some(reason) = reason else { return };
+            self.writer.set_phase(Phase::Connecting);
+            self.metrics
+                .position_stream_reconnects_total
+                .with_label_values(&[reason.0.label()])
+                .inc();
+            if reason.0.new_key() {
+                key = None;
+            }
+            let actions = machine.on(Input::Lost(reason.0), jitter());
+            delay = actions
+                .iter()
+                .find_map(|a| match a {
+                    Action::Reconnect(_, d) => Some(*d),
+                    _ => None,
+                })
+                .unwrap_or(super::machine::BACKOFF_MIN);
+            losses += 1;
+            if reason.0 != Reason::Replaced {
+                warn!(
+                    "position stream: down ({}: {}); snapshots from positionRisk polling alone; reconnecting in {:.1} s ({losses} since start)",
+                    reason.0.label(),
+                    reason.1,
+                    delay.as_secs_f64()
+                );
+            }
+        }
+    }
+
+    /// One connection, from the key to its loss: why it ended (`None`:
+    /// cancelled).
+    async fn connection(
+        &self,
+        machine: &mut Machine,
+        key: &mut Option<Secret>,
+        con: &mut store::Conn,
+        cancel: &CancellationToken,
+    ) -> Option<(Reason, String)> {
+        let k = match key {
+            Some(k) => k.clone(),
+            None => {
+                let got = tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    r = self.client.create_listen_key() => r,
+                };
+                match got {
+                    Ok(k) => {
+                        *key = Some(k.clone());
+                        k
+                    }
+                    Err(e) => {
+                        return Some((Reason::ConnectFailed, format!("listenKey: {e}")));
+                    }
+                }
+            }
+        };
+        let ws = match self.open(&k, cancel).await? {
+            Ok(ws) => ws,
+            Err(why) => return Some((Reason::ConnectFailed, why)),
+        };
+        self.writer.frame_at(store::now_ms());
+        // Opened → Reconcile: positionRisk, asked now, while frames are read
+        // (and buffered by the machine).
+        machine.on(Input::Opened, jitter());
+        let asked_ms = self.exchange_now();
+        let reconcile: Reconcile<'_> = Box::pin(self.client.signed_get("/fapi/v2/positionRisk"));
+        self.follow(ws, &k, Some((reconcile, asked_ms)), machine, con, cancel)
+            .await
+    }
+
+    /// The exchange's clock now, ms (local + the REST client's offset).
+    fn exchange_now(&self) -> u64 {
+        let local = i64::try_from(store::now_ms()).unwrap_or(i64::MAX);
+        u64::try_from(local.saturating_add(self.client.offset_ms())).unwrap_or(0)
+    }
+
+    /// Opens the socket (capped wait, capped frames). `None`: cancelled.
+    async fn open(&self, k: &Secret, cancel: &CancellationToken) -> Option<Result<Socket, String>> {
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let url = stream_url(&self.cfg.exchange_ws_url, k);
+        let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
+        tokio::select! {
+            _ = cancel.cancelled() => None,
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => Some(match r {
+                Err(_) => Err(format!("no connection within {} s", CONNECT_TIMEOUT.as_secs())),
+                Ok(Err(e)) => Err(redact(&format!("connect: {e}"), k)),
+                Ok(Ok((ws, _))) => Ok(ws),
+            }),
+        }
+    }
+
+    /// Follows a connection until it is lost: reads frames, runs the
+    /// reconcile when one is given, pings, keeps the key alive, re-stamps
+    /// once a second while live, and replaces the socket before 24 h.
+    async fn follow(
+        &self,
+        mut ws: Socket,
+        k: &Secret,
+        mut reconcile: Option<(Reconcile<'_>, u64)>,
+        machine: &mut Machine,
+        con: &mut store::Conn,
+        cancel: &CancellationToken,
+    ) -> Option<(Reason, String)> {
+        let ping_every = self.cfg.stream_ping;
+        let deadline = PONG_DEADLINE.min(ping_every);
+        let start = |d: Duration| tokio::time::interval_at((Instant::now() + d).into(), d);
+        let mut ping = start(ping_every);
+        let mut pong_due: Option<Instant> = None;
+        let mut keepalive = start(KEEPALIVE);
+        let mut restamp = start(Duration::from_secs(1));
+        restamp.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut replace_at = Instant::now() + REPLACE_AFTER;
+        // The last frame time last re-stamped to: the same again would
+        // rewrite the same values.
+        let mut restamped = 0u64;
+        let reason = loop {
+            let due = pong_due.unwrap_or(replace_at);
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    let _ = ws.close(None).await;
+                    return None;
+                }
+                msg = ws.next() => match msg {
+                    None => break (Reason::Closed, "the exchange closed the connection".into()),
+                    Some(Err(e)) => break (Reason::Closed, redact(&e.to_string(), k)),
+                    Some(Ok(m)) => {
+                        self.writer.frame_at(store::now_ms());
+                        pong_due = None;
+                        if let Err(r) = self.frame(m, machine, con).await {
+                            break r;
+                        }
+                    }
+                },
+                r = async { match reconcile.as_mut() { Some((f, _)) => f.await, None => std::future::pending().await } }, if reconcile.is_some() => {
+                    let asked_ms = reconcile.take().map_or(0, |(_, a)| a);
+                    match r {
+                        Ok(v) => {
+                            if let Err(r) = self.reconciled(&v, asked_ms, machine, con).await {
+                                break r;
+                            }
+                        }
+                        Err(e) => break (Reason::ReconcileFailed, format!("positionRisk: {e}")),
+                    }
+                }
+                _ = ping.tick() => {
+                    if let Err(e) = ws.send(Message::Ping(Vec::new().into())).await {
+                        break (Reason::Closed, redact(&e.to_string(), k));
+                    }
+                    if pong_due.is_none() {
+                        pong_due = Some(Instant::now() + deadline);
+                    }
+                }
+                _ = tokio::time::sleep_until(due.into()), if pong_due.is_some() => {
+                    break (Reason::PingTimeout, format!("no frame within {:.1} s of a ping", deadline.as_secs_f64()));
+                }
+                _ = keepalive.tick() => {
+                    match self.client.keep_listen_key_alive().await {
+                        Ok(()) => {}
+                        Err(ExchangeError::Api { code: -1125, .. }) => {
+                            break (Reason::KeyExpired, "keepalive: -1125, the listenKey does not exist".into());
+                        }
+                        Err(e) => break (Reason::KeyExpired, format!("keepalive failed: {e}")),
+                    }
+                }
+                _ = restamp.tick() => restamped = self.restamp(machine, con, restamped).await,
+                _ = tokio::time::sleep_until(replace_at.into()), if pong_due.is_none() && reconcile.is_none() => {
+                    match self.replace(k, &mut ws, machine, con, cancel).await? {
+                        Ok(()) => {
+                            self.metrics
+                                .position_stream_reconnects_total
+                                .with_label_values(&[Reason::Replaced.label()])
+                                .inc();
+                            info!("position stream: connection replaced ahead of the exchange's 24 h cut; still live");
+                            replace_at = Instant::now() + REPLACE_AFTER;
+                            ping.reset();
+                        }
+                        Err(why) => break (Reason::Replaced, why),
+                    }
+                }
+            }
+        };
+        let _ = ws.close(None).await;
+        Some(reason)
+    }
+
+    /// Handles one message. `Err`: the connection must end, and why.
+    async fn frame(
+        &self,
+        m: Message,
+        machine: &mut Machine,
+        con: &mut store::Conn,
+    ) -> Result<(), (Reason, String)> {
+        let text = match m {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                self.count("invalid", "dropped");
+                return Err((Reason::InvalidFrame, "a binary frame".into()));
+            }
+            Message::Close(_) => {
+                return Err((Reason::Closed, "the exchange sent a close frame".into()))
+            }
+            // Pings are answered by the socket itself; pongs only prove life.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(()),
+        };
+        let frame = parse_frame(text.as_str());
+        match frame {
+            Frame::Account(ev) => {
+                let phase = machine.phase();
+                for a in machine.on(Input::Event(ev), jitter()) {
+                    match a {
+                        Action::Apply(evs) => self.apply(&evs, con).await,
+                        Action::Hold if phase == Phase::Reconciling => {
+                            self.count("account_update", "buffered");
+                        }
+                        Action::Hold => self.count("account_update", "ignored"),
+                        Action::Reconnect(r, _) => {
+                            return Err((
+                                r,
+                                "more events than are buffered while reconciling".into(),
+                            ))
+                        }
+                        Action::Reconcile | Action::GoLive => {}
+                    }
+                }
+                Ok(())
+            }
+            Frame::KeyExpired => {
+                self.count("listen_key_expired", "reconnect");
+                Err((Reason::KeyExpired, "listenKeyExpired event".into()))
+            }
+            Frame::Other => {
+                self.count("other", "ignored");
+                Ok(())
+            }
+            Frame::Invalid(why) => {
+                self.count("invalid", "dropped");
+                Err((Reason::InvalidFrame, why))
+            }
+        }
+    }
+
+    /// Applies events to the book and writes the symbols they changed at
+    /// once, with `feed=stream`.
+    async fn apply(&self, evs: &[AccountUpdate], con: &mut store::Conn) {
+        let mut changed = Vec::new();
+        let now = store::now_ms();
+        {
+            let mut book = self.writer.book();
+            for ev in evs {
+                let a = book.apply_event(ev, now);
+                let result = if a.symbols.is_empty() && a.stale > 0 {
+                    "stale"
+                } else {
+                    "applied"
+                };
+                self.count("account_update", result);
+                changed.extend(a.symbols);
+            }
+        }
+        changed.sort();
+        changed.dedup();
+        if changed.is_empty() {
+            return;
+        }
+        match self.writer.write(con, Some(&changed), Stamp::Now).await {
+            Ok(0) => {}
+            Ok(_) => {
+                let written = store::now_ms() as i64;
+                let offset = self.client.offset_ms();
+                for ev in evs {
+                    let sent_local = i64::try_from(ev.event_ms)
+                        .unwrap_or(i64::MAX)
+                        .saturating_sub(offset);
+                    let secs = written.saturating_sub(sent_local) as f64 / 1000.0;
+                    self.metrics
+                        .position_update_latency_seconds
+                        .observe(secs.max(0.0));
+                }
+            }
+            Err(e) => warn!(
+                "position stream: writing {} snapshot(s) failed: {e}; the next write or poll repairs them",
+                changed.len()
+            ),
+        }
+    }
+
+    /// The reconcile's reply: applied to the book, written, then the
+    /// buffered events, then live.
+    async fn reconciled(
+        &self,
+        v: &Value,
+        asked_ms: u64,
+        machine: &mut Machine,
+        con: &mut store::Conn,
+    ) -> Result<(), (Reason, String)> {
+        let legs = parse_rest_legs(v, asked_ms)
+            .map_err(|e| (Reason::ReconcileFailed, format!("positionRisk: {e}")))?;
+        let corrections = self
+            .writer
+            .book()
+            .apply_rest(&legs, asked_ms, store::now_ms(), false);
+        super::report_corrections(&self.metrics, &corrections);
+        if let Err(e) = self.writer.write(con, None, Stamp::Now).await {
+            warn!("position stream: writing the reconciled snapshots failed: {e}");
+        }
+        let mut buffered = 0usize;
+        for a in machine.on(Input::Reconciled, jitter()) {
+            match a {
+                Action::Apply(evs) => {
+                    buffered = evs.len();
+                    self.apply(&evs, con).await;
+                }
+                Action::GoLive => {
+                    self.writer.set_phase(Phase::Live);
+                    info!(
+                        "position stream: live (reconciled with positionRisk, {buffered} buffered event(s) applied)"
+                    );
+                }
+                Action::Reconcile | Action::Hold | Action::Reconnect(..) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// While live and a frame came within 40 s (and since `prev`, the last
+    /// frame time re-stamped to): every allowlisted snapshot re-stamped to
+    /// the last frame's time (SPEC §16). Returns the time re-stamped to.
+    async fn restamp(&self, machine: &Machine, con: &mut store::Conn, prev: u64) -> u64 {
+        let last = self.writer.last_frame_ms();
+        if machine.phase() != Phase::Live
+            || last == prev
+            || store::now_ms().saturating_sub(last) > RESTAMP_MAX_FRAME_AGE_MS
+        {
+            return prev;
+        }
+        match self.writer.write(con, None, Stamp::LastFrame(last)).await {
+            Ok(_) => last,
+            Err(e) => {
+                warn!("position stream: re-stamping snapshots failed: {e}");
+                prev
+            }
+        }
+    }
+
+    /// Opens a second connection on the same key and reads the old one
+    /// [`REPLACE_OVERLAP`] longer, so no event falls between them (an
+    /// event seen on both is stale the second time). `Err`: the new one
+    /// could not be opened; the old is given up (a reconnect reconciles).
+    async fn replace(
+        &self,
+        k: &Secret,
+        ws: &mut Socket,
+        machine: &mut Machine,
+        con: &mut store::Conn,
+        cancel: &CancellationToken,
+    ) -> Option<Result<(), String>> {
+        let fresh = match self.open(k, cancel).await? {
+            Ok(f) => f,
+            Err(why) => return Some(Err(format!("replacement: {why}"))),
+        };
+        let mut old = std::mem::replace(ws, fresh);
+        let until = Instant::now() + REPLACE_OVERLAP;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep_until(until.into()) => break,
+                m = old.next() => match m {
+                    Some(Ok(m)) => {
+                        if let Err((_, why)) = self.frame(m, machine, con).await {
+                            return Some(Err(format!("old connection: {why}")));
+                        }
+                    }
+                    _ => break,
+                },
+            }
+        }
+        let _ = old.close(None).await;
+        Some(Ok(()))
+    }
+}
+
+/// The reconcile's request, run while frames are read.
+type Reconcile<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, ExchangeError>> + Send + 'a>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames() {
+        let ok = r#"{"e":"ACCOUNT_UPDATE","E":1700000000100,"T":1700000000099,"a":{"m":"ORDER","B":[],"P":[
+            {"s":"BTCUSDT","pa":"0.5","ep":"60000","up":"1.2","ps":"BOTH"},
+            {"s":"ETHUSDT","pa":"-2","ep":"3000","up":"0","ps":"SHORT"}]}}"#;
+        let Frame::Account(a) = parse_frame(ok) else {
+            panic!("{:?}", parse_frame(ok))
+        };
+        assert_eq!(
+            (a.event_ms, a.tx_ms, a.legs.len()),
+            (1700000000100, 1700000000099, 2)
+        );
+        assert_eq!(
+            (a.legs[1].leg, a.legs[1].amt.to_string()),
+            (Leg::Short, "-2".into())
+        );
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"e":"listenKeyExpired","E":1,"listenKey":"x"}"#,
+                "listen_key_expired",
+            ),
+            (r#"{"e":"ORDER_TRADE_UPDATE","E":1}"#, "other"),
+            (r#"{"result":null,"id":1}"#, "other"),
+            (
+                r#"{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{"m":"DEPOSIT","B":[]}}"#,
+                "account_update",
+            ),
+            ("{not json", "invalid"),
+            ("[1,2]", "invalid"),
+            (r#"{"e":"ACCOUNT_UPDATE","E":1,"a":{"P":[]}}"#, "invalid"),
+            (
+                r#"{"e":"ACCOUNT_UPDATE","E":1,"T":-5,"a":{"P":[]}}"#,
+                "invalid",
+            ),
+            (
+                r#"{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{"P":{}}}"#,
+                "invalid",
+            ),
+            (
+                r#"{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{"P":[{"s":"BTCUSDT","pa":"1e13","ps":"BOTH"}]}}"#,
+                "invalid",
+            ),
+            (
+                r#"{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{"P":[{"s":"BTCUSDT","pa":1,"ps":"BOTH"}]}}"#,
+                "invalid",
+            ),
+            (
+                r#"{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{"P":[{"s":"btc
+usdt","pa":"1"}]}}"#,
+                "invalid",
+            ),
+            (
+                r#"{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{"P":[{"s":"BTCUSDT","pa":"1","ps":"UP"}]}}"#,
+                "invalid",
+            ),
+        ];
+        for (text, kind) in cases {
+            assert_eq!(parse_frame(text).kind(), *kind, "{text}");
+        }
+        // One bad entry spoils the frame: never half-applied.
+        let half = r#"{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{"P":[{"s":"BTCUSDT","pa":"1"},{"s":"ETHUSDT","pa":"NaN"}]}}"#;
+        let Frame::Invalid(why) = parse_frame(half) else {
+            panic!()
+        };
+        assert!(why.contains("ETHUSDT"), "{why}");
+    }
+
+    #[test]
+    fn the_key_is_redacted_and_the_route_is_private() {
+        let k = Secret::new("abcDEF123");
+        assert_eq!(
+            stream_url("wss://fstream.binance.com", &k),
+            "wss://fstream.binance.com/private/ws?listenKey=abcDEF123"
+        );
+        assert_eq!(
+            redact(
+                "URL error: wss://h/private/ws?listenKey=abcDEF123 refused",
+                &k
+            ),
+            "URL error: wss://h/private/ws?listenKey=[listenKey] refused"
+        );
+    }
+}

@@ -1,0 +1,537 @@
+//! Live positions from the user data stream (SPEC §16), against the fake
+//! exchange's listenKey endpoints and WebSocket: fills reach the snapshots
+//! without a poll, the reconcile, reconnects after each kind of loss, the
+//! order rule, REST corrections, hedge mode, restarts, several instances,
+//! and the listenKey kept out of every log line.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(10);
+const KEY: &str = "stream-api-key";
+const SECRET: &str = "stream-api-secret";
+
+fn snapshot(con: &mut redis::Connection, symbol: &str) -> HashMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg(format!("quantum:position:snapshot:{symbol}"))
+        .query(con)
+        .unwrap()
+}
+
+/// Waits until the snapshot of `symbol` shows `amt` (and, if given, `feed`).
+fn wait_amount(
+    con: &mut redis::Connection,
+    symbol: &str,
+    amt: &str,
+    feed: Option<&str>,
+) -> HashMap<String, String> {
+    wait_for(&format!("{symbol} at {amt} ({feed:?})"), T, || {
+        let h = snapshot(con, symbol);
+        (h.get("position_amt").map(String::as_str) == Some(amt)
+            && feed.is_none_or(|f| h.get("feed").map(String::as_str) == Some(f)))
+        .then_some(h)
+    })
+}
+
+fn fill(t: &TestDaemon, rows: serde_json::Value) {
+    t.fx().control("/control/positions", rows);
+}
+
+fn one(symbol: &str, amt: &str) -> serde_json::Value {
+    json!([{"symbol": symbol, "positionAmt": amt, "entryPrice": "100"}])
+}
+
+fn metric(t: &TestDaemon, series: &str) -> f64 {
+    t.metric(series).unwrap_or(0.0)
+}
+
+fn wait_live(t: &TestDaemon) {
+    t.wait_metric("p33_position_stream_live", 1.0);
+}
+
+/// Waits until `series` is at least `n`.
+fn wait_at_least(t: &TestDaemon, series: &str, n: f64) {
+    wait_for(&format!("{series} ≥ {n}"), T, || {
+        (metric(t, series) >= n).then_some(())
+    });
+}
+
+fn stream_daemon(symbols: &str, extra: &[(&str, &str)]) -> TestDaemon {
+    let mut o = Opts::env_allowlist(symbols)
+        .exchange(KEY, SECRET)
+        .set("P33_POLL_SEC", "60")
+        .deferred();
+    for (k, v) in extra {
+        o = o.set(k, v);
+    }
+    spawn_daemon(o)
+}
+
+fn plan<'a>(id: &'a str, symbol: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("plan_id", id),
+        ("symbol", symbol),
+        ("decision", "EXECUTE"),
+        ("action", "FULL_CLOSE_PROPOSED"),
+        ("reduceOnly", "true"),
+    ]
+}
+
+/// Every amount written to one snapshot hash, in order, as Redis executed
+/// the writes (`redis-cli monitor`).
+struct Writes {
+    child: Child,
+    amounts: Arc<Mutex<Vec<String>>>,
+}
+
+impl Writes {
+    fn watch(redis: &Redis, symbol: &str) -> Writes {
+        let port = redis.port.to_string();
+        let mut child = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port, "monitor"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let amounts = Arc::new(Mutex::new(Vec::new()));
+        let key = format!("\"quantum:position:snapshot:{symbol}\" \"position_amt\" \"");
+        let seen = amounts.clone();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if line.trim() == "OK" {
+                    seen.lock().unwrap().push("monitoring".to_string());
+                }
+                if let Some(rest) = line.split(&key).nth(1) {
+                    let amt = rest.split('"').next().unwrap_or("").to_string();
+                    seen.lock().unwrap().push(amt);
+                }
+            }
+        });
+        // MONITOR answers OK once it follows.
+        wait_for("redis-cli monitor", T, || {
+            let a = amounts.lock().unwrap();
+            (a.first().map(String::as_str) == Some("monitoring")).then_some(())
+        });
+        amounts.lock().unwrap().clear();
+        Writes { child, amounts }
+    }
+
+    fn amounts(&self) -> Vec<f64> {
+        self.amounts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| a.parse::<f64>().unwrap())
+            .collect()
+    }
+
+    /// No amount written after a larger one: with fills that only grow,
+    /// an older amount written late is a wrong amount.
+    fn assert_never_back(&self) -> usize {
+        let a = self.amounts();
+        for w in a.windows(2) {
+            assert!(
+                w[1] >= w[0],
+                "an older amount written after a newer one: {a:?}"
+            );
+        }
+        a.len()
+    }
+}
+
+impl Drop for Writes {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_fill_reaches_the_snapshot_without_a_poll_and_the_next_plan_is_judged_on_it() {
+    let mut t = stream_daemon("BTCUSDT,ETHUSDT", &[]);
+    fill(&t, one("BTCUSDT", "0.5"));
+    t.start();
+    wait_live(&t);
+    t.wait_log("position stream: live (reconciled with positionRisk", T);
+    let h = wait_amount(&mut t.con, "BTCUSDT", "0.5", Some("rest"));
+    assert_eq!(h["source"], "binance");
+    let polls = t.fx().count("/fapi/v2/positionRisk");
+    fill(&t, one("BTCUSDT", "1.5"));
+    let h = wait_amount(&mut t.con, "BTCUSDT", "1.5", Some("stream"));
+    assert_eq!(
+        (h["side"].as_str(), h["entry_price"].as_str()),
+        ("LONG", "100")
+    );
+    // At once: the plan right after the fill is judged on the new amount.
+    t.push_plan(&plan("after-fill", "BTCUSDT"));
+    assert_eq!(t.wait_permit("after-fill")["safe_qty"].to_string(), "1.5");
+    assert_eq!(
+        t.fx().count("/fapi/v2/positionRisk"),
+        polls,
+        "no positionRisk between the fill and the snapshot (P33_POLL_SEC=60)"
+    );
+    let e = snapshot(&mut t.con, "ETHUSDT");
+    assert_eq!(
+        (e["position_amt"].as_str(), e["feed"].as_str()),
+        ("0", "rest"),
+        "untouched symbols keep REST's"
+    );
+    assert!(metric(&t, "p33_position_update_latency_seconds_count") >= 1.0);
+    assert!(
+        metric(
+            &t,
+            "p33_position_stream_events_total{result=\"applied\",type=\"account_update\"}"
+        ) >= 1.0
+    );
+    assert_eq!(metric(&t, "p33_position_stream_enabled"), 1.0);
+}
+
+#[test]
+fn an_out_of_order_event_is_ignored_and_a_swallowed_one_is_corrected_by_rest() {
+    let mut t = stream_daemon("BTCUSDT", &[("P33_POLL_SEC", "1")]);
+    fill(&t, one("BTCUSDT", "1"));
+    t.start();
+    wait_live(&t);
+    fill(&t, one("BTCUSDT", "2"));
+    wait_amount(&mut t.con, "BTCUSDT", "2", Some("stream"));
+    t.fx().control(
+        "/control/stream",
+        json!({"old_event": {"symbol": "BTCUSDT", "positionAmt": "9", "age_ms": 5000}}),
+    );
+    wait_at_least(
+        &t,
+        "p33_position_stream_events_total{result=\"stale\",type=\"account_update\"}",
+        1.0,
+    );
+    assert_eq!(snapshot(&mut t.con, "BTCUSDT")["position_amt"], "2");
+    // The exchange moves to 3 and the event is lost: REST corrects it.
+    t.fx()
+        .control("/control/positions?swallow=1", one("BTCUSDT", "3"));
+    wait_amount(&mut t.con, "BTCUSDT", "3", Some("rest"));
+    wait_at_least(&t, "p33_position_stream_corrections_total", 1.0);
+    t.wait_log(
+        "positionRisk corrected BTCUSDT BOTH: the stream said 2, REST says 3 (a missed event)",
+        T,
+    );
+    assert_eq!(metric(&t, "p33_position_stream_corrections_total"), 1.0);
+    assert_eq!(metric(&t, "p33_position_stream_live"), 1.0, "still live");
+}
+
+#[test]
+fn drop_key_expiry_and_a_silent_stall_each_reconnect_and_no_wrong_amount_is_written() {
+    let mut t = stream_daemon(
+        "BTCUSDT",
+        &[
+            ("P33_POLL_SEC", "0.5"),
+            ("P33_POSITION_STREAM_PING_SEC", "1"),
+        ],
+    );
+    fill(&t, one("BTCUSDT", "1"));
+    t.fx().control("/control/mode", json!({"delay_ms": 100}));
+    let writes = Writes::watch(&t.redis, "BTCUSDT");
+    t.start();
+    wait_live(&t);
+    let amount = std::cell::Cell::new(1);
+    let step = |t: &mut TestDaemon| {
+        amount.set(amount.get() + 1);
+        let a = amount.get().to_string();
+        fill(t, one("BTCUSDT", &a));
+        wait_amount(&mut t.con, "BTCUSDT", &a, None);
+    };
+    step(&mut t);
+    for (fault, reason, said) in [
+        (
+            json!({"drop": true}),
+            "closed",
+            "position stream: down (closed",
+        ),
+        (
+            json!({"expire_key": true}),
+            "key_expired",
+            "position stream: down (key_expired: listenKeyExpired event",
+        ),
+        (
+            json!({"stall": true}),
+            "ping_timeout",
+            "position stream: down (ping_timeout: no frame within 1.0 s of a ping",
+        ),
+    ] {
+        let series = format!("p33_position_stream_reconnects_total{{reason=\"{reason}\"}}");
+        let from = t.log_count();
+        t.fx().control("/control/stream", fault);
+        // Fills while the stream is down or coming back: REST or the
+        // stream writes them, never an older one after a newer.
+        step(&mut t);
+        wait_at_least(&t, &series, 1.0);
+        t.wait_log_after(from, said, T);
+        wait_live(&t);
+        step(&mut t);
+        wait_amount(
+            &mut t.con,
+            "BTCUSDT",
+            &amount.get().to_string(),
+            Some("stream"),
+        );
+    }
+    assert_eq!(
+        t.fx().count("POST /fapi/v1/listenKey"),
+        2,
+        "a new key after the expiry, the same one otherwise"
+    );
+    let written = writes.assert_never_back();
+    assert!(written >= 8, "{written} writes seen");
+    t.daemon_mut().terminate();
+    assert_eq!(t.fx().count("DELETE /fapi/v1/listenKey"), 0, "never DELETE");
+}
+
+#[test]
+fn a_malformed_frame_ends_live_and_with_rest_down_too_plans_are_denied_stale() {
+    let mut t = stream_daemon(
+        "BTCUSDT",
+        &[("P33_POLL_SEC", "0.5"), ("P33_STALE_THRESHOLD_SEC", "1.5")],
+    );
+    fill(&t, one("BTCUSDT", "1"));
+    t.start();
+    wait_live(&t);
+    wait_amount(&mut t.con, "BTCUSDT", "1", None);
+    t.fx().control("/control/mode", json!({"fail_5xx": true}));
+    t.fx()
+        .control("/control/stream", json!({"malformed": true}));
+    wait_at_least(
+        &t,
+        "p33_position_stream_reconnects_total{reason=\"invalid_frame\"}",
+        1.0,
+    );
+    t.wait_log("position stream: down (invalid_frame: not JSON", T);
+    // Evidence it tried to come back: a reconcile failed on the dead REST.
+    wait_at_least(
+        &t,
+        "p33_position_stream_reconnects_total{reason=\"reconcile_failed\"}",
+        1.0,
+    );
+    assert_eq!(metric(&t, "p33_position_stream_live"), 0.0);
+    let ts: f64 = snapshot(&mut t.con, "BTCUSDT")["ts_epoch_ms"]
+        .parse()
+        .unwrap();
+    wait_for("the snapshot to age past the threshold", T, || {
+        (now() * 1000.0 - ts > 1600.0).then_some(())
+    });
+    t.push_plan(&plan("down-1", "BTCUSDT"));
+    assert_eq!(t.wait_permit("down-1")["reason"], "stale_exchange_state");
+    // REST back: reconciled and live again.
+    t.fx().control("/control/mode", json!({"fail_5xx": false}));
+    wait_live(&t);
+    fill(&t, one("BTCUSDT", "2"));
+    wait_amount(&mut t.con, "BTCUSDT", "2", Some("stream"));
+}
+
+#[test]
+fn hedge_mode_legs_arrive_through_the_stream() {
+    let mut t = stream_daemon("ETHUSDT", &[]);
+    let hedge = |long: &str, short: &str| {
+        json!([
+            {"symbol": "ETHUSDT", "positionAmt": long, "positionSide": "LONG"},
+            {"symbol": "ETHUSDT", "positionAmt": short, "positionSide": "SHORT"}
+        ])
+    };
+    fill(&t, hedge("0", "0"));
+    t.start();
+    wait_live(&t);
+    wait_amount(&mut t.con, "ETHUSDT", "0", Some("rest"));
+    fill(&t, hedge("0", "-2"));
+    let h = wait_amount(&mut t.con, "ETHUSDT", "-2", Some("stream"));
+    assert_eq!(h["side"], "SHORT");
+    t.push_plan(&plan("short-1", "ETHUSDT"));
+    assert_eq!(t.wait_permit("short-1")["safe_qty"].to_string(), "2");
+    fill(&t, hedge("1", "-2"));
+    wait_for("HEDGED", T, || {
+        (snapshot(&mut t.con, "ETHUSDT")["side"] == "HEDGED").then_some(())
+    });
+    t.push_plan(&plan("hedged-1", "ETHUSDT"));
+    let p = t.wait_permit("hedged-1");
+    assert_eq!(
+        (p["reason"].as_str(), p["context"]["field"].as_str()),
+        (Some("invalid_exchange_snapshot"), Some("side"))
+    );
+}
+
+#[test]
+fn a_sigkill_under_a_stream_of_fills_writes_no_older_amount_and_catches_up() {
+    let mut t = stream_daemon("BTCUSDT", &[("P33_POLL_SEC", "0.3")]);
+    fill(&t, one("BTCUSDT", "1"));
+    // Each positionRisk reply arrives 150 ms after the positions it shows:
+    // about seven fills late. Only the order rule keeps it from writing an
+    // older amount over the stream's newer one.
+    t.fx().control("/control/mode", json!({"delay_ms": 150}));
+    let writes = Writes::watch(&t.redis, "BTCUSDT");
+    t.start();
+    wait_live(&t);
+    let addr = t.fx().addr.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let filler = {
+        let (stop, last) = (stop.clone(), last.clone());
+        std::thread::spawn(move || {
+            let mut n = 1u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let body = one("BTCUSDT", &n.to_string()).to_string();
+                let (st, b) = http(&addr, "POST", "/control/positions", &body);
+                assert_eq!(st, 200, "{b}");
+                last.store(n, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    wait_for("fills written", T, || {
+        (writes.amounts().len() >= 20).then_some(())
+    });
+    t.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    t.start();
+    wait_live(&t);
+    wait_for("fills written after the restart", T, || {
+        (writes.amounts().len() >= 60).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    filler.join().unwrap();
+    let n = last.load(std::sync::atomic::Ordering::Relaxed).to_string();
+    wait_amount(&mut t.con, "BTCUSDT", &n, None);
+    writes.assert_never_back();
+}
+
+#[test]
+fn several_instances_each_follow_the_stream_on_one_shared_key() {
+    let mut t = stream_daemon("BTCUSDT", &[("P33_CONSUMER_NAME", "p33-a")]);
+    fill(&t, one("BTCUSDT", "1"));
+    t.start();
+    wait_live(&t);
+    let mut env = t.env.clone();
+    env.insert("P33_CONSUMER_NAME".into(), "p33-b".into());
+    let b = Daemon::start(&env);
+    b.wait_metric("p33_position_stream_live", 1.0);
+    assert_eq!(t.fx().stats()["ws_open"], 2);
+    assert_eq!(t.fx().count("POST /fapi/v1/listenKey"), 2);
+    fill(&t, one("BTCUSDT", "4"));
+    wait_amount(&mut t.con, "BTCUSDT", "4", Some("stream"));
+    wait_for("both instances applied the event", T, || {
+        let applied =
+            "p33_position_stream_events_total{result=\"applied\",type=\"account_update\"}";
+        (metric(&t, applied) >= 1.0 && b.metric(applied).unwrap_or(0.0) >= 1.0).then_some(())
+    });
+    for name in ["p33-a", "p33-b"] {
+        wait_for(&format!("{name} reports live"), T, || {
+            let s: Option<String> = redis::cmd("HGET")
+                .arg(format!("quantum:p33:instance:{name}"))
+                .arg("position_stream")
+                .query(&mut t.con)
+                .unwrap();
+            (s.as_deref() == Some("live")).then_some(())
+        });
+    }
+    let (code, out, _) = run_once(&["ctl", "status"], &[("REDIS_URL", &t.redis.url())]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.matches("position_stream=live").count(), 2, "{out}");
+}
+
+#[test]
+fn the_listen_key_never_reaches_a_log_line_or_check_config() {
+    let mut t = stream_daemon("BTCUSDT", &[("P33_POSITION_STREAM_PING_SEC", "1")]);
+    t.start();
+    wait_live(&t);
+    // The key, as any client of the API key would get it.
+    let key = {
+        let mut s = std::net::TcpStream::connect(&t.fx().addr).unwrap();
+        use std::io::{Read, Write};
+        write!(
+            s,
+            "POST /fapi/v1/listenKey HTTP/1.1\r\nHost: x\r\nX-MBX-APIKEY: {KEY}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        let body = r.split("\r\n\r\n").nth(1).unwrap();
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["listenKey"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(key.len() > 10);
+    for fault in [
+        json!({"drop": true}),
+        json!({"stall": true}),
+        json!({"malformed": true}),
+    ] {
+        let live = metric(
+            &t,
+            "p33_position_stream_reconnects_total{reason=\"closed\"}",
+        ) + metric(
+            &t,
+            "p33_position_stream_reconnects_total{reason=\"ping_timeout\"}",
+        ) + metric(
+            &t,
+            "p33_position_stream_reconnects_total{reason=\"invalid_frame\"}",
+        );
+        t.fx().control("/control/stream", fault);
+        wait_for("a reconnect", T, || {
+            let n = metric(
+                &t,
+                "p33_position_stream_reconnects_total{reason=\"closed\"}",
+            ) + metric(
+                &t,
+                "p33_position_stream_reconnects_total{reason=\"ping_timeout\"}",
+            ) + metric(
+                &t,
+                "p33_position_stream_reconnects_total{reason=\"invalid_frame\"}",
+            );
+            (n > live).then_some(())
+        });
+        wait_live(&t);
+    }
+    let logs = t.logs().join("\n");
+    assert!(logs.contains("position stream: down"), "{logs}");
+    assert!(!logs.contains(&key), "the listenKey in a log line");
+    let env: Vec<(&str, &str)> = t
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (code, out, err) = run_once(&["--check-config"], &env);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&format!("P33_EXCHANGE_WS_URL=ws://{}", t.fx().addr)),
+        "{out}"
+    );
+    assert!(!out.contains(&key) && !err.contains(&key));
+}
+
+#[test]
+fn with_the_stream_off_there_is_no_key_no_socket_and_the_feed_is_rest() {
+    let mut t = stream_daemon(
+        "BTCUSDT",
+        &[("P33_POSITION_STREAM", "off"), ("P33_POLL_SEC", "0.5")],
+    );
+    fill(&t, one("BTCUSDT", "1"));
+    t.start();
+    wait_amount(&mut t.con, "BTCUSDT", "1", Some("rest"));
+    fill(&t, one("BTCUSDT", "2"));
+    wait_amount(&mut t.con, "BTCUSDT", "2", Some("rest"));
+    assert_eq!(t.fx().count("POST /fapi/v1/listenKey"), 0);
+    assert_eq!(t.fx().stats()["ws_opened"], 0);
+    assert_eq!(metric(&t, "p33_position_stream_enabled"), 0.0);
+    wait_for("the instance report", T, || {
+        let s: Option<String> = redis::cmd("HGET")
+            .arg("quantum:p33:instance:p33-test")
+            .arg("position_stream")
+            .query(&mut t.con)
+            .unwrap();
+        (s.as_deref() == Some("off")).then_some(())
+    });
+}
