@@ -288,6 +288,7 @@ pub const VARS: &[Var] = &[
     var("P33_POSITION_STREAM", Some("on"), Kind::Choice(&["on", "off"]), "on: follow the user data stream for live positions, REST polling reconciles (binance mode); off: REST polling alone"),
     var("P33_EXCHANGE_WS_URL", None, Kind::WsUrl, "user data stream base (default: from P33_EXCHANGE_BASE_URL, https://fapi.binance.com → wss://fstream.binance.com, http://h:p → ws://h:p)"),
     var("P33_POSITION_STREAM_PING_SEC", Some("30"), Kind::Seconds { positive: true }, "client ping period on the user data stream; no frame within min(10 s, this) after a ping → reconnect"),
+    var("P33_POSITION_STREAM_REPLACE_SEC", Some("82800"), Kind::Seconds { positive: true }, "age at which a stream connection is replaced by a new one (overlapping, never a gap): before Binance's 24 h cut"),
     var("P33_SNAPSHOT_SOURCE", Some("binance"), Kind::Choice(&["binance", "external"]), "binance: poll positionRisk and write snapshots; external: only read them"),
     var("P33_ALLOWLIST", None, Kind::List, "tier-3 symbols, comma separated (default: APPLY_ALLOWLIST, else empty)"),
     var("APPLY_ALLOWLIST", None, Kind::List, "the apply layer's list: tier 3 when P33_ALLOWLIST is unset"),
@@ -627,6 +628,8 @@ pub struct Config {
     pub exchange_ws_url: String,
     /// Client ping period on the user data stream.
     pub stream_ping: Duration,
+    /// Age at which a stream connection is replaced.
+    pub stream_replace: Duration,
     /// Raw tier-3 list (validated at resolution time, so that the WARN about
     /// dropped entries is logged with the resolution that drops them).
     pub allowlist_env: Vec<String>,
@@ -1081,6 +1084,7 @@ impl Config {
                 && p.word("P33_POSITION_STREAM") == "on",
             exchange_ws_url,
             stream_ping: dur(p.secs("P33_POSITION_STREAM_PING_SEC")),
+            stream_replace: dur(p.secs("P33_POSITION_STREAM_REPLACE_SEC")),
             snapshot_source,
             allowlist_env,
             allowlist_mode,

@@ -538,6 +538,13 @@ impl Consumer {
         if let SnapshotInput::Valid(s) = &inputs.snapshot {
             self.metrics
                 .observe_snapshot(sym, s.ts, s.amt.to_f64().unwrap_or(0.0));
+            // How old the position this decision reads is (SPEC §16).
+            let age = now - s.ts;
+            if age.is_finite() {
+                self.metrics
+                    .decision_input_age_seconds
+                    .observe(age.max(0.0));
+            }
         }
         if let LedgerInput::Amount(a) = &inputs.ledger {
             self.metrics

@@ -25,7 +25,9 @@
 //!   silent (no frames, no pongs), `{"malformed": true}` pushes a frame that
 //!   is not JSON, `{"raw": "…"}` pushes that text, `{"old_event": {"symbol",
 //!   "positionAmt", "positionSide"?, "age_ms"}}` pushes an `ACCOUNT_UPDATE`
-//!   whose `T` is `age_ms` older than the last one (out of order);
+//!   whose `T` is `age_ms` older than the last one (out of order),
+//!   `{"max_age_ms": N}` cuts connections opened from now on at that age
+//!   (Binance's 24 h cut, shortened);
 //! - `POST /control/steps` — `{"SYMBOL": "stepSize", …}` for exchangeInfo;
 //! - `POST /control/mode` — `{"delay_ms", "fail_5xx", "rate_limit_s",
 //!   "retry_after", "fail_1021_once", "time_offset_ms", "pad_bytes"}` (fields
@@ -89,6 +91,8 @@ struct State {
     /// Open stream connections: their key and their mailbox.
     conns: Vec<(String, mpsc::UnboundedSender<Push>)>,
     ws_opened: u64,
+    /// Connections are cut at this age (Binance's 24 h cut, shortened).
+    max_age_ms: u64,
     /// The last event's `T`, server clock.
     last_t: i64,
 }
@@ -239,6 +243,7 @@ fn ws_upgrade(st: &Shared, mut req: Request<Incoming>) -> Response<Full<Bytes>> 
     let (tx, rx) = mpsc::unbounded_channel();
     s.conns.push((given, tx));
     s.ws_opened += 1;
+    let cut = (s.max_age_ms > 0).then(|| Duration::from_millis(s.max_age_ms));
     drop(s);
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -249,7 +254,7 @@ fn ws_upgrade(st: &Shared, mut req: Request<Incoming>) -> Response<Full<Bytes>> 
                 None,
             )
             .await;
-            serve_ws(ws, rx).await;
+            serve_ws(ws, rx, cut).await;
         }
     });
     let mut r = Response::new(Full::new(Bytes::new()));
@@ -270,17 +275,24 @@ fn ws_upgrade(st: &Shared, mut req: Request<Incoming>) -> Response<Full<Bytes>> 
 }
 
 /// One stream connection: pushes what it is told, answers pings, until
-/// told to drop (or to stall: then nothing at all, like a dead peer).
+/// told to drop (or to stall: then nothing at all, like a dead peer), or
+/// until its age reaches `cut`.
 async fn serve_ws<S>(
     ws: tokio_tungstenite::WebSocketStream<S>,
     mut rx: mpsc::UnboundedReceiver<Push>,
+    cut: Option<Duration>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut tx, mut frames) = ws.split();
     let mut stalled = false;
+    let cut_at = tokio::time::Instant::now() + cut.unwrap_or(Duration::from_secs(86_400));
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(cut_at) => {
+                let _ = tx.send(Message::Close(None)).await;
+                return;
+            }
             p = rx.recv() => match p {
                 Some(Push::Text(t)) if !stalled => {
                     if tx.send(Message::Text(t.into())).await.is_err() {
@@ -526,6 +538,9 @@ fn control(
                     let text = json!({"e": "listenKeyExpired", "E": t, "listenKey": k}).to_string();
                     s.push(&text);
                 }
+            }
+            if let Some(ms) = v.get("max_age_ms").and_then(Value::as_u64) {
+                s.max_age_ms = ms;
             }
             if v.get("stall").and_then(Value::as_bool) == Some(true) {
                 s.conns.retain(|(_, tx)| tx.send(Push::Stall).is_ok());

@@ -68,6 +68,18 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason.
+    pub const ALL: [Reason; 8] = [
+        Reason::ConnectFailed,
+        Reason::Closed,
+        Reason::PingTimeout,
+        Reason::InvalidFrame,
+        Reason::KeyExpired,
+        Reason::ReconcileFailed,
+        Reason::BufferFull,
+        Reason::Replaced,
+    ];
+
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {

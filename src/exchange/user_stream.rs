@@ -44,9 +44,6 @@ pub const PONG_DEADLINE: Duration = Duration::from_secs(10);
 /// The listenKey keepalive period.
 pub const KEEPALIVE: Duration = Duration::from_secs(30 * 60);
 
-/// A connection's age at which it is replaced (Binance cuts at 24 h).
-pub const REPLACE_AFTER: Duration = Duration::from_secs(23 * 3600);
-
 /// How long the old connection is still read after its replacement opened.
 pub const REPLACE_OVERLAP: Duration = Duration::from_secs(2);
 
@@ -202,6 +199,25 @@ impl Stream {
         writer: Arc<Writer>,
         metrics: Arc<Metrics>,
     ) -> Stream {
+        // Every series at 0 from the start, so rates and alerts see them.
+        for (kind, result) in [
+            ("account_update", "applied"),
+            ("account_update", "stale"),
+            ("account_update", "buffered"),
+            ("account_update", "ignored"),
+            ("listen_key_expired", "reconnect"),
+            ("other", "ignored"),
+            ("invalid", "dropped"),
+        ] {
+            metrics
+                .position_stream_events_total
+                .with_label_values(&[kind, result]);
+        }
+        for r in Reason::ALL {
+            metrics
+                .position_stream_reconnects_total
+                .with_label_values(&[r.label()]);
+        }
         Stream {
             cfg,
             client,
@@ -256,14 +272,12 @@ impl Stream {
                 })
                 .unwrap_or(super::machine::BACKOFF_MIN);
             losses += 1;
-            if reason.0 != Reason::Replaced {
-                warn!(
-                    "position stream: down ({}: {}); snapshots from positionRisk polling alone; reconnecting in {:.1} s ({losses} since start)",
-                    reason.0.label(),
-                    reason.1,
-                    delay.as_secs_f64()
-                );
-            }
+            warn!(
+                "position stream: down ({}: {}); snapshots from positionRisk polling alone; reconnecting in {:.1} s ({losses} since start)",
+                reason.0.label(),
+                reason.1,
+                delay.as_secs_f64()
+            );
         }
     }
 
@@ -351,7 +365,8 @@ impl Stream {
         let mut keepalive = start(KEEPALIVE);
         let mut restamp = start(Duration::from_secs(1));
         restamp.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut replace_at = Instant::now() + REPLACE_AFTER;
+        let replace_after = self.cfg.stream_replace;
+        let mut replace_at = Instant::now() + replace_after;
         // The last frame time last re-stamped to: the same again would
         // rewrite the same values.
         let mut restamped = 0u64;
@@ -413,7 +428,7 @@ impl Stream {
                                 .with_label_values(&[Reason::Replaced.label()])
                                 .inc();
                             info!("position stream: connection replaced ahead of the exchange's 24 h cut; still live");
-                            replace_at = Instant::now() + REPLACE_AFTER;
+                            replace_at = Instant::now() + replace_after;
                             ping.reset();
                         }
                         Err(why) => break (Reason::Replaced, why),
@@ -588,6 +603,8 @@ impl Stream {
     /// [`REPLACE_OVERLAP`] longer, so no event falls between them (an
     /// event seen on both is stale the second time). `Err`: the new one
     /// could not be opened; the old is given up (a reconnect reconciles).
+    /// An invalid frame on the old one during the overlap is not applied
+    /// (events are whole or nothing) and ends the overlap.
     async fn replace(
         &self,
         k: &Secret,
@@ -607,9 +624,11 @@ impl Stream {
                 _ = cancel.cancelled() => return None,
                 _ = tokio::time::sleep_until(until.into()) => break,
                 m = old.next() => match m {
+                    // Whatever ends the old one now (its close, a bad
+                    // frame) ends only the overlap: the new one follows.
                     Some(Ok(m)) => {
-                        if let Err((_, why)) = self.frame(m, machine, con).await {
-                            return Some(Err(format!("old connection: {why}")));
+                        if self.frame(m, machine, con).await.is_err() {
+                            break;
                         }
                     }
                     _ => break,

@@ -12,7 +12,7 @@ use position_state_brain::allowlist::{self, Allowlist, Doc, Source, UniverseRead
 use position_state_brain::config::{AllowlistMode, Config};
 use position_state_brain::consumer::classify;
 use position_state_brain::domain;
-use position_state_brain::exchange::{parse_positions, parse_step_sizes, retry_after};
+use position_state_brain::exchange::{self, parse_positions, parse_step_sizes, retry_after};
 use position_state_brain::ledger::{interpret, ResultAction};
 use position_state_brain::rules::{
     self, evaluate, Decision, Inputs, Limits, Plan, PlanKind, PlanSide, Raw,
@@ -259,6 +259,43 @@ proptest! {
             for pos in p.values() {
                 prop_assert!(pos.amt.abs() <= domain::max_amount() * Decimal::from(2));
                 prop_assert!(["LONG", "SHORT", "NONE", "HEDGED"].contains(&pos.side.as_str()));
+            }
+        }
+    }
+
+    #[test]
+    fn user_stream_frames_never_panic_and_apply_whole_or_not_at_all(
+        text in prop_oneof![
+            anything(),
+            json_value().prop_map(|v| v.to_string()),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                prop::collection::vec(
+                    (
+                        prop_oneof![Just("BTCUSDT".to_string()), Just("ETHUSDT".to_string()), anything()],
+                        numberish(),
+                        prop_oneof![Just("BOTH"), Just("LONG"), Just("SHORT"), Just("??")],
+                    ),
+                    0..6,
+                ),
+            )
+                .prop_map(|(e, t, legs)| json!({
+                    "e": "ACCOUNT_UPDATE", "E": e, "T": t,
+                    "a": {"m": "ORDER", "P": legs.into_iter().map(|(s, a, ps)| json!({"s": s, "pa": a, "ps": ps})).collect::<Vec<_>>()}
+                }).to_string()),
+        ],
+    ) {
+        let mut book = exchange::Book::default();
+        if let exchange::Frame::Account(ev) = exchange::parse_frame(&text) {
+            let applied = book.apply_event(&ev, 1);
+            // Only the frame's symbols change, and no entry is counted
+            // twice: each one applied or was stale.
+            prop_assert!(applied.stale <= ev.legs.len());
+            prop_assert!(applied.symbols.iter().all(|s| ev.legs.iter().any(|l| &l.symbol == s)));
+            for l in &ev.legs {
+                prop_assert!(l.amt.abs() <= domain::max_amount());
+                prop_assert!(book.position(&l.symbol).amt.abs() <= domain::max_amount() * Decimal::from(2));
             }
         }
     }

@@ -191,6 +191,37 @@ fn a_fill_reaches_the_snapshot_without_a_poll_and_the_next_plan_is_judged_on_it(
         ) >= 1.0
     );
     assert_eq!(metric(&t, "p33_position_stream_enabled"), 1.0);
+    assert!(metric(&t, "p33_decision_input_age_seconds_count") >= 1.0);
+}
+
+#[test]
+fn a_connection_is_replaced_before_the_exchange_cuts_it_and_never_goes_down() {
+    // The exchange cuts connections at 3 s (Binance: 24 h); the daemon
+    // replaces its own at 1.5 s (P33_POSITION_STREAM_REPLACE_SEC).
+    let mut t = stream_daemon("BTCUSDT", &[("P33_POSITION_STREAM_REPLACE_SEC", "1.5")]);
+    fill(&t, one("BTCUSDT", "1"));
+    t.fx()
+        .control("/control/stream", json!({"max_age_ms": 3000}));
+    t.start();
+    wait_live(&t);
+    for n in 2..=4 {
+        wait_at_least(
+            &t,
+            "p33_position_stream_reconnects_total{reason=\"replaced\"}",
+            f64::from(n - 1),
+        );
+        let a = n.to_string();
+        fill(&t, one("BTCUSDT", &a));
+        wait_amount(&mut t.con, "BTCUSDT", &a, Some("stream"));
+    }
+    assert!(t.fx().stats()["ws_opened"].as_u64().unwrap() >= 4);
+    assert_eq!(t.fx().stats()["ws_open"], 1, "the old ones were closed");
+    assert_eq!(t.grep("position stream: down").len(), 0, "{:?}", t.logs());
+    assert_eq!(metric(&t, "p33_position_stream_live"), 1.0);
+    t.wait_log(
+        "connection replaced ahead of the exchange's 24 h cut; still live",
+        T,
+    );
 }
 
 #[test]
