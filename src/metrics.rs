@@ -369,8 +369,11 @@ impl Metrics {
                         "p33_decision_input_age_seconds",
                         "Age of the exchange snapshot a plan was judged on: decision time minus its ts_epoch_ms.",
                     )
+                    // 1.1 s is a bucket bound: "p99 ≤ 1.1 s" is read
+                    // off the buckets, not interpolated.
                     .buckets(vec![
-                        0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0,
+                        0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
+                        15.0, 30.0,
                     ]),
                 )
                 .expect("valid metric"),

@@ -9,8 +9,21 @@
 //! arrived exactly once with the expected allow/deny and reason, and prints
 //! one JSON line per run.
 //!
+//! With `--exchange` the daemon runs in binance mode against the project's
+//! fake exchange (positions served by it, the user data stream on unless
+//! `--env P33_POSITION_STREAM=off`), so the stream's cost on the plan path
+//! can be measured.
+//!
+//! `--fills N` is the position-latency mode (SPEC §16): against the fake
+//! exchange, N position changes on `--fill-symbols` symbols at `--fill-rate`
+//! per second, each timed from the change until the snapshot in Redis shows
+//! it, first with the stream on, then with `P33_POSITION_STREAM=off`, in the
+//! same run; plans at `--rate` (default 50/s) meanwhile give the decision
+//! input age (`p33_decision_input_age_seconds`).
+//!
 //! Usage:
-//!   p33-bench [--plans 100000] [--rate 0] [--symbols 566] [--log-level INFO] [--instances 1] [--sentinel]
+//!   p33-bench [--plans 100000] [--rate 0] [--symbols 566] [--log-level INFO] [--instances 1] [--sentinel] [--exchange]
+//!   p33-bench --fills 300 [--fill-rate 20] [--fill-symbols 10] [--rate 50]
 //!   --rate 0 sends as fast as possible (throughput); --rate N offers N plans/s (latency).
 
 use std::collections::HashMap;
@@ -56,6 +69,20 @@ struct Args {
     /// master), instead of REDIS_URL.
     #[arg(long, conflicts_with = "null")]
     sentinel: bool,
+    /// Run the daemons in binance mode against the fake exchange (which
+    /// holds the positions the plans expect) instead of external snapshots.
+    #[arg(long, conflicts_with = "null")]
+    exchange: bool,
+    /// Position-latency mode: this many position changes, timed to the
+    /// snapshot, with the stream on and then off.
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["null", "instances", "sentinel"])]
+    fills: usize,
+    /// Position changes per second in `--fills` mode.
+    #[arg(long, default_value_t = 20.0)]
+    fill_rate: f64,
+    /// Symbols the changes rotate over in `--fills` mode.
+    #[arg(long, default_value_t = 10)]
+    fill_symbols: usize,
 }
 
 /// The `--null` consumer: the daemon's Redis round trips, nothing else.
@@ -257,9 +284,354 @@ impl Drop for Guard {
     }
 }
 
+/// Starts the fake exchange next to this binary; its address.
+fn start_fake(guard: &mut Guard) -> anyhow::Result<String> {
+    use std::io::BufRead;
+    let bin = std::env::current_exe()?.with_file_name("fake-exchange");
+    let mut child = Command::new(bin)
+        .args([
+            "--port",
+            "0",
+            "--api-key",
+            FAKE_KEY,
+            "--api-secret",
+            FAKE_SECRET,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    guard.0.push(child);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("fake-exchange printed {line:?}"))?
+        .trim()
+        .to_string();
+    std::thread::spawn(move || for _ in out.lines() {});
+    Ok(addr)
+}
+
+const FAKE_KEY: &str = "bench-key";
+const FAKE_SECRET: &str = "bench-secret";
+
+/// The daemon's environment for binance mode against the fake exchange.
+fn exchange_env(fake: &str) -> Vec<(String, String)> {
+    vec![
+        ("P33_SNAPSHOT_SOURCE".into(), "binance".into()),
+        ("P33_EXCHANGE_BASE_URL".into(), format!("http://{fake}")),
+        ("BINANCE_TESTNET_API_KEY".into(), FAKE_KEY.into()),
+        ("BINANCE_TESTNET_API_SECRET".into(), FAKE_SECRET.into()),
+    ]
+}
+
+/// Waits for a line in a daemon log; the line.
+async fn wait_log(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains(what)) {
+            return Ok(l.to_string());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            anyhow::bail!("no {what:?} in {}:\n{text}", path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `q` quantile of a Prometheus histogram in a scrape, interpolated as
+/// `histogram_quantile` does, and the share of observations ≤ `le`.
+fn histogram(text: &str, name: &str, q: f64, le: &str) -> (f64, f64) {
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&format!("{name}_bucket{{le=\""))?;
+            let (bound, count) = rest.split_once("\"} ")?;
+            let b = if bound == "+Inf" {
+                f64::INFINITY
+            } else {
+                bound.parse().ok()?
+            };
+            Some((b, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    if total == 0.0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let share = buckets
+        .iter()
+        .find(|b| format!("{}", b.0) == le)
+        .map_or(f64::NAN, |b| b.1 / total);
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(bound, count) in &buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return (prev.0, share);
+            }
+            let within = (rank - prev.1) / (count - prev.1).max(f64::MIN_POSITIVE);
+            return (prev.0 + (bound - prev.0) * within, share);
+        }
+        prev = (bound, count);
+    }
+    (f64::NAN, share)
+}
+
+/// Changes not yet seen in a snapshot, by symbol: (amount, when made).
+type Pending = Arc<Mutex<HashMap<String, Vec<(u64, Instant)>>>>;
+
+/// `--fills`: position changes timed to the snapshot, stream on then off.
+async fn fills_mode(args: &Args) -> anyhow::Result<()> {
+    let mut guard = Guard(Vec::new());
+    let port = free_port()?;
+    let dir = std::env::temp_dir().join(format!("p33-bench-{port}"));
+    std::fs::create_dir_all(&dir)?;
+    guard.0.push(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let client = redis::Client::open(url.as_str())?;
+    let mut con = loop {
+        if let Ok(c) = client.get_multiplexed_async_connection().await {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("Kh")
+        .query_async(&mut con)
+        .await?;
+    let fake = start_fake(&mut guard)?;
+    let http = reqwest::Client::new();
+    let nsym = args.fill_symbols.max(1);
+    let names: Vec<String> = (0..nsym).map(|k| format!("FILL{k}USDT")).collect();
+    let mut amounts: Vec<u64> = vec![0; nsym];
+    let rows = |amounts: &[u64]| {
+        Value::Array(
+            names
+                .iter()
+                .zip(amounts)
+                .map(|(s, a)| json!({"symbol": s, "positionAmt": a.to_string(), "entryPrice": "100"}))
+                .collect(),
+        )
+    };
+    http.post(format!("http://{fake}/control/positions"))
+        .body(rows(&amounts).to_string())
+        .send()
+        .await?;
+    let plan_rate = if args.rate > 0.0 { args.rate } else { 50.0 };
+    let mut phases = serde_json::Map::new();
+    let daemon = std::env::current_exe()?.with_file_name("position-state-brain");
+    let mut seq = 0u64;
+    for (phase, stream) in [("stream", "on"), ("poll", "off")] {
+        let log_path = dir.join(format!("daemon-{phase}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let mut child = Command::new(&daemon)
+            .env_clear()
+            .env("REDIS_URL", &url)
+            .envs(exchange_env(&fake))
+            .env("P33_POSITION_STREAM", stream)
+            .env("P33_ALLOWLIST_SOURCE", "env")
+            .env("P33_ALLOWLIST", names.join(","))
+            .env("P33_METRICS_ADDR", "127.0.0.1")
+            .env("P33_METRICS_PORT", "0")
+            .env("P33_LOG_LEVEL", &args.log_level)
+            .env("P33_CONSUMER_NAME", format!("p33-bench-{phase}"))
+            .envs(args.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let metrics_line = wait_log(&log_path, "metrics listening on http://").await?;
+        let metrics_addr = metrics_line
+            .rsplit("http://")
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        wait_log(&log_path, "ready: reading plans").await?;
+        if stream == "on" {
+            wait_log(&log_path, "position stream: live").await?;
+        }
+        // The snapshot amounts as they are written, by symbol.
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let seen: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub
+            .psubscribe(format!("__keyspace@0__:{}*", keys::snapshot("")))
+            .await?;
+        let (pend, seen2) = (pending.clone(), seen.clone());
+        let mut rcon = client.get_multiplexed_async_connection().await?;
+        let listener = tokio::spawn(async move {
+            let mut msgs = pubsub.on_message();
+            while let Some(msg) = msgs.next().await {
+                let at = Instant::now();
+                let ch = msg.get_channel_name().to_string();
+                let Some(key) = ch.split_once(':').map(|(_, k)| k.to_string()) else {
+                    continue;
+                };
+                let sym = key.rsplit(':').next().unwrap_or_default().to_string();
+                let amt: Option<String> = redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("position_amt")
+                    .query_async(&mut rcon)
+                    .await
+                    .unwrap_or(None);
+                let Some(amt) = amt.and_then(|a| a.parse::<u64>().ok()) else {
+                    continue;
+                };
+                let mut p = pend.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(q) = p.get_mut(&sym) {
+                    let mut s = seen2.lock().unwrap_or_else(|e| e.into_inner());
+                    q.retain(|(want, t0)| {
+                        if amt >= *want {
+                            s.push(at.duration_since(*t0).as_secs_f64() * 1000.0);
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                }
+            }
+        });
+        // Plans meanwhile: closes on the fill symbols.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = {
+            let mut pcon = client.get_multiplexed_async_connection().await?;
+            let (stop, names) = (stop.clone(), names.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let due = started + Duration::from_secs_f64(i as f64 / plan_rate);
+                    tokio::time::sleep_until(due.into()).await;
+                    let sym = &names[(i as usize) % names.len()];
+                    let _: Result<String, _> = redis::cmd("XADD")
+                        .arg(keys::PLAN_STREAM)
+                        .arg("*")
+                        .arg("plan_id")
+                        .arg(format!("fill-plan-{i}-{}", started.elapsed().as_nanos()))
+                        .arg("symbol")
+                        .arg(sym)
+                        .arg("decision")
+                        .arg("EXECUTE")
+                        .arg("action")
+                        .arg("FULL_CLOSE_PROPOSED")
+                        .arg("reduceOnly")
+                        .arg("true")
+                        .query_async(&mut pcon)
+                        .await;
+                    i += 1;
+                }
+            })
+        };
+        let started = Instant::now();
+        for i in 0..args.fills {
+            let due = started + Duration::from_secs_f64(i as f64 / args.fill_rate.max(0.1));
+            tokio::time::sleep_until(due.into()).await;
+            let k = i % nsym;
+            seq += 1;
+            amounts[k] = seq;
+            pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(names[k].clone())
+                .or_default()
+                .push((seq, Instant::now()));
+            http.post(format!("http://{fake}/control/positions"))
+                .body(rows(&amounts).to_string())
+                .send()
+                .await?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline
+            && pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .any(|q| !q.is_empty())
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = sender.await;
+        listener.abort();
+        let scrape = http
+            .get(format!("http://{metrics_addr}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let _ = child.kill();
+        let _ = child.wait();
+        let missing: usize = pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum();
+        let mut lat = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let (age_p99, age_within) =
+            histogram(&scrape, "p33_decision_input_age_seconds", 0.99, "1.1");
+        let (age_p50, _) = histogram(&scrape, "p33_decision_input_age_seconds", 0.5, "1.1");
+        let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+        phases.insert(
+            phase.to_string(),
+            json!({
+                "P33_POSITION_STREAM": stream,
+                "fills_timed": lat.len(),
+                "missing": missing,
+                "p50_ms": r3(pct(&lat, 0.5)),
+                "p99_ms": r3(pct(&lat, 0.99)),
+                "max_ms": r3(lat.last().copied().unwrap_or(f64::NAN)),
+                "decision_input_age_p50_s": r3(age_p50),
+                "decision_input_age_p99_s": r3(age_p99),
+                "decision_input_age_share_le_1_1s": r3(age_within),
+            }),
+        );
+    }
+    let out = json!({
+        "mode": "positions",
+        "fills": args.fills,
+        "fill_rate_per_s": args.fill_rate,
+        "fill_symbols": nsym,
+        "plans_per_s": plan_rate,
+        "env": args.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "stream": phases.get("stream"),
+        "poll": phases.get("poll"),
+    });
+    println!("{out}");
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = <Args as clap::Parser>::parse();
+    if args.fills > 0 {
+        return fills_mode(&args).await;
+    }
     let plans = args.plans;
     let rate = args.rate;
     let symbols = args.symbols.max(2) & !1;
@@ -373,17 +745,37 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(null_consumer(ncon, universe));
     } else {
         let daemon = std::env::current_exe()?.with_file_name("position-state-brain");
+        let mut mode_env = vec![
+            ("P33_SNAPSHOT_SOURCE".to_string(), "external".to_string()),
+            (
+                "P33_EXCHANGE_BASE_URL".to_string(),
+                format!("http://127.0.0.1:{}", free_port()?),
+            ),
+        ];
+        if args.exchange {
+            // The fake exchange holds what the seeded snapshots said: even
+            // symbols long 1.5, odd ones flat.
+            let fake = start_fake(&mut guard)?;
+            let rows: Vec<Value> = names
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| k.is_multiple_of(2))
+                .map(|(_, s)| json!({"symbol": s, "positionAmt": "1.5"}))
+                .collect();
+            reqwest::Client::new()
+                .post(format!("http://{fake}/control/positions"))
+                .body(Value::Array(rows).to_string())
+                .send()
+                .await?;
+            mode_env = exchange_env(&fake);
+        }
         for k in 0..args.instances {
             let log = std::fs::File::create(dir.join(format!("daemon-{k}.log")))?;
             guard.0.push(
                 Command::new(&daemon)
                     .env_clear()
                     .envs(redis_env.iter().map(|(k, v)| (*k, v.as_str())))
-                    .env("P33_SNAPSHOT_SOURCE", "external")
-                    .env(
-                        "P33_EXCHANGE_BASE_URL",
-                        format!("http://127.0.0.1:{}", free_port()?),
-                    )
+                    .envs(mode_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                     .env("P33_METRICS_ADDR", "127.0.0.1")
                     .env("P33_METRICS_PORT", "0")
                     .env("P33_STALE_THRESHOLD_SEC", "600")
@@ -532,6 +924,7 @@ async fn main() -> anyhow::Result<()> {
         "null": (null),
         "instances": if null { 0 } else { args.instances },
         "sentinel": args.sentinel,
+        "exchange": args.exchange,
         "plans": plans,
         "permits_expected": want,
         "symbols": symbols,
