@@ -3,7 +3,8 @@
 # curl when missing, builds in release mode (about 1.5 minutes the first time
 # on 2 cores; cargo shows its progress), starts a private Redis and the fake
 # exchange on loopback, starts the daemon, and walks the operators'
-# scenarios live: universe -> permits, the kill switch (ctl halt / resume),
+# scenarios live: universe -> permits, a fill reaching the snapshot through
+# the user data stream, the kill switch (ctl halt / resume),
 # universe stale -> last_ok, explain and replay at the end,
 # last_ok too old -> env, env empty -> FAIL-CLOSED. Everything it started is
 # stopped on exit, Ctrl-C included. Needs nothing but what it installs:
@@ -71,7 +72,7 @@ start_daemon() { # P33_ALLOWLIST value
   env -i PATH="$PATH" \
     REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" \
     BINANCE_TESTNET_API_KEY=demo-key BINANCE_TESTNET_API_SECRET=demo-secret \
-    P33_EXCHANGE_BASE_URL="http://$FX" P33_POLL_SEC=0.5 \
+    P33_EXCHANGE_BASE_URL="http://$FX" P33_POLL_SEC=5 \
     P33_ALLOWLIST="$1" P33_ALLOWLIST_REFRESH_S=1 P33_UNIVERSE_MAX_AGE_S=120 \
     P33_METRICS_ADDR=127.0.0.1 P33_METRICS_PORT="$METRICS_PORT" P33_CONSUMER_NAME=p33-demo \
     "$BIN/position-state-brain" >> "$LOG" 2>&1 &
@@ -107,7 +108,18 @@ for p in demo-partial-btc demo-open-eth demo-close-eth demo-close-sol; do permit
 sleep 0.3
 echo "    demo-doge: $(R EXISTS quantum:permit:p33:demo-doge | sed 's/0/(no permit: DOGEUSDT is not allowlisted)/')"
 
-echo "== 2. the kill switch: ctl halt, a plan is denied, ctl resume, it is allowed"
+echo "== 2. a fill reaches the snapshot at once: the user data stream (polling every 5 s reconciles)"
+echo "  log:   $(wait_for "$LOG" 'position stream: live' | sed 's/.*position stream/position stream/')"
+before=$(R HGET quantum:position:snapshot:BTCUSDT position_amt)
+t0=$(date +%s%N)
+fx /control/positions '[{"symbol":"BTCUSDT","positionAmt":"0.05","entryPrice":"60100","markPrice":"60500","unRealizedProfit":"20","leverage":"5"},{"symbol":"SOLUSDT","positionAmt":"-12","entryPrice":"150","markPrice":"149","unRealizedProfit":"12","leverage":"3"}]'
+for _ in $(seq 1 400); do [ "$(R HGET quantum:position:snapshot:BTCUSDT position_amt)" = "0.05" ] && break; sleep 0.005; done
+t1=$(date +%s%N)
+echo "  the exchange fills BTCUSDT $before -> 0.05; the snapshot shows it $(( (t1 - t0) / 1000000 )) ms later (curl and redis-cli included):"
+set -- $(R HMGET quantum:position:snapshot:BTCUSDT position_amt side feed)
+echo "    quantum:position:snapshot:BTCUSDT position_amt=$1 side=$2 feed=$3"
+
+echo "== 3. the kill switch: ctl halt, a plan is denied, ctl resume, it is allowed"
 CTL() {
   env -i PATH="$PATH" USER=demo REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" P33_SNAPSHOT_SOURCE=external \
     "$BIN/position-state-brain" ctl "$@"
@@ -125,18 +137,18 @@ permit demo-resumed
 echo "  \$ position-state-brain ctl status"
 CTL status | sed 's/^/    /'
 
-echo "== 3. universe marked stale: source=last_ok"
+echo "== 4. universe marked stale: source=last_ok"
 mark=$(lines "$LOG")
 R HSET quantum:cfg:universe:meta stale 1 >/dev/null
 show "$(wait_for "$LOG" 'P3.3 allowlist source=last_ok' "$mark")"
 
-echo "== 4. last_ok older than P33_UNIVERSE_MAX_AGE_S: source=env"
+echo "== 5. last_ok older than P33_UNIVERSE_MAX_AGE_S: source=env"
 mark=$(lines "$LOG")
 universe quantum:cfg:universe:last_ok '["BTCUSDT","ETHUSDT"]' "$((now - 400))"
 show "$(wait_for "$LOG" 'P3.3 allowlist source=env' "$mark")"
 echo "  why:   $(wait_for "$LOG" 'allowlist source changed' "$mark" | sed 's/.*source changed: //')"
 
-echo "== 5. P33_ALLOWLIST empty too: FAIL-CLOSED (restart with the new env)"
+echo "== 6. P33_ALLOWLIST empty too: FAIL-CLOSED (restart with the new env)"
 kill -TERM "$DAEMON"; wait "$DAEMON" 2>/dev/null || true
 mark=$(lines "$LOG")
 start_daemon ""
@@ -145,7 +157,7 @@ show "$(wait_for "$LOG" 'P3.3 allowlist source=none' "$mark")"
 plan demo-closed BTCUSDT EXECUTE FULL_CLOSE_PROPOSED true
 sleep 0.5
 echo "    demo-closed: $(R EXISTS quantum:permit:p33:demo-closed | sed 's/0/(no permit: fail-closed)/')"
-echo "== 6. why was demo-close-eth denied? what would a 0.1 % tolerance have done?"
+echo "== 7. why was demo-close-eth denied? what would a 0.1 % tolerance have done?"
 echo "  \$ position-state-brain explain demo-close-eth"
 CTLX() {
   env -i PATH="$PATH" REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" P33_SNAPSHOT_SOURCE=external \

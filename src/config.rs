@@ -288,6 +288,7 @@ pub const VARS: &[Var] = &[
     var("P33_POSITION_STREAM", Some("on"), Kind::Choice(&["on", "off"]), "on: follow the user data stream for live positions, REST polling reconciles (binance mode); off: REST polling alone"),
     var("P33_EXCHANGE_WS_URL", None, Kind::WsUrl, "user data stream base (default: from P33_EXCHANGE_BASE_URL, https://fapi.binance.com → wss://fstream.binance.com, http://h:p → ws://h:p)"),
     var("P33_POSITION_STREAM_PING_SEC", Some("30"), Kind::Seconds { positive: true }, "client ping period on the user data stream; no frame within min(10 s, this) after a ping → reconnect"),
+    var("P33_POSITION_STREAM_KEEPALIVE_SEC", Some("1800"), Kind::Seconds { positive: true }, "listenKey keepalive (PUT) period; Binance ends a key 60 min after its last one"),
     var("P33_POSITION_STREAM_REPLACE_SEC", Some("82800"), Kind::Seconds { positive: true }, "age at which a stream connection is replaced by a new one (overlapping, never a gap): before Binance's 24 h cut"),
     var("P33_SNAPSHOT_SOURCE", Some("binance"), Kind::Choice(&["binance", "external"]), "binance: poll positionRisk and write snapshots; external: only read them"),
     var("P33_ALLOWLIST", None, Kind::List, "tier-3 symbols, comma separated (default: APPLY_ALLOWLIST, else empty)"),
@@ -630,6 +631,8 @@ pub struct Config {
     pub stream_ping: Duration,
     /// Age at which a stream connection is replaced.
     pub stream_replace: Duration,
+    /// listenKey keepalive period.
+    pub stream_keepalive: Duration,
     /// Raw tier-3 list (validated at resolution time, so that the WARN about
     /// dropped entries is logged with the resolution that drops them).
     pub allowlist_env: Vec<String>,
@@ -1085,6 +1088,7 @@ impl Config {
             exchange_ws_url,
             stream_ping: dur(p.secs("P33_POSITION_STREAM_PING_SEC")),
             stream_replace: dur(p.secs("P33_POSITION_STREAM_REPLACE_SEC")),
+            stream_keepalive: dur(p.secs("P33_POSITION_STREAM_KEEPALIVE_SEC")),
             snapshot_source,
             allowlist_env,
             allowlist_mode,

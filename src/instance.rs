@@ -145,13 +145,7 @@ pub async fn run(
                 metrics.allowlist_asof(),
                 a.expires_at.is_some_and(|e| now > e),
             ),
-            position_stream: if metrics.position_stream_enabled.get() == 0 {
-                "off"
-            } else if metrics.position_stream_live.get() == 1 {
-                "live"
-            } else {
-                "down"
-            },
+            position_stream: stream_word(&metrics),
             redis_master: redis.status().master.unwrap_or_else(|| "none".into()),
             pending,
             plans: metrics.plans_finished(),
@@ -179,10 +173,32 @@ pub async fn run(
                 }
             }
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(EVERY) => {}
+        // Every EVERY, and at once when the position stream goes live or
+        // down: an operator's `ctl status` right after says what it is.
+        let reported = stream_word(&metrics);
+        let next = tokio::time::Instant::now() + EVERY;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep_until(next) => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if stream_word(&metrics) != reported {
+                        break;
+                    }
+                }
+            }
         }
+    }
+}
+
+/// The position stream's word (SPEC §16): `live`, `down` or `off`.
+fn stream_word(metrics: &Metrics) -> &'static str {
+    if metrics.position_stream_enabled.get() == 0 {
+        "off"
+    } else if metrics.position_stream_live.get() == 1 {
+        "live"
+    } else {
+        "down"
     }
 }
 

@@ -21,7 +21,8 @@
 //!   knows);
 //! - `POST /control/stream` — `{"drop": true}` closes every connection
 //!   without a close frame, `{"expire_key": true}` ends the key (and pushes
-//!   `listenKeyExpired`), `{"stall": true}` makes every open connection go
+//!   `listenKeyExpired`), `{"forget_key": true}` ends it silently (the next
+//!   `PUT` gets -1125), `{"stall": true}` makes every open connection go
 //!   silent (no frames, no pongs), `{"malformed": true}` pushes a frame that
 //!   is not JSON, `{"raw": "…"}` pushes that text, `{"old_event": {"symbol",
 //!   "positionAmt", "positionSide"?, "age_ms"}}` pushes an `ACCOUNT_UPDATE`
@@ -531,6 +532,10 @@ fn control(
                 let t = s.last_t - age;
                 let text = account_update(t, vec![event_entry(o)]);
                 s.push(&text);
+            }
+            if v.get("forget_key").and_then(Value::as_bool) == Some(true) {
+                // Gone without a word: only the next keepalive learns it.
+                s.listen_key = None;
             }
             if v.get("expire_key").and_then(Value::as_bool) == Some(true) {
                 if let Some(k) = s.listen_key.take() {

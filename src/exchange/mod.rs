@@ -40,8 +40,8 @@ pub use snapshots::{
 };
 pub use step_table::{load_saved_steps, run_step_sizes, STEP_REFRESH, STEP_RETRY};
 pub use user_stream::{
-    parse_frame, Frame, Stream, CONNECT_TIMEOUT, KEEPALIVE, MAX_FRAME_BYTES, PONG_DEADLINE,
-    REPLACE_OVERLAP, RESTAMP_MAX_FRAME_AGE_MS,
+    parse_frame, Frame, Stream, CONNECT_TIMEOUT, MAX_FRAME_BYTES, PONG_DEADLINE, REPLACE_OVERLAP,
+    RESTAMP_MAX_FRAME_AGE_MS,
 };
 
 use std::sync::Arc;

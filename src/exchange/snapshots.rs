@@ -172,7 +172,9 @@ impl Writer {
                 None => allow.symbols.iter().collect(),
             };
             for sym in wanted {
-                let (feed, as_of) = book.feed(sym).unwrap_or((Feed::Rest, now));
+                // A symbol no reply or event named is flat as of the reply
+                // that left it out: no later than the last frame says.
+                let (feed, as_of) = book.feed(sym).unwrap_or((Feed::Rest, 0));
                 let ts_ms = match stamp {
                     Stamp::Now => now,
                     Stamp::LastFrame(f) => f.max(as_of),

@@ -41,9 +41,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest wait for a frame after a ping.
 pub const PONG_DEADLINE: Duration = Duration::from_secs(10);
 
-/// The listenKey keepalive period.
-pub const KEEPALIVE: Duration = Duration::from_secs(30 * 60);
-
 /// How long the old connection is still read after its replacement opened.
 pub const REPLACE_OVERLAP: Duration = Duration::from_secs(2);
 
@@ -362,7 +359,7 @@ impl Stream {
         let start = |d: Duration| tokio::time::interval_at((Instant::now() + d).into(), d);
         let mut ping = start(ping_every);
         let mut pong_due: Option<Instant> = None;
-        let mut keepalive = start(KEEPALIVE);
+        let mut keepalive = start(self.cfg.stream_keepalive);
         let mut restamp = start(Duration::from_secs(1));
         restamp.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let replace_after = self.cfg.stream_replace;

@@ -323,6 +323,32 @@ fn drop_key_expiry_and_a_silent_stall_each_reconnect_and_no_wrong_amount_is_writ
 }
 
 #[test]
+fn a_key_gone_without_a_word_is_found_by_the_keepalive_and_made_anew() {
+    let mut t = stream_daemon("BTCUSDT", &[("P33_POSITION_STREAM_KEEPALIVE_SEC", "0.5")]);
+    fill(&t, one("BTCUSDT", "1"));
+    t.start();
+    wait_live(&t);
+    wait_for("a keepalive", T, || {
+        (t.fx().count("PUT /fapi/v1/listenKey") >= 1).then_some(())
+    });
+    t.fx()
+        .control("/control/stream", json!({"forget_key": true}));
+    wait_at_least(
+        &t,
+        "p33_position_stream_reconnects_total{reason=\"key_expired\"}",
+        1.0,
+    );
+    t.wait_log(
+        "position stream: down (key_expired: keepalive: -1125, the listenKey does not exist)",
+        T,
+    );
+    wait_live(&t);
+    assert_eq!(t.fx().count("POST /fapi/v1/listenKey"), 2, "a new key");
+    fill(&t, one("BTCUSDT", "2"));
+    wait_amount(&mut t.con, "BTCUSDT", "2", Some("stream"));
+}
+
+#[test]
 fn a_malformed_frame_ends_live_and_with_rest_down_too_plans_are_denied_stale() {
     let mut t = stream_daemon(
         "BTCUSDT",
