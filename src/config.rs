@@ -841,6 +841,104 @@ pub fn derive_ws_url(base: &str) -> Option<String> {
     })
 }
 
+/// The systemd credentials (SPEC §17): file in `$CREDENTIALS_DIRECTORY`,
+/// and the variables it stands for (the first is the one it is read as;
+/// the others are dropped: the credential wins over every name).
+pub const CREDENTIALS: [(&str, &[&str]); 4] = [
+    ("binance_api_key", &["BINANCE_TESTNET_API_KEY", "BINANCE_API_KEY"]),
+    ("binance_api_secret", &["BINANCE_TESTNET_API_SECRET", "BINANCE_API_SECRET"]),
+    ("redis_password", &["REDIS_PASSWORD"]),
+    ("redis_sentinel_password", &["REDIS_SENTINEL_PASSWORD"]),
+];
+
+/// The largest credential file read.
+const MAX_CREDENTIAL_BYTES: u64 = 64 * 1024;
+
+/// Reads the credential files present in `$CREDENTIALS_DIRECTORY` into
+/// `env` (a file wins over its variables; an absent file leaves them). Also
+/// returns where each secret variable came from, and one error per file
+/// that is unreadable, empty, too large or not UTF-8 (exit 78). A trailing
+/// newline is not part of the value.
+fn credentials(
+    mut env: HashMap<String, String>,
+) -> (
+    HashMap<String, String>,
+    HashMap<&'static str, String>,
+    Vec<ConfigError>,
+) {
+    let mut sources = HashMap::new();
+    let mut errors = Vec::new();
+    let dir = env
+        .get("CREDENTIALS_DIRECTORY")
+        .filter(|d| !d.trim().is_empty())
+        .map(std::path::PathBuf::from);
+    for (file, names) in CREDENTIALS {
+        let read = dir.as_ref().map(|d| {
+            let path = d.join(file);
+            let f = std::fs::File::open(&path)?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(f, MAX_CREDENTIAL_BYTES + 1),
+                &mut bytes,
+            )?;
+            Ok::<_, std::io::Error>(bytes)
+        });
+        let problem = |why: String| ConfigError {
+            var: format!("{} (credential {file})", names[0]),
+            value: "[not shown]".into(),
+            why,
+        };
+        match read {
+            None => {}
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Some(Err(e)) => {
+                errors.push(problem(format!(
+                    "$CREDENTIALS_DIRECTORY/{file} cannot be read: {}",
+                    e.kind()
+                )));
+                continue;
+            }
+            Some(Ok(bytes)) => {
+                let text = match String::from_utf8(bytes) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        errors.push(problem(format!(
+                            "$CREDENTIALS_DIRECTORY/{file} is not UTF-8 text"
+                        )));
+                        continue;
+                    }
+                };
+                let value = text
+                    .strip_suffix('\n')
+                    .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                    .unwrap_or(&text);
+                if text.len() as u64 > MAX_CREDENTIAL_BYTES {
+                    errors.push(problem(format!(
+                        "$CREDENTIALS_DIRECTORY/{file} is larger than {MAX_CREDENTIAL_BYTES} bytes"
+                    )));
+                } else if value.trim().is_empty() {
+                    errors.push(problem(format!(
+                        "$CREDENTIALS_DIRECTORY/{file} is empty"
+                    )));
+                } else {
+                    for n in &names[1..] {
+                        env.remove(*n);
+                    }
+                    env.insert(names[0].to_string(), value.to_string());
+                    sources.insert(names[0], format!("from credential {file}"));
+                }
+                continue;
+            }
+        }
+        for n in names {
+            if env.get(*n).is_some_and(|v| !v.trim().is_empty()) {
+                sources.insert(*n, "from the environment".to_string());
+            }
+        }
+    }
+    (env, sources, errors)
+}
+
 /// Whether `name` is an exchange setting (credentials, URLs): what the
 /// tools never validate or read.
 fn is_exchange_var(name: &str) -> bool {
@@ -920,7 +1018,9 @@ impl Config {
         I: IntoIterator<Item = (String, String)>,
     {
         let env: HashMap<String, String> = vars.into_iter().collect();
+        let (env, secret_sources, credential_errors) = credentials(env);
         let mut p = Parsed::read(&env);
+        p.errors.extend(credential_errors);
 
         let legacy_present: Vec<&'static str> = LEGACY_VARS
             .iter()
@@ -1077,6 +1177,11 @@ impl Config {
                 ("REDIS", redis.display()),
                 ("LOG_FILTER", log_filter.clone()),
             ])
+            .map(|(name, value)| match secret_sources.get(name) {
+                // Where each secret came from, never what it is.
+                Some(from) if value != "(unset)" => (name, format!("{value} ({from})")),
+                _ => (name, value),
+            })
             .collect();
         Ok(Config {
             redis,
@@ -1341,6 +1446,64 @@ mod tests {
         let mut v: Vec<(String, String)> = vec![("P33_SNAPSHOT_SOURCE".into(), "external".into())];
         v.extend(pairs.iter().map(|(k, x)| (k.to_string(), x.to_string())));
         Config::from_pairs(v)
+    }
+
+    #[test]
+    fn systemd_credentials_win_over_the_environment_and_say_where_they_came_from() {
+        let dir = std::env::temp_dir().join(format!("p33-creds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("binance_api_key"), "cred-key\n").unwrap();
+        std::fs::write(dir.join("binance_api_secret"), "cred-secret").unwrap();
+        std::fs::write(dir.join("redis_password"), "cred-redis\r\n").unwrap();
+        let d = dir.to_string_lossy().into_owned();
+        let pairs = |extra: &[(&str, &str)]| {
+            let mut v: Vec<(String, String)> = vec![
+                ("CREDENTIALS_DIRECTORY".into(), d.clone()),
+                ("BINANCE_API_KEY".into(), "env-key".into()),
+                ("BINANCE_TESTNET_API_SECRET".into(), "env-secret".into()),
+            ];
+            v.extend(extra.iter().map(|(k, x)| (k.to_string(), x.to_string())));
+            v
+        };
+        let c = Config::from_pairs(pairs(&[])).unwrap();
+        assert_eq!(c.binance_api_key.as_ref().unwrap().expose(), "cred-key");
+        assert_eq!(c.binance_api_secret.as_ref().unwrap().expose(), "cred-secret");
+        assert!(!c.both_key_kinds, "the credential replaced both key names");
+        let shown: HashMap<&str, &str> =
+            c.effective().iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(
+            shown["BINANCE_TESTNET_API_KEY"],
+            "[redacted] (from credential binance_api_key)"
+        );
+        assert_eq!(shown["REDIS_PASSWORD"], "[redacted] (from credential redis_password)");
+        assert_eq!(shown["REDIS_SENTINEL_PASSWORD"], "(unset)");
+        assert_eq!(shown["BINANCE_API_KEY"], "(unset)");
+        let text = format!("{c:?}{:?}", c.effective());
+        for secret in ["cred-key", "cred-secret", "cred-redis", "env-key"] {
+            assert!(!text.contains(secret), "{secret} shown");
+        }
+        // Empty, unreadable: exit 78 naming the file, never the value.
+        std::fs::write(dir.join("redis_password"), "\n").unwrap();
+        let e = Config::from_pairs(pairs(&[])).unwrap_err().to_string();
+        assert!(e.contains("redis_password is empty"), "{e}");
+        std::fs::remove_file(dir.join("redis_password")).unwrap();
+        std::fs::create_dir(dir.join("redis_password")).unwrap();
+        let e = Config::from_pairs(pairs(&[])).unwrap_err().to_string();
+        assert!(e.contains("redis_password cannot be read"), "{e}");
+        std::fs::remove_dir(dir.join("redis_password")).unwrap();
+        // The tools ignore the exchange's credentials, broken or not.
+        std::fs::write(dir.join("binance_api_key"), "").unwrap();
+        assert!(Config::from_pairs(pairs(&[])).is_err());
+        assert!(Config::from_pairs_for(pairs(&[]), Purpose::Tools).is_ok());
+        // Absent files leave the environment's values.
+        std::fs::remove_file(dir.join("binance_api_key")).unwrap();
+        let c = Config::from_pairs(pairs(&[])).unwrap();
+        assert_eq!(c.binance_api_key.as_ref().unwrap().expose(), "env-key");
+        let shown: HashMap<&str, &str> =
+            c.effective().iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(shown["BINANCE_API_KEY"], "[redacted] (from the environment)");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -16,5 +16,6 @@ mod ops;
 mod plans;
 mod props;
 mod record;
+mod security;
 mod stream;
 mod verdict;
