@@ -845,8 +845,14 @@ pub fn derive_ws_url(base: &str) -> Option<String> {
 /// and the variables it stands for (the first is the one it is read as;
 /// the others are dropped: the credential wins over every name).
 pub const CREDENTIALS: [(&str, &[&str]); 4] = [
-    ("binance_api_key", &["BINANCE_TESTNET_API_KEY", "BINANCE_API_KEY"]),
-    ("binance_api_secret", &["BINANCE_TESTNET_API_SECRET", "BINANCE_API_SECRET"]),
+    (
+        "binance_api_key",
+        &["BINANCE_TESTNET_API_KEY", "BINANCE_API_KEY"],
+    ),
+    (
+        "binance_api_secret",
+        &["BINANCE_TESTNET_API_SECRET", "BINANCE_API_SECRET"],
+    ),
     ("redis_password", &["REDIS_PASSWORD"]),
     ("redis_sentinel_password", &["REDIS_SENTINEL_PASSWORD"]),
 ];
@@ -917,9 +923,7 @@ fn credentials(
                         "$CREDENTIALS_DIRECTORY/{file} is larger than {MAX_CREDENTIAL_BYTES} bytes"
                     )));
                 } else if value.trim().is_empty() {
-                    errors.push(problem(format!(
-                        "$CREDENTIALS_DIRECTORY/{file} is empty"
-                    )));
+                    errors.push(problem(format!("$CREDENTIALS_DIRECTORY/{file} is empty")));
                 } else {
                     for n in &names[1..] {
                         env.remove(*n);
@@ -1468,15 +1472,24 @@ mod tests {
         };
         let c = Config::from_pairs(pairs(&[])).unwrap();
         assert_eq!(c.binance_api_key.as_ref().unwrap().expose(), "cred-key");
-        assert_eq!(c.binance_api_secret.as_ref().unwrap().expose(), "cred-secret");
+        assert_eq!(
+            c.binance_api_secret.as_ref().unwrap().expose(),
+            "cred-secret"
+        );
         assert!(!c.both_key_kinds, "the credential replaced both key names");
-        let shown: HashMap<&str, &str> =
-            c.effective().iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let shown: HashMap<&str, &str> = c
+            .effective()
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
         assert_eq!(
             shown["BINANCE_TESTNET_API_KEY"],
             "[redacted] (from credential binance_api_key)"
         );
-        assert_eq!(shown["REDIS_PASSWORD"], "[redacted] (from credential redis_password)");
+        assert_eq!(
+            shown["REDIS_PASSWORD"],
+            "[redacted] (from credential redis_password)"
+        );
         assert_eq!(shown["REDIS_SENTINEL_PASSWORD"], "(unset)");
         assert_eq!(shown["BINANCE_API_KEY"], "(unset)");
         let text = format!("{c:?}{:?}", c.effective());
@@ -1500,9 +1513,15 @@ mod tests {
         std::fs::remove_file(dir.join("binance_api_key")).unwrap();
         let c = Config::from_pairs(pairs(&[])).unwrap();
         assert_eq!(c.binance_api_key.as_ref().unwrap().expose(), "env-key");
-        let shown: HashMap<&str, &str> =
-            c.effective().iter().map(|(k, v)| (*k, v.as_str())).collect();
-        assert_eq!(shown["BINANCE_API_KEY"], "[redacted] (from the environment)");
+        let shown: HashMap<&str, &str> = c
+            .effective()
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        assert_eq!(
+            shown["BINANCE_API_KEY"],
+            "[redacted] (from the environment)"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -85,7 +85,10 @@ fn the_daemon_takes_its_secrets_from_systemd_credentials_only() {
     ] {
         assert!(out.contains(line), "{line} in:\n{out}");
     }
-    assert!(!out.contains("cred-") && !out.contains("wrong-env-key"), "{out}");
+    assert!(
+        !out.contains("cred-") && !out.contains("wrong-env-key"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -104,8 +107,7 @@ fn an_empty_or_unreadable_credential_is_exit_78_naming_it() {
         env.insert("P33_SNAPSHOT_SOURCE".into(), "binance".into());
         env.insert("BINANCE_API_KEY".into(), "k".into());
         env.insert("BINANCE_API_SECRET".into(), "s".into());
-        let pairs: Vec<(&str, &str)> =
-            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let (code, out, err) = run_once(&[], &pairs);
         assert_eq!(code, Some(78), "{name}: {out}{err}");
         let want = if make == "empty" {
