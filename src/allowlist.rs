@@ -482,10 +482,14 @@ pub async fn read_universe(
 ) -> Result<UniverseRead, redis::RedisError> {
     type Str = (String, Vec<u8>);
     let (active, meta, last_ok): (Str, Vec<String>, Str) = crate::scripts::READ_UNIVERSE
-        .key(&cfg.universe_key_active)
-        .key(&cfg.universe_key_meta)
-        .key(&cfg.universe_key_last_ok)
-        .invoke_async(con)
+        .invoke(
+            con,
+            &[
+                &cfg.universe_key_active,
+                &cfg.universe_key_meta,
+                &cfg.universe_key_last_ok,
+            ],
+        )
         .await?;
     let doc = |(t, v): Str| match t.as_str() {
         "none" => Doc::Missing,

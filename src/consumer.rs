@@ -85,13 +85,13 @@ pub async fn read_state(
     if symbols.is_empty() {
         return Ok(HashMap::new());
     }
-    let mut inv = scripts::READ_STATE.prepare_invoke();
+    let mut ks = Vec::with_capacity(symbols.len() * 3);
     for s in symbols {
-        inv.key(keys::snapshot(s))
-            .key(keys::ledger(s))
-            .key(keys::cooldown(s));
+        ks.push(keys::snapshot(s));
+        ks.push(keys::ledger(s));
+        ks.push(keys::cooldown(s));
     }
-    let v: Value = inv.invoke_async(con).await?;
+    let v: Value = scripts::READ_STATE.invoke(con, &ks).await?;
     let Value::Array(rows) = v else {
         return Err(redis::RedisError::from((
             redis::ErrorKind::TypeError,

@@ -53,11 +53,7 @@ async fn read_keys(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let mut inv = crate::scripts::READ_STATES.prepare_invoke();
-    for k in keys {
-        inv.key(k);
-    }
-    let v: Vec<String> = inv.invoke_async(con).await?;
+    let v: Vec<String> = crate::scripts::READ_STATES.invoke(con, keys).await?;
     Ok(v.iter()
         .map(|s| (!s.is_empty()).then(|| TradingState::from_stored(s)))
         .collect())

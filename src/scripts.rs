@@ -2,18 +2,93 @@
 //! KEYS/ARGV protocol at its top, each [`redis::Script`] built once (its
 //! SHA1 computed once; `EVALSHA`, falling back to `EVAL` after a Redis
 //! restart, is redis-rs's job).
+//!
+//! The scripts that only read ([`ReadOnly`]) run with `EVALSHA_RO` (Redis ≥
+//! 7.0, SPEC §17): `EVALSHA` counts every declared key as written, so an
+//! ACL user that may only read the universe or the snapshots would be
+//! refused it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 
-use redis::Script;
+use redis::{FromRedisValue, Script, ToRedisArgs};
+
+/// A script that only reads: `EVALSHA_RO`, `SCRIPT LOAD` once after a
+/// `NOSCRIPT`, and on a Redis older than 7.0 (no `EVALSHA_RO`) `EVALSHA`,
+/// said once.
+pub(crate) struct ReadOnly {
+    code: &'static str,
+    script: Script,
+}
+
+/// Set once `EVALSHA_RO` was found missing (Redis < 7.0).
+static NO_EVALSHA_RO: AtomicBool = AtomicBool::new(false);
+
+impl ReadOnly {
+    fn new(code: &'static str) -> ReadOnly {
+        ReadOnly {
+            code,
+            script: Script::new(code),
+        }
+    }
+
+    /// Runs the script on `keys` (no ARGV).
+    pub(crate) async fn invoke<T, K, C>(&self, con: &mut C, keys: &[K]) -> redis::RedisResult<T>
+    where
+        T: FromRedisValue,
+        K: ToRedisArgs,
+        C: redis::aio::ConnectionLike,
+    {
+        if NO_EVALSHA_RO.load(Ordering::Relaxed) {
+            let mut inv = self.script.prepare_invoke();
+            for k in keys {
+                inv.key(k);
+            }
+            return inv.invoke_async(con).await;
+        }
+        let call = || {
+            let mut c = redis::cmd("EVALSHA_RO");
+            c.arg(self.script.get_hash()).arg(keys.len()).arg(keys);
+            c
+        };
+        match call().query_async(con).await {
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(self.code)
+                    .query_async::<String>(con)
+                    .await?;
+                call().query_async(con).await
+            }
+            Err(e)
+                if e.to_string()
+                    .to_ascii_lowercase()
+                    .contains("unknown command")
+                    && e.to_string().to_ascii_uppercase().contains("EVALSHA_RO") =>
+            {
+                if !NO_EVALSHA_RO.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "redis: no EVALSHA_RO (Redis older than 7.0): read-only scripts run with EVALSHA, which an ACL user with read-only keys is refused (SPEC §17)"
+                    );
+                }
+                let mut inv = self.script.prepare_invoke();
+                for k in keys {
+                    inv.key(k);
+                }
+                inv.invoke_async(con).await
+            }
+            other => other,
+        }
+    }
+}
 
 /// The universe keys in one round trip (`allowlist`).
-pub(crate) static READ_UNIVERSE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/read_universe.lua")));
+pub(crate) static READ_UNIVERSE: LazyLock<ReadOnly> =
+    LazyLock::new(|| ReadOnly::new(include_str!("scripts/read_universe.lua")));
 
 /// Snapshot, ledger and cooldown of a batch's symbols (`consumer`).
-pub(crate) static READ_STATE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/read_state.lua")));
+pub(crate) static READ_STATE: LazyLock<ReadOnly> =
+    LazyLock::new(|| ReadOnly::new(include_str!("scripts/read_state.lua")));
 
 /// The functions several scripts share (`common.lua`: how a trading state
 /// is read, whether a stream can take an entry), put in front of them.
@@ -30,11 +105,8 @@ pub(crate) static WRITE_PERMITS: LazyLock<Script> = LazyLock::new(|| {
 
 /// The trading states of the global key and a page of override keys,
 /// atomically (`control`).
-pub(crate) static READ_STATES: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{COMMON}{}",
-        include_str!("scripts/read_states.lua")
-    ))
+pub(crate) static READ_STATES: LazyLock<ReadOnly> = LazyLock::new(|| {
+    ReadOnly::new(format!("{COMMON}{}", include_str!("scripts/read_states.lua")).leak())
 });
 
 /// A halt's revocation of the allows not yet used (`control`).
