@@ -95,6 +95,8 @@ pub struct SentinelTarget {
     pub master: String,
     /// The sentinels' own password (`REDIS_SENTINEL_PASSWORD`).
     pub password: Option<Secret>,
+    /// The sentinels' own ACL user (`REDIS_SENTINEL_USERNAME`).
+    pub username: Option<String>,
 }
 
 impl SentinelTarget {
@@ -276,9 +278,11 @@ pub const VARS: &[Var] = &[
     var("REDIS_HOST", Some("localhost"), Kind::Host, "Redis host when REDIS_URL is unset"),
     var("REDIS_PORT", Some("6379"), Kind::Port, "Redis port when REDIS_URL is unset"),
     var("REDIS_DB", Some("0"), Kind::Db, "Redis database when REDIS_URL is unset"),
+    var("REDIS_USERNAME", None, Kind::Name, "Redis ACL user (SPEC §17: p33 for the daemon, p33-ops for ctl changes, p33-read for explain/replay/ctl status), used when the URL names none; default: Redis's default user"),
     var("REDIS_PASSWORD", None, Kind::Secret, "Redis AUTH password, used when the URL carries none (with sentinels: the master's and replicas' password)"),
     var("REDIS_SENTINELS", None, Kind::Sentinels, "host:port[,host:port…]: find the master through these Redis Sentinels instead of REDIS_URL/HOST/PORT (with REDIS_SENTINEL_MASTER)"),
     var("REDIS_SENTINEL_MASTER", None, Kind::Name, "the master name the sentinels monitor; required with REDIS_SENTINELS"),
+    var("REDIS_SENTINEL_USERNAME", None, Kind::Name, "the sentinels' own ACL user, when they need one"),
     var("REDIS_SENTINEL_PASSWORD", None, Kind::Secret, "the sentinels' own AUTH password, when they need one"),
     var("BINANCE_TESTNET_API_KEY", None, Kind::Secret, "exchange API key (else BINANCE_API_KEY); required with P33_SNAPSHOT_SOURCE=binance"),
     var("BINANCE_TESTNET_API_SECRET", None, Kind::Secret, "exchange API secret (else BINANCE_API_SECRET); required with P33_SNAPSHOT_SOURCE=binance"),
@@ -1345,6 +1349,7 @@ fn sentinel_rules(p: &mut Parsed) {
     let set = |p: &Parsed, n: &str| p.given.get(n).is_some_and(|v| !v.trim().is_empty());
     let (list, master) = (set(p, "REDIS_SENTINELS"), set(p, "REDIS_SENTINEL_MASTER"));
     let (password, url) = (set(p, "REDIS_SENTINEL_PASSWORD"), set(p, "REDIS_URL"));
+    let username = set(p, "REDIS_SENTINEL_USERNAME");
     if p.failed("REDIS_SENTINELS") || p.failed("REDIS_SENTINEL_MASTER") {
         return;
     }
@@ -1370,6 +1375,11 @@ fn sentinel_rules(p: &mut Parsed) {
     } else if !list && password {
         err(
             "REDIS_SENTINEL_PASSWORD",
+            "set without REDIS_SENTINELS and REDIS_SENTINEL_MASTER",
+        );
+    } else if !list && username {
+        err(
+            "REDIS_SENTINEL_USERNAME",
             "set without REDIS_SENTINELS and REDIS_SENTINEL_MASTER",
         );
     }
@@ -1405,6 +1415,9 @@ fn redis_target(p: &Parsed) -> RedisTarget {
     if info.redis.password.is_none() {
         info.redis.password = p.secret("REDIS_PASSWORD").map(|s| s.expose().to_string());
     }
+    if info.redis.username.is_none() {
+        info.redis.username = p.text("REDIS_USERNAME");
+    }
     let sentinel = match (
         p.values.get("REDIS_SENTINELS"),
         p.text("REDIS_SENTINEL_MASTER"),
@@ -1413,6 +1426,7 @@ fn redis_target(p: &Parsed) -> RedisTarget {
             sentinels: list.clone(),
             master,
             password: p.secret("REDIS_SENTINEL_PASSWORD"),
+            username: p.text("REDIS_SENTINEL_USERNAME"),
         }),
         _ => None,
     };

@@ -105,6 +105,7 @@ pub async fn run(cfg: &Config, mut args: CtlArgs) -> i32 {
             return 1;
         }
     };
+    let changing = !matches!(args.verb, Verb::Status { .. });
     let outcome = match args.verb {
         Verb::Status { json } => status(cfg, &mut con, json).await,
         Verb::Halt(a) => change(cfg, &mut con, Change::Halt, a).await,
@@ -117,6 +118,25 @@ pub async fn run(cfg: &Config, mut args: CtlArgs) -> i32 {
             eprintln!(
                 "ctl: the control entry cannot be written ({}); nothing was changed",
                 clip(e.detail().unwrap_or(""))
+            );
+            1
+        }
+        Err(e) if e.code() == Some("NOPERM") => {
+            let user = cfg
+                .redis
+                .info
+                .redis
+                .username
+                .as_deref()
+                .unwrap_or("default");
+            let needs = if changing {
+                "a change needs the ACL user p33-ops (REDIS_USERNAME=p33-ops)"
+            } else {
+                "status needs read access to quantum:* (p33-read or p33-ops)"
+            };
+            eprintln!(
+                "ctl: Redis user {user} is not allowed to do this ({}); nothing was changed: {needs}",
+                clip(&e.to_string())
             );
             1
         }

@@ -212,6 +212,12 @@ async fn watch_master(redis: store::Redis, metrics: Arc<Metrics>, cancel: Cancel
     }
 }
 
+/// The Redis user lacks a right the daemon needs (a NOPERM at start): a
+/// configuration error, exit 78, never retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoPermission(pub String);
+
 async fn start_and_supervise(
     cfg: &Arc<Config>,
     redis: &store::Redis,
@@ -229,8 +235,13 @@ async fn start_and_supervise(
     // The groups come first, so plans published while we start are not skipped.
     let mut backoff = store::Backoff::default();
     loop {
+        // What each call was, for a NOPERM: the user lacks a right the
+        // daemon needs, which no retry will give it (exit 78, SPEC §17).
+        let mut doing = String::new();
         let r = async {
+            doing = format!("XGROUP CREATE {PLAN_STREAM} {}", cfg.consumer_group);
             stream::ensure_group(&mut con, PLAN_STREAM, &cfg.consumer_group, "$").await?;
+            doing = format!("XINFO STREAM / XGROUP SETID {PLAN_STREAM}");
             stream::repair_group_ahead(&mut con, PLAN_STREAM, &cfg.consumer_group).await?;
             // The ledger and control streams are not the gate's own: one of
             // another type is said (their followers retry and say it again)
@@ -239,6 +250,7 @@ async fn start_and_supervise(
                 (RESULT_STREAM, cfg.ledger_group().to_string()),
                 (CONTROL_STREAM, crate::keys::control_group(&cfg.consumer_name)),
             ] {
+                doing = format!("XGROUP CREATE {stream} {group}");
                 match stream::ensure_group(&mut con, stream, &group, "$").await {
                     Err(e) if e.code() == Some("WRONGTYPE") => warn!(
                         "redis: {stream} holds another type, not a stream: {} cannot follow it until it is deleted or repaired; starting without it",
@@ -256,6 +268,20 @@ async fn start_and_supervise(
         .await;
         match r {
             Ok(()) => break,
+            Err(e) if e.code() == Some("NOPERM") => {
+                let user = cfg
+                    .redis
+                    .info
+                    .redis
+                    .username
+                    .as_deref()
+                    .unwrap_or("default");
+                return Err(NoPermission(format!(
+                    "redis: user {user} may not {doing} ({}): the daemon needs that command on that key; load deploy/redis/users.acl (user p33) or give the user that right",
+                    crate::text::clip(&e.to_string())
+                ))
+                .into());
+            }
             Err(e) => {
                 warn!("redis: creating consumer groups failed: {e}; retrying");
                 if !backoff.wait(cancel).await {

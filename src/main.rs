@@ -73,6 +73,10 @@ fn main() {
             }
             match lifecycle::run(Arc::new(cfg), Arc::new(Metrics::new()), shutdown).await {
                 Ok(()) => 0,
+                Err(e) if e.is::<lifecycle::NoPermission>() => {
+                    tracing::error!("fatal: {e:#}");
+                    78
+                }
                 Err(e) => {
                     tracing::error!("fatal: {e:#}");
                     1

@@ -524,7 +524,6 @@ pub async fn write_batch(
         match w {
             Write::AckOnly { entry_id, record } => {
                 inv.key(keys::unused(keys::permit))
-                    .key(keys::unused(keys::hold))
                     .key(keys::unused(keys::trading_state))
                     .key(&unused_opens);
                 inv.arg(entry_id).arg("0").arg("").arg("");
@@ -542,7 +541,6 @@ pub async fn write_batch(
                 record,
             } => {
                 inv.key(keys::permit(plan_id))
-                    .key(keys::hold(symbol))
                     .key(keys::trading_state(symbol));
                 match b.max_opens_per_symbol {
                     Some(r) => inv.key(keys::opens_symbol(window_ms(r), symbol)),

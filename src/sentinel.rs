@@ -124,10 +124,20 @@ async fn connect(target: &SentinelTarget, i: usize) -> Result<resp::Conn, String
         .await
         .map_err(|e| e.to_string())?;
     if let Some(pw) = &target.password {
-        let auth = con
-            .call(&[b"AUTH", pw.expose().as_bytes()], ASK_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())?;
+        let auth = match &target.username {
+            Some(user) => {
+                con.call(
+                    &[b"AUTH", user.as_bytes(), pw.expose().as_bytes()],
+                    ASK_TIMEOUT,
+                )
+                .await
+            }
+            None => {
+                con.call(&[b"AUTH", pw.expose().as_bytes()], ASK_TIMEOUT)
+                    .await
+            }
+        }
+        .map_err(|e| e.to_string())?;
         if let resp::Reply::Error(e) = auth {
             return Err(crate::text::clip(&e).into_owned());
         }

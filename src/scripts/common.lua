@@ -43,6 +43,7 @@ end
 -- __SCOPE__, __PLAN__ and __SYMBOL__ where they go). Replacements go through
 -- functions, so no character of a plan_id is read as a pattern.
 local PERMIT_PREFIX, HOLD_PREFIX = 'quantum:permit:p33:', 'quantum:reconcile:hold:'
+local STATE_PREFIX = 'quantum:p33:trading_state:'
 local function guard_deny(template, scope, permit_key, hold_key)
   local plan = string.sub(permit_key, #PERMIT_PREFIX + 1)
   local symbol = string.sub(hold_key, #HOLD_PREFIX + 1)

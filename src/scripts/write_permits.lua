@@ -26,12 +26,15 @@
 --          latch trips: what ctl status and the alert report)
 -- KEYS[7]  quantum:p33:allows (every allow written, `<symbol>|<plan_id>`
 --          scored by its expiry, ms: what a halt revokes, SPEC §12)
--- KEYS     then per entry i, four keys from KEYS[8 + 4(i-1)]:
+-- KEYS     then per entry i, three keys from KEYS[8 + 3(i-1)]:
 --            quantum:permit:p33:<plan_id>           (written)
---            quantum:reconcile:hold:<symbol>        (read)
 --            quantum:p33:trading_state:<symbol>     (read)
 --            quantum:p33:opens:<window>ms:<symbol>  (per-symbol throttle)
 --          An ACK-only entry fills its slots with unused names.
+--          quantum:reconcile:hold:<symbol> is read but not declared: a
+--          declared key counts as written for the ACL (SPEC §17), and the
+--          reconcile engine's hold is only read here. Its name is built from
+--          the state key's symbol.
 --
 -- ARGV[1]  the batch's settings, one JSON object (decoded once):
 --            stream, group        the plan stream and its consumer group
@@ -200,14 +203,16 @@ local out, foreigners = {}, {}
 local n = (#ARGV - 1) / stride
 for i = 1, n do
   local a = 1 + (i - 1) * stride
-  local k = 7 + (i - 1) * 4
+  local k = 7 + (i - 1) * 3
+  local pk, sk, xk = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local hk = HOLD_PREFIX .. string.sub(sk, #STATE_PREFIX + 1)
   local id, mode = ARGV[a + 1], ARGV[a + 2]
   local guards = {}
   local foreign = ''
   local code
   local acked = redis.call('XACK', stream, group, id)
   local ptype = 'none'
-  if acked ~= 0 and mode ~= '0' and not dry then ptype = redis.call('TYPE', KEYS[k + 1]).ok end
+  if acked ~= 0 and mode ~= '0' and not dry then ptype = redis.call('TYPE', pk).ok end
   if acked == 0 then
     code = 0
   elseif mode == '0' then
@@ -216,21 +221,20 @@ for i = 1, n do
     code = 4
   else
     if ptype ~= 'none' then
-      foreign = foreign_of(KEYS[k + 1], ptype)
+      foreign = foreign_of(pk, ptype)
       table.insert(guards, '"replaced_foreign":' .. cjson.encode(foreign))
     end
     local body, res = ARGV[a + 3], 2
     if mode ~= '1' then
       local state, scope, shift = global, 'global', 0
-      local sym = state_of(KEYS[k + 3], nil)
+      local sym = state_of(sk, nil)
       if sym and RANK[sym] > RANK[global] then state, scope, shift = sym, 'symbol', 1 end
       table.insert(guards, '"state":"' .. state .. '","scope":"' .. scope .. '"')
       if state == 'HALTED' then
-        body, res = guard_deny(h.halted, scope, KEYS[k + 1], KEYS[k + 2]), 5 + shift
+        body, res = guard_deny(h.halted, scope, pk, hk), 5 + shift
       elseif state == 'REDUCING' and mode == '3' then
-        body, res = guard_deny(h.reducing, scope, KEYS[k + 1], KEYS[k + 2]), 7 + shift
+        body, res = guard_deny(h.reducing, scope, pk, hk), 7 + shift
       elseif mode ~= '4' then
-        local hk = KEYS[k + 2]
         local t = redis.call('TYPE', hk).ok
         local held = false
         if t == 'string' then
@@ -250,14 +254,14 @@ for i = 1, n do
           broken, bcode = KEYS[3], 14
         elseif broken_g then
           broken, bcode = KEYS[2], 11
-        elseif max_s > 0 and not zset_ok(KEYS[k + 4]) then
-          broken, bcode = KEYS[k + 4], 12
+        elseif max_s > 0 and not zset_ok(xk) then
+          broken, bcode = xk, 12
         elseif broken_cap then
           broken, bcode = KEYS[4], 13
         end
         if broken then
           table.insert(guards, '"broken":' .. cjson.encode(broken))
-          body, res = broken_deny(broken, KEYS[k + 1], KEYS[k + 2]), bcode
+          body, res = broken_deny(broken, pk, hk), bcode
         end
       end
       if res == 2 and mode == '3' then
@@ -265,7 +269,7 @@ for i = 1, n do
           local is_full, c = full(KEYS[2], max_g, win_g)
           table.insert(guards, '"opens_global":' .. c)
           if is_full then
-            body, res = guard_deny(h.throttled_g, 'global', KEYS[k + 1], KEYS[k + 2]), 9
+            body, res = guard_deny(h.throttled_g, 'global', pk, hk), 9
             if latch and global == 'ACTIVE' and not dry then
               redis.call('SET', KEYS[1], 'REDUCING')
               local entry = redis.call('XADD', KEYS[3], '*', 'scope', 'global', 'symbol', '',
@@ -277,10 +281,10 @@ for i = 1, n do
           end
         end
         if res == 2 and max_s > 0 then
-          local is_full, c = full(KEYS[k + 4], max_s, win_s)
+          local is_full, c = full(xk, max_s, win_s)
           table.insert(guards, '"opens_symbol":' .. c)
           if is_full then
-            body, res = guard_deny(h.throttled_s, 'symbol', KEYS[k + 1], KEYS[k + 2]), 10
+            body, res = guard_deny(h.throttled_s, 'symbol', pk, hk), 10
           end
         end
         if res == 2 and cap > 0 then
@@ -290,7 +294,7 @@ for i = 1, n do
             -- The quoted placeholders become bare numbers.
             local t = string.gsub(h.cap_tmpl, '"__POSITIONS__"', tostring(positions))
             t = string.gsub(t, '"__INFLIGHT__"', tostring(flying))
-            body, res = guard_deny(t, 'global', KEYS[k + 1], KEYS[k + 2]), 1000 + flying
+            body, res = guard_deny(t, 'global', pk, hk), 1000 + flying
           end
         end
         if res == 2 and not dry then
@@ -299,11 +303,11 @@ for i = 1, n do
             redis.call('PEXPIRE', KEYS[2], win_g)
           end
           if max_s > 0 then
-            redis.call('ZADD', KEYS[k + 4], now_ms, id)
-            redis.call('PEXPIRE', KEYS[k + 4], win_s)
+            redis.call('ZADD', xk, now_ms, id)
+            redis.call('PEXPIRE', xk, win_s)
           end
           if cap > 0 then
-            local symbol = string.sub(KEYS[k + 2], #HOLD_PREFIX + 1)
+            local symbol = string.sub(hk, #HOLD_PREFIX + 1)
             redis.call('ZADD', KEYS[4], now_ms, symbol)
             redis.call('PEXPIRE', KEYS[4], ttl)
           end
@@ -312,16 +316,16 @@ for i = 1, n do
     end
     if not dry then
       -- A foreign permit is no verdict: it is replaced in this same step.
-      if ptype ~= 'none' then redis.call('DEL', KEYS[k + 1]) end
-      redis.call('SET', KEYS[k + 1], body, 'PX', ttl, 'NX')
+      if ptype ~= 'none' then redis.call('DEL', pk) end
+      redis.call('SET', pk, body, 'PX', ttl, 'NX')
       -- Every allow is indexed until it expires, so a halt can revoke it.
       if res == 2 and mode ~= '1' and not broken_allows then
         if not indexed then
           redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. now_ms)
           indexed = true
         end
-        local plan = string.sub(KEYS[k + 1], #PERMIT_PREFIX + 1)
-        local symbol = string.sub(KEYS[k + 2], #HOLD_PREFIX + 1)
+        local plan = string.sub(pk, #PERMIT_PREFIX + 1)
+        local symbol = string.sub(hk, #HOLD_PREFIX + 1)
         redis.call('ZADD', KEYS[7], now_ms + ttl, symbol .. '|' .. plan)
       end
     end

@@ -207,6 +207,22 @@ fn starts_without_redis_and_resolves_once_it_appears() {
             "--appendonly",
             "no",
         ])
+        // Under P33_IT_ACL the daemon logs in as p33: this server has the
+        // users too.
+        .args(if acl_mode() {
+            vec![
+                "--aclfile".to_string(),
+                acl_file(&{
+                    let dir = std::env::temp_dir().join(format!("p33-acl-late-{port}"));
+                    std::fs::create_dir_all(&dir).unwrap();
+                    dir
+                })
+                .to_string_lossy()
+                .into_owned(),
+            ]
+        } else {
+            Vec::new()
+        })
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -64,13 +64,78 @@ pub struct Redis {
     extra: Vec<String>,
 }
 
+/// Whether the integration tests run the daemon as the ACL user `p33`
+/// against Redis servers loaded with the shipped `deploy/redis/users.acl`
+/// (`P33_IT_ACL=1`, SPEC §17): the same tests, least privilege.
+pub fn acl_mode() -> bool {
+    std::env::var("P33_IT_ACL").is_ok_and(|v| v == "1")
+}
+
+/// The test password of an ACL user.
+pub fn acl_password(user: &str) -> String {
+    format!("it-pw-{user}")
+}
+
+/// The shipped ACL file with test passwords, written into `dir`.
+pub fn acl_file(dir: &std::path::Path) -> PathBuf {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/redis/users.acl"),
+    )
+    .unwrap();
+    let mut text = String::new();
+    for line in shipped.lines() {
+        let user = line.split_whitespace().nth(1).unwrap_or("");
+        text.push_str(&line.replace(
+            &format!(">CHANGE-ME-{user}"),
+            &format!(">{}", acl_password(user)),
+        ));
+        text.push('\n');
+    }
+    let path = dir.join("users.acl");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 impl Redis {
     pub fn start() -> Redis {
         Self::start_with(&[])
     }
 
+    /// Loaded with the shipped ACL users (the default user stays, for the
+    /// tests' own set-up).
+    pub fn start_acl() -> Redis {
+        let dir =
+            std::env::temp_dir().join(format!("p33-acl-{}-{}", free_port(), std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = acl_file(&dir);
+        Self::start_with(&["--aclfile", &path.to_string_lossy()])
+    }
+
+    /// Whether this server has the shipped ACL users.
+    pub fn has_acl(&self) -> bool {
+        self.extra.iter().any(|a| a == "--aclfile")
+    }
+
     /// With more `redis-server` arguments (`--replicaof 127.0.0.1 P`, …).
     pub fn start_with(extra: &[&str]) -> Redis {
+        // P33_IT_ACL=1: every server has the shipped users (but one whose
+        // test sets its own password: that test is about the default user).
+        if acl_mode()
+            && !extra
+                .iter()
+                .any(|a| *a == "--aclfile" || *a == "--requirepass")
+        {
+            let dir = std::env::temp_dir().join(format!(
+                "p33-acl-{}-{}",
+                free_port(),
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = acl_file(&dir).to_string_lossy().into_owned();
+            let mut with: Vec<&str> = extra.to_vec();
+            with.extend(["--aclfile", path.as_str()]);
+            return Self::start_with(&with);
+        }
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("p33-redis-{port}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -199,6 +264,10 @@ pub fn base_env(redis: &Redis) -> HashMap<String, String> {
         ("P33_ALLOWLIST_REFRESH_S", "1".into()),
     ] {
         e.insert(k.to_string(), v);
+    }
+    if redis.has_acl() {
+        e.insert("REDIS_USERNAME".into(), "p33".into());
+        e.insert("REDIS_PASSWORD".into(), acl_password("p33"));
     }
     e
 }

@@ -118,3 +118,402 @@ fn an_empty_or_unreadable_credential_is_exit_78_naming_it() {
         assert!(err.contains(&want), "{want} in:\n{err}");
     }
 }
+
+/// A connection to `redis` as an ACL user.
+fn con_as(redis: &Redis, user: &str) -> redis::Connection {
+    let url = format!(
+        "redis://{user}:{}@127.0.0.1:{}/0",
+        acl_password(user),
+        redis.port
+    );
+    redis::Client::open(url).unwrap().get_connection().unwrap()
+}
+
+/// `ACL DRYRUN user args…`: `None` when allowed, else Redis's reason.
+fn dryrun(con: &mut redis::Connection, user: &str, args: &[&str]) -> Option<String> {
+    let r: String = redis::cmd("ACL")
+        .arg("DRYRUN")
+        .arg(user)
+        .arg(args)
+        .query(con)
+        .unwrap_or_else(|e| panic!("ACL DRYRUN {user} {args:?}: {e}"));
+    (r != "OK").then_some(r)
+}
+
+/// Every Redis command the daemon's sources name: `cmd("X")` in Rust,
+/// `redis.call('X'` in the scripts, and the builder methods used.
+fn commands_in_sources() -> std::collections::BTreeSet<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                if !p.ends_with("bin") {
+                    dirs.push(p);
+                }
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (open, close) in [
+            ("cmd(\"", '"'),
+            ("redis.call('", '\''),
+            ("redis.pcall('", '\''),
+        ] {
+            for part in text.split(open).skip(1) {
+                let name: String = part.chars().take_while(|c| *c != close).collect();
+                if !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+                    out.insert(name);
+                }
+            }
+        }
+        for (method, command) in [
+            (".hset_multiple(", "HMSET"),
+            (".pexpire(", "PEXPIRE"),
+            (".del(", "DEL"),
+            (".atomic()", "MULTI"),
+        ] {
+            if text.contains(method) {
+                out.insert(command.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_acl_follows_every_command_and_key_the_daemon_uses() {
+    let redis = Redis::start_acl();
+    let mut admin = redis.con();
+    // One example per command, on a key the daemon owns: each must be
+    // allowed to p33. A command new in the sources without a row here (and
+    // in deploy/redis/users.acl) fails this test.
+    let examples: &[(&str, &[&str])] = &[
+        ("DEL", &["DEL", "quantum:permit:p33:x"]),
+        (
+            "EVALSHA",
+            &[
+                "EVALSHA",
+                "0000000000000000000000000000000000000000",
+                "1",
+                "quantum:p33:allows",
+            ],
+        ),
+        (
+            "EVALSHA_RO",
+            &[
+                "EVALSHA_RO",
+                "0000000000000000000000000000000000000000",
+                "1",
+                "quantum:cfg:universe:active",
+            ],
+        ),
+        ("EXISTS", &["EXISTS", "quantum:permit:p33:x"]),
+        (
+            "EXPIRE",
+            &["EXPIRE", "quantum:position:snapshot:BTCUSDT", "10"],
+        ),
+        ("GET", &["GET", "quantum:cooldown:last_exec_ts:BTCUSDT"]),
+        ("HGET", &["HGET", "quantum:position:ledger:BTCUSDT", "f"]),
+        ("HGETALL", &["HGETALL", "quantum:cfg:universe:meta"]),
+        ("HMSET", &["HMSET", "quantum:p33:instance:x", "a", "b"]),
+        (
+            "HSET",
+            &["HSET", "quantum:position:snapshot:BTCUSDT", "a", "b"],
+        ),
+        (
+            "HSTRLEN",
+            &["HSTRLEN", "quantum:position:ledger:BTCUSDT", "f"],
+        ),
+        ("MULTI", &["MULTI"]),
+        ("PEXPIRE", &["PEXPIRE", "quantum:p33:latch", "10"]),
+        ("ROLE", &["ROLE"]),
+        ("SCAN", &["SCAN", "0"]),
+        ("SCRIPT", &["SCRIPT", "LOAD", "return 1"]),
+        ("SET", &["SET", "quantum:permit:p33:x", "v"]),
+        ("STRLEN", &["STRLEN", "quantum:reconcile:hold:BTCUSDT"]),
+        ("TIME", &["TIME"]),
+        ("TYPE", &["TYPE", "quantum:reconcile:hold:BTCUSDT"]),
+        ("XACK", &["XACK", "quantum:stream:apply.plan", "p33", "0-1"]),
+        (
+            "XADD",
+            &["XADD", "quantum:stream:p33.decisions", "*", "a", "b"],
+        ),
+        (
+            "XAUTOCLAIM",
+            &[
+                "XAUTOCLAIM",
+                "quantum:stream:apply.plan",
+                "p33",
+                "c",
+                "1000",
+                "0",
+            ],
+        ),
+        (
+            "XGROUP",
+            &[
+                "XGROUP",
+                "CREATE",
+                "quantum:stream:apply.result",
+                "p33-ledger",
+                "$",
+                "MKSTREAM",
+            ],
+        ),
+        ("XINFO", &["XINFO", "STREAM", "quantum:stream:p33.control"]),
+        (
+            "XPENDING",
+            &["XPENDING", "quantum:stream:apply.plan", "p33"],
+        ),
+        (
+            "XREAD",
+            &["XREAD", "STREAMS", "quantum:stream:p33.control", "0"],
+        ),
+        (
+            "XREADGROUP",
+            &[
+                "XREADGROUP",
+                "GROUP",
+                "p33",
+                "c",
+                "STREAMS",
+                "quantum:stream:apply.plan",
+                ">",
+            ],
+        ),
+        (
+            "XREVRANGE",
+            &["XREVRANGE", "quantum:stream:p33.decisions", "+", "-"],
+        ),
+        ("ZADD", &["ZADD", "quantum:p33:opens:1000ms", "1", "m"]),
+        ("ZCARD", &["ZCARD", "quantum:p33:open_positions"]),
+        (
+            "ZRANGE",
+            &["ZRANGE", "quantum:p33:open_positions", "0", "-1"],
+        ),
+        (
+            "ZRANGEBYSCORE",
+            &["ZRANGEBYSCORE", "quantum:p33:allows", "0", "1"],
+        ),
+        ("ZREM", &["ZREM", "quantum:p33:allows", "m"]),
+        (
+            "ZREMRANGEBYSCORE",
+            &["ZREMRANGEBYSCORE", "quantum:p33:allows", "0", "1"],
+        ),
+    ];
+    let known: std::collections::BTreeSet<&str> = examples.iter().map(|(c, _)| *c).collect();
+    for c in commands_in_sources() {
+        assert!(
+            known.contains(c.as_str()),
+            "the sources use {c}: allow it to p33 in deploy/redis/users.acl and add it here"
+        );
+    }
+    for (c, args) in examples {
+        assert_eq!(
+            dryrun(&mut admin, "p33", args),
+            None,
+            "p33 may {c}: {args:?}"
+        );
+    }
+    // Every key family of src/keys.rs, and what each user may do with it.
+    let keys_rs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/keys.rs"),
+    )
+    .unwrap();
+    // (example key, p33, p33-ops, p33-read): "rw", "r" or "-".
+    let families: &[(&str, &str, &str, &str)] = &[
+        ("quantum:stream:apply.plan", "rw", "-", "r"),
+        ("quantum:stream:apply.result", "rw", "-", "r"),
+        ("quantum:cfg:universe:active", "r", "-", "r"),
+        ("quantum:cfg:universe:last_ok", "r", "-", "r"),
+        ("quantum:cfg:universe:meta", "r", "-", "r"),
+        ("quantum:p33:step_sizes", "rw", "r", "r"),
+        ("quantum:p33:trading_state", "rw", "rw", "r"),
+        ("quantum:p33:trading_state:BTCUSDT", "rw", "rw", "r"),
+        ("quantum:p33:opens:60000ms", "rw", "r", "r"),
+        ("quantum:p33:opens:60000ms:BTCUSDT", "rw", "r", "r"),
+        ("quantum:p33:open_positions", "rw", "r", "r"),
+        ("quantum:stream:p33.decisions", "rw", "r", "r"),
+        ("quantum:stream:p33.decisions.dry_run", "rw", "r", "r"),
+        ("quantum:p33:latch", "rw", "rw", "r"),
+        ("quantum:p33:allows", "rw", "r", "r"),
+        ("quantum:p33:instance:p33-a", "rw", "r", "r"),
+        ("quantum:p33:revoked:1-0", "rw", "r", "r"),
+        ("quantum:stream:p33.control", "rw", "rw", "r"),
+        ("quantum:permit:p33:plan-1", "rw", "-", "r"),
+        ("quantum:reconcile:hold:BTCUSDT", "r", "-", "r"),
+        ("quantum:position:snapshot:BTCUSDT", "rw", "-", "r"),
+        ("quantum:state:positions:BTCUSDT", "rw", "-", "r"),
+        ("quantum:position:ledger:BTCUSDT", "rw", "-", "r"),
+        ("quantum:cooldown:last_exec_ts:BTCUSDT", "r", "-", "r"),
+        ("somebody:else", "-", "-", "-"),
+    ];
+    // Every "quantum:…" name in keys.rs (its code, not its tests) has a row
+    // (by its fixed prefix).
+    let code = keys_rs.split("#[cfg(test)]").next().unwrap();
+    for part in code.split('"').skip(1).step_by(2) {
+        if let Some(name) = part.strip_prefix("quantum:") {
+            let prefix = format!("quantum:{}", name.split('{').next().unwrap());
+            assert!(
+                families.iter().any(|(k, ..)| k.starts_with(&prefix)),
+                "src/keys.rs names {prefix}: give it an ACL row here and in deploy/redis/users.acl"
+            );
+        }
+    }
+    for (key, p33, ops, read) in families {
+        for (user, want) in [("p33", p33), ("p33-ops", ops), ("p33-read", read)] {
+            let r = dryrun(&mut admin, user, &["EXISTS", key]).is_none();
+            let w = dryrun(&mut admin, user, &["DEL", key]).is_none();
+            let got = match (r, w) {
+                (true, true) => "rw",
+                (true, false) => "r",
+                (false, false) => "-",
+                (false, true) => "w",
+            };
+            assert_eq!(got, *want, "{user} on {key}");
+        }
+    }
+    // p33-read only reads; p33-ops changes no permit.
+    assert!(dryrun(
+        &mut admin,
+        "p33-read",
+        &[
+            "EVALSHA",
+            "0000000000000000000000000000000000000000",
+            "1",
+            "quantum:p33:trading_state"
+        ]
+    )
+    .is_some());
+    assert!(dryrun(&mut admin, "p33-ops", &["SET", "quantum:permit:p33:x", "v"]).is_some());
+}
+
+#[test]
+fn as_p33_the_daemon_permits_and_may_not_write_what_is_not_its_own() {
+    let mut t = spawn_daemon(Opts::env_allowlist("BTCUSDT").deferred());
+    if !t.redis.has_acl() {
+        // Not under P33_IT_ACL: a server of its own with the users.
+        t.redis = Redis::start_acl();
+        t.con = t.redis.con();
+        t.env = {
+            let mut e = base_env(&t.redis);
+            e.insert("P33_ALLOWLIST_SOURCE".into(), "env".into());
+            e.insert("P33_ALLOWLIST".into(), "BTCUSDT".into());
+            e
+        };
+    }
+    assert_eq!(t.env["REDIS_USERNAME"], "p33");
+    set_snapshot(&mut t.con, "BTCUSDT", "1", now());
+    t.start_ready();
+    t.push_plan(&[
+        ("plan_id", "acl-1"),
+        ("symbol", "BTCUSDT"),
+        ("decision", "EXECUTE"),
+        ("action", "FULL_CLOSE_PROPOSED"),
+        ("reduceOnly", "true"),
+    ]);
+    assert_eq!(t.wait_permit("acl-1")["allow"], true);
+    let mut p33 = con_as(&t.redis, "p33");
+    for (key, what) in [
+        ("quantum:cfg:universe:active", "the universe"),
+        ("quantum:reconcile:hold:BTCUSDT", "a reconcile hold"),
+        ("quantum:cooldown:last_exec_ts:BTCUSDT", "a cooldown"),
+        ("apply:something:else", "a foreign key"),
+    ] {
+        let e = redis::cmd("SET")
+            .arg(key)
+            .arg("x")
+            .query::<()>(&mut p33)
+            .unwrap_err();
+        assert_eq!(e.code(), Some("NOPERM"), "{what}: {e}");
+    }
+    let e = redis::cmd("FLUSHALL").query::<()>(&mut p33).unwrap_err();
+    assert_eq!(e.code(), Some("NOPERM"), "{e}");
+}
+
+#[test]
+fn ctl_changes_need_p33_ops_and_p33_read_is_told_so() {
+    let redis = Redis::start_acl();
+    let url = |user: &str| {
+        format!(
+            "redis://{user}:{}@127.0.0.1:{}/0",
+            acl_password(user),
+            redis.port
+        )
+    };
+    let read = url("p33-read");
+    let (code, out, err) = run_once(
+        &["ctl", "halt", "--reason", "acl test"],
+        &[("REDIS_URL", &read), ("USER", "tester")],
+    );
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("Redis user p33-read is not allowed to do this")
+            && err.contains("nothing was changed")
+            && err.contains("p33-ops"),
+        "{err}"
+    );
+    let mut admin = redis.con();
+    let state: Option<String> = redis::cmd("GET")
+        .arg("quantum:p33:trading_state")
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(state, None, "nothing was changed");
+    let ops = url("p33-ops");
+    let (code, out, err) = run_once(
+        &["ctl", "halt", "--reason", "acl test"],
+        &[("REDIS_URL", &ops), ("USER", "tester")],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    for u in [&ops, &read] {
+        let (code, out, err) = run_once(&["ctl", "status"], &[("REDIS_URL", u)]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        assert!(out.contains("HALTED"), "{out}");
+    }
+}
+
+#[test]
+fn a_noperm_at_start_is_exit_78_naming_the_command_and_key() {
+    let redis = Redis::start_acl();
+    let mut admin = redis.con();
+    // p33's rights without the plan stream.
+    let acl = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/redis/users.acl"),
+    )
+    .unwrap();
+    let p33 = acl.lines().find(|l| l.starts_with("user p33 ")).unwrap();
+    let rules: Vec<&str> = p33
+        .split_whitespace()
+        .skip(2)
+        .filter(|r| !r.starts_with('>') && *r != "~quantum:stream:apply.plan")
+        .collect();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("p33-weak")
+        .arg(">weak-pw")
+        .arg(&rules)
+        .query(&mut admin)
+        .unwrap();
+    let mut env = base_env(&redis);
+    env.insert("REDIS_USERNAME".into(), "p33-weak".into());
+    env.insert("REDIS_PASSWORD".into(), "weak-pw".into());
+    env.insert("P33_ALLOWLIST".into(), "BTCUSDT".into());
+    let t0 = std::time::Instant::now();
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, out, err) = run_once(&[], &pairs);
+    assert_eq!(code, Some(78), "{out}{err}");
+    assert!(t0.elapsed() < T, "no retry loop: {:?}", t0.elapsed());
+    let all = format!("{out}{err}");
+    assert!(
+        all.contains("user p33-weak may not XGROUP CREATE quantum:stream:apply.plan p33"),
+        "{all}"
+    );
+    assert!(!all.contains("weak-pw"), "{all}");
+}
