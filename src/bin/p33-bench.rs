@@ -69,6 +69,10 @@ struct Args {
     /// master), instead of REDIS_URL.
     #[arg(long, conflicts_with = "null")]
     sentinel: bool,
+    /// Load deploy/redis/users.acl into the bench's Redis and run the
+    /// daemons as the ACL user p33 (the cost of the ACL checks).
+    #[arg(long, conflicts_with = "null")]
+    acl: bool,
     /// Run the daemons in binance mode against the fake exchange (which
     /// holds the positions the plans expect) instead of external snapshots.
     #[arg(long, conflicts_with = "null")]
@@ -643,6 +647,23 @@ async fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("p33-bench-{port}"));
     std::fs::create_dir_all(&dir)?;
     let mut guard = Guard(Vec::new());
+    let mut acl_args = Vec::new();
+    if args.acl {
+        // The shipped users, each with the password "bench-<user>".
+        let shipped = include_str!("../../deploy/redis/users.acl");
+        let mut text = String::new();
+        for line in shipped.lines() {
+            let user = line.split_whitespace().nth(1).unwrap_or("");
+            text.push_str(&line.replace(
+                &format!(">CHANGE-ME-{user}"),
+                &format!(">bench-{user}"),
+            ));
+            text.push('\n');
+        }
+        let path = dir.join("users.acl");
+        std::fs::write(&path, text)?;
+        acl_args = vec!["--aclfile".to_string(), path.to_string_lossy().into_owned()];
+    }
     guard.0.push(
         Command::new("redis-server")
             .args([
@@ -657,6 +678,7 @@ async fn main() -> anyhow::Result<()> {
             ])
             .arg("--dir")
             .arg(&dir)
+            .args(&acl_args)
             .stdout(Stdio::null())
             .spawn()?,
     );
@@ -768,6 +790,10 @@ async fn main() -> anyhow::Result<()> {
                 .send()
                 .await?;
             mode_env = exchange_env(&fake);
+        }
+        if args.acl {
+            mode_env.push(("REDIS_USERNAME".into(), "p33".into()));
+            mode_env.push(("REDIS_PASSWORD".into(), "bench-p33".into()));
         }
         for k in 0..args.instances {
             let log = std::fs::File::create(dir.join(format!("daemon-{k}.log")))?;
@@ -925,6 +951,7 @@ async fn main() -> anyhow::Result<()> {
         "instances": if null { 0 } else { args.instances },
         "sentinel": args.sentinel,
         "exchange": args.exchange,
+        "acl": args.acl,
         "plans": plans,
         "permits_expected": want,
         "symbols": symbols,
