@@ -654,10 +654,7 @@ async fn main() -> anyhow::Result<()> {
         let mut text = String::new();
         for line in shipped.lines() {
             let user = line.split_whitespace().nth(1).unwrap_or("");
-            text.push_str(&line.replace(
-                &format!(">CHANGE-ME-{user}"),
-                &format!(">bench-{user}"),
-            ));
+            text.push_str(&line.replace(&format!(">CHANGE-ME-{user}"), &format!(">bench-{user}")));
             text.push('\n');
         }
         let path = dir.join("users.acl");
