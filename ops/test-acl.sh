@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 . ops/lib.sh
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 install_missing ops/test-acl.sh "${need[@]}"
 export P33_IT_ACL=1
 areas=(plans control record limits verdict hostile exchange stream allowlist ha security)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what the tests need when it is missing:
 # redis-server (the integration tests start private instances on loopback
-# ports) and promtool (checks the /metrics exposition and the alert rules).
+# ports), promtool (checks the /metrics exposition and the alert rules) and
+# openssl (makes the TLS tests' certificates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ops/lib.sh
@@ -10,6 +11,7 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 install_missing ops/test.sh "${need[@]}"
 
 # Property tests (tests/props.rs): a few thousand arbitrary inputs per parser.

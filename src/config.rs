@@ -97,6 +97,9 @@ pub struct SentinelTarget {
     pub password: Option<Secret>,
     /// The sentinels' own ACL user (`REDIS_SENTINEL_USERNAME`).
     pub username: Option<String>,
+    /// TLS to the sentinels (`REDIS_TLS`), with these CA certificates (PEM;
+    /// `None`: the webpki roots).
+    pub tls: Option<Option<Vec<u8>>>,
 }
 
 impl SentinelTarget {
@@ -280,6 +283,8 @@ pub const VARS: &[Var] = &[
     var("REDIS_DB", Some("0"), Kind::Db, "Redis database when REDIS_URL is unset"),
     var("REDIS_USERNAME", None, Kind::Name, "Redis ACL user (SPEC §17: p33 for the daemon, p33-ops for ctl changes, p33-read for explain/replay/ctl status), used when the URL names none; default: Redis's default user"),
     var("REDIS_PASSWORD", None, Kind::Secret, "Redis AUTH password, used when the URL carries none (with sentinels: the master's and replicas' password)"),
+    var("REDIS_TLS", Some("false"), Kind::Bool, "TLS to the data nodes and the sentinels (SPEC §17); with REDIS_URL, redis:// then counts as rediss://"),
+    var("REDIS_TLS_CA_FILE", None, Kind::Name, "PEM file of the CA certificates the servers' certificates must chain to (default: the public webpki roots); with REDIS_TLS"),
     var("REDIS_SENTINELS", None, Kind::Sentinels, "host:port[,host:port…]: find the master through these Redis Sentinels instead of REDIS_URL/HOST/PORT (with REDIS_SENTINEL_MASTER)"),
     var("REDIS_SENTINEL_MASTER", None, Kind::Name, "the master name the sentinels monitor; required with REDIS_SENTINELS"),
     var("REDIS_SENTINEL_USERNAME", None, Kind::Name, "the sentinels' own ACL user, when they need one"),
@@ -1061,7 +1066,8 @@ impl Config {
             || (given("BINANCE_TESTNET_API_SECRET") && given("BINANCE_API_SECRET"));
 
         sentinel_rules(&mut p);
-        let redis = redis_target(&p);
+        let tls = tls_settings(&mut p);
+        let redis = redis_target(&mut p, tls);
 
         let snapshot_source = match p.word("P33_SNAPSHOT_SOURCE") {
             "external" => SnapshotSource::External,
@@ -1393,7 +1399,46 @@ fn sentinel_rules(p: &mut Parsed) {
 
 /// `REDIS_URL` wins over host/port/db; `REDIS_PASSWORD` applies when the URL
 /// carries none. With sentinels, host and port come from them.
-fn redis_target(p: &Parsed) -> RedisTarget {
+/// `REDIS_TLS` and its CA file (SPEC §17): `None` without TLS, else the CA
+/// certificates (PEM) or `None` for the webpki roots. A CA file that cannot
+/// be read or holds no certificate is an error.
+fn tls_settings(p: &mut Parsed) -> Option<Option<Vec<u8>>> {
+    let ca = p.text("REDIS_TLS_CA_FILE");
+    if !p.bool("REDIS_TLS") {
+        if ca.is_some() {
+            p.errors.push(ConfigError {
+                var: "REDIS_TLS_CA_FILE".into(),
+                value: String::new(),
+                why: "set without REDIS_TLS=true".into(),
+            });
+        }
+        return None;
+    }
+    let Some(path) = ca else { return Some(None) };
+    let err = |why: String| ConfigError {
+        var: "REDIS_TLS_CA_FILE".into(),
+        value: crate::text::clip(&path).into_owned(),
+        why,
+    };
+    match std::fs::read(&path) {
+        Err(e) => {
+            p.errors.push(err(format!("cannot be read: {}", e.kind())));
+            Some(None)
+        }
+        Ok(pem) => {
+            use rustls_pki_types::pem::PemObject;
+            let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                .filter(Result::is_ok)
+                .count();
+            if certs == 0 {
+                p.errors.push(err("holds no PEM certificate".into()));
+            }
+            Some(Some(pem))
+        }
+    }
+}
+
+fn redis_target(p: &mut Parsed, tls: Option<Option<Vec<u8>>>) -> RedisTarget {
     let mut info = match p.values.get("REDIS_URL") {
         Some(Value::RedisUrl(i, _)) => (**i).clone(),
         _ => {
@@ -1427,9 +1472,39 @@ fn redis_target(p: &Parsed) -> RedisTarget {
             master,
             password: p.secret("REDIS_SENTINEL_PASSWORD"),
             username: p.text("REDIS_SENTINEL_USERNAME"),
+            tls: tls.clone(),
         }),
         _ => None,
     };
+    if let Some(ca) = tls {
+        // TLS to the data node(s): the address (a sentinel-found master's
+        // too, which takes this one's TLS settings) becomes TcpTls.
+        if let redis::ConnectionAddr::Tcp(host, port) = &info.addr {
+            info.addr = redis::ConnectionAddr::TcpTls {
+                host: host.clone(),
+                port: *port,
+                insecure: false,
+                tls_params: None,
+            };
+        }
+        if let Some(pem) = ca {
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            match redis::Client::build_with_tls(info.clone(), certs) {
+                Ok(c) => info = c.get_connection_info().clone(),
+                Err(e) => p.errors.push(ConfigError {
+                    var: "REDIS_TLS_CA_FILE".into(),
+                    value: String::new(),
+                    why: format!(
+                        "not usable as the CA: {}",
+                        crate::text::clip(&e.to_string())
+                    ),
+                }),
+            }
+        }
+    }
     RedisTarget { info, sentinel }
 }
 

@@ -177,28 +177,79 @@ fn encode(args: &[&[u8]]) -> Vec<u8> {
     out
 }
 
+/// A byte stream: plain TCP or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// A connection that reads each reply into at most [`MAX_REPLY`] bytes.
-#[derive(Debug)]
 pub(crate) struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     buf: Vec<u8>,
 }
 
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("resp::Conn")
+    }
+}
+
+/// The TLS client settings for CA certificates `ca_pem` (PEM), or the
+/// webpki roots.
+pub(crate) fn tls_config(
+    ca_pem: Option<&[u8]>,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+                let c = c.map_err(|e| format!("CA file: {e}"))?;
+                roots.add(c).map_err(|e| format!("CA certificate: {e}"))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
+}
+
 impl Conn {
-    /// Connects within `timeout`.
+    /// Connects within `timeout`; over TLS with `tls` (the server's
+    /// certificate checked against its roots and `host`).
     pub(crate) async fn connect(
         host: &str,
         port: u16,
         timeout: Duration,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     ) -> Result<Conn, RespError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
-            .await
-            .map_err(|_| RespError::TimedOut)??;
-        stream.set_nodelay(true)?;
-        Ok(Conn {
-            stream,
-            buf: Vec::new(),
+        tokio::time::timeout(timeout, async {
+            let tcp = TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream: Box<dyn Io> = match tls {
+                None => Box::new(tcp),
+                Some(cfg) => {
+                    let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                    Box::new(
+                        tokio_rustls::TlsConnector::from(cfg)
+                            .connect(name, tcp)
+                            .await?,
+                    )
+                }
+            };
+            Ok::<_, std::io::Error>(Conn {
+                stream,
+                buf: Vec::new(),
+            })
         })
+        .await
+        .map_err(|_| RespError::TimedOut)?
+        .map_err(RespError::Io)
     }
 
     /// Sends a command (no reply read).

@@ -120,7 +120,11 @@ pub const HINT_EVERY: Duration = Duration::from_millis(100);
 /// password (when it has one), every reply read under the 64 KiB cap.
 async fn connect(target: &SentinelTarget, i: usize) -> Result<resp::Conn, String> {
     let (host, port) = &target.sentinels[i];
-    let mut con = resp::Conn::connect(host, *port, ASK_TIMEOUT)
+    let tls = match &target.tls {
+        None => None,
+        Some(ca) => Some(resp::tls_config(ca.as_deref())?),
+    };
+    let mut con = resp::Conn::connect(host, *port, ASK_TIMEOUT, tls)
         .await
         .map_err(|e| e.to_string())?;
     if let Some(pw) = &target.password {

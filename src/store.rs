@@ -277,9 +277,22 @@ impl Redis {
 
     /// The data node at `host:port`: the configured database and password.
     fn node_info(&self, host: String, port: u16) -> ConnectionInfo {
-        // Plain TCP: with sentinels there is no REDIS_URL, hence no TLS.
+        // TLS as configured (REDIS_TLS): the template address carries it.
+        let addr = match &self.shared.target.info.addr {
+            redis::ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => redis::ConnectionAddr::Tcp(host, port),
+        };
         ConnectionInfo {
-            addr: redis::ConnectionAddr::Tcp(host, port),
+            addr,
             redis: self.shared.target.info.redis.clone(),
         }
     }

@@ -517,3 +517,221 @@ fn a_noperm_at_start_is_exit_78_naming_the_command_and_key() {
     );
     assert!(!all.contains("weak-pw"), "{all}");
 }
+
+/// A test CA and a server certificate for 127.0.0.1 (openssl), in `dir`.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=p33-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+/// A TLS connection (the test CA) to 127.0.0.1:`port`.
+fn tls_con(dir: &std::path::Path, port: u16) -> Option<redis::Connection> {
+    let info = redis::ConnectionInfo {
+        addr: redis::ConnectionAddr::TcpTls {
+            host: "127.0.0.1".into(),
+            port,
+            insecure: false,
+            tls_params: None,
+        },
+        redis: redis::RedisConnectionInfo::default(),
+    };
+    let certs = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(std::fs::read(dir.join("ca.crt")).unwrap()),
+    };
+    redis::Client::build_with_tls(info, certs)
+        .ok()?
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .ok()
+}
+
+struct Procs(Vec<std::process::Child>);
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn with_redis_tls_the_daemon_reaches_sentinels_and_nodes_over_tls_only() {
+    let dir = std::env::temp_dir().join(format!("p33-tls-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certs(&dir);
+    let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let tls_args = |port: u16| {
+        let mut a: Vec<String> = vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+        ];
+        for (k, v) in [
+            ("--bind", "127.0.0.1".to_string()),
+            ("--tls-cert-file", d("server.crt")),
+            ("--tls-key-file", d("server.key")),
+            ("--tls-ca-cert-file", d("ca.crt")),
+            ("--tls-auth-clients", "no".into()),
+            ("--tls-replication", "yes".into()),
+            ("--save", "".into()),
+        ] {
+            a.push(k.into());
+            a.push(v);
+        }
+        a
+    };
+    let mut procs = Procs(Vec::new());
+    let (m, r) = (free_port(), free_port());
+    let spawn = |args: Vec<String>, wd: &str| {
+        let wd = dir.join(wd);
+        std::fs::create_dir_all(&wd).unwrap();
+        std::process::Command::new("redis-server")
+            .args(args)
+            .current_dir(&wd)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    procs.0.push(spawn(tls_args(m), "m"));
+    let mut replica = tls_args(r);
+    replica.extend(["--replicaof".into(), "127.0.0.1".into(), m.to_string()]);
+    procs.0.push(spawn(replica, "r"));
+    let mut sentinels = Vec::new();
+    for i in 0..3 {
+        let port = free_port();
+        let conf = dir.join(format!("sentinel-{i}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port 0\ntls-port {port}\nbind 127.0.0.1\ndir {}\ntls-cert-file {}\ntls-key-file {}\n\
+                 tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n\
+                 sentinel monitor p33tls 127.0.0.1 {m} 2\nsentinel down-after-milliseconds p33tls 1000\n\
+                 sentinel failover-timeout p33tls 10000\n",
+                dir.display(),
+                d("server.crt"),
+                d("server.key"),
+                d("ca.crt")
+            ),
+        )
+        .unwrap();
+        procs.0.push(spawn(
+            vec![conf.to_string_lossy().into_owned(), "--sentinel".into()],
+            "s",
+        ));
+        sentinels.push(port);
+    }
+    let mut master = wait_for("the TLS master", T, || tls_con(&dir, m));
+    // Plain TCP gets no answer on a TLS port: nothing but TLS reaches it.
+    assert!(redis::Client::open(format!("redis://127.0.0.1:{m}/0"))
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_err());
+    set_snapshot(&mut master, "BTCUSDT", "1", now());
+    let mut env = std::collections::HashMap::new();
+    let list: Vec<String> = sentinels.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    for (k, v) in [
+        ("REDIS_SENTINELS", list.join(",")),
+        ("REDIS_SENTINEL_MASTER", "p33tls".into()),
+        ("REDIS_TLS", "true".into()),
+        ("REDIS_TLS_CA_FILE", d("ca.crt")),
+        ("P33_METRICS_ADDR", "127.0.0.1".into()),
+        ("P33_METRICS_PORT", "0".into()),
+        ("P33_SNAPSHOT_SOURCE", "external".into()),
+        ("P33_ALLOWLIST_SOURCE", "env".into()),
+        ("P33_ALLOWLIST", "BTCUSDT".into()),
+        ("P33_CONSUMER_NAME", "p33-tls".into()),
+        ("P33_LOG_LEVEL", "INFO".into()),
+    ] {
+        env.insert(k.to_string(), v);
+    }
+    let daemon = Daemon::start(&env);
+    daemon.wait_log("ready: reading plans", T);
+    push_plan(
+        &mut master,
+        &[
+            ("plan_id", "tls-1"),
+            ("symbol", "BTCUSDT"),
+            ("decision", "EXECUTE"),
+            ("action", "FULL_CLOSE_PROPOSED"),
+            ("reduceOnly", "true"),
+        ],
+    );
+    assert_eq!(wait_permit(&mut master, "tls-1")["allow"], true);
+    assert_eq!(daemon.metric("p33_redis_master_known"), Some(1.0));
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, out, err) = run_once(&["--check-config"], &pairs);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("REDIS_TLS=true"), "{out}");
+    // A CA file that is no certificate is a configuration error.
+    std::fs::write(dir.join("bad.crt"), "not a certificate").unwrap();
+    let mut bad = pairs.clone();
+    let bad_path = d("bad.crt");
+    bad.retain(|(k, _)| *k != "REDIS_TLS_CA_FILE");
+    bad.push(("REDIS_TLS_CA_FILE", &bad_path));
+    let (code, _, err) = run_once(&["--check-config"], &bad);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("REDIS_TLS_CA_FILE") && err.contains("holds no PEM certificate"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
