@@ -225,12 +225,14 @@ fn verify_and_score(unit: &str, file_name: &str) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no score in {text}"));
     eprintln!("systemd-analyze security exposure of {file_name}: {score}");
-    assert!(score <= 2.0, "exposure {score}");
+    // 1.2 today (the original scored 9.6): the credentials and ACL work
+    // (SPEC §17) must not loosen it.
+    assert!(score <= 1.2, "exposure {score}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
-fn systemd_unit_verifies_and_scores_2_or_lower() {
+fn systemd_unit_verifies_and_scores_1_2_or_lower() {
     let unit = unit_text("quantum-position-state-brain.service");
     for must in [
         "Type=notify",
@@ -263,7 +265,7 @@ fn template_exec_start(instance: &str, host: &str) -> Vec<String> {
 }
 
 #[test]
-fn systemd_template_unit_verifies_scores_2_or_lower_and_matches_the_main_unit() {
+fn systemd_template_unit_verifies_scores_1_2_or_lower_and_matches_the_main_unit() {
     let main = unit_text("quantum-position-state-brain.service");
     let template = unit_text("quantum-position-state-brain@.service");
     // Everything but comments, Description=, ExecStart= and the instance's
