@@ -1916,6 +1916,62 @@ mod tests {
     }
 
     #[test]
+    fn acl_users_and_tls_settings() {
+        // REDIS_USERNAME applies when the URL names no user.
+        let c = cfg(&[("REDIS_USERNAME", "p33"), ("REDIS_PASSWORD", "pw")]).unwrap();
+        assert_eq!(c.redis.info.redis.username.as_deref(), Some("p33"));
+        let c = cfg(&[
+            ("REDIS_URL", "redis://ops:pw@127.0.0.1:6390/0"),
+            ("REDIS_USERNAME", "p33"),
+        ])
+        .unwrap();
+        assert_eq!(c.redis.info.redis.username.as_deref(), Some("ops"));
+        // The sentinels' own user: with them only.
+        let c = cfg(&[
+            ("REDIS_SENTINELS", "127.0.0.1:26379"),
+            ("REDIS_SENTINEL_MASTER", "quantum"),
+            ("REDIS_SENTINEL_USERNAME", "watcher"),
+            ("REDIS_SENTINEL_PASSWORD", "x"),
+        ])
+        .unwrap();
+        let s = c.redis.sentinel.as_ref().unwrap();
+        assert_eq!(s.username.as_deref(), Some("watcher"));
+        assert_eq!(s.tls, None);
+        let e = cfg(&[("REDIS_SENTINEL_USERNAME", "watcher")]).unwrap_err();
+        assert!(e.to_string().contains("REDIS_SENTINEL_USERNAME"), "{e}");
+        // TLS: a plain address becomes TLS; the CA file only with it.
+        let c = cfg(&[("REDIS_TLS", "true"), ("REDIS_HOST", "redis-1")]).unwrap();
+        assert!(matches!(
+            &c.redis.info.addr,
+            redis::ConnectionAddr::TcpTls { host, insecure: false, .. } if host == "redis-1"
+        ));
+        assert!(
+            c.redis.display().starts_with("rediss://redis-1:6379/"),
+            "{}",
+            c.redis.display()
+        );
+        let e = cfg(&[("REDIS_TLS_CA_FILE", "/nonexistent")]).unwrap_err();
+        assert!(e.to_string().contains("set without REDIS_TLS=true"), "{e}");
+        let e = cfg(&[
+            ("REDIS_TLS", "true"),
+            ("REDIS_TLS_CA_FILE", "/nonexistent/ca.crt"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("cannot be read"), "{e}");
+        let c = cfg(&[
+            ("REDIS_TLS", "true"),
+            ("REDIS_SENTINELS", "127.0.0.1:26379"),
+            ("REDIS_SENTINEL_MASTER", "quantum"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.redis.sentinel.as_ref().unwrap().tls,
+            Some(None),
+            "TLS, webpki roots"
+        );
+    }
+
+    #[test]
     fn sentinel_variables_come_together_and_never_with_redis_url() {
         let c = cfg(&[
             (
