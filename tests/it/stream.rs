@@ -62,6 +62,35 @@ fn wait_at_least(t: &TestDaemon, series: &str, n: f64) {
     });
 }
 
+/// Account updates the stream took in: applied, or stale because a poll
+/// had already brought the same state.
+fn events_taken(t: &TestDaemon) -> f64 {
+    ["applied", "stale"]
+        .iter()
+        .map(|r| {
+            metric(
+                t,
+                &format!(
+                    "p33_position_stream_events_total{{result=\"{r}\",type=\"account_update\"}}"
+                ),
+            )
+        })
+        .sum()
+}
+
+/// A fill, with evidence the stream took it: the snapshot shows the amount
+/// (written by the stream, or by a poll that came first with the same
+/// amount: with a short P33_POLL_SEC either may win) and the stream's
+/// account-update count moved.
+fn fill_through_stream(t: &mut TestDaemon, symbol: &str, amt: &str) {
+    let before = events_taken(t);
+    fill(t, one(symbol, amt));
+    wait_amount(&mut t.con, symbol, amt, None);
+    wait_for("the stream to take the event", T, || {
+        (events_taken(t) > before).then_some(())
+    });
+}
+
 fn stream_daemon(symbols: &str, extra: &[(&str, &str)]) -> TestDaemon {
     let mut o = Opts::env_allowlist(symbols)
         .exchange(KEY, SECRET)
@@ -230,8 +259,7 @@ fn an_out_of_order_event_is_ignored_and_a_swallowed_one_is_corrected_by_rest() {
     fill(&t, one("BTCUSDT", "1"));
     t.start();
     wait_live(&t);
-    fill(&t, one("BTCUSDT", "2"));
-    wait_amount(&mut t.con, "BTCUSDT", "2", Some("stream"));
+    fill_through_stream(&mut t, "BTCUSDT", "2");
     t.fx().control(
         "/control/stream",
         json!({"old_event": {"symbol": "BTCUSDT", "positionAmt": "9", "age_ms": 5000}}),
@@ -303,13 +331,8 @@ fn drop_key_expiry_and_a_silent_stall_each_reconnect_and_no_wrong_amount_is_writ
         wait_at_least(&t, &series, 1.0);
         t.wait_log_after(from, said, T);
         wait_live(&t);
-        step(&mut t);
-        wait_amount(
-            &mut t.con,
-            "BTCUSDT",
-            &amount.get().to_string(),
-            Some("stream"),
-        );
+        amount.set(amount.get() + 1);
+        fill_through_stream(&mut t, "BTCUSDT", &amount.get().to_string());
     }
     assert_eq!(
         t.fx().count("POST /fapi/v1/listenKey"),
@@ -385,8 +408,7 @@ fn a_malformed_frame_ends_live_and_with_rest_down_too_plans_are_denied_stale() {
     // REST back: reconciled and live again.
     t.fx().control("/control/mode", json!({"fail_5xx": false}));
     wait_live(&t);
-    fill(&t, one("BTCUSDT", "2"));
-    wait_amount(&mut t.con, "BTCUSDT", "2", Some("stream"));
+    fill_through_stream(&mut t, "BTCUSDT", "2");
 }
 
 #[test]
