@@ -436,6 +436,17 @@ fn as_p33_the_daemon_permits_and_may_not_write_what_is_not_its_own() {
     }
     let e = redis::cmd("FLUSHALL").query::<()>(&mut p33).unwrap_err();
     assert_eq!(e.code(), Some("NOPERM"), "{e}");
+    // The read-only user reads the record: explain and replay work as p33-read.
+    let read = format!(
+        "redis://p33-read:{}@127.0.0.1:{}/0",
+        acl_password("p33-read"),
+        t.redis.port
+    );
+    let (code, out, err) = run_once(&["explain", "acl-1"], &[("REDIS_URL", &read)]);
+    assert_eq!(code, Some(0), "explain as p33-read: {out}{err}");
+    assert!(out.contains("acl-1"), "{out}");
+    let (code, out, err) = run_once(&["replay", "--last", "10"], &[("REDIS_URL", &read)]);
+    assert_eq!(code, Some(0), "replay as p33-read: {out}{err}");
 }
 
 #[test]
