@@ -419,13 +419,15 @@ impl Stream {
                 _ = restamp.tick() => restamped = self.restamp(machine, con, restamped).await,
                 _ = tokio::time::sleep_until(replace_at.into()), if pong_due.is_none() && reconcile.is_none() => {
                     match self.replace(k, &mut ws, machine, con, cancel).await? {
-                        Ok(()) => {
+                        Ok(opened) => {
                             self.metrics
                                 .position_stream_reconnects_total
                                 .with_label_values(&[Reason::Replaced.label()])
                                 .inc();
                             info!("position stream: connection replaced ahead of the exchange's 24 h cut; still live");
-                            replace_at = Instant::now() + replace_after;
+                            // The new connection's age counts from its
+                            // open, not from the overlap's end.
+                            replace_at = opened + replace_after;
                             ping.reset();
                         }
                         Err(why) => break (Reason::Replaced, why),
@@ -598,7 +600,8 @@ impl Stream {
 
     /// Opens a second connection on the same key and reads the old one
     /// [`REPLACE_OVERLAP`] longer, so no event falls between them (an
-    /// event seen on both is stale the second time). `Err`: the new one
+    /// event seen on both is stale the second time); when the new one
+    /// opened. `Err`: the new one
     /// could not be opened; the old is given up (a reconnect reconciles).
     /// An invalid frame on the old one during the overlap is not applied
     /// (events are whole or nothing) and ends the overlap.
@@ -609,11 +612,12 @@ impl Stream {
         machine: &mut Machine,
         con: &mut store::Conn,
         cancel: &CancellationToken,
-    ) -> Option<Result<(), String>> {
+    ) -> Option<Result<Instant, String>> {
         let fresh = match self.open(k, cancel).await? {
             Ok(f) => f,
             Err(why) => return Some(Err(format!("replacement: {why}"))),
         };
+        let opened = Instant::now();
         let mut old = std::mem::replace(ws, fresh);
         let until = Instant::now() + REPLACE_OVERLAP;
         loop {
@@ -633,7 +637,7 @@ impl Stream {
             }
         }
         let _ = old.close(None).await;
-        Some(Ok(()))
+        Some(Ok(opened))
     }
 }
 
