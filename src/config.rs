@@ -163,6 +163,12 @@ pub fn parse_sentinels(s: &str) -> Result<Vec<(String, u16)>, String> {
 }
 
 impl RedisTarget {
+    /// The ACL user in effect, for messages (`default` when none is named),
+    /// cut and escaped: it comes from the environment.
+    pub fn user_shown(&self) -> String {
+        crate::text::clip(self.info.redis.username.as_deref().unwrap_or("default")).into_owned()
+    }
+
     /// `redis://host:port/db` (or `redis+sentinel://s1:p1,s2:p2/master/db`)
     /// with any credentials replaced by `[redacted]`.
     pub fn display(&self) -> String {

@@ -122,13 +122,7 @@ pub async fn run(cfg: &Config, mut args: CtlArgs) -> i32 {
             1
         }
         Err(e) if e.code() == Some("NOPERM") => {
-            let user = cfg
-                .redis
-                .info
-                .redis
-                .username
-                .as_deref()
-                .unwrap_or("default");
+            let user = cfg.redis.user_shown();
             let needs = if changing {
                 "a change needs the ACL user p33-ops (REDIS_USERNAME=p33-ops)"
             } else {

@@ -269,13 +269,7 @@ async fn start_and_supervise(
         match r {
             Ok(()) => break,
             Err(e) if e.code() == Some("NOPERM") => {
-                let user = cfg
-                    .redis
-                    .info
-                    .redis
-                    .username
-                    .as_deref()
-                    .unwrap_or("default");
+                let user = cfg.redis.user_shown();
                 return Err(NoPermission(format!(
                     "redis: user {user} may not {doing} ({}): the daemon needs that command on that key; load deploy/redis/users.acl (user p33) or give the user that right",
                     crate::text::clip(&e.to_string())

@@ -388,29 +388,38 @@ fn histogram(text: &str, name: &str, q: f64, le: &str) -> (f64, f64) {
 /// Changes not yet seen in a snapshot, by symbol: (amount, when made).
 type Pending = Arc<Mutex<HashMap<String, Vec<(u64, Instant)>>>>;
 
+/// The bench's private `redis-server` on loopback `port`, no persistence,
+/// with `extra` arguments.
+fn redis_server(
+    port: u16,
+    dir: &std::path::Path,
+    extra: &[String],
+) -> std::io::Result<std::process::Child> {
+    Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+}
+
 /// `--fills`: position changes timed to the snapshot, stream on then off.
 async fn fills_mode(args: &Args) -> anyhow::Result<()> {
     let mut guard = Guard(Vec::new());
     let port = free_port()?;
     let dir = std::env::temp_dir().join(format!("p33-bench-{port}"));
     std::fs::create_dir_all(&dir)?;
-    guard.0.push(
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    guard.0.push(redis_server(port, &dir, &[])?);
     let url = format!("redis://127.0.0.1:{port}/0");
     let client = redis::Client::open(url.as_str())?;
     let mut con = loop {
@@ -661,24 +670,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(&path, text)?;
         acl_args = vec!["--aclfile".to_string(), path.to_string_lossy().into_owned()];
     }
-    guard.0.push(
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .args(&acl_args)
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    guard.0.push(redis_server(port, &dir, &acl_args)?);
     let url = format!("redis://127.0.0.1:{port}/0");
     let redis_env: Vec<(&str, String)> = if args.sentinel {
         let sport = free_port()?;

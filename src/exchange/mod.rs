@@ -66,7 +66,7 @@ pub(crate) fn report_corrections(metrics: &Metrics, corrections: &[Correction]) 
         metrics.position_stream_corrections_total.inc();
         warn!(
             "position stream: positionRisk corrected {} {}: the stream said {}, REST says {} (a missed event)",
-            c.symbol,
+            crate::text::clip(&c.symbol),
             c.leg.as_str(),
             dec_str(c.stream_amt),
             dec_str(c.rest_amt)

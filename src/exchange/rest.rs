@@ -248,11 +248,10 @@ impl Client {
             .map_err(|e| ExchangeError::Malformed(format!("HTTP {status}: {e}")))?;
         if let Some(code) = v.get("code").and_then(Value::as_i64) {
             if code != 200 && (v.get("msg").is_some() || !status.is_success()) {
-                let msg = v
-                    .get("msg")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
+                // The exchange's words, cut and escaped: every log line
+                // and deny that quotes an API error goes through here.
+                let msg = crate::text::clip(v.get("msg").and_then(Value::as_str).unwrap_or(""))
+                    .into_owned();
                 return Err(ExchangeError::Api { code, msg });
             }
         }
