@@ -545,12 +545,19 @@ impl Resolver {
                 match tokio::time::timeout(Duration::from_secs(5), read_universe(con, &self.cfg))
                     .await
                 {
-                    Ok(Ok(r)) => Ok(r),
+                    // Whether Redis answered is known here too, not only to
+                    // the plan loop: p33_redis_up follows every reader.
+                    Ok(Ok(r)) => {
+                        self.metrics.set_redis_up(true);
+                        Ok(r)
+                    }
                     Ok(Err(e)) => {
+                        self.metrics.set_redis_up(false);
                         warn!("allowlist: reading the universe keys failed: {e}");
                         Err(())
                     }
                     Err(_) => {
+                        self.metrics.set_redis_up(false);
                         warn!("allowlist: reading the universe keys timed out after 5s");
                         Err(())
                     }
