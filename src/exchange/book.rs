@@ -6,9 +6,13 @@
 //! The order rule: an event is applied to a leg when its `T` is newer than
 //! the leg's `updated_ms`; a REST row when its `updateTime` is not older.
 //! A REST row that changes an amount the stream set is a missed event: a
-//! [`Correction`].
+//! [`Correction`]. No exchange time is trusted beyond the exchange's clock
+//! as we know it: a time up to [`MAX_AHEAD_MS`] ahead is taken as now, a
+//! later one is out of bounds when it is read (the frame is invalid, the
+//! row's symbol is invalid), and two replies in a row that agree win over
+//! the state whatever the times say.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rust_decimal::Decimal;
 
@@ -59,6 +63,19 @@ pub struct AccountUpdate {
     pub legs: Vec<EventLeg>,
 }
 
+impl AccountUpdate {
+    /// About what the event costs in memory, bytes: what the buffer of a
+    /// reconcile is bounded by (SPEC §16).
+    pub fn weight(&self) -> usize {
+        self.legs.iter().fold(std::mem::size_of::<Self>(), |n, l| {
+            n.saturating_add(std::mem::size_of::<EventLeg>())
+                .saturating_add(l.symbol.len())
+                .saturating_add(l.entry_price.len())
+                .saturating_add(l.unrealized_pnl.len())
+        })
+    }
+}
+
 /// A REST row that changed an amount the stream had set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Correction {
@@ -79,6 +96,29 @@ pub struct Applied {
     pub symbols: Vec<String>,
     /// Entries not newer than the state they would replace.
     pub stale: usize,
+    /// Entries of symbols not on the allowlist: dropped, never stored.
+    pub dropped: usize,
+}
+
+/// How far ahead of our clock (corrected by the exchange's offset) an
+/// exchange time may be before it is out of bounds (SPEC §16), ms.
+pub const MAX_AHEAD_MS: u64 = 5_000;
+
+/// When a reply or event is applied: our clock, and the exchange's clock as
+/// we know it (ours corrected by the server-time offset), both ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// Local time, ms.
+    pub local_ms: u64,
+    /// The exchange's time now, as far as we know it, ms.
+    pub exchange_ms: u64,
+}
+
+impl Clock {
+    /// The latest exchange time that is not out of bounds.
+    pub fn limit_ms(self) -> u64 {
+        self.exchange_ms.saturating_add(MAX_AHEAD_MS)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -87,15 +127,57 @@ struct Symbol {
     legs: Legs,
     /// Which legs the stream set and REST has not confirmed since.
     by_stream: BTreeMap<Leg, bool>,
+    /// What the previous REST reply said of each leg's amount (a side it
+    /// left out: 0): two replies in a row that agree win (SPEC §16).
+    last_rest: BTreeMap<Leg, Decimal>,
+    /// When each leg's state was set, local ms: only a reply asked after
+    /// that can overrule it.
+    set_at: BTreeMap<Leg, u64>,
     feed: Feed,
     /// Local time of the last applied update, ms.
     as_of_ms: u64,
 }
 
-/// Every symbol's legs.
+impl Symbol {
+    fn new(feed: Feed, as_of_ms: u64) -> Symbol {
+        Symbol {
+            legs: Ok(BTreeMap::new()),
+            by_stream: BTreeMap::new(),
+            last_rest: BTreeMap::new(),
+            set_at: BTreeMap::new(),
+            feed,
+            as_of_ms,
+        }
+    }
+}
+
+/// A positionRisk reply to apply: each symbol's legs, when it was asked
+/// (exchange clock, ms), and the allowlist when it was asked.
+#[derive(Debug, Clone, Copy)]
+pub struct Reply<'a> {
+    /// Each symbol's legs.
+    pub legs: &'a HashMap<String, Legs>,
+    /// When the request was sent, exchange clock, ms.
+    pub asked_ms: u64,
+    /// When the request was sent, local clock, ms.
+    pub asked_local_ms: u64,
+    /// The symbols allowlisted when it was asked: what the reply covers.
+    pub covers: &'a HashSet<String>,
+}
+
+/// Every allowlisted symbol's legs.
+///
+/// Memory is bounded by the allowlist, whatever the exchange sends: a
+/// symbol is stored only while it is allowlisted (an event naming another
+/// is dropped when it is read; SPEC §16). A symbol is *known* (its
+/// snapshot may be written) only when the last applied reply was asked
+/// while it was allowlisted: an event dropped before it joined the
+/// allowlist is then reflected in a reply, never silently lost.
 #[derive(Debug, Default)]
 pub struct Book {
     symbols: HashMap<String, Symbol>,
+    /// The symbols the last applied reply covers.
+    covered: HashSet<String>,
     /// Whether a positionRisk reply was applied: before that, no symbol's
     /// position is known (an absent symbol is not flat yet).
     rest_seen: bool,
@@ -107,63 +189,80 @@ impl Book {
         self.rest_seen
     }
 
-    /// Applies a positionRisk reply (`rest`: each symbol's legs), asked at
-    /// `asked_ms` (exchange clock) and applied at `now_ms` (local).
+    /// Whether a symbol's position is known: the last reply covers it.
+    pub fn knows(&self, symbol: &str) -> bool {
+        self.covered.contains(symbol)
+    }
+
+    /// How many symbols are stored (bounded by the allowlist).
+    pub fn stored(&self) -> usize {
+        self.symbols.len()
+    }
+
+    /// Applies a positionRisk reply at `clock`; `now_allowed` is the
+    /// allowlist now (a symbol in neither it nor the reply's is dropped).
     ///
     /// With `force` (no stream) the reply replaces everything, as polling
     /// alone always did. Otherwise each leg is taken when its `updateTime` is
-    /// not older than the state's; a symbol the reply leaves out is flat as
-    /// of `asked_ms`; a symbol whose rows are invalid is invalid until a
-    /// reply makes it valid again (fail closed).
+    /// not older than the state's, or when this reply and the previous one
+    /// agree on an amount the state does not hold (whatever the times say:
+    /// the book can never be pinned); a symbol the reply leaves out is flat
+    /// as of asking; a symbol whose rows are invalid is invalid until a
+    /// reply makes it valid again (fail closed). No leg's time is ever
+    /// later than the exchange's clock now.
     pub fn apply_rest(
         &mut self,
-        rest: &HashMap<String, Legs>,
-        asked_ms: u64,
-        now_ms: u64,
+        reply: Reply<'_>,
+        clock: Clock,
         force: bool,
+        now_allowed: &HashSet<String>,
     ) -> Vec<Correction> {
         self.rest_seen = true;
+        self.covered = reply.covers.clone();
+        let asked_ms = reply.asked_ms.min(clock.exchange_ms);
+        let keep = |s: &str| reply.covers.contains(s) || now_allowed.contains(s);
         let mut corrections = Vec::new();
         if force {
-            self.symbols = rest
+            self.symbols = reply
+                .legs
                 .iter()
+                .filter(|(s, _)| keep(s))
                 .map(|(s, legs)| {
-                    let sym = Symbol {
-                        legs: legs.clone(),
-                        by_stream: BTreeMap::new(),
-                        feed: Feed::Rest,
-                        as_of_ms: now_ms,
-                    };
+                    let mut sym = Symbol::new(Feed::Rest, clock.local_ms);
+                    sym.legs = clamped(legs.clone(), clock.exchange_ms);
                     (s.clone(), sym)
                 })
                 .collect();
             return corrections;
         }
+        self.symbols.retain(|s, _| keep(s));
         // Symbols known here but absent from the reply: flat as of asking.
         let absent: Vec<String> = self
             .symbols
             .keys()
-            .filter(|s| !rest.contains_key(*s))
+            .filter(|s| !reply.legs.contains_key(*s))
             .cloned()
             .collect();
         let flat_legs: Legs = Ok(BTreeMap::new());
-        for (name, legs) in rest
+        for (name, legs) in reply
+            .legs
             .iter()
+            .filter(|(s, _)| keep(s))
             .map(|(s, l)| (s.clone(), l))
             .chain(absent.into_iter().map(|s| (s, &flat_legs)))
         {
-            let sym = self.symbols.entry(name.clone()).or_insert_with(|| Symbol {
-                legs: Ok(BTreeMap::new()),
-                by_stream: BTreeMap::new(),
-                feed: Feed::Rest,
-                as_of_ms: now_ms,
-            });
-            let rest_legs = match legs {
+            let sym = self
+                .symbols
+                .entry(name.clone())
+                .or_insert_with(|| Symbol::new(Feed::Rest, clock.local_ms));
+            let rest_legs = match clamped(legs.clone(), clock.exchange_ms) {
                 Err(problem) => {
                     sym.legs = Err(problem);
                     sym.by_stream.clear();
+                    sym.last_rest.clear();
+                    sym.set_at.clear();
                     sym.feed = Feed::Rest;
-                    sym.as_of_ms = now_ms;
+                    sym.as_of_ms = clock.local_ms;
                     continue;
                 }
                 Ok(l) => l,
@@ -176,6 +275,7 @@ impl Book {
             let mut sides: Vec<Leg> = mine.keys().chain(rest_legs.keys()).copied().collect();
             sides.sort();
             sides.dedup();
+            let previous = std::mem::take(&mut sym.last_rest);
             for side in sides {
                 let told = rest_legs.get(&side).cloned().unwrap_or_else(|| LegState {
                     amt: Decimal::ZERO,
@@ -189,59 +289,79 @@ impl Book {
                         .map_or_else(|| "0".into(), |l| l.leverage.clone()),
                     updated_ms: asked_ms,
                 });
+                sym.last_rest.insert(side, told.amt);
+                let held = mine.get(&side).map_or(Decimal::ZERO, |l| l.amt);
                 let newer = mine
                     .get(&side)
                     .is_none_or(|l| told.updated_ms >= l.updated_ms);
+                // Two replies in a row that agree, against a state set
+                // before this one was asked (one asked before an event may
+                // not know of it yet).
+                let confirmed = !newer
+                    && held != told.amt
+                    && previous.get(&side) == Some(&told.amt)
+                    && sym
+                        .set_at
+                        .get(&side)
+                        .is_none_or(|t| *t < reply.asked_local_ms);
                 if let Some(l) = mine.get_mut(&side) {
                     // Mark price and leverage are REST's alone: always the
                     // latest reply's.
                     l.mark_price = told.mark_price.clone();
                     l.leverage = told.leverage.clone();
                 }
-                if !newer {
+                if !newer && !confirmed {
                     continue;
                 }
-                if sym.by_stream.remove(&side) == Some(true) {
-                    if let Some(l) = mine.get(&side).filter(|l| l.amt != told.amt) {
-                        corrections.push(Correction {
-                            symbol: name.clone(),
-                            leg: side,
-                            stream_amt: l.amt,
-                            rest_amt: told.amt,
-                        });
-                    }
+                let by_stream = sym.by_stream.remove(&side) == Some(true);
+                if (by_stream || confirmed) && held != told.amt {
+                    corrections.push(Correction {
+                        symbol: name.clone(),
+                        leg: side,
+                        stream_amt: held,
+                        rest_amt: told.amt,
+                    });
                 }
                 mine.insert(side, told);
+                sym.set_at.insert(side, clock.local_ms);
                 sym.feed = Feed::Rest;
             }
             sym.legs = Ok(mine);
-            sym.as_of_ms = now_ms;
+            sym.as_of_ms = clock.local_ms;
         }
         corrections.sort_by(|a, b| (&a.symbol, a.leg).cmp(&(&b.symbol, b.leg)));
         corrections
     }
 
-    /// Applies an event at `now_ms` (local): each entry whose `T` is newer
-    /// than its leg's state. An entry for a symbol whose REST rows are
-    /// invalid changes nothing: the symbol stays invalid until REST says
-    /// otherwise.
-    pub fn apply_event(&mut self, ev: &AccountUpdate, now_ms: u64) -> Applied {
+    /// Applies an event at `clock`: each entry of an allowlisted symbol
+    /// (`allowed`) whose `T` is newer than its leg's state; entries of other
+    /// symbols are dropped, never stored. An entry for a symbol whose REST
+    /// rows are invalid changes nothing: the symbol stays invalid until REST
+    /// says otherwise. The event's time is taken no later than the
+    /// exchange's clock now (the frame was checked against
+    /// [`Clock::limit_ms`] when read).
+    pub fn apply_event(
+        &mut self,
+        ev: &AccountUpdate,
+        clock: Clock,
+        allowed: &HashSet<String>,
+    ) -> Applied {
         let mut out = Applied::default();
+        let tx_ms = ev.tx_ms.min(clock.exchange_ms);
         for e in &ev.legs {
+            if !allowed.contains(&e.symbol) {
+                out.dropped += 1;
+                continue;
+            }
             let sym = self
                 .symbols
                 .entry(e.symbol.clone())
-                .or_insert_with(|| Symbol {
-                    legs: Ok(BTreeMap::new()),
-                    by_stream: BTreeMap::new(),
-                    feed: Feed::Stream,
-                    as_of_ms: now_ms,
-                });
+                .or_insert_with(|| Symbol::new(Feed::Stream, clock.local_ms));
             let Ok(legs) = &mut sym.legs else {
                 out.stale += 1;
                 continue;
             };
-            if legs.get(&e.leg).is_some_and(|l| ev.tx_ms <= l.updated_ms) {
+            if legs.get(&e.leg).is_some_and(|l| tx_ms <= l.updated_ms) {
                 out.stale += 1;
                 continue;
             }
@@ -262,12 +382,13 @@ impl Book {
                     unrealized_pnl: e.unrealized_pnl.clone(),
                     mark_price: mark,
                     leverage: lev,
-                    updated_ms: ev.tx_ms,
+                    updated_ms: tx_ms,
                 },
             );
             sym.by_stream.insert(e.leg, true);
+            sym.set_at.insert(e.leg, clock.local_ms);
             sym.feed = Feed::Stream;
-            sym.as_of_ms = now_ms;
+            sym.as_of_ms = clock.local_ms;
             out.symbols.push(e.symbol.clone());
         }
         out.symbols.sort();
@@ -288,6 +409,17 @@ impl Book {
     }
 }
 
+/// Legs whose times are no later than `exchange_ms` (a row's `updateTime`
+/// within the tolerance ahead is taken as now).
+fn clamped(legs: Legs, exchange_ms: u64) -> Legs {
+    legs.map(|mut l| {
+        for s in l.values_mut() {
+            s.updated_ms = s.updated_ms.min(exchange_ms);
+        }
+        l
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,7 +432,7 @@ mod tests {
     }
 
     fn rest(rows: serde_json::Value) -> HashMap<String, Legs> {
-        super::super::positions::parse_rest_legs(&rows, 0).unwrap()
+        super::super::positions::parse_rest_legs(&rows, 0, u64::MAX).unwrap()
     }
 
     fn ev(t: u64, legs: &[(&str, Leg, &str)]) -> AccountUpdate {
@@ -318,6 +450,53 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    fn all() -> HashSet<String> {
+        ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    }
+
+    fn clock(local_ms: u64) -> Clock {
+        Clock {
+            local_ms,
+            exchange_ms: 1_000_000,
+        }
+    }
+
+    /// A reply asked (locally) just before it is applied at `now`.
+    fn rest_apply(
+        b: &mut Book,
+        legs: &HashMap<String, Legs>,
+        asked_ms: u64,
+        now: u64,
+        force: bool,
+    ) -> Vec<Correction> {
+        rest_asked(b, legs, asked_ms, now.saturating_sub(1), now, force)
+    }
+
+    fn rest_asked(
+        b: &mut Book,
+        legs: &HashMap<String, Legs>,
+        asked_ms: u64,
+        asked_local_ms: u64,
+        now: u64,
+        force: bool,
+    ) -> Vec<Correction> {
+        let covers = all();
+        let reply = Reply {
+            legs,
+            asked_ms,
+            asked_local_ms,
+            covers: &covers,
+        };
+        b.apply_rest(reply, clock(now), force, &covers)
+    }
+
+    fn event_apply(b: &mut Book, ev: &AccountUpdate, now: u64) -> Applied {
+        b.apply_event(ev, clock(now), &all())
     }
 
     fn amt(b: &Book, s: &str) -> (PositionSide, String) {
@@ -379,7 +558,8 @@ mod tests {
         ];
         for (name, step, want, feed, corrections) in cases {
             let mut b = Book::default();
-            b.apply_rest(
+            rest_apply(
+                &mut b,
                 &rest(json!([{"symbol": "BTCUSDT", "positionAmt": "1", "updateTime": 100}])),
                 90,
                 1,
@@ -387,17 +567,17 @@ mod tests {
             );
             let c = match step {
                 Step::Event(t, a) => {
-                    b.apply_event(&ev(*t, &[("BTCUSDT", Leg::Both, a)]), 2);
+                    event_apply(&mut b, &ev(*t, &[("BTCUSDT", Leg::Both, a)]), 2);
                     0
                 }
-                Step::Rest(t, a) => b
-                    .apply_rest(
-                        &rest(json!([{"symbol": "BTCUSDT", "positionAmt": a, "updateTime": t}])),
-                        t - 1,
-                        2,
-                        false,
-                    )
-                    .len(),
+                Step::Rest(t, a) => rest_apply(
+                    &mut b,
+                    &rest(json!([{"symbol": "BTCUSDT", "positionAmt": a, "updateTime": t}])),
+                    t - 1,
+                    2,
+                    false,
+                )
+                .len(),
             };
             assert_eq!(
                 crate::domain::dec_str(b.position("BTCUSDT").amt),
@@ -415,13 +595,13 @@ mod tests {
         let r = |a: &str, t: u64| {
             rest(json!([{"symbol": "BTCUSDT", "positionAmt": a, "updateTime": t}]))
         };
-        b.apply_rest(&r("0", 10), 5, 1, false);
-        b.apply_event(&ev(20, &[("BTCUSDT", Leg::Both, "1")]), 2);
+        rest_apply(&mut b, &r("0", 10), 5, 1, false);
+        event_apply(&mut b, &ev(20, &[("BTCUSDT", Leg::Both, "1")]), 2);
         // REST confirming the stream is no correction, and confirms it.
-        assert!(b.apply_rest(&r("1", 20), 21, 3, false).is_empty());
-        b.apply_event(&ev(30, &[("BTCUSDT", Leg::Both, "2")]), 4);
+        assert!(rest_apply(&mut b, &r("1", 20), 21, 3, false).is_empty());
+        event_apply(&mut b, &ev(30, &[("BTCUSDT", Leg::Both, "2")]), 4);
         // An event swallowed: REST knows of 40, the stream stopped at 30.
-        let c = b.apply_rest(&r("5", 40), 41, 5, false);
+        let c = rest_apply(&mut b, &r("5", 40), 41, 5, false);
         assert_eq!(
             c,
             vec![Correction {
@@ -432,16 +612,115 @@ mod tests {
             }]
         );
         assert_eq!(amt(&b, "BTCUSDT"), (PositionSide::Long, "5".into()));
-        // REST older than the stream's newest: no correction, no change.
-        b.apply_event(&ev(50, &[("BTCUSDT", Leg::Both, "6")]), 6);
-        assert!(b.apply_rest(&r("5", 40), 49, 7, false).is_empty());
+        // REST older than the stream's newest, asked before the event
+        // came: no correction, no change, though it agrees with the reply
+        // before it.
+        event_apply(&mut b, &ev(50, &[("BTCUSDT", Leg::Both, "6")]), 6);
+        assert!(rest_asked(&mut b, &r("5", 40), 49, 5, 7, false).is_empty());
         assert_eq!(amt(&b, "BTCUSDT"), (PositionSide::Long, "6".into()));
+        // Asked after it, and still agreeing: the replies win.
+        let c = rest_asked(&mut b, &r("5", 40), 49, 8, 9, false);
+        assert_eq!(c.len(), 1);
+        assert_eq!(amt(&b, "BTCUSDT"), (PositionSide::Long, "5".into()));
+    }
+
+    /// An exchange time ahead of the exchange's clock as we know it can
+    /// never pin a leg: it is taken as now (beyond [`MAX_AHEAD_MS`] it never
+    /// reaches the book: the reader rejects it), so later events apply; and
+    /// two replies in a row that agree win whatever the times say.
+    #[test]
+    fn no_exchange_time_pins_a_leg() {
+        let mut b = Book::default();
+        let r = |a: &str, t: u64| {
+            rest(json!([{"symbol": "BTCUSDT", "positionAmt": a, "updateTime": t}]))
+        };
+        rest_apply(&mut b, &r("1.5", 900_000), 999_000, 1, false);
+        // 4 s ahead of the exchange clock (1_000_000): taken as 1_000_000.
+        event_apply(&mut b, &ev(1_004_000, &[("BTCUSDT", Leg::Both, "1000")]), 2);
+        assert_eq!(amt(&b, "BTCUSDT"), (PositionSide::Long, "1000".into()));
+        // A real event a moment later applies.
+        let later = Clock {
+            local_ms: 3,
+            exchange_ms: 1_000_500,
+        };
+        let a = b.apply_event(
+            &ev(1_000_400, &[("BTCUSDT", Leg::Both, "2")]),
+            later,
+            &all(),
+        );
+        assert_eq!((a.stale, a.symbols.len()), (0, 1));
+        assert_eq!(amt(&b, "BTCUSDT"), (PositionSide::Long, "2".into()));
+        // A REST row ahead is taken as now too: the next real one applies.
+        let mut b = Book::default();
+        rest_apply(&mut b, &r("7", 1_004_999), 1_000_000, 5, false);
+        assert_eq!(amt(&b, "BTCUSDT"), (PositionSide::Long, "7".into()));
+        let c = rest_apply(&mut b, &r("1.5", 1_000_000), 1_000_000, 7, false);
+        assert!(c.is_empty());
+        assert_eq!(amt(&b, "BTCUSDT"), (PositionSide::Long, "1.5".into()));
+        // Whatever the state's time, two replies that agree against it win.
+        let mut stuck = Book::default();
+        rest_apply(&mut stuck, &r("1000", 1_000_000), 1_000_000, 1, false);
+        for (now, want) in [(3, "1000"), (5, "1.5")] {
+            rest_apply(&mut stuck, &r("1.5", 10), 1_000_000, now, false);
+            assert_eq!(
+                amt(&stuck, "BTCUSDT"),
+                (PositionSide::Long, want.into()),
+                "at {now}"
+            );
+        }
+    }
+
+    /// Memory is bounded by the allowlist: a feed naming symbols that are
+    /// not on it stores nothing, and a symbol that joins the allowlist is
+    /// known only once a reply asked while it was on it has been applied.
+    #[test]
+    fn only_allowlisted_symbols_are_stored_and_known() {
+        let mut b = Book::default();
+        rest_apply(&mut b, &rest(json!([])), 1, 1, false);
+        let names: Vec<String> = (0..50_000).map(|i| format!("X{i}USDT")).collect();
+        let legs: Vec<(&str, Leg, &str)> =
+            names.iter().map(|n| (n.as_str(), Leg::Both, "1")).collect();
+        let a = event_apply(&mut b, &ev(10, &legs), 2);
+        assert_eq!((a.dropped, a.symbols.len(), b.stored()), (50_000, 0, 0));
+        assert!(b.knows("BTCUSDT") && !b.knows("X1USDT"));
+        // A reply of every symbol stores only the allowlisted ones.
+        let rows: Vec<serde_json::Value> = names
+            .iter()
+            .map(|n| json!({"symbol": n, "positionAmt": "1", "updateTime": 5}))
+            .collect();
+        rest_apply(&mut b, &rest(serde_json::Value::Array(rows)), 20, 3, false);
+        assert_eq!(b.stored(), 0);
+        // X1USDT joins: its events are stored from then on, but it is known
+        // only after a reply that covers it.
+        let mut now_allowed = all();
+        now_allowed.insert("X1USDT".into());
+        b.apply_event(
+            &ev(30, &[("X1USDT", Leg::Both, "2")]),
+            clock(4),
+            &now_allowed,
+        );
+        assert!(!b.knows("X1USDT"));
+        let covers = now_allowed.clone();
+        let one = rest(json!([{"symbol": "X1USDT", "positionAmt": "2", "updateTime": 30}]));
+        let reply = Reply {
+            legs: &one,
+            asked_ms: 31,
+            asked_local_ms: 5,
+            covers: &covers,
+        };
+        b.apply_rest(reply, clock(6), false, &now_allowed);
+        assert!(b.knows("X1USDT"));
+        assert_eq!(amt(&b, "X1USDT"), (PositionSide::Long, "2".into()));
+        // Off the allowlist again: the next reply drops it.
+        rest_apply(&mut b, &rest(json!([])), 40, 8, false);
+        assert_eq!((b.stored(), b.knows("X1USDT")), (0, false));
     }
 
     #[test]
     fn hedge_mode_legs_fold_like_rest_rows() {
         let mut b = Book::default();
-        b.apply_rest(
+        rest_apply(
+            &mut b,
             &rest(json!([
                 {"symbol": "ETHUSDT", "positionAmt": "0", "positionSide": "LONG", "updateTime": 1, "markPrice": "3000"},
                 {"symbol": "ETHUSDT", "positionAmt": "0", "positionSide": "SHORT", "updateTime": 1, "markPrice": "3000"}
@@ -450,13 +729,13 @@ mod tests {
             1,
             false,
         );
-        b.apply_event(&ev(10, &[("ETHUSDT", Leg::Short, "-2")]), 2);
+        event_apply(&mut b, &ev(10, &[("ETHUSDT", Leg::Short, "-2")]), 2);
         let p = b.position("ETHUSDT");
         assert_eq!((p.side, p.amt), (PositionSide::Short, d("-2")));
         assert_eq!(p.mark_price, "3000", "the event keeps REST's mark price");
-        b.apply_event(&ev(11, &[("ETHUSDT", Leg::Long, "1")]), 3);
+        event_apply(&mut b, &ev(11, &[("ETHUSDT", Leg::Long, "1")]), 3);
         assert_eq!(b.position("ETHUSDT").side, PositionSide::Hedged);
-        b.apply_event(&ev(12, &[("ETHUSDT", Leg::Short, "0")]), 4);
+        event_apply(&mut b, &ev(12, &[("ETHUSDT", Leg::Short, "0")]), 4);
         assert_eq!(amt(&b, "ETHUSDT"), (PositionSide::Long, "1".into()));
     }
 
@@ -464,29 +743,30 @@ mod tests {
     fn absent_and_invalid_symbols() {
         let mut b = Book::default();
         assert!(!b.known());
-        b.apply_event(&ev(10, &[("SOLUSDT", Leg::Both, "3")]), 1);
+        event_apply(&mut b, &ev(10, &[("SOLUSDT", Leg::Both, "3")]), 1);
         // A reply asked after the event that leaves the symbol out: flat.
-        b.apply_rest(&rest(json!([])), 11, 2, false);
+        rest_apply(&mut b, &rest(json!([])), 11, 2, false);
         assert!(b.known());
         assert_eq!(amt(&b, "SOLUSDT"), (PositionSide::None, "0".into()));
         // Asked before a newer event: the event stands.
-        b.apply_event(&ev(20, &[("SOLUSDT", Leg::Both, "4")]), 3);
-        b.apply_rest(&rest(json!([])), 15, 4, false);
+        event_apply(&mut b, &ev(20, &[("SOLUSDT", Leg::Both, "4")]), 3);
+        rest_apply(&mut b, &rest(json!([])), 15, 4, false);
         assert_eq!(amt(&b, "SOLUSDT"), (PositionSide::Long, "4".into()));
         // Invalid rows win over the stream until a valid reply.
-        b.apply_rest(
+        rest_apply(
+            &mut b,
             &rest(json!([{"symbol": "SOLUSDT", "positionAmt": "lots", "updateTime": 1}])),
             30,
             5,
             false,
         );
         assert_eq!(
-            b.apply_event(&ev(40, &[("SOLUSDT", Leg::Both, "1")]), 6)
-                .stale,
+            event_apply(&mut b, &ev(40, &[("SOLUSDT", Leg::Both, "1")]), 6).stale,
             1
         );
         assert_eq!(b.position("SOLUSDT").side, PositionSide::Hedged);
-        b.apply_rest(
+        rest_apply(
+            &mut b,
             &rest(json!([{"symbol": "SOLUSDT", "positionAmt": "1", "updateTime": 41}])),
             42,
             7,
@@ -498,21 +778,23 @@ mod tests {
     #[test]
     fn without_the_stream_rest_replaces_everything() {
         let mut b = Book::default();
-        b.apply_rest(
+        rest_apply(
+            &mut b,
             &rest(json!([{"symbol": "BTCUSDT", "positionAmt": "1", "updateTime": 100}])),
             1,
             1,
             true,
         );
         // An older updateTime still replaces: polling alone, as before.
-        b.apply_rest(
+        rest_apply(
+            &mut b,
             &rest(json!([{"symbol": "BTCUSDT", "positionAmt": "2", "updateTime": 5}])),
             1,
             2,
             true,
         );
         assert_eq!(amt(&b, "BTCUSDT"), (PositionSide::Long, "2".into()));
-        b.apply_rest(&rest(json!([])), 1, 3, true);
+        rest_apply(&mut b, &rest(json!([])), 1, 3, true);
         assert_eq!(amt(&b, "BTCUSDT"), (PositionSide::None, "0".into()));
     }
 }

@@ -6,7 +6,8 @@
 //! - **Connecting**: no socket. Events are not applied; snapshots come
 //!   from REST alone.
 //! - **Reconciling**: the socket is open, one positionRisk is under way;
-//!   events are buffered (at most [`MAX_BUFFERED`]).
+//!   events are buffered (at most [`MAX_BUFFERED`], and at most
+//!   [`MAX_BUFFERED_BYTES`] of them).
 //! - **Live**: the reply was applied, then the buffered events; every event
 //!   is applied as it comes.
 
@@ -17,6 +18,14 @@ use super::book::AccountUpdate;
 /// Events buffered while reconciling; one more is a reason to reconnect
 /// (the reconcile is too slow for the account's traffic).
 pub const MAX_BUFFERED: usize = 10_000;
+
+/// Bytes of events buffered while reconciling (SPEC §16: bounded in bytes,
+/// not only in count); one more is a reason to reconnect.
+pub const MAX_BUFFERED_BYTES: usize = 16 * 1024 * 1024;
+
+/// How long a connection stays live before the reconnect backoff starts
+/// over (SPEC §16): one that dies soon after going live keeps backing off.
+pub const STEADY_AFTER: Duration = Duration::from_secs(60);
 
 /// The first reconnect delay.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -109,6 +118,9 @@ pub enum Input {
     Event(AccountUpdate),
     /// The reconcile's positionRisk reply was applied to the book.
     Reconciled,
+    /// The connection has been live for [`STEADY_AFTER`]: the backoff
+    /// starts over.
+    Steady,
     /// The connection ended (or never began).
     Lost(Reason),
 }
@@ -134,7 +146,10 @@ pub enum Action {
 pub struct Machine {
     phase: Phase,
     buffered: Vec<AccountUpdate>,
-    /// Connections lost in a row without reaching live.
+    /// What the buffered events weigh, bytes.
+    buffered_bytes: usize,
+    /// Connections lost in a row without staying live for
+    /// [`STEADY_AFTER`].
     failures: u32,
 }
 
@@ -143,6 +158,7 @@ impl Default for Machine {
         Machine {
             phase: Phase::Connecting,
             buffered: Vec::new(),
+            buffered_bytes: 0,
             failures: 0,
         }
     }
@@ -160,18 +176,21 @@ impl Machine {
             (Phase::Connecting, Input::Opened) => {
                 self.phase = Phase::Reconciling;
                 self.buffered.clear();
+                self.buffered_bytes = 0;
                 vec![Action::Reconcile]
             }
             (Phase::Reconciling, Input::Event(e)) => {
-                if self.buffered.len() >= MAX_BUFFERED {
+                let bytes = self.buffered_bytes.saturating_add(e.weight());
+                if self.buffered.len() >= MAX_BUFFERED || bytes > MAX_BUFFERED_BYTES {
                     return self.lose(Reason::BufferFull, jitter);
                 }
+                self.buffered_bytes = bytes;
                 self.buffered.push(e);
                 vec![Action::Hold]
             }
             (Phase::Reconciling, Input::Reconciled) => {
                 self.phase = Phase::Live;
-                self.failures = 0;
+                self.buffered_bytes = 0;
                 let mut out = Vec::with_capacity(2);
                 if !self.buffered.is_empty() {
                     out.push(Action::Apply(std::mem::take(&mut self.buffered)));
@@ -180,16 +199,24 @@ impl Machine {
                 out
             }
             (Phase::Live, Input::Event(e)) => vec![Action::Apply(vec![e])],
+            (Phase::Live, Input::Steady) => {
+                self.failures = 0;
+                vec![Action::Hold]
+            }
             (_, Input::Lost(reason)) => self.lose(reason, jitter),
             // Anything else (an event with no socket, a second Opened, a
-            // late Reconciled) is a stray of a connection already given up.
-            (_, Input::Opened | Input::Event(_) | Input::Reconciled) => vec![Action::Hold],
+            // late Reconciled or Steady) is a stray of a connection already
+            // given up.
+            (_, Input::Opened | Input::Event(_) | Input::Reconciled | Input::Steady) => {
+                vec![Action::Hold]
+            }
         }
     }
 
     fn lose(&mut self, reason: Reason, jitter: u64) -> Vec<Action> {
         self.phase = Phase::Connecting;
         self.buffered.clear();
+        self.buffered_bytes = 0;
         let delay = backoff(self.failures, jitter);
         self.failures = self.failures.saturating_add(1);
         vec![Action::Reconnect(reason, delay)]
@@ -313,6 +340,38 @@ mod tests {
         assert_eq!(m.phase(), Phase::Connecting);
     }
 
+    /// The buffer is bounded in bytes too: a few big events reconnect long
+    /// before the count is reached.
+    #[test]
+    fn a_buffer_full_in_bytes_reconnects() {
+        let big = |t: u64| AccountUpdate {
+            event_ms: t,
+            tx_ms: t,
+            legs: (0..1000)
+                .map(|_| super::super::book::EventLeg {
+                    symbol: "BTCUSDT".into(),
+                    leg: super::super::positions::Leg::Both,
+                    amt: rust_decimal::Decimal::ONE,
+                    entry_price: "9".repeat(64),
+                    unrealized_pnl: "9".repeat(64),
+                })
+                .collect(),
+        };
+        let w = big(0).weight();
+        assert!(w > 100_000, "{w}");
+        let fits = MAX_BUFFERED_BYTES / w;
+        let mut m = Machine::default();
+        m.on(Input::Opened, 0);
+        for t in 0..fits as u64 {
+            assert_eq!(m.on(Input::Event(big(t)), 0), vec![Action::Hold], "{t}");
+        }
+        let a = m.on(Input::Event(big(0)), 0);
+        assert!(matches!(a[..], [Action::Reconnect(Reason::BufferFull, _)]));
+        // A new connection starts with an empty buffer.
+        m.on(Input::Opened, 0);
+        assert_eq!(m.on(Input::Event(big(1)), 0), vec![Action::Hold]);
+    }
+
     #[test]
     fn backoff_grows_to_thirty_seconds_and_resets_when_live() {
         let mut m = Machine::default();
@@ -338,8 +397,18 @@ mod tests {
                 );
             }
         }
+        // Live, then lost at once: the backoff does not start over.
         m.on(Input::Opened, 0);
         m.on(Input::Reconciled, 0);
+        let a = m.on(Input::Lost(Reason::Closed), 0);
+        assert_eq!(
+            a,
+            vec![Action::Reconnect(Reason::Closed, Duration::from_secs(15))]
+        );
+        // Live and steady for a minute: it does.
+        m.on(Input::Opened, 0);
+        m.on(Input::Reconciled, 0);
+        m.on(Input::Steady, 0);
         let a = m.on(Input::Lost(Reason::Closed), 500);
         assert_eq!(a, vec![Action::Reconnect(Reason::Closed, BACKOFF_MIN)]);
     }

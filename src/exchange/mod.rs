@@ -26,9 +26,12 @@ mod snapshots;
 mod step_table;
 mod user_stream;
 
-pub use book::{AccountUpdate, Applied, Book, Correction, EventLeg, Feed};
+pub use book::{
+    AccountUpdate, Applied, Book, Clock, Correction, EventLeg, Feed, Reply, MAX_AHEAD_MS,
+};
 pub use machine::{
     backoff, Action, Input, Machine, Phase, Reason, BACKOFF_MAX, BACKOFF_MIN, MAX_BUFFERED,
+    MAX_BUFFERED_BYTES, STEADY_AFTER,
 };
 pub use positions::{fold, parse_positions, parse_rest_legs, Leg, LegState, Legs, Position};
 pub use rest::{
@@ -127,15 +130,12 @@ pub async fn run_poller(
             continue;
         }
         let started = Instant::now();
-        let asked_ms = u64::try_from(
-            i64::try_from(store::now_ms())
-                .unwrap_or(i64::MAX)
-                .saturating_add(client.offset_ms()),
-        )
-        .unwrap_or(0);
+        let asked = client.clock();
         let fetched = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = client.signed_get("/fapi/v2/positionRisk") => r.and_then(|v| parse_rest_legs(&v, asked_ms)),
+            r = client.signed_get("/fapi/v2/positionRisk") => {
+                r.and_then(|v| parse_rest_legs(&v, asked.exchange_ms, client.clock().limit_ms()))
+            }
         };
         let legs = match fetched {
             Ok(p) => p,
@@ -149,10 +149,19 @@ pub async fn run_poller(
                 continue;
             }
         };
-        let corrections =
-            writer
-                .book()
-                .apply_rest(&legs, asked_ms, store::now_ms(), !cfg.position_stream);
+        let reply = Reply {
+            legs: &legs,
+            asked_ms: asked.exchange_ms,
+            asked_local_ms: asked.local_ms,
+            covers: &allow.symbols,
+        };
+        let now_allowed = writer.allowlist().load();
+        let corrections = writer.book().apply_rest(
+            reply,
+            client.clock(),
+            !cfg.position_stream,
+            &now_allowed.symbols,
+        );
         report_corrections(&metrics, &corrections);
         match writer.write(&mut con, None, Stamp::Now).await {
             Ok(_) => {

@@ -176,8 +176,10 @@ pub fn fold(legs: &Legs) -> Position {
 /// number within ±1e12, a side that is not Binance's, or two rows of one
 /// side with different amounts make the symbol invalid; identical duplicate
 /// rows are one. A row without `updateTime` (a number) counts as `asked_ms`,
-/// the time the request was sent: the reply knew at least that much.
-fn legs_of(rows: &[(Option<Decimal>, &Value)], asked_ms: u64) -> Legs {
+/// the time the request was sent: the reply knew at least that much. An
+/// `updateTime` later than `limit_ms` (the exchange's clock as we know it,
+/// plus the tolerance) is out of bounds: the symbol is invalid (SPEC §16).
+fn legs_of(rows: &[(Option<Decimal>, &Value)], asked_ms: u64, limit_ms: u64) -> Legs {
     let mut legs = BTreeMap::new();
     for (amt, r) in rows {
         let Some(amt) = amt else {
@@ -186,16 +188,20 @@ fn legs_of(rows: &[(Option<Decimal>, &Value)], asked_ms: u64) -> Legs {
         let Some(leg) = Leg::parse(r.get("positionSide").and_then(Value::as_str)) else {
             return Err("positionSide is not BOTH, LONG or SHORT");
         };
+        let updated_ms = r
+            .get("updateTime")
+            .and_then(Value::as_u64)
+            .unwrap_or(asked_ms);
+        if updated_ms > limit_ms {
+            return Err("updateTime ahead of the exchange's clock");
+        }
         let state = LegState {
             amt: *amt,
             entry_price: row_field(r, "entryPrice"),
             unrealized_pnl: row_field(r, "unRealizedProfit"),
             mark_price: row_field(r, "markPrice"),
             leverage: row_field(r, "leverage"),
-            updated_ms: r
-                .get("updateTime")
-                .and_then(Value::as_u64)
-                .unwrap_or(asked_ms),
+            updated_ms,
         };
         if let Some(seen) = legs.insert(leg, state) {
             if seen.amt != *amt {
@@ -225,8 +231,13 @@ fn json_kind(v: &Value) -> &'static str {
 /// A positionRisk reply → each symbol's legs (see `legs_of`). A row
 /// without a symbol, or with an amount that is not a string, fails the
 /// whole reply: the position it holds could not be attributed, and an
-/// absent symbol would read as flat.
-pub fn parse_rest_legs(v: &Value, asked_ms: u64) -> Result<HashMap<String, Legs>, ExchangeError> {
+/// absent symbol would read as flat. `limit_ms`: the latest `updateTime`
+/// within bounds (see `legs_of`).
+pub fn parse_rest_legs(
+    v: &Value,
+    asked_ms: u64,
+    limit_ms: u64,
+) -> Result<HashMap<String, Legs>, ExchangeError> {
     let rows = v
         .as_array()
         .ok_or_else(|| ExchangeError::Malformed("positionRisk reply is not a list".into()))?;
@@ -254,13 +265,13 @@ pub fn parse_rest_legs(v: &Value, asked_ms: u64) -> Result<HashMap<String, Legs>
     }
     Ok(by_symbol
         .into_iter()
-        .map(|(sym, rows)| (sym.to_string(), legs_of(&rows, asked_ms)))
+        .map(|(sym, rows)| (sym.to_string(), legs_of(&rows, asked_ms, limit_ms)))
         .collect())
 }
 
 /// Folds a positionRisk reply into one position per symbol.
 pub fn parse_positions(v: &Value) -> Result<HashMap<String, Position>, ExchangeError> {
-    Ok(parse_rest_legs(v, 0)?
+    Ok(parse_rest_legs(v, 0, u64::MAX)?
         .into_iter()
         .map(|(sym, legs)| {
             let p = fold(&legs);
@@ -327,6 +338,21 @@ mod tests {
         assert_eq!(p["TEXTUSDT"].side, PositionSide::Hedged);
         assert_eq!(p["MISSINGUSDT"].side, PositionSide::Hedged);
         assert!(parse_positions(&json!([{"positionAmt": "1"}])).is_err());
+        // An updateTime beyond the exchange's clock (year 3000, u64::MAX,
+        // or just past the limit) makes its symbol invalid, no other.
+        for t in [json!(32_503_680_000_000u64), json!(u64::MAX), json!(10_001)] {
+            let v = json!([
+                {"symbol": "OKUSDT", "positionAmt": "1", "updateTime": 10_000},
+                {"symbol": "FUTUSDT", "positionAmt": "1", "updateTime": t}
+            ]);
+            let legs = parse_rest_legs(&v, 1, 10_000).unwrap();
+            assert!(legs["OKUSDT"].is_ok(), "{t}");
+            assert_eq!(
+                fold(&legs["FUTUSDT"]).problem,
+                Some("updateTime ahead of the exchange's clock"),
+                "{t}"
+            );
+        }
         // Another shape than Binance's strings fails the whole reply.
         for amt in [json!(0.25), json!(null), json!(["1"]), json!(true)] {
             let v = json!([{"symbol": "OKUSDT", "positionAmt": "1"}, {"symbol": "NUMUSDT", "positionAmt": amt}]);

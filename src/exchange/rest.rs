@@ -281,6 +281,20 @@ impl Client {
         Ok(())
     }
 
+    /// Resyncs the clock offset unless another caller did within the last
+    /// second (then its offset is used): the stream's start and a -1021
+    /// that race make one request, not two.
+    pub async fn resync(&self, why: &str) -> Result<(), ExchangeError> {
+        let mut last = self.resynced.lock().await;
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return Ok(());
+        }
+        warn!("exchange: {why}; resyncing the clock");
+        self.sync_time().await?;
+        *last = Some(Instant::now());
+        Ok(())
+    }
+
     /// A signed GET; on -1021 (timestamp outside recvWindow) resync the clock
     /// and retry once.
     pub async fn signed_get(&self, endpoint: &str) -> Result<Value, ExchangeError> {
@@ -302,14 +316,7 @@ impl Client {
             {
                 Err(ExchangeError::Api { code: -1021, .. }) if !retried => {
                     retried = true;
-                    let mut last = self.resynced.lock().await;
-                    if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-                        // Another request just resynced: retry on its offset.
-                        continue;
-                    }
-                    warn!("exchange: -1021 timestamp outside recvWindow; resyncing the clock and retrying once");
-                    self.sync_time().await?;
-                    *last = Some(Instant::now());
+                    self.resync("-1021 timestamp outside recvWindow").await?;
                 }
                 other => return other,
             }
@@ -319,6 +326,22 @@ impl Client {
     /// Server time minus local time, ms (0 until a resync).
     pub fn offset_ms(&self) -> i64 {
         self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// Our clock now, and the exchange's as we know it (ours corrected by
+    /// the offset): what exchange times are bounded by (SPEC §16).
+    pub fn clock(&self) -> super::Clock {
+        let local_ms = store::now_ms();
+        let exchange_ms = u64::try_from(
+            i64::try_from(local_ms)
+                .unwrap_or(i64::MAX)
+                .saturating_add(self.offset_ms()),
+        )
+        .unwrap_or(0);
+        super::Clock {
+            local_ms,
+            exchange_ms,
+        }
     }
 
     /// `POST /fapi/v1/listenKey` (keyed, unsigned, SPEC §16): the account's

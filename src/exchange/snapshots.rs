@@ -167,9 +167,15 @@ impl Writer {
             if !book.known() {
                 return Ok(0);
             }
+            // A symbol that joined the allowlist after the last reply was
+            // asked is not known yet (an event naming it before it joined
+            // was dropped): written once a reply covers it.
             let wanted: Vec<&String> = match only {
-                Some(list) => list.iter().filter(|s| allow.symbols.contains(*s)).collect(),
-                None => allow.symbols.iter().collect(),
+                Some(list) => list
+                    .iter()
+                    .filter(|s| allow.symbols.contains(*s) && book.knows(s))
+                    .collect(),
+                None => allow.symbols.iter().filter(|s| book.knows(s)).collect(),
             };
             for sym in wanted {
                 // A symbol no reply or event named is flat as of the reply

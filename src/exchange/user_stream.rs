@@ -26,7 +26,7 @@ use crate::keys::valid_symbol;
 use crate::metrics::Metrics;
 use crate::store;
 
-use super::book::{AccountUpdate, EventLeg};
+use super::book::{AccountUpdate, Clock, EventLeg, Reply};
 use super::machine::{Action, Input, Machine, Phase, Reason};
 use super::positions::{parse_rest_legs, Leg};
 use super::snapshots::{Stamp, Writer};
@@ -116,7 +116,11 @@ fn event_leg(e: &Value) -> Result<EventLeg, String> {
 
 /// Reads one text frame. An `ACCOUNT_UPDATE` is taken whole or not at all:
 /// one entry out of bounds makes the frame invalid (never half-applied).
-pub fn parse_frame(text: &str) -> Frame {
+/// `limit_ms` is the latest exchange time within bounds
+/// ([`super::Clock::limit_ms`]): an `E` or `T` beyond it makes the frame
+/// invalid (SPEC §16), so no time ahead of the exchange's clock can pin a
+/// position.
+pub fn parse_frame(text: &str, limit_ms: u64) -> Frame {
     let v: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => return Frame::Invalid(format!("not JSON ({e})")),
@@ -133,6 +137,13 @@ pub fn parse_frame(text: &str) -> Frame {
     let (Some(event_ms), Some(tx_ms)) = (time("E"), time("T")) else {
         return Frame::Invalid("ACCOUNT_UPDATE without numeric E and T".into());
     };
+    if tx_ms > limit_ms || event_ms > limit_ms {
+        return Frame::Invalid(format!(
+            "ACCOUNT_UPDATE E {event_ms} / T {tx_ms} more than {} s ahead of the exchange's clock ({})",
+            super::MAX_AHEAD_MS / 1000,
+            limit_ms.saturating_sub(super::MAX_AHEAD_MS)
+        ));
+    }
     let Some(a) = obj.get("a").and_then(Value::as_object) else {
         return Frame::Invalid("ACCOUNT_UPDATE without an object a".into());
     };
@@ -239,6 +250,14 @@ impl Stream {
         else {
             return;
         };
+        // The exchange's clock first: every event time is bounded by it.
+        let synced = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = self.client.resync("the position stream starts: every event time is bounded by the exchange's clock") => r,
+        };
+        if let Err(e) = synced {
+            warn!("position stream: the exchange's time could not be read ({e}); a signed request's -1021 resyncs it");
+        }
         let mut machine = Machine::default();
         let mut key: Option<Secret> = None;
         let mut delay = Duration::ZERO;
@@ -313,16 +332,13 @@ impl Stream {
         // Opened → Reconcile: positionRisk, asked now, while frames are read
         // (and buffered by the machine).
         machine.on(Input::Opened, jitter());
-        let asked_ms = self.exchange_now();
+        let asked = Asked {
+            clock: self.client.clock(),
+            covers: self.writer.allowlist().load(),
+        };
         let reconcile: Reconcile<'_> = Box::pin(self.client.signed_get("/fapi/v2/positionRisk"));
-        self.follow(ws, &k, Some((reconcile, asked_ms)), machine, con, cancel)
+        self.follow(ws, &k, Some((reconcile, asked)), machine, con, cancel)
             .await
-    }
-
-    /// The exchange's clock now, ms (local + the REST client's offset).
-    fn exchange_now(&self) -> u64 {
-        let local = i64::try_from(store::now_ms()).unwrap_or(i64::MAX);
-        u64::try_from(local.saturating_add(self.client.offset_ms())).unwrap_or(0)
     }
 
     /// Opens the socket (capped wait, capped frames). `None`: cancelled.
@@ -349,7 +365,7 @@ impl Stream {
         &self,
         mut ws: Socket,
         k: &Secret,
-        mut reconcile: Option<(Reconcile<'_>, u64)>,
+        mut reconcile: Option<(Reconcile<'_>, Asked)>,
         machine: &mut Machine,
         con: &mut store::Conn,
         cancel: &CancellationToken,
@@ -367,6 +383,9 @@ impl Stream {
         // The last frame time last re-stamped to: the same again would
         // rewrite the same values.
         let mut restamped = 0u64;
+        // When this connection will have been live long enough for the
+        // backoff to start over.
+        let mut steady_at: Option<Instant> = None;
         let reason = loop {
             let due = pong_due.unwrap_or(replace_at);
             tokio::select! {
@@ -386,11 +405,14 @@ impl Stream {
                     }
                 },
                 r = async { match reconcile.as_mut() { Some((f, _)) => f.await, None => std::future::pending().await } }, if reconcile.is_some() => {
-                    let asked_ms = reconcile.take().map_or(0, |(_, a)| a);
+                    let Some((_, asked)) = reconcile.take() else { continue };
                     match r {
                         Ok(v) => {
-                            if let Err(r) = self.reconciled(&v, asked_ms, machine, con).await {
+                            if let Err(r) = self.reconciled(&v, &asked, machine, con).await {
                                 break r;
+                            }
+                            if machine.phase() == Phase::Live {
+                                steady_at = Some(Instant::now() + super::STEADY_AFTER);
                             }
                         }
                         Err(e) => break (Reason::ReconcileFailed, format!("positionRisk: {e}")),
@@ -417,6 +439,10 @@ impl Stream {
                     }
                 }
                 _ = restamp.tick() => restamped = self.restamp(machine, con, restamped).await,
+                _ = async { match steady_at { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } }, if steady_at.is_some() => {
+                    steady_at = None;
+                    machine.on(Input::Steady, jitter());
+                }
                 _ = tokio::time::sleep_until(replace_at.into()), if pong_due.is_none() && reconcile.is_none() => {
                     match self.replace(k, &mut ws, machine, con, cancel).await? {
                         Ok(opened) => {
@@ -458,9 +484,18 @@ impl Stream {
             // Pings are answered by the socket itself; pongs only prove life.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(()),
         };
-        let frame = parse_frame(text.as_str());
+        let frame = parse_frame(text.as_str(), self.client.clock().limit_ms());
         match frame {
-            Frame::Account(ev) => {
+            Frame::Account(mut ev) => {
+                // Only allowlisted symbols are kept, buffered or not: a feed
+                // naming 300,000 others costs nothing (SPEC §16).
+                let allowed = self.writer.allowlist().load();
+                let named = ev.legs.len();
+                ev.legs.retain(|l| allowed.symbols.contains(&l.symbol));
+                if named > 0 && ev.legs.is_empty() {
+                    self.count("account_update", "ignored");
+                    return Ok(());
+                }
                 let phase = machine.phase();
                 for a in machine.on(Input::Event(ev), jitter()) {
                     match a {
@@ -499,13 +534,18 @@ impl Stream {
     /// once, with `feed=stream`.
     async fn apply(&self, evs: &[AccountUpdate], con: &mut store::Conn) {
         let mut changed = Vec::new();
-        let now = store::now_ms();
+        let clock = self.client.clock();
+        let allowed = self.writer.allowlist().load();
         {
             let mut book = self.writer.book();
             for ev in evs {
-                let a = book.apply_event(ev, now);
-                let result = if a.symbols.is_empty() && a.stale > 0 {
+                let a = book.apply_event(ev, clock, &allowed.symbols);
+                let result = if !a.symbols.is_empty() {
+                    "applied"
+                } else if a.stale > 0 {
                     "stale"
+                } else if a.dropped > 0 {
+                    "ignored"
                 } else {
                     "applied"
                 };
@@ -545,16 +585,24 @@ impl Stream {
     async fn reconciled(
         &self,
         v: &Value,
-        asked_ms: u64,
+        asked: &Asked,
         machine: &mut Machine,
         con: &mut store::Conn,
     ) -> Result<(), (Reason, String)> {
-        let legs = parse_rest_legs(v, asked_ms)
+        let clock = self.client.clock();
+        let legs = parse_rest_legs(v, asked.clock.exchange_ms, clock.limit_ms())
             .map_err(|e| (Reason::ReconcileFailed, format!("positionRisk: {e}")))?;
+        let reply = Reply {
+            legs: &legs,
+            asked_ms: asked.clock.exchange_ms,
+            asked_local_ms: asked.clock.local_ms,
+            covers: &asked.covers.symbols,
+        };
+        let now_allowed = self.writer.allowlist().load();
         let corrections = self
             .writer
             .book()
-            .apply_rest(&legs, asked_ms, store::now_ms(), false);
+            .apply_rest(reply, clock, false, &now_allowed.symbols);
         super::report_corrections(&self.metrics, &corrections);
         if let Err(e) = self.writer.write(con, None, Stamp::Now).await {
             warn!("position stream: writing the reconciled snapshots failed: {e}");
@@ -641,6 +689,13 @@ impl Stream {
     }
 }
 
+/// When the reconcile's request was sent, and the allowlist then (what its
+/// reply covers).
+struct Asked {
+    clock: Clock,
+    covers: Arc<crate::allowlist::Allowlist>,
+}
+
 /// The reconcile's request, run while frames are read.
 type Reconcile<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, ExchangeError>> + Send + 'a>>;
@@ -654,8 +709,8 @@ mod tests {
         let ok = r#"{"e":"ACCOUNT_UPDATE","E":1700000000100,"T":1700000000099,"a":{"m":"ORDER","B":[],"P":[
             {"s":"BTCUSDT","pa":"0.5","ep":"60000","up":"1.2","ps":"BOTH"},
             {"s":"ETHUSDT","pa":"-2","ep":"3000","up":"0","ps":"SHORT"}]}}"#;
-        let Frame::Account(a) = parse_frame(ok) else {
-            panic!("{:?}", parse_frame(ok))
+        let Frame::Account(a) = parse_frame(ok, u64::MAX) else {
+            panic!("{:?}", parse_frame(ok, u64::MAX))
         };
         assert_eq!(
             (a.event_ms, a.tx_ms, a.legs.len()),
@@ -706,14 +761,26 @@ usdt","pa":"1"}]}}"#,
             ),
         ];
         for (text, kind) in cases {
-            assert_eq!(parse_frame(text).kind(), *kind, "{text}");
+            assert_eq!(parse_frame(text, u64::MAX).kind(), *kind, "{text}");
         }
         // One bad entry spoils the frame: never half-applied.
         let half = r#"{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{"P":[{"s":"BTCUSDT","pa":"1"},{"s":"ETHUSDT","pa":"NaN"}]}}"#;
-        let Frame::Invalid(why) = parse_frame(half) else {
+        let Frame::Invalid(why) = parse_frame(half, u64::MAX) else {
             panic!()
         };
         assert!(why.contains("ETHUSDT"), "{why}");
+        // A time beyond the exchange's clock (year 3000, u64::MAX, or just
+        // past the limit) makes the frame invalid; at the limit it is read.
+        for (e, t, kind) in [
+            (1000u64, 32_503_680_000_000u64, "invalid"),
+            (1000, u64::MAX, "invalid"),
+            (1000, 10_001, "invalid"),
+            (10_001, 1000, "invalid"),
+            (10_000, 10_000, "account_update"),
+        ] {
+            let f = format!(r#"{{"e":"ACCOUNT_UPDATE","E":{e},"T":{t},"a":{{"P":[]}}}}"#);
+            assert_eq!(parse_frame(&f, 10_000).kind(), kind, "{f}");
+        }
     }
 
     #[test]

@@ -287,8 +287,11 @@ proptest! {
         ],
     ) {
         let mut book = exchange::Book::default();
-        if let exchange::Frame::Account(ev) = exchange::parse_frame(&text) {
-            let applied = book.apply_event(&ev, 1);
+        if let exchange::Frame::Account(ev) = exchange::parse_frame(&text, u64::MAX) {
+            let allowed: std::collections::HashSet<String> =
+                ev.legs.iter().map(|l| l.symbol.clone()).collect();
+            let clock = exchange::Clock { local_ms: 1, exchange_ms: u64::MAX };
+            let applied = book.apply_event(&ev, clock, &allowed);
             // Only the frame's symbols change, and no entry is counted
             // twice: each one applied or was stale.
             prop_assert!(applied.stale <= ev.legs.len());

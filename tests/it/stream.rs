@@ -619,3 +619,122 @@ fn with_the_stream_off_there_is_no_key_no_socket_and_the_feed_is_rest() {
         (s.as_deref() == Some("off")).then_some(())
     });
 }
+
+/// The daemon's resident memory, bytes (`/proc/<pid>/status`).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// An `ACCOUNT_UPDATE` with these times and one entry.
+fn raw_event(e: u64, t: u64, symbol: &str, amt: &str) -> String {
+    json!({"e": "ACCOUNT_UPDATE", "E": e, "T": t, "a": {"m": "ORDER", "B": [],
+        "P": [{"s": symbol, "pa": amt, "ep": "100", "up": "0", "ps": "BOTH"}]}})
+    .to_string()
+}
+
+/// SPEC §16: no exchange time beyond our clock. An event whose `T` is in
+/// the year 3000, at u64::MAX, or 20 s ahead of the exchange's clock is an
+/// invalid frame: never applied, never pinning the leg; real fills go on.
+/// A positionRisk row whose `updateTime` is in the year 3000 makes its
+/// symbol invalid (plans denied) until a row within bounds comes.
+#[test]
+fn an_exchange_time_ahead_of_our_clock_never_pins_a_position() {
+    let mut t = stream_daemon("BTCUSDT", &[("P33_POLL_SEC", "0.5")]);
+    fill(&t, one("BTCUSDT", "1.5"));
+    let writes = Writes::watch(&t.redis, "BTCUSDT");
+    t.start();
+    wait_live(&t);
+    let server_now = || now() as u64 * 1000;
+    let mut amount = 1.5;
+    for (n, ahead) in [32_503_680_000_000u64, u64::MAX, server_now() + 20_000]
+        .into_iter()
+        .enumerate()
+    {
+        let from = t.log_count();
+        t.fx().control(
+            "/control/stream",
+            json!({"raw": raw_event(server_now(), ahead, "BTCUSDT", "1000")}),
+        );
+        wait_at_least(
+            &t,
+            "p33_position_stream_reconnects_total{reason=\"invalid_frame\"}",
+            (n + 1) as f64,
+        );
+        t.wait_log_after(from, "ahead of the exchange's clock", T);
+        wait_live(&t);
+        // The next real fill reaches the snapshot through the stream.
+        amount += 1.0;
+        fill_through_stream(&mut t, "BTCUSDT", &amount.to_string());
+    }
+    assert!(
+        writes.amounts().iter().all(|a| *a < 1000.0),
+        "the amount ahead of the clock was written: {:?}",
+        writes.amounts()
+    );
+    // A REST row from the year 3000: the symbol is invalid, plans denied.
+    fill(
+        &t,
+        json!([{"symbol": "BTCUSDT", "positionAmt": "9", "updateTime": 32_503_680_000_000u64}]),
+    );
+    wait_for("the invalid snapshot", T, || {
+        (snapshot(&mut t.con, "BTCUSDT")
+            .get("side")
+            .map(String::as_str)
+            == Some("HEDGED"))
+        .then_some(())
+    });
+    t.push_plan(&plan("future-row", "BTCUSDT"));
+    assert_eq!(
+        t.wait_permit("future-row")["reason"],
+        "invalid_exchange_snapshot"
+    );
+    // A row within bounds makes it valid again, with its own amount.
+    fill(&t, one("BTCUSDT", "2"));
+    wait_amount(&mut t.con, "BTCUSDT", "2", None);
+}
+
+/// SPEC §16: only allowlisted symbols are kept. Account updates naming
+/// 300,000 distinct symbols that are not on the allowlist cost no memory
+/// (before, about 2 KB each, for ever), and the stream stays live.
+#[test]
+fn a_feed_naming_300000_other_symbols_costs_no_memory() {
+    let mut t = stream_daemon("BTCUSDT", &[]);
+    fill(&t, one("BTCUSDT", "1"));
+    t.start();
+    wait_live(&t);
+    let pid = t.daemon_mut().pid();
+    let before = rss_bytes(pid);
+    let mut sent = 0u64;
+    for frame in 0..30u64 {
+        let entries: Vec<serde_json::Value> = (0..10_000u64)
+            .map(|i| {
+                json!({"s": format!("Z{}USDT", frame * 10_000 + i), "pa": "1", "ep": "1", "up": "0", "ps": "BOTH"})
+            })
+            .collect();
+        let ts = now() as u64 * 1000;
+        let text = json!({"e": "ACCOUNT_UPDATE", "E": ts, "T": ts, "a": {"m": "ORDER", "B": [], "P": entries}})
+            .to_string();
+        t.fx().control("/control/stream", json!({"raw": text}));
+        sent += 1;
+        wait_at_least(
+            &t,
+            "p33_position_stream_events_total{result=\"ignored\",type=\"account_update\"}",
+            sent as f64,
+        );
+    }
+    let grown = rss_bytes(pid).saturating_sub(before);
+    assert!(
+        grown < 64 * 1024 * 1024,
+        "resident memory grew by {} MB for symbols not on the allowlist",
+        grown / (1024 * 1024)
+    );
+    assert_eq!(metric(&t, "p33_position_stream_live"), 1.0);
+    fill_through_stream(&mut t, "BTCUSDT", "2");
+}
