@@ -516,6 +516,8 @@ pub struct Resolver {
     metrics: Arc<Metrics>,
     last_source: Option<Source>,
     gained: Option<tokio::sync::watch::Sender<u64>>,
+    /// Whether the WARN that Redis did not answer was said for this outage.
+    keeping: bool,
 }
 
 impl Resolver {
@@ -527,6 +529,7 @@ impl Resolver {
             metrics,
             last_source: None,
             gained: None,
+            keeping: false,
         }
     }
 
@@ -537,29 +540,53 @@ impl Resolver {
     }
 
     /// One resolution: read (unless env mode), decide, publish, log.
-    pub async fn refresh(&mut self, con: Option<&mut crate::store::Conn>) -> Resolution {
+    /// `None`: Redis did not answer (SPEC §3) — no answer is not an empty
+    /// one: the resolution in force stays (a universe or last_ok list still
+    /// expires at its own instant, [`Allowlist::expires_at`]), and the
+    /// caller retries every second until Redis answers.
+    pub async fn refresh(&mut self, con: Option<&mut crate::store::Conn>) -> Option<Resolution> {
         let read = match (self.cfg.allowlist_mode, con) {
             (AllowlistMode::Env, _) => Err(()),
             (AllowlistMode::Universe, None) => Err(()),
             (AllowlistMode::Universe, Some(con)) => {
-                match tokio::time::timeout(Duration::from_secs(5), read_universe(con, &self.cfg))
-                    .await
-                {
+                let got =
+                    tokio::time::timeout(Duration::from_secs(5), read_universe(con, &self.cfg))
+                        .await;
+                match got {
                     // Whether Redis answered is known here too, not only to
                     // the plan loop: p33_redis_up follows every reader.
                     Ok(Ok(r)) => {
                         self.metrics.set_redis_up(true);
+                        self.keeping = false;
                         Ok(r)
                     }
-                    Ok(Err(e)) => {
-                        self.metrics.set_redis_up(false);
+                    // An error reply for these keys (NOPERM, a wrong type):
+                    // Redis answered, tiers 1-2 are refused load_error.
+                    Ok(Err(e)) if answered(&e) => {
+                        self.metrics.set_redis_up(true);
+                        self.keeping = false;
                         warn!("allowlist: reading the universe keys failed: {e}");
                         Err(())
                     }
-                    Err(_) => {
+                    other => {
                         self.metrics.set_redis_up(false);
-                        warn!("allowlist: reading the universe keys timed out after 5s");
-                        Err(())
+                        let why = match other {
+                            Ok(Err(e)) => crate::text::clip(&e.to_string()).into_owned(),
+                            _ => "no reply within 5 s".to_string(),
+                        };
+                        if !self.keeping {
+                            self.keeping = true;
+                            match self.last_source {
+                                Some(s) => warn!(
+                                    "allowlist: Redis read failed ({why}): keeping source={} until it answers",
+                                    s.label()
+                                ),
+                                None => warn!(
+                                    "allowlist: Redis read failed ({why}): no resolution yet; retrying every second"
+                                ),
+                            }
+                        }
+                        return None;
                     }
                 }
             }
@@ -575,7 +602,7 @@ impl Resolver {
             &lim,
         );
         self.publish(&res);
-        res
+        Some(res)
     }
 
     fn publish(&mut self, res: &Resolution) {
@@ -629,6 +656,23 @@ impl Resolver {
     }
 }
 
+/// How often the universe keys are read again while Redis does not answer.
+pub const NO_ANSWER_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether an error is Redis's answer for these keys (an error reply), not
+/// the lack of one (a dropped connection, a timeout, a server still loading
+/// its data or without a master).
+pub fn answered(e: &redis::RedisError) -> bool {
+    !(e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.code(),
+            Some("LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN")
+        ))
+}
+
 /// Refreshes every `P33_ALLOWLIST_REFRESH_S`, at the expiry instant of
 /// universe-derived data, and whenever `reload` is notified (SIGHUP). The
 /// first resolution is done by the caller, before plans are read.
@@ -641,8 +685,13 @@ pub async fn run_refresher(
 ) {
     let period = resolver.cfg.allowlist_refresh;
     let mut last_expiry_wake: Option<std::time::Instant> = None;
+    let mut retry = false;
     loop {
-        let mut wait = period;
+        let mut wait = if retry {
+            period.min(NO_ANSWER_RETRY)
+        } else {
+            period
+        };
         let mut expiry_wake = false;
         if let Some(e) = expires_at {
             // Wake just past the expiry instant, so the age check refuses it
@@ -665,8 +714,15 @@ pub async fn run_refresher(
         if expiry_wake {
             last_expiry_wake = Some(std::time::Instant::now());
         }
-        let res = resolver.refresh(con.as_mut()).await;
-        expires_at = res.expires_at;
+        // Redis not answering: the list in force stays; asked again every
+        // second until it answers (its expiry still applies meanwhile).
+        retry = match resolver.refresh(con.as_mut()).await {
+            Some(res) => {
+                expires_at = res.expires_at;
+                false
+            }
+            None => true,
+        };
     }
 }
 

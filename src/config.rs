@@ -695,6 +695,10 @@ pub struct Config {
     pub canonical_positions: bool,
     /// The global trading state while its key is missing (SPEC §12).
     pub default_trading_state: crate::domain::TradingState,
+    /// systemd's `STATE_DIRECTORY` (units: `StateDirectory=`): where the
+    /// instance keeps the trading state it knows (SPEC §12); `None`: in
+    /// memory only.
+    pub state_directory: Option<String>,
     /// `P33_MAX_OPENS` (SPEC §13); `None`: off.
     pub max_opens: Option<Rate>,
     /// `P33_MAX_OPENS_PER_SYMBOL`; `None`: off.
@@ -1247,6 +1251,10 @@ impl Config {
                 p.word("P33_DEFAULT_TRADING_STATE"),
             )
             .unwrap_or(crate::domain::TradingState::Active),
+            state_directory: env
+                .get("STATE_DIRECTORY")
+                .filter(|d| !d.trim().is_empty())
+                .cloned(),
             max_opens: p.rate("P33_MAX_OPENS"),
             max_opens_per_symbol: p.rate("P33_MAX_OPENS_PER_SYMBOL"),
             throttle_latch: p.bool("P33_THROTTLE_LATCH"),

@@ -252,6 +252,8 @@ pub struct Consumer {
     allowlist: AllowlistHandle,
     steps: StepSizes,
     positioned: Positioned,
+    /// The trading state this instance knows (SPEC §12).
+    guardian: Arc<crate::known::KnownState>,
     metrics: Arc<Metrics>,
     limits: rules::Limits,
     /// When the last foreign-permit WARN was logged, and how many were
@@ -269,6 +271,7 @@ impl Consumer {
         allowlist: AllowlistHandle,
         steps: StepSizes,
         positioned: Positioned,
+        guardian: Arc<crate::known::KnownState>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let limits = rules::Limits {
@@ -283,6 +286,7 @@ impl Consumer {
             allowlist,
             steps,
             positioned,
+            guardian,
             metrics,
             limits,
             foreign_log: std::sync::Mutex::new((None, 0)),
@@ -410,11 +414,13 @@ impl Consumer {
         } else {
             Arc::new(Vec::new())
         };
+        let known = self.guardian.known();
         let batch = permits::Batch {
             stream: PLAN_STREAM,
             group: &self.cfg.consumer_group,
             ttl_ms: u64::try_from(self.cfg.permit_ttl.as_millis()).unwrap_or(u64::MAX),
             default_state: self.cfg.default_trading_state,
+            known: known.as_ref(),
             dry_run: self.cfg.dry_run,
             now,
             max_opens: self.cfg.max_opens,
@@ -430,7 +436,16 @@ impl Consumer {
         let results = match permits::write_batch(con, batch, &writes).await {
             Ok(r) => r,
             Err(e) => {
-                if e.code() == Some(permits::GUARD_ERROR) {
+                if e.code() == Some(permits::UNARMED_ERROR) {
+                    // Redis lost the marker (its data?): the guardian puts
+                    // the state back and arms; the batch waits for it.
+                    self.guardian.wake();
+                    warn!(
+                        "P3.3 Redis is not armed ({}): {} plans stay pending until the trading state is restored",
+                        clip(e.detail().unwrap_or("")),
+                        entries.len()
+                    );
+                } else if e.code() == Some(permits::GUARD_ERROR) {
                     // Nothing was written: the batch stays pending.
                     let detail = e.detail().unwrap_or("");
                     let key = detail.split_whitespace().next().unwrap_or("?");
@@ -646,6 +661,7 @@ impl Consumer {
             | Written::HoldDenied
             | Written::TradingHalted(_)
             | Written::TradingReducing(_)
+            | Written::StateUnknown
             | Written::Throttled(_)
             | Written::InvalidGuardState(_)
             | Written::MaxOpenPositions { .. } => {}

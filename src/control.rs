@@ -26,9 +26,7 @@ use crate::store;
 use crate::stream::{BatchHandler, Entry, GroupReader};
 use crate::text::clip;
 
-/// The spelling of "no override" in control entries (`from`/`to` of a
-/// symbol whose key is missing).
-pub const NO_OVERRIDE: &str = "NONE";
+pub use crate::known::NO_OVERRIDE;
 
 /// The trading state as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +44,7 @@ const STATES_PAGE: usize = 1000;
 
 /// Reads `keys` with the state script (the write script's own reading,
 /// `state_of`), atomically: `None` for a missing key.
-async fn read_keys(
+pub async fn read_keys(
     con: &mut Conn,
     keys: &[String],
 ) -> Result<Vec<Option<TradingState>>, redis::RedisError> {
@@ -254,6 +252,57 @@ pub async fn apply_change(
     })
 }
 
+/// Restores a key that reads less strict than `to` (SPEC §12): the same
+/// atomic change as `ctl` (the key and its control entry), made only while
+/// the key still reads looser and no control entry came after `last_id`
+/// (a change the restoring instance has not read is never undone). The
+/// latch's record is left alone. `Ok(None)`: nothing to do any more.
+pub async fn restore(
+    con: &mut Conn,
+    symbol: Option<&str>,
+    to: TradingState,
+    reason: &str,
+    actor: &str,
+    default: TradingState,
+    last_id: &str,
+) -> Result<Option<ControlEntry>, redis::RedisError> {
+    let key = symbol.map_or_else(|| keys::TRADING_STATE.to_string(), keys::trading_state);
+    let missing = if symbol.is_some() {
+        NO_OVERRIDE
+    } else {
+        default.as_str()
+    };
+    let ts = (store::now_ms() / 1000).to_string();
+    let scope = if symbol.is_some() { "symbol" } else { "global" };
+    let (id, from): (String, String) = crate::scripts::CHANGE_STATE
+        .key(&key)
+        .key(CONTROL_STREAM)
+        .key(keys::LATCH)
+        .arg(to.as_str())
+        .arg(scope)
+        .arg(symbol.unwrap_or(""))
+        .arg(reason)
+        .arg(actor)
+        .arg(&ts)
+        .arg(missing)
+        .arg(last_id)
+        .invoke_async(con)
+        .await?;
+    if id.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(ControlEntry {
+        id,
+        scope: scope.into(),
+        symbol: symbol.unwrap_or("").into(),
+        from,
+        to: to.as_str().into(),
+        reason: reason.into(),
+        actor: actor.into(),
+        ts,
+    }))
+}
+
 /// The last `n` control entries, newest first.
 pub async fn last_entries(
     con: &mut Conn,
@@ -293,6 +342,8 @@ pub async fn latch_tripped(
 struct Follower {
     group: String,
     refresh: Arc<Notify>,
+    /// Told of every entry, so what it knows follows at once.
+    guardian: Arc<crate::known::KnownState>,
     cfg: Arc<Config>,
     config_hash: String,
 }
@@ -369,6 +420,9 @@ impl BatchHandler for Follower {
             let Some(f) = &e.fields else { continue };
             let entry = ControlEntry::from_fields(&e.id, f);
             warn!("{}", entry.log_line());
+            // Known before anything else is done with it: a halt this
+            // instance confirmed (below) is one it restores if Redis loses it.
+            self.guardian.observe(&e.id, f);
             match self.revoke(con, &e.id, f).await {
                 Ok(Some(n)) => warn!(
                     "P3.3 revoked {n} outstanding allows after {} -> {} (control entry {})",
@@ -394,6 +448,7 @@ impl BatchHandler for Follower {
         }
         let _: i64 = ack.query_async(con).await?;
         self.refresh.notify_one();
+        self.guardian.wake();
         Ok(())
     }
 }
@@ -403,6 +458,7 @@ pub async fn run_follower(
     cfg: Arc<Config>,
     redis: store::Redis,
     refresh: Arc<Notify>,
+    guardian: Arc<crate::known::KnownState>,
     cancel: CancellationToken,
 ) {
     let reader = GroupReader {
@@ -419,6 +475,7 @@ pub async fn run_follower(
     let mut handler = Follower {
         group: reader.group.clone(),
         refresh,
+        guardian,
         config_hash: crate::record::config_hash(&cfg),
         cfg,
     };
@@ -427,10 +484,12 @@ pub async fn run_follower(
 
 /// Keeps `p33_trading_state` and `p33_symbol_overrides` current: at once
 /// when the follower saw a change, and every 5 s (a state set by hand,
-/// without `ctl`, shows too).
+/// without `ctl`, shows too). The global gauge shows the state in force:
+/// the stricter of the key and what the guardian knows.
 pub async fn run_state_metrics(
     cfg: Arc<Config>,
     redis: store::Redis,
+    guardian: Arc<crate::known::KnownState>,
     metrics: Arc<Metrics>,
     refresh: Arc<Notify>,
     cancel: CancellationToken,
@@ -445,15 +504,16 @@ pub async fn run_state_metrics(
     let mut next_count = tokio::time::Instant::now();
     loop {
         let read = async {
-            let global = read_global(&mut con)
+            // What is in force: the stricter of the key and the state the
+            // control log confirmed (a key Redis lost reads the latter).
+            let key = read_global(&mut con)
                 .await?
                 .unwrap_or(cfg.default_trading_state);
+            let global = guardian.known().map_or(key, |k| k.global.max(key));
             if tokio::time::Instant::now() >= next_count {
-                overrides = read_overrides(&mut con)
-                    .await?
-                    .into_iter()
-                    .map(|(_, t)| t)
-                    .collect();
+                let all = read_overrides(&mut con).await?;
+                overrides = all.iter().map(|(_, t)| *t).collect();
+                guardian.set_seen_overrides(all);
                 next_count = tokio::time::Instant::now() + overrides_period(overrides.len());
             }
             let latch = latch_tripped(&mut con, global).await?;

@@ -164,6 +164,7 @@ async fn change(
         e.id,
         crate::keys::CONTROL_STREAM
     );
+    println!("{}", replicas(con).await);
     if c != Change::Resume {
         // The daemon revokes the allows not yet used (SPEC §12); say how
         // many, or that the ones written before stay valid until they expire.
@@ -177,6 +178,47 @@ async fn change(
         }
     }
     Ok(())
+}
+
+/// How long `ctl` waits for its change to reach the replicas (SPEC §12).
+const REPLICA_WAIT: Duration = Duration::from_secs(1);
+
+/// Waits up to [`REPLICA_WAIT`] for the change to reach every connected
+/// replica (`WAIT`) and says how many of how many acknowledged it: a
+/// failover to a replica that never had the change would lose it (the
+/// daemons restore what they knew, but say so here too).
+async fn replicas(con: &mut crate::store::Conn) -> String {
+    let info: Result<String, _> = redis::cmd("INFO").arg("replication").query_async(con).await;
+    let connected = info.as_ref().ok().and_then(|i| {
+        i.lines()
+            .find_map(|l| l.strip_prefix("connected_slaves:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+    });
+    let Some(n) = connected else {
+        return format!(
+            "replicas: unknown ({})",
+            info.err().map_or_else(
+                || "no count in INFO".into(),
+                |e| clip(&e.to_string()).into_owned()
+            )
+        );
+    };
+    if n == 0 {
+        return "replicas: none connected (the change is on the master only: persistence must keep it)".into();
+    }
+    let acked: Result<u64, _> = redis::cmd("WAIT")
+        .arg(n)
+        .arg(REPLICA_WAIT.as_millis() as u64)
+        .query_async(con)
+        .await;
+    match acked {
+        Ok(a) if a >= n => format!("replicas: {a} of {n} acknowledged the change"),
+        Ok(a) => format!(
+            "replicas: {a} of {n} acknowledged the change within {} s (a failover now may lose it; the running gates restore what they know)",
+            REPLICA_WAIT.as_secs()
+        ),
+        Err(e) => format!("replicas: {n} connected, WAIT failed: {}", clip(&e.to_string())),
+    }
 }
 
 /// How long `ctl halt|reduce` waits for the revocation's confirmation.

@@ -20,7 +20,7 @@ pub const MAX_SCANNED: usize = 200_000;
 /// The rules table (`docs/rules.md` shows it; a test keeps the two equal):
 /// each reason a permit can carry, the row or guard that decides it, and
 /// what that row says.
-pub const RULES: [(&str, &str, &str); 25] = [
+pub const RULES: [(&str, &str, &str); 26] = [
     (
         "plan_expired",
         "0",
@@ -104,6 +104,11 @@ pub const RULES: [(&str, &str, &str); 25] = [
         "trading_reducing",
         "state",
         "the trading state REDUCING (opens denied)",
+    ),
+    (
+        "trading_state_unknown",
+        "state",
+        "no gate has put the trading state in place on this Redis (quantum:p33:armed missing)",
     ),
     ("throttled", "limit", "an open throttle (P33_MAX_OPENS…)"),
     (

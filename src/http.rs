@@ -65,12 +65,10 @@ pub(crate) fn handle(metrics: &Metrics, method: &Method, path: &str) -> Response
             metrics.render(store::now_epoch()),
         ),
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
-        _ if metrics.ready() => reply(StatusCode::OK, TEXT, "ready\n".into()),
-        _ => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            TEXT,
-            "not ready: redis down, consumer group missing or allowlist not loaded\n".into(),
-        ),
+        _ => match metrics.not_ready() {
+            None => reply(StatusCode::OK, TEXT, "ready\n".into()),
+            Some(why) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{why}\n")),
+        },
     }
 }
 
@@ -168,9 +166,20 @@ mod tests {
             handle(&m, &Method::POST, "/metrics").status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
+        let why = |m: &Metrics| {
+            let r = handle(m, &Method::GET, "/readyz");
+            (r.status(), m.not_ready())
+        };
+        let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(why(&m), (unavailable, Some("redis down")));
         m.set_redis_up(true);
+        assert_eq!(why(&m), (unavailable, Some("group missing")));
         m.set_group_ok(true);
+        m.set_allowlist("none", 0, None);
+        assert_eq!(why(&m), (unavailable, Some("fail-closed: no allowlist")));
         m.set_allowlist("env", 1, None);
-        assert_eq!(handle(&m, &Method::GET, "/readyz").status(), StatusCode::OK);
+        assert_eq!(why(&m), (unavailable, Some("trading state unknown")));
+        m.trading_state_armed.set(1);
+        assert_eq!(why(&m), (StatusCode::OK, None));
     }
 }

@@ -93,6 +93,13 @@ pub fn decisions(dry_run: bool) -> &'static str {
 /// `actor` name anyone can write to the control stream.
 pub const LATCH: &str = "quantum:p33:latch";
 
+/// The marker that a gate has put the trading state in place on this
+/// Redis (SPEC §12): set (no TTL) by an instance once it has read the state
+/// keys and restored what was lost. While it is missing the write script
+/// writes no allow: a Redis that lost its data permits nothing until a gate
+/// has put the state back.
+pub const ARMED: &str = "quantum:p33:armed";
+
 /// The allows written and not yet expired (SPEC §12): a sorted set of
 /// `<symbol>|<plan_id>` scored by the permit's expiry, ms. A halt revokes
 /// those still held.

@@ -21,7 +21,7 @@
 //! [`lifecycle`] (start order, supervision, signals, systemd; SPEC §10).
 //!
 //! The operator's side: [`control`] and [`ctl`] (the trading state, SPEC
-//! §12–§13), [`record`], [`explain`] and [`replay`] (the decision record,
+//! §12–§13), [`known`] and [`guardian`] (the state kept through Redis's own failures), [`record`], [`explain`] and [`replay`] (the decision record,
 //! SPEC §14).
 //!
 //! Shared underneath: [`stream`] (the one consumer-group reader the plan
@@ -39,9 +39,11 @@ pub mod ctl;
 pub mod domain;
 pub mod exchange;
 pub mod explain;
+pub mod guardian;
 mod http;
 pub mod instance;
 pub mod keys;
+pub mod known;
 pub mod ledger;
 pub mod lifecycle;
 pub mod metrics;

@@ -286,10 +286,35 @@ async fn start_and_supervise(
     }
     metrics.set_redis_up(true);
     metrics.set_group_ok(true);
+    // The trading state first: it is known (from the state file, the keys
+    // or, at a first start, after a peer had its chance) while the
+    // allowlist resolves, and no plan is read before (SPEC §12).
+    let guardian = Arc::new(crate::known::KnownState::default());
+    spawn_named(
+        tasks,
+        "state-guardian",
+        crate::guardian::run(
+            cfg.clone(),
+            redis.clone(),
+            guardian.clone(),
+            metrics.clone(),
+            cancel.clone(),
+        ),
+    );
 
     let handle = AllowlistHandle::default();
     let mut resolver = Resolver::new(cfg.clone(), handle.clone(), metrics.clone());
-    let first = resolver.refresh(Some(&mut con)).await;
+    // The first resolution needs Redis's answer: a read error is no
+    // resolution yet, and plans are not read before one (SPEC §3).
+    let first = loop {
+        if let Some(r) = resolver.refresh(Some(&mut con)).await {
+            break r;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(allowlist::NO_ANSWER_RETRY) => {}
+        }
+    };
     let steps = crate::steps::StepSizes::default();
     // The saved step table before the first plan (SPEC §10): a plan pending
     // at restart is never judged on the 0.001 fallback for a symbol the
@@ -400,7 +425,13 @@ async fn start_and_supervise(
     spawn_named(
         tasks,
         "control",
-        control::run_follower(cfg.clone(), redis.clone(), refresh.clone(), cancel.clone()),
+        control::run_follower(
+            cfg.clone(),
+            redis.clone(),
+            refresh.clone(),
+            guardian.clone(),
+            cancel.clone(),
+        ),
     );
     spawn_named(
         tasks,
@@ -408,25 +439,42 @@ async fn start_and_supervise(
         control::run_state_metrics(
             cfg.clone(),
             redis.clone(),
+            guardian.clone(),
             metrics.clone(),
             refresh,
             cancel.clone(),
         ),
     );
     let watchdog = Arc::new(Watchdog::from_env());
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    // Plans wait until the trading state is known: what the write script
+    // enforces beside the keys (SPEC §12).
+    tokio::select! {
+        _ = guardian.wait_known(cancel) => {}
+        r = supervise(tasks, cancel) => return r,
+    }
+    if cancel.is_cancelled() {
+        return supervise(tasks, cancel).await;
+    }
     spawn_named(
         tasks,
         "plans",
         consumer::run(
             cfg.clone(),
             redis.clone(),
-            consumer::Consumer::new(cfg.clone(), handle, steps, positioned, metrics.clone()),
+            consumer::Consumer::new(
+                cfg.clone(),
+                handle,
+                steps,
+                positioned,
+                guardian,
+                metrics.clone(),
+            ),
             metrics.clone(),
             watchdog,
             cancel.clone(),
         ),
     );
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!("ready: reading plans from {PLAN_STREAM}");
     supervise(tasks, cancel).await
 }

@@ -77,6 +77,13 @@ pub struct Metrics {
     pub guard_key_errors_total: IntCounterVec,
     /// `p33_throttle_latch_tripped`: 1 while the latch holds the state.
     pub throttle_latch_tripped: IntGauge,
+    /// `p33_trading_state_restored_total{scope}`: state keys put back
+    /// after Redis lost them or they were loosened without a control entry
+    /// (SPEC §12).
+    pub trading_state_restored_total: IntCounterVec,
+    /// `p33_trading_state_armed`: 1 while Redis holds the marker that a
+    /// gate put the trading state in place (SPEC §12).
+    pub trading_state_armed: IntGauge,
     /// `p33_build_info{version,commit}`.
     pub build_info: GaugeVec,
     /// `p33_watchdog_pings_total`.
@@ -295,6 +302,25 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            trading_state_restored_total: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "p33_trading_state_restored_total",
+                        "Trading-state keys restored from the state the control log confirmed (Redis lost them, or they were loosened without a control entry), by scope.",
+                    ),
+                    &["scope"],
+                )
+                .expect("valid metric"),
+            ),
+            trading_state_armed: reg(
+                &r,
+                IntGauge::new(
+                    "p33_trading_state_armed",
+                    "1 while Redis holds the marker that a gate put the trading state in place; 0: no allow is written.",
+                )
+                .expect("valid metric"),
+            ),
             limit_denies_total: iv(
                 "p33_limit_denies_total",
                 "Opening allows turned into denies by an automatic limit, by limit.",
@@ -395,6 +421,11 @@ impl Metrics {
             .set(1.0);
         for s in SOURCES {
             m.allowlist_source.with_label_values(&[s]).set(0.0);
+        }
+        for scope in ["global", "symbol"] {
+            m.trading_state_restored_total
+                .with_label_values(&[scope])
+                .inc_by(0);
         }
         for l in ["max_opens", "max_opens_per_symbol", "max_open_positions"] {
             m.limit_denies_total.with_label_values(&[l]).inc_by(0);
@@ -519,13 +550,27 @@ impl Metrics {
         }
     }
 
-    /// `/readyz`: a master is known, Redis answers, the group exists and
-    /// the allowlist has loaded.
+    /// `/readyz` (SPEC §9): `None` when ready — a master is known, Redis
+    /// answers, the group exists, the allowlist holds at least one symbol
+    /// and Redis is armed (§12); else why not.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if !self.master_known.load(Ordering::SeqCst) || !self.redis_ok.load(Ordering::SeqCst) {
+            Some("redis down")
+        } else if !self.group_ok.load(Ordering::SeqCst) {
+            Some("group missing")
+        } else if !self.allowlist_loaded.load(Ordering::SeqCst) || self.allowlist_symbols.get() < 1
+        {
+            Some("fail-closed: no allowlist")
+        } else if self.trading_state_armed.get() != 1 {
+            Some("trading state unknown")
+        } else {
+            None
+        }
+    }
+
+    /// Whether `/readyz` answers 200.
     pub fn ready(&self) -> bool {
-        self.master_known.load(Ordering::SeqCst)
-            && self.redis_ok.load(Ordering::SeqCst)
-            && self.group_ok.load(Ordering::SeqCst)
-            && self.allowlist_loaded.load(Ordering::SeqCst)
+        self.not_ready().is_none()
     }
 
     /// The Prometheus text exposition, with ages computed for `now`.

@@ -320,6 +320,9 @@ pub enum Written {
     TradingHalted(Scope),
     /// ACKed and `trading_reducing` written instead of the open.
     TradingReducing(Scope),
+    /// ACKed and `trading_state_unknown` written instead of the decision:
+    /// Redis is not armed (SPEC §12).
+    StateUnknown,
     /// ACKed and `throttled` written instead of the open (SPEC §13).
     Throttled(Scope),
     /// ACKed and `invalid_guard_state` written instead of the open: a key
@@ -337,6 +340,12 @@ impl Written {
     /// The decision that was written (or, in dry run, would have been):
     /// the evaluated one, or the deny a guard put in its place.
     pub fn effective(self, evaluated: &Decision, symbol: &str, b: &Batch<'_>) -> Decision {
+        if self == Written::StateUnknown {
+            return Decision::Deny(Deny {
+                reason: Reason::TradingStateUnknown,
+                context: serde_json::Map::new(),
+            });
+        }
         let Decision::Allow(a) = evaluated else {
             return evaluated.clone();
         };
@@ -391,6 +400,9 @@ pub struct Batch<'a> {
     pub ttl_ms: u64,
     /// The global trading state while its key is missing.
     pub default_state: TradingState,
+    /// The trading state this instance knows from the control log (SPEC
+    /// §12): enforced beside the keys. `None`: it knows none.
+    pub known: Option<&'a crate::known::Known>,
     /// Decide, write nothing.
     pub dry_run: bool,
     /// `created_at` of the permits.
@@ -442,7 +454,21 @@ pub fn broken_deny(key: &str) -> Deny {
 }
 
 /// The batch's settings: the script's one JSON header (`ARGV[1]`).
-fn header(b: &Batch<'_>) -> String {
+/// `symbols`: the batch's evaluated symbols (their known overrides go in).
+fn header(b: &Batch<'_>, symbols: &[&str]) -> String {
+    let known_sym: serde_json::Map<String, Value> = b
+        .known
+        .map(|k| {
+            symbols
+                .iter()
+                .filter_map(|s| {
+                    k.overrides
+                        .get(*s)
+                        .map(|t| (s.to_string(), Value::from(t.as_str())))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let (max_g, win_g) = rate_args(b.max_opens);
     let (max_s, win_s) = rate_args(b.max_opens_per_symbol);
     let latch_reason = b.max_opens.map_or_else(String::new, |r| {
@@ -453,6 +479,20 @@ fn header(b: &Batch<'_>) -> String {
         "group": b.group,
         "ttl": b.ttl_ms,
         "default_state": b.default_state.as_str(),
+        "known": b.known.map_or("", |k| k.global.as_str()),
+        "known_id": b.known.map_or("", |k| k.last_id.as_str()),
+        "known_sym": Value::Object(known_sym),
+        // A dry run never arms Redis: it records what the state would do.
+        "knows": b.known.is_some() && !b.dry_run,
+        "unknown": deny_json(
+            "__PLAN__",
+            "__SYMBOL__",
+            &Deny {
+                reason: Reason::TradingStateUnknown,
+                context: serde_json::Map::new(),
+            },
+            b.now
+        ),
         "dry": b.dry_run,
         "halted": trading_deny_template(Reason::TradingHalted, b.now),
         "reducing": trading_deny_template(Reason::TradingReducing, b.now),
@@ -479,6 +519,12 @@ fn header(b: &Batch<'_>) -> String {
 /// The error code of the script's refusal to write a batch whose record
 /// stream cannot take the records (SPEC §11): nothing was written.
 pub const GUARD_ERROR: &str = "P33GUARD";
+
+/// The error code of the script's refusal to write a batch while Redis is
+/// not armed and this instance knows the state (SPEC §12): nothing was
+/// written; the batch stays pending until the guardian has restored the
+/// keys and armed.
+pub const UNARMED_ERROR: &str = "P33UNARMED";
 
 /// The global throttle's key for this batch (an unused name while off).
 fn opens_key(b: &Batch<'_>) -> String {
@@ -515,8 +561,16 @@ pub async fn write_batch(
         .key(keys::OPEN_POSITIONS)
         .key(keys::decisions(b.dry_run))
         .key(keys::LATCH)
-        .key(keys::ALLOWS);
-    inv.arg(header(&b));
+        .key(keys::ALLOWS)
+        .key(keys::ARMED);
+    let symbols: Vec<&str> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Permit { symbol, .. } => Some(symbol.as_str()),
+            Write::AckOnly { .. } => None,
+        })
+        .collect();
+    inv.arg(header(&b, &symbols));
     // Unused key slots still need a name; the ACK-only placeholder is never
     // touched, nor is the per-symbol throttle key while that throttle is off.
     let unused_opens = keys::unused(keys::opens_unused);
@@ -610,6 +664,7 @@ fn written_of(c: i64) -> Result<Written, redis::RedisError> {
         13 => Written::InvalidGuardState(GuardKey::OpenPositions),
         14 => Written::InvalidGuardState(GuardKey::Control),
         15 => Written::InvalidGuardState(GuardKey::Allows),
+        16 => Written::StateUnknown,
         c if (1000..1_000_000).contains(&c) => Written::MaxOpenPositions {
             in_flight: (c - 1000) as u32,
         },

@@ -186,6 +186,10 @@ pub enum Reason {
     TradingHalted,
     /// The trading state is REDUCING and the plan opens (atomic write).
     TradingReducing,
+    /// No gate has put the trading state in place on this Redis (the
+    /// marker `quantum:p33:armed` is missing: Redis lost its data, or no
+    /// instance has armed it yet; SPEC §12).
+    TradingStateUnknown,
     /// An open throttle is full (SPEC §13; counted in the atomic write).
     Throttled,
     /// The position cap is reached (SPEC §13; counted in the atomic write).
@@ -198,7 +202,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every deny reason, in the order of the rules table.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Reason::PlanExpired,
         Reason::PlanFromFuture,
         Reason::InvalidPlan,
@@ -216,6 +220,7 @@ impl Reason {
         Reason::ReconcileHoldActive,
         Reason::TradingHalted,
         Reason::TradingReducing,
+        Reason::TradingStateUnknown,
         Reason::Throttled,
         Reason::MaxOpenPositions,
         Reason::InvalidGuardState,
@@ -241,6 +246,7 @@ impl Reason {
             Reason::ReconcileHoldActive => "reconcile_hold_active",
             Reason::TradingHalted => "trading_halted",
             Reason::TradingReducing => "trading_reducing",
+            Reason::TradingStateUnknown => "trading_state_unknown",
             Reason::Throttled => "throttled",
             Reason::MaxOpenPositions => "max_open_positions",
             Reason::InvalidGuardState => "invalid_guard_state",

@@ -55,7 +55,9 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Capped exponential backoff: 100 ms doubling to 5 s.
+/// Capped exponential backoff: 100 ms doubling to 1 s (SPEC §3: every
+/// reconnect backoff is capped at 1 s, so the first permit after Redis
+/// answers again comes within 2 s).
 #[derive(Debug, Clone)]
 pub struct Backoff {
     next: Duration,
@@ -71,7 +73,7 @@ impl Default for Backoff {
 
 impl Backoff {
     /// The cap on one wait.
-    pub const MAX: Duration = Duration::from_secs(5);
+    pub const MAX: Duration = Duration::from_secs(1);
 
     /// The next wait, doubling up to [`Backoff::MAX`].
     pub fn next_delay(&mut self) -> Duration {
@@ -750,7 +752,7 @@ mod tests {
     fn backoff_doubles_up_to_the_cap_and_resets() {
         let mut b = Backoff::default();
         let seq: Vec<u128> = (0..8).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(seq, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(seq, vec![100, 200, 400, 800, 1000, 1000, 1000, 1000]);
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
     }

@@ -13,13 +13,28 @@
 -- ARGV[6]  ts (whole epoch s)
 -- ARGV[7]  the state in force while the key is missing (the default, or
 --          NONE for a symbol)
+-- ARGV[8]  optional: the ID of the last control entry the restoring
+--          instance has read. Given, this is a restore (SPEC §12): the state
+--          is written only when the key still reads less strict than
+--          ARGV[1] and no control entry came after that ID (a change the
+--          instance has not read yet is never undone), and the latch's
+--          record is left alone.
 --
--- Returns {entry ID, from}; an error reply P33CONTROL <key> <why> when the
--- control stream cannot take the entry (nothing changed).
+-- Returns {entry ID, from}; for a restore that had nothing to do, {'', from}
+-- (or {'', 'MOVED'}: an entry came after ARGV[8]); an error reply
+-- P33CONTROL <key> <why> when the control stream cannot take the entry
+-- (nothing changed).
 
 local why = stream_problem(KEYS[2])
 if why then return redis.error_reply('P33CONTROL ' .. KEYS[2] .. ' ' .. why) end
 local from = state_of(KEYS[1], ARGV[7])
+local restore = ARGV[8] ~= nil
+if restore then
+  if #redis.call('XRANGE', KEYS[2], '(' .. ARGV[8], '+', 'COUNT', 1) > 0 then
+    return {'', 'MOVED'}
+  end
+  if (RANK[from] or 0) >= (RANK[ARGV[1]] or 0) then return {'', from} end
+end
 if ARGV[1] == 'NONE' then
   redis.call('DEL', KEYS[1])
 else
@@ -27,5 +42,5 @@ else
 end
 local id = redis.call('XADD', KEYS[2], '*', 'scope', ARGV[2], 'symbol', ARGV[3],
   'from', from, 'to', ARGV[1], 'reason', ARGV[4], 'actor', ARGV[5], 'ts', ARGV[6])
-if ARGV[2] == 'global' then redis.call('DEL', KEYS[3]) end
+if ARGV[2] == 'global' and not restore then redis.call('DEL', KEYS[3]) end
 return {id, from}

@@ -26,7 +26,9 @@
 --          latch trips: what ctl status and the alert report)
 -- KEYS[7]  quantum:p33:allows (every allow written, `<symbol>|<plan_id>`
 --          scored by its expiry, ms: what a halt revokes, SPEC §12)
--- KEYS     then per entry i, three keys from KEYS[8 + 3(i-1)]:
+-- KEYS[8]  quantum:p33:armed (read: the marker that a gate put the trading
+--          state in place, SPEC §12)
+-- KEYS     then per entry i, three keys from KEYS[9 + 3(i-1)]:
 --            quantum:permit:p33:<plan_id>           (written)
 --            quantum:p33:trading_state:<symbol>     (read)
 --            quantum:p33:opens:<window>ms:<symbol>  (per-symbol throttle)
@@ -40,6 +42,27 @@
 --            stream, group        the plan stream and its consumer group
 --            ttl                  the permit TTL, ms
 --            default_state        the global state while KEYS[1] is missing
+--            known, known_sym     the trading state the instance knows from
+--                                 the control log ('' / {} when it knows
+--                                 none): the global one, and the overrides
+--                                 of the batch's symbols; the stricter of
+--                                 them and the keys is enforced, so a looser
+--                                 key written by hand is never in force
+--            known_id             the last control entry the known state
+--                                 folds in: when the control stream holds a
+--                                 newer one (a change the instance has not
+--                                 read yet, written with its key in one
+--                                 step), the keys alone are enforced
+--            knows                true when the instance knows the state:
+--                                 while KEYS[8] is missing the batch is then
+--                                 refused (P33UNARMED, nothing written) and
+--                                 retried once the instance has restored the
+--                                 keys and armed; false (a dry run, or an
+--                                 instance that knows nothing): every
+--                                 evaluated plan is denied
+--                                 trading_state_unknown (a dry run records
+--                                 what the state would do, armed or not)
+--            unknown              that deny's template
 --            dry                  true in dry run: ACK and decide, write nothing
 --            halted, reducing     the trading_halted / trading_reducing deny
 --                                 templates: permit JSON with the literals
@@ -98,6 +121,7 @@
 --  12  the same, the entry's per-symbol throttle key
 --  13  the same, KEYS[4]                          14  the same, KEYS[3]
 --  15  the same, KEYS[7] (the allows a halt revokes)
+--  16  ACKed, trading_state_unknown written: KEYS[8] is missing
 --  1000 + n  ACKed, max_open_positions written, n symbols in flight
 -- In dry run the codes say what would have been written, and nothing is
 -- counted or latched.
@@ -144,7 +168,24 @@ local positions = #h.positioned
 local positioned = {}
 for _, s in ipairs(h.positioned) do positioned[s] = true end
 local maxlen = h.maxlen
-local global = state_of(KEYS[1], h.default_state)
+-- The stricter of two states (either may be nil or '').
+local function stricter(a, b)
+  if not RANK[a] then return b end
+  if not RANK[b] then return a end
+  if RANK[b] > RANK[a] then return b end
+  return a
+end
+local known, known_sym = h.known, h.known_sym
+if type(known_sym) ~= 'table' then known_sym = {} end
+if h.known_id ~= '' and redis.call('TYPE', KEYS[3]).ok == 'stream'
+    and #redis.call('XRANGE', KEYS[3], '(' .. h.known_id, '+', 'COUNT', 1) > 0 then
+  known, known_sym = '', {}
+end
+local global = stricter(state_of(KEYS[1], h.default_state), known)
+local armed = dry or redis.call('EXISTS', KEYS[8]) == 1
+if not armed and h.knows then
+  return redis.error_reply('P33UNARMED ' .. KEYS[8] .. ' is missing')
+end
 
 -- The record's stream is checked before anything is written: a record that
 -- cannot be written leaves the whole batch pending.
@@ -188,6 +229,7 @@ local GUARD_REASON = {
   [7] = 'trading_reducing', [8] = 'trading_reducing', [9] = 'throttled', [10] = 'throttled',
   [11] = 'invalid_guard_state', [12] = 'invalid_guard_state',
   [13] = 'invalid_guard_state', [14] = 'invalid_guard_state', [15] = 'invalid_guard_state',
+  [16] = 'trading_state_unknown',
 }
 
 -- The invalid_guard_state deny naming `key`.
@@ -203,7 +245,7 @@ local out, foreigners = {}, {}
 local n = (#ARGV - 1) / stride
 for i = 1, n do
   local a = 1 + (i - 1) * stride
-  local k = 7 + (i - 1) * 3
+  local k = 8 + (i - 1) * 3
   local pk, sk, xk = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local hk = HOLD_PREFIX .. string.sub(sk, #STATE_PREFIX + 1)
   local id, mode = ARGV[a + 1], ARGV[a + 2]
@@ -225,9 +267,13 @@ for i = 1, n do
       table.insert(guards, '"replaced_foreign":' .. cjson.encode(foreign))
     end
     local body, res = ARGV[a + 3], 2
-    if mode ~= '1' then
+    if not armed then
+      -- No gate has put the trading state in place on this Redis.
+      table.insert(guards, '"armed":false')
+      body, res = guard_deny(h.unknown, 'global', pk, hk), 16
+    elseif mode ~= '1' then
       local state, scope, shift = global, 'global', 0
-      local sym = state_of(sk, nil)
+      local sym = stricter(state_of(sk, nil), known_sym[string.sub(hk, #HOLD_PREFIX + 1)])
       if sym and RANK[sym] > RANK[global] then state, scope, shift = sym, 'symbol', 1 end
       table.insert(guards, '"state":"' .. state .. '","scope":"' .. scope .. '"')
       if state == 'HALTED' then

@@ -784,6 +784,7 @@ pub struct Opts {
     exchange: Option<(String, String)>,
     deferred: bool,
     nofile: Option<u32>,
+    unarmed: bool,
 }
 
 impl Opts {
@@ -820,6 +821,14 @@ impl Opts {
         self
     }
 
+    /// A Redis no gate has armed yet (SPEC §12): the daemon's first start
+    /// waits 2 s for a peer before it arms. Without this the test's Redis
+    /// holds the marker, as one a gate already runs on does.
+    pub fn unarmed(mut self) -> Opts {
+        self.unarmed = true;
+        self
+    }
+
     /// Run the daemon with this open-files limit (through `prlimit`).
     pub fn nofile(mut self, n: u32) -> Opts {
         self.nofile = Some(n);
@@ -848,7 +857,14 @@ pub struct TestDaemon {
 /// (unless deferred), waiting until the daemon logs its metrics address.
 pub fn spawn_daemon(opts: Opts) -> TestDaemon {
     let redis = Redis::start();
-    let con = redis.con();
+    let mut con = redis.con();
+    if !opts.unarmed {
+        let _: () = redis::cmd("SET")
+            .arg("quantum:p33:armed")
+            .arg("test-harness")
+            .query(&mut con)
+            .unwrap();
+    }
     let mut env = base_env(&redis);
     let fx = opts.exchange.as_ref().map(|(key, secret)| {
         let fx = FakeExchange::start(key, secret);

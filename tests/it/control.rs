@@ -917,8 +917,11 @@ fn an_old_halt_entry_replayed_after_a_resume_revokes_nothing() {
     assert_eq!(t.wait_permit("fresh-open")["allow"], true);
     // A halt entry the follower sees while the state is ACTIVE again (as
     // when an instance replays an old pending entry after a crash, once the
-    // operator had resumed): written by hand, with no state change.
-    let _: String = redis::cmd("XADD")
+    // operator had resumed): written by hand, with no state change, and
+    // the resume after it in the same step (the control log the guardians
+    // fold ends at ACTIVE, as it would after a real resume).
+    let _: () = redis::cmd("MULTI").query(&mut t.con).unwrap();
+    let _: () = redis::cmd("XADD")
         .arg(CONTROL)
         .arg("*")
         .arg("scope")
@@ -937,6 +940,26 @@ fn an_old_halt_entry_replayed_after_a_resume_revokes_nothing() {
         .arg("1")
         .query(&mut t.con)
         .unwrap();
+    let _: () = redis::cmd("XADD")
+        .arg(CONTROL)
+        .arg("*")
+        .arg("scope")
+        .arg("global")
+        .arg("symbol")
+        .arg("")
+        .arg("from")
+        .arg("HALTED")
+        .arg("to")
+        .arg("ACTIVE")
+        .arg("reason")
+        .arg("resumed")
+        .arg("actor")
+        .arg("sre@host")
+        .arg("ts")
+        .arg("2")
+        .query(&mut t.con)
+        .unwrap();
+    let _: Vec<String> = redis::cmd("EXEC").query(&mut t.con).unwrap();
     t.wait_log("reason=old, actor=sre@host", T);
     // Evidence the follower handled it: its group has nothing pending.
     wait_for("the control entry handled", T, || {

@@ -26,6 +26,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("record", 4),
     ("permits", 5),
     ("allowlist", 4),
+    ("known", 4),
     ("stream", 4),
     // Workers.
     ("consumer", 6),
@@ -38,6 +39,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("ctl", 7),
     ("explain", 7),
     ("replay", 7),
+    ("guardian", 7),
     ("lifecycle", 8),
 ];
 

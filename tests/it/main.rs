@@ -18,4 +18,5 @@ mod props;
 mod record;
 mod security;
 mod stream;
+mod survive;
 mod verdict;

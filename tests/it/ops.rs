@@ -273,6 +273,10 @@ fn systemd_template_unit_verifies_scores_1_2_or_lower_and_matches_the_main_unit(
     // cannot drift apart.
     let instance_env = "EnvironmentFile=-/etc/quantum/position-state-brain@%i.env";
     assert!(template.contains(instance_env));
+    // Each instance keeps its own trading-state file (SPEC §12).
+    let instance_state = "StateDirectory=position-state-brain/%i";
+    assert!(template.contains(instance_state));
+    assert!(main.contains("StateDirectory=position-state-brain\n"));
     let settings = |u: &str| -> Vec<String> {
         u.lines()
             .filter(|l| {
@@ -280,6 +284,7 @@ fn systemd_template_unit_verifies_scores_1_2_or_lower_and_matches_the_main_unit(
                     && !l.starts_with("Description=")
                     && !l.starts_with("ExecStart=")
                     && *l != instance_env
+                    && !l.starts_with("StateDirectory=")
             })
             .map(str::to_string)
             .collect()
@@ -414,7 +419,8 @@ fn systemd_notifications_ready_watchdog_stopping() {
 
 #[test]
 fn http_routes_answer_404_and_405() {
-    let mut t = spawn_daemon(Opts::default().deferred());
+    // With an allowlist: /readyz is 503 while fail-closed (SPEC §9).
+    let mut t = spawn_daemon(Opts::env_allowlist("BTCUSDT").deferred());
     t.start();
     t.wait_log("ready: reading plans", T);
     assert_eq!(t.get("/healthz").0, 200);

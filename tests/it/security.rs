@@ -223,6 +223,7 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
         ("HGET", &["HGET", "quantum:position:ledger:BTCUSDT", "f"]),
         ("HGETALL", &["HGETALL", "quantum:cfg:universe:meta"]),
         ("HMSET", &["HMSET", "quantum:p33:instance:x", "a", "b"]),
+        ("INFO", &["INFO", "replication"]),
         (
             "HSET",
             &["HSET", "quantum:position:snapshot:BTCUSDT", "a", "b"],
@@ -240,6 +241,7 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
         ("STRLEN", &["STRLEN", "quantum:reconcile:hold:BTCUSDT"]),
         ("TIME", &["TIME"]),
         ("TYPE", &["TYPE", "quantum:reconcile:hold:BTCUSDT"]),
+        ("WAIT", &["WAIT", "0", "0"]),
         ("XACK", &["XACK", "quantum:stream:apply.plan", "p33", "0-1"]),
         (
             "XADD",
@@ -268,6 +270,10 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
             ],
         ),
         ("XINFO", &["XINFO", "STREAM", "quantum:stream:p33.control"]),
+        (
+            "XRANGE",
+            &["XRANGE", "quantum:stream:p33.control", "-", "+"],
+        ),
         (
             "XPENDING",
             &["XPENDING", "quantum:stream:apply.plan", "p33"],
@@ -344,6 +350,7 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
         ("quantum:stream:p33.decisions.dry_run", "rw", "r", "r"),
         ("quantum:p33:latch", "rw", "rw", "r"),
         ("quantum:p33:allows", "rw", "r", "r"),
+        ("quantum:p33:armed", "rw", "r", "r"),
         ("quantum:p33:instance:p33-a", "rw", "r", "r"),
         ("quantum:p33:revoked:1-0", "rw", "r", "r"),
         ("quantum:stream:p33.control", "rw", "rw", "r"),
