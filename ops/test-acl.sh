@@ -11,7 +11,7 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 install_missing ops/test-acl.sh "${need[@]}"
 export P33_IT_ACL=1
-areas=(plans control record limits verdict hostile exchange stream allowlist ha security)
+areas=(plans control record limits verdict hostile exchange stream allowlist ha security survive)
 if cargo nextest --version >/dev/null 2>&1; then
   filter=$(printf 'test(/^%s::/) | ' "${areas[@]}")
   cargo nextest run --test it --no-fail-fast -E "${filter% | }" "$@"

@@ -16,7 +16,7 @@ use std::time::Duration;
 use crate::store::Conn;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::domain::TradingState;
@@ -156,6 +156,14 @@ pub struct ControlEntry {
     pub actor: String,
     /// Epoch seconds (whole).
     pub ts: String,
+    /// `change`, or `revoked` for a revocation's confirmation (SPEC §12;
+    /// empty: an older entry, a change unless it has a `ref`).
+    pub kind: String,
+    /// A confirmation's halt entry ID (`ref`).
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// A confirmation's count of revoked allows.
+    pub revoked: String,
 }
 
 impl ControlEntry {
@@ -172,7 +180,15 @@ impl ControlEntry {
             reason: g("reason"),
             actor: g("actor"),
             ts: g("ts"),
+            kind: g("kind"),
+            reference: g("ref"),
+            revoked: g("revoked"),
         }
+    }
+
+    /// Whether this is a revocation's confirmation, not a change.
+    pub fn is_confirmation(&self) -> bool {
+        self.kind == "revoked" || !self.reference.is_empty()
     }
 
     /// `global` or `symbol:BTCUSDT`, for log lines.
@@ -249,6 +265,9 @@ pub async fn apply_change(
         reason: reason.into(),
         actor: actor.into(),
         ts,
+        kind: "change".into(),
+        reference: String::new(),
+        revoked: String::new(),
     })
 }
 
@@ -300,6 +319,9 @@ pub async fn restore(
         reason: reason.into(),
         actor: actor.into(),
         ts,
+        kind: "change".into(),
+        reference: String::new(),
+        revoked: String::new(),
     }))
 }
 
@@ -348,6 +370,13 @@ struct Follower {
     config_hash: String,
 }
 
+/// Index members a revocation takes per script call at most.
+pub const REVOKE_STEP: usize = 200;
+
+/// The script time a revocation step may use, µs: the step ends early
+/// once it has used it, whatever the load (`p33-bench --halt` measures it).
+pub const REVOKE_STEP_BUDGET_US: u64 = 3_000;
+
 /// The actor of a revocation's confirmation entry.
 pub const REVOKE_ACTOR: &str = "p33-revoke@";
 
@@ -381,36 +410,69 @@ impl Follower {
             _ => return Ok(None),
         };
         let ttl_ms = u64::try_from(self.cfg.permit_ttl.as_millis()).unwrap_or(u64::MAX);
-        let n: i64 = crate::scripts::REVOKE
-            .key(keys::ALLOWS)
-            .key(CONTROL_STREAM)
-            .key(keys::revoked_marker(id))
-            .key(keys::DECISIONS_STREAM)
-            .key(if scope == "symbol" {
-                keys::trading_state(symbol)
-            } else {
-                keys::TRADING_STATE.to_string()
-            })
-            .arg(scope)
-            .arg(symbol)
-            .arg(&to)
-            .arg(id)
-            .arg(g("reason"))
-            .arg(format!("{REVOKE_ACTOR}{}", self.cfg.consumer_name))
-            .arg(ttl_ms.saturating_mul(2).max(60_000))
-            .arg(crate::permits::revoked_template(halted, store::now_epoch()))
-            .arg(self.cfg.decisions_maxlen)
-            .arg(&self.config_hash)
-            .arg(env!("CARGO_PKG_VERSION"))
-            .arg(&self.cfg.consumer_name)
-            .arg(if scope == "symbol" {
-                NO_OVERRIDE
-            } else {
-                self.cfg.default_trading_state.as_str()
-            })
-            .invoke_async(con)
-            .await?;
-        Ok((n >= 0).then_some(n))
+        // Only the index of the scope, and for a reduce only its opens: a
+        // symbol halt never walks every allow of every symbol.
+        let index = match (scope, halted) {
+            ("symbol", true) => keys::allows_symbol(symbol),
+            ("symbol", false) => keys::allows_symbol_opens(symbol),
+            (_, true) => keys::ALLOWS.to_string(),
+            (_, false) => keys::ALLOWS_OPENS.to_string(),
+        };
+        let state_key = if scope == "symbol" {
+            keys::trading_state(symbol)
+        } else {
+            keys::TRADING_STATE.to_string()
+        };
+        let template = crate::permits::revoked_template(halted, store::now_epoch());
+        let actor = format!("{REVOKE_ACTOR}{}", self.cfg.consumer_name);
+        let missing = if scope == "symbol" {
+            NO_OVERRIDE
+        } else {
+            self.cfg.default_trading_state.as_str()
+        };
+        let mut total: i64 = 0;
+        let mut first = true;
+        // Bounded steps (SPEC §12): each script call takes at most
+        // REVOKE_STEP members, so no other client waits for a big halt.
+        loop {
+            let (n, done): (i64, i64) = crate::scripts::REVOKE
+                .key(&index)
+                .key(CONTROL_STREAM)
+                .key(keys::revoked_marker(id))
+                .key(keys::REVOCATIONS_STREAM)
+                .key(&state_key)
+                .arg(scope)
+                .arg(symbol)
+                .arg(&to)
+                .arg(id)
+                .arg(g("reason"))
+                .arg(&actor)
+                .arg(ttl_ms.saturating_mul(2).max(60_000))
+                .arg(&template)
+                .arg(self.cfg.decisions_maxlen)
+                .arg(&self.config_hash)
+                .arg(env!("CARGO_PKG_VERSION"))
+                .arg(&self.cfg.consumer_name)
+                .arg(missing)
+                .arg(REVOKE_STEP)
+                .arg(total)
+                .arg(if first { "1" } else { "0" })
+                .arg(REVOKE_STEP_BUDGET_US)
+                .invoke_async(con)
+                .await?;
+            if n == -1 || (n == -2 && first) {
+                return Ok(None);
+            }
+            if n == -2 {
+                return Ok(Some(total));
+            }
+            total = total.saturating_add(n);
+            first = false;
+            if done == 1 {
+                return Ok(Some(total));
+            }
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -419,10 +481,20 @@ impl BatchHandler for Follower {
         for e in entries {
             let Some(f) = &e.fields else { continue };
             let entry = ControlEntry::from_fields(&e.id, f);
-            warn!("{}", entry.log_line());
             // Known before anything else is done with it: a halt this
             // instance confirmed (below) is one it restores if Redis loses it.
             self.guardian.observe(&e.id, f);
+            if entry.is_confirmation() {
+                info!(
+                    "P3.3 control: {} revoked {} allows (for {}, actor={})",
+                    entry.scope_label(),
+                    entry.revoked,
+                    entry.reference,
+                    entry.actor
+                );
+                continue;
+            }
+            warn!("{}", entry.log_line());
             match self.revoke(con, &e.id, f).await {
                 Ok(Some(n)) => warn!(
                     "P3.3 revoked {n} outstanding allows after {} -> {} (control entry {})",

@@ -170,14 +170,37 @@ async fn change(
         // many, or that the ones written before stay valid until they expire.
         match confirmation(con, &e.id, REVOKE_WAIT).await? {
             Some(n) => println!("revoked {n} outstanding allows"),
-            None => println!(
-                "no running instance confirmed the revocation within {} s: the allows written before this change stay valid until they expire (at most P33_PERMIT_TTL={} s); the change itself is in force",
-                REVOKE_WAIT.as_secs(),
-                cfg.permit_ttl.as_secs()
-            ),
+            None => match progress(con, &e.id).await {
+                // An instance is walking the allows in bounded steps.
+                Some((who, n)) => println!(
+                    "revoking: {n} so far ({who}, in steps of a few ms); the allows not yet revoked stay valid until revoked or expired (at most P33_PERMIT_TTL={} s); the change itself is in force",
+                    cfg.permit_ttl.as_secs()
+                ),
+                None => println!(
+                    "no running instance confirmed the revocation within {} s: the allows written before this change stay valid until they expire (at most P33_PERMIT_TTL={} s); the change itself is in force",
+                    REVOKE_WAIT.as_secs(),
+                    cfg.permit_ttl.as_secs()
+                ),
+            },
         }
     }
     Ok(())
+}
+
+/// What the revocation of control entry `id` has done so far: the walking
+/// instance and its count, from the marker it keeps (`<consumer> <n>`).
+async fn progress(con: &mut crate::store::Conn, id: &str) -> Option<(String, u64)> {
+    let m: Option<String> = redis::cmd("GET")
+        .arg(crate::keys::revoked_marker(id))
+        .query_async(con)
+        .await
+        .ok()
+        .flatten();
+    let m = m?;
+    let mut words = m.split(' ');
+    let who = clip(words.next()?).into_owned();
+    let n = words.next()?.parse().ok()?;
+    Some((who, n))
 }
 
 /// How long `ctl` waits for its change to reach the replicas (SPEC §12).
@@ -388,6 +411,17 @@ fn status_text(
     } else {
         out.push_str("control log     newest first\n");
         for e in entries {
+            if e.is_confirmation() {
+                out.push_str(&format!(
+                    "  {} revoked {} allows (for {})  by {}  ts={}\n",
+                    e.scope_label(),
+                    crate::text::clip(&e.revoked),
+                    crate::text::clip(&e.reference),
+                    crate::text::clip(&e.actor),
+                    e.ts
+                ));
+                continue;
+            }
             out.push_str(&format!(
                 "  {} {} -> {}  {}  by {}  ts={}\n",
                 e.scope_label(),

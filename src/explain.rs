@@ -180,8 +180,46 @@ pub async fn find(con: &mut crate::store::Conn, query: &str) -> Result<Found, re
     // The live record first, then a dry run's (SPEC §14).
     match find_in(con, keys::DECISIONS_STREAM, query).await? {
         Found::Nothing => find_in(con, keys::DECISIONS_DRY_RUN, query).await,
+        Found::One(mut r) => {
+            // A halt's revocation is recorded on its own stream (SPEC §12).
+            if !r.contains_key("revoked_at") {
+                if let Some(id) = r.get("plan_id").cloned() {
+                    if let Some(at) = revoked_at(con, &id).await? {
+                        r.insert("revoked_at".into(), at);
+                    }
+                }
+            }
+            Ok(Found::One(r))
+        }
         found => Ok(found),
     }
+}
+
+/// The record ID of the newest revocation of `plan_id`, if any (at most
+/// [`MAX_SCANNED`] revocations back).
+async fn revoked_at(
+    con: &mut crate::store::Conn,
+    plan_id: &str,
+) -> Result<Option<String>, redis::RedisError> {
+    let mut pages = RangeCursor::newest_first(keys::REVOCATIONS_STREAM);
+    let mut scanned = 0;
+    while scanned < MAX_SCANNED {
+        let entries = pages.next_page(con, 1000).await?;
+        if entries.is_empty() {
+            break;
+        }
+        for e in &entries {
+            let hit = e.fields.as_ref().is_some_and(|f| {
+                f.get("plan_id").map(String::as_str) == Some(plan_id)
+                    && f.get("outcome").map(String::as_str) == Some("revoked")
+            });
+            if hit {
+                return Ok(Some(e.id.clone()));
+            }
+        }
+        scanned += entries.len();
+    }
+    Ok(None)
 }
 
 /// [`find`] in one stream.

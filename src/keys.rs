@@ -105,6 +105,26 @@ pub const ARMED: &str = "quantum:p33:armed";
 /// those still held.
 pub const ALLOWS: &str = "quantum:p33:allows";
 
+/// The opening allows of [`ALLOWS`] (members `<symbol>|<plan_id>`): what a
+/// global reduce walks, so its steps never pass the closes again and again.
+pub const ALLOWS_OPENS: &str = "quantum:p33:allows:opens";
+
+/// One symbol's allows (members `<plan_id>`, scored by expiry, ms): what a
+/// symbol halt walks, never every allow of every symbol (SPEC §12).
+pub fn allows_symbol(symbol: &str) -> String {
+    format!("{ALLOWS}:{symbol}")
+}
+
+/// One symbol's opening allows: what a symbol reduce walks.
+pub fn allows_symbol_opens(symbol: &str) -> String {
+    format!("{ALLOWS}:{symbol}:opens")
+}
+
+/// One record per permit a halt revoked (SPEC §12), with its own MAXLEN:
+/// a big halt never pushes the decisions it is about out of the decision
+/// record. `explain` reads it too.
+pub const REVOCATIONS_STREAM: &str = "quantum:stream:p33.revocations";
+
 /// A running instance's report of itself (SPEC §12), a hash with a TTL.
 pub fn instance(consumer: &str) -> String {
     format!("quantum:p33:instance:{consumer}")

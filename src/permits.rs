@@ -284,6 +284,12 @@ pub enum GuardKey {
     Control,
     /// The index of allows a halt revokes.
     Allows,
+    /// The index of opening allows a global reduce revokes.
+    AllowsOpens,
+    /// The symbol's index of allows.
+    AllowsSymbol,
+    /// The symbol's index of opening allows.
+    AllowsSymbolOpens,
 }
 
 impl GuardKey {
@@ -298,6 +304,9 @@ impl GuardKey {
             GuardKey::OpenPositions => keys::OPEN_POSITIONS.to_string(),
             GuardKey::Control => keys::CONTROL_STREAM.to_string(),
             GuardKey::Allows => keys::ALLOWS.to_string(),
+            GuardKey::AllowsOpens => keys::ALLOWS_OPENS.to_string(),
+            GuardKey::AllowsSymbol => keys::allows_symbol(symbol),
+            GuardKey::AllowsSymbolOpens => keys::allows_symbol_opens(symbol),
         }
     }
 }
@@ -562,7 +571,8 @@ pub async fn write_batch(
         .key(keys::decisions(b.dry_run))
         .key(keys::LATCH)
         .key(keys::ALLOWS)
-        .key(keys::ARMED);
+        .key(keys::ARMED)
+        .key(keys::ALLOWS_OPENS);
     let symbols: Vec<&str> = writes
         .iter()
         .filter_map(|w| match w {
@@ -579,7 +589,9 @@ pub async fn write_batch(
             Write::AckOnly { entry_id, record } => {
                 inv.key(keys::unused(keys::permit))
                     .key(keys::unused(keys::trading_state))
-                    .key(&unused_opens);
+                    .key(&unused_opens)
+                    .key(keys::unused(keys::allows_symbol))
+                    .key(keys::unused(keys::allows_symbol_opens));
                 inv.arg(entry_id).arg("0").arg("").arg("");
                 if b.decisions_maxlen > 0 {
                     record_args(&mut inv, record);
@@ -600,6 +612,8 @@ pub async fn write_batch(
                     Some(r) => inv.key(keys::opens_symbol(window_ms(r), symbol)),
                     None => inv.key(&unused_opens),
                 };
+                inv.key(keys::allows_symbol(symbol))
+                    .key(keys::allows_symbol_opens(symbol));
                 inv.arg(entry_id).arg(guard.mode()).arg(body).arg(hold);
                 if b.decisions_maxlen > 0 {
                     record_args(&mut inv, record);
@@ -665,6 +679,9 @@ fn written_of(c: i64) -> Result<Written, redis::RedisError> {
         14 => Written::InvalidGuardState(GuardKey::Control),
         15 => Written::InvalidGuardState(GuardKey::Allows),
         16 => Written::StateUnknown,
+        17 => Written::InvalidGuardState(GuardKey::AllowsOpens),
+        18 => Written::InvalidGuardState(GuardKey::AllowsSymbol),
+        19 => Written::InvalidGuardState(GuardKey::AllowsSymbolOpens),
         c if (1000..1_000_000).contains(&c) => Written::MaxOpenPositions {
             in_flight: (c - 1000) as u32,
         },

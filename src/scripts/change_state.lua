@@ -40,7 +40,7 @@ if ARGV[1] == 'NONE' then
 else
   redis.call('SET', KEYS[1], ARGV[1])
 end
-local id = redis.call('XADD', KEYS[2], '*', 'scope', ARGV[2], 'symbol', ARGV[3],
+local id = redis.call('XADD', KEYS[2], '*', 'kind', 'change', 'scope', ARGV[2], 'symbol', ARGV[3],
   'from', from, 'to', ARGV[1], 'reason', ARGV[4], 'actor', ARGV[5], 'ts', ARGV[6])
 if ARGV[2] == 'global' and not restore then redis.call('DEL', KEYS[3]) end
 return {id, from}

@@ -28,10 +28,17 @@
 --          scored by its expiry, ms: what a halt revokes, SPEC §12)
 -- KEYS[8]  quantum:p33:armed (read: the marker that a gate put the trading
 --          state in place, SPEC §12)
--- KEYS     then per entry i, three keys from KEYS[9 + 3(i-1)]:
+-- KEYS[9]  quantum:p33:allows:opens (the opening allows of KEYS[7]: what a
+--          global reduce revokes)
+-- KEYS     then per entry i, five keys from KEYS[10 + 5(i-1)]:
 --            quantum:permit:p33:<plan_id>           (written)
 --            quantum:p33:trading_state:<symbol>     (read)
 --            quantum:p33:opens:<window>ms:<symbol>  (per-symbol throttle)
+--            quantum:p33:allows:<symbol>            (the symbol's allows,
+--                                                    `<plan_id>` by expiry)
+--            quantum:p33:allows:<symbol>:opens      (its opening allows)
+--          A halt walks only the index of its scope (and a reduce only the
+--          opens'), in bounded steps (revoke.lua).
 --          An ACK-only entry fills its slots with unused names.
 --          quantum:reconcile:hold:<symbol> is read but not declared: a
 --          declared key counts as written for the ACL (SPEC §17), and the
@@ -122,6 +129,9 @@
 --  13  the same, KEYS[4]                          14  the same, KEYS[3]
 --  15  the same, KEYS[7] (the allows a halt revokes)
 --  16  ACKed, trading_state_unknown written: KEYS[8] is missing
+--  17  ACKed, invalid_guard_state written: KEYS[9] unusable
+--  18  the same, the entry's quantum:p33:allows:<symbol>
+--  19  the same, the entry's quantum:p33:allows:<symbol>:opens
 --  1000 + n  ACKed, max_open_positions written, n symbols in flight
 -- In dry run the codes say what would have been written, and nothing is
 -- counted or latched.
@@ -200,6 +210,7 @@ local broken_ctl = latch and stream_problem(KEYS[3]) ~= nil
 -- An allow a halt could not revoke is not written: opens are denied while
 -- the index holds another type (closes go on: they reduce risk).
 local broken_allows = not zset_ok(KEYS[7])
+local broken_opens_index = not zset_ok(KEYS[9])
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -229,7 +240,8 @@ local GUARD_REASON = {
   [7] = 'trading_reducing', [8] = 'trading_reducing', [9] = 'throttled', [10] = 'throttled',
   [11] = 'invalid_guard_state', [12] = 'invalid_guard_state',
   [13] = 'invalid_guard_state', [14] = 'invalid_guard_state', [15] = 'invalid_guard_state',
-  [16] = 'trading_state_unknown',
+  [16] = 'trading_state_unknown', [17] = 'invalid_guard_state', [18] = 'invalid_guard_state',
+  [19] = 'invalid_guard_state',
 }
 
 -- The invalid_guard_state deny naming `key`.
@@ -245,10 +257,23 @@ local out, foreigners = {}, {}
 local n = (#ARGV - 1) / stride
 for i = 1, n do
   local a = 1 + (i - 1) * stride
-  local k = 8 + (i - 1) * 3
-  local pk, sk, xk = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local k = 9 + (i - 1) * 5
+  local pk, sk, xk, ak, aok = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
   local hk = HOLD_PREFIX .. string.sub(sk, #STATE_PREFIX + 1)
   local id, mode = ARGV[a + 1], ARGV[a + 2]
+  -- The entry's own indexes, checked before anything is written.
+  local index_broken, index_code = nil, 0
+  if mode ~= '0' and mode ~= '1' and not dry then
+    if broken_allows then
+      index_broken, index_code = KEYS[7], 15
+    elseif not zset_ok(ak) then
+      index_broken, index_code = ak, 18
+    elseif mode == '3' and broken_opens_index then
+      index_broken, index_code = KEYS[9], 17
+    elseif mode == '3' and not zset_ok(aok) then
+      index_broken, index_code = aok, 19
+    end
+  end
   local guards = {}
   local foreign = ''
   local code
@@ -294,8 +319,8 @@ for i = 1, n do
       if res == 2 and mode == '3' then
         -- A guard the opens need that cannot be read or written denies them.
         local broken, bcode = nil, 0
-        if broken_allows then
-          broken, bcode = KEYS[7], 15
+        if index_broken then
+          broken, bcode = index_broken, index_code
         elseif broken_ctl then
           broken, bcode = KEYS[3], 14
         elseif broken_g then
@@ -318,7 +343,7 @@ for i = 1, n do
             body, res = guard_deny(h.throttled_g, 'global', pk, hk), 9
             if latch and global == 'ACTIVE' and not dry then
               redis.call('SET', KEYS[1], 'REDUCING')
-              local entry = redis.call('XADD', KEYS[3], '*', 'scope', 'global', 'symbol', '',
+              local entry = redis.call('XADD', KEYS[3], '*', 'kind', 'change', 'scope', 'global', 'symbol', '',
                 'from', 'ACTIVE', 'to', 'REDUCING', 'reason', h.latch_reason, 'actor', 'p33-auto',
                 'ts', tostring(math.floor(now_ms / 1000)))
               redis.call('SET', KEYS[6], entry)
@@ -364,15 +389,31 @@ for i = 1, n do
       -- A foreign permit is no verdict: it is replaced in this same step.
       if ptype ~= 'none' then redis.call('DEL', pk) end
       redis.call('SET', pk, body, 'PX', ttl, 'NX')
-      -- Every allow is indexed until it expires, so a halt can revoke it.
-      if res == 2 and mode ~= '1' and not broken_allows then
+      -- Every allow is indexed until it expires, so a halt can revoke it:
+      -- globally and by symbol, and the opens apart (what a reduce walks).
+      -- A close whose index is unusable is written unindexed (closes reduce
+      -- risk); an open was denied above.
+      if res == 2 and mode ~= '1' and not index_broken then
         if not indexed then
           redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. now_ms)
+          if not broken_opens_index then
+            redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. now_ms)
+          end
           indexed = true
         end
         local plan = string.sub(pk, #PERMIT_PREFIX + 1)
         local symbol = string.sub(hk, #HOLD_PREFIX + 1)
-        redis.call('ZADD', KEYS[7], now_ms + ttl, symbol .. '|' .. plan)
+        local until_ms = now_ms + ttl
+        redis.call('ZADD', KEYS[7], until_ms, symbol .. '|' .. plan)
+        redis.call('ZREMRANGEBYSCORE', ak, '-inf', '(' .. now_ms)
+        redis.call('ZADD', ak, until_ms, plan)
+        redis.call('PEXPIRE', ak, ttl)
+        if mode == '3' then
+          redis.call('ZADD', KEYS[9], until_ms, symbol .. '|' .. plan)
+          redis.call('ZREMRANGEBYSCORE', aok, '-inf', '(' .. now_ms)
+          redis.call('ZADD', aok, until_ms, plan)
+          redis.call('PEXPIRE', aok, ttl)
+        end
       end
     end
     code = res
@@ -410,6 +451,11 @@ for i = 1, n do
       'config', h.config, 'version', h.version, 'consumer', h.consumer)
   end
 end
-if indexed then redis.call('PEXPIRE', KEYS[7], ttl) end
+if indexed then
+  redis.call('PEXPIRE', KEYS[7], ttl)
+  if not broken_opens_index and redis.call('EXISTS', KEYS[9]) == 1 then
+    redis.call('PEXPIRE', KEYS[9], ttl)
+  end
+end
 for _, v in ipairs(foreigners) do table.insert(out, v) end
 return out
