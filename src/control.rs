@@ -229,46 +229,13 @@ pub async fn apply_change(
     actor: &str,
     default: TradingState,
 ) -> Result<ControlEntry, redis::RedisError> {
-    let key = symbol.map_or_else(|| keys::TRADING_STATE.to_string(), keys::trading_state);
     let to = match (change, symbol) {
         (Change::Halt, _) => TradingState::Halted.as_str(),
         (Change::Reduce, _) => TradingState::Reducing.as_str(),
         (Change::Resume, None) => TradingState::Active.as_str(),
         (Change::Resume, Some(_)) => NO_OVERRIDE,
     };
-    let missing = if symbol.is_some() {
-        NO_OVERRIDE
-    } else {
-        default.as_str()
-    };
-    let ts = (store::now_ms() / 1000).to_string();
-    let scope = if symbol.is_some() { "symbol" } else { "global" };
-    let (id, from): (String, String) = crate::scripts::CHANGE_STATE
-        .key(&key)
-        .key(CONTROL_STREAM)
-        .key(keys::LATCH)
-        .arg(to)
-        .arg(scope)
-        .arg(symbol.unwrap_or(""))
-        .arg(reason)
-        .arg(actor)
-        .arg(&ts)
-        .arg(missing)
-        .invoke_async(con)
-        .await?;
-    Ok(ControlEntry {
-        id,
-        scope: scope.into(),
-        symbol: symbol.unwrap_or("").into(),
-        from,
-        to: to.into(),
-        reason: reason.into(),
-        actor: actor.into(),
-        ts,
-        kind: "change".into(),
-        reference: String::new(),
-        revoked: String::new(),
-    })
+    run_change(con, to, symbol, reason, actor, default, None).await
 }
 
 /// Restores a key that reads less strict than `to` (SPEC §12): the same
@@ -285,6 +252,30 @@ pub async fn restore(
     default: TradingState,
     last_id: &str,
 ) -> Result<Option<ControlEntry>, redis::RedisError> {
+    let e = run_change(
+        con,
+        to.as_str(),
+        symbol,
+        reason,
+        actor,
+        default,
+        Some(last_id),
+    )
+    .await?;
+    Ok((!e.id.is_empty()).then_some(e))
+}
+
+/// One call of the change script (`change_state.lua`); a restore when
+/// `last_id` is given (its entry ID is empty when it had nothing to do).
+async fn run_change(
+    con: &mut Conn,
+    to: &str,
+    symbol: Option<&str>,
+    reason: &str,
+    actor: &str,
+    default: TradingState,
+    last_id: Option<&str>,
+) -> Result<ControlEntry, redis::RedisError> {
     let key = symbol.map_or_else(|| keys::TRADING_STATE.to_string(), keys::trading_state);
     let missing = if symbol.is_some() {
         NO_OVERRIDE
@@ -293,36 +284,33 @@ pub async fn restore(
     };
     let ts = (store::now_ms() / 1000).to_string();
     let scope = if symbol.is_some() { "symbol" } else { "global" };
-    let (id, from): (String, String) = crate::scripts::CHANGE_STATE
-        .key(&key)
-        .key(CONTROL_STREAM)
+    let mut call = crate::scripts::CHANGE_STATE.key(&key);
+    call.key(CONTROL_STREAM)
         .key(keys::LATCH)
-        .arg(to.as_str())
+        .arg(to)
         .arg(scope)
         .arg(symbol.unwrap_or(""))
         .arg(reason)
         .arg(actor)
         .arg(&ts)
-        .arg(missing)
-        .arg(last_id)
-        .invoke_async(con)
-        .await?;
-    if id.is_empty() {
-        return Ok(None);
+        .arg(missing);
+    if let Some(id) = last_id {
+        call.arg(id);
     }
-    Ok(Some(ControlEntry {
+    let (id, from): (String, String) = call.invoke_async(con).await?;
+    Ok(ControlEntry {
         id,
         scope: scope.into(),
         symbol: symbol.unwrap_or("").into(),
         from,
-        to: to.as_str().into(),
+        to: to.into(),
         reason: reason.into(),
         actor: actor.into(),
         ts,
         kind: "change".into(),
         reference: String::new(),
         revoked: String::new(),
-    }))
+    })
 }
 
 /// The last `n` control entries, newest first.

@@ -422,21 +422,35 @@ fn redis_server(
         .spawn()
 }
 
-/// `--fills`: position changes timed to the snapshot, stream on then off.
-async fn fills_mode(args: &Args) -> anyhow::Result<()> {
-    let mut guard = Guard(Vec::new());
+/// A private Redis (no persistence) on a free loopback port, answering:
+/// its data directory, URL, client and a connection.
+async fn private_redis(
+    guard: &mut Guard,
+) -> anyhow::Result<(
+    std::path::PathBuf,
+    String,
+    redis::Client,
+    redis::aio::MultiplexedConnection,
+)> {
     let port = free_port()?;
     let dir = std::env::temp_dir().join(format!("p33-bench-{port}"));
     std::fs::create_dir_all(&dir)?;
     guard.0.push(redis_server(port, &dir, &[])?);
     let url = format!("redis://127.0.0.1:{port}/0");
     let client = redis::Client::open(url.as_str())?;
-    let mut con = loop {
+    let con = loop {
         if let Ok(c) = client.get_multiplexed_async_connection().await {
             break c;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    Ok((dir, url, client, con))
+}
+
+/// `--fills`: position changes timed to the snapshot, stream on then off.
+async fn fills_mode(args: &Args) -> anyhow::Result<()> {
+    let mut guard = Guard(Vec::new());
+    let (dir, url, client, mut con) = private_redis(&mut guard).await?;
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("notify-keyspace-events")
@@ -653,18 +667,7 @@ async fn fills_mode(args: &Args) -> anyhow::Result<()> {
 async fn halt_mode(args: &Args) -> anyhow::Result<()> {
     let n = args.halt;
     let mut guard = Guard(Vec::new());
-    let port = free_port()?;
-    let dir = std::env::temp_dir().join(format!("p33-bench-{port}"));
-    std::fs::create_dir_all(&dir)?;
-    guard.0.push(redis_server(port, &dir, &[])?);
-    let url = format!("redis://127.0.0.1:{port}/0");
-    let client = redis::Client::open(url.as_str())?;
-    let mut con = loop {
-        if let Ok(c) = client.get_multiplexed_async_connection().await {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (dir, url, client, mut con) = private_redis(&mut guard).await?;
     let expiry = position_state_brain::store::now_ms() + 600_000;
     let seeded = Instant::now();
     for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
@@ -756,18 +759,28 @@ async fn halt_mode(args: &Args) -> anyhow::Result<()> {
     let pinger = {
         let stop = stop.clone();
         let mut pcon = client.get_multiplexed_async_connection().await?;
+        // A PING answered BUSY (a script holds Redis) is asked again: the
+        // wait counts until one is answered.
         tokio::spawn(async move {
-            let (mut worst, mut pings) = (Duration::ZERO, 0u64);
+            let (mut worst, mut pings, mut busy) = (Duration::ZERO, 0u64, 0u64);
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let at = Instant::now();
-                let r: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut pcon).await;
-                if r.is_ok() {
-                    worst = worst.max(at.elapsed());
-                    pings += 1;
+                loop {
+                    let r: redis::RedisResult<String> =
+                        redis::cmd("PING").query_async(&mut pcon).await;
+                    match r {
+                        Ok(_) => break,
+                        Err(_) => {
+                            busy += 1;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
                 }
+                worst = worst.max(at.elapsed());
+                pings += 1;
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            (worst, pings)
+            (worst, pings, busy)
         })
     };
     let started = Instant::now();
@@ -782,12 +795,18 @@ async fn halt_mode(args: &Args) -> anyhow::Result<()> {
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     // The revocation is done when its confirmation is on the control stream.
     let revoked_s = loop {
-        let v: redis::Value = redis::cmd("XRANGE")
+        let v: redis::Value = match redis::cmd("XRANGE")
             .arg(keys::CONTROL_STREAM)
             .arg("-")
             .arg("+")
             .query_async(&mut con)
-            .await?;
+            .await
+        {
+            Ok(v) => v,
+            // BUSY while one script walks them all (an older build).
+            Err(e) if e.code() == Some("BUSY") => redis::Value::Nil,
+            Err(e) => return Err(e.into()),
+        };
         let done = position_state_brain::stream::parse_entries(&v)
             .into_iter()
             .filter_map(|e| e.fields)
@@ -801,7 +820,7 @@ async fn halt_mode(args: &Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (worst, pings) = pinger.await?;
+    let (worst, pings, busy) = pinger.await?;
     // Each script call of the revocation (its marker key is among its keys).
     let slow: redis::Value = redis::cmd("SLOWLOG")
         .arg("GET")
@@ -824,7 +843,8 @@ async fn halt_mode(args: &Args) -> anyhow::Result<()> {
                     _ => None,
                 })
                 .collect();
-            if words.iter().any(|w| w.starts_with("quantum:p33:revoked:")) {
+            let marker = keys::revoked_marker("");
+            if words.iter().any(|w| w.starts_with(&marker)) {
                 calls.push(*us as f64 / 1000.0);
             }
         }
@@ -850,6 +870,7 @@ async fn halt_mode(args: &Args) -> anyhow::Result<()> {
             "script_ms_total": calls.iter().sum::<f64>(),
             "ping_worst_ms": worst.as_secs_f64() * 1000.0,
             "pings": pings,
+            "ping_busy_replies": busy,
             "ctl_said": said.lines().filter(|l| l.contains("revok")).collect::<Vec<_>>().join(" | "),
         })
     );

@@ -1202,3 +1202,23 @@ pub fn sentinel_env(set: &SentinelSet) -> HashMap<String, String> {
     e.insert("REDIS_SENTINEL_MASTER".into(), SENTINEL_MASTER.into());
     e
 }
+
+/// `position-state-brain ctl …` with the daemon's environment.
+pub fn ctl(t: &TestDaemon, args: &[&str]) -> (Option<i32>, String, String) {
+    let env: Vec<(&str, &str)> = t
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain([("USER", "alice")])
+        .collect();
+    let mut all = vec!["ctl"];
+    all.extend_from_slice(args);
+    run_once(&all, &env)
+}
+
+/// `ctl …` that must exit 0; its output.
+pub fn ctl_ok(t: &TestDaemon, args: &[&str]) -> String {
+    let (code, out, err) = ctl(t, args);
+    assert_eq!(code, Some(0), "ctl {args:?}: {out}{err}");
+    out
+}

@@ -39,19 +39,6 @@ fn open(id: &str, symbol: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// `position-state-brain ctl …` with the daemon's environment.
-fn ctl(t: &TestDaemon, args: &[&str]) -> (Option<i32>, String, String) {
-    let env: Vec<(&str, &str)> = t
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .chain([("USER", "alice")])
-        .collect();
-    let mut all = vec!["ctl"];
-    all.extend_from_slice(args);
-    run_once(&all, &env)
-}
-
 /// The binary with the daemon's environment (any subcommand).
 fn ctl_like(t: &TestDaemon, args: &[&str]) -> (Option<i32>, String, String) {
     let env: Vec<(&str, &str)> = t
@@ -60,12 +47,6 @@ fn ctl_like(t: &TestDaemon, args: &[&str]) -> (Option<i32>, String, String) {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     run_once(args, &env)
-}
-
-fn ctl_ok(t: &TestDaemon, args: &[&str]) -> String {
-    let (code, out, err) = ctl(t, args);
-    assert_eq!(code, Some(0), "ctl {args:?}: {out}{err}");
-    out
 }
 
 fn daemon() -> TestDaemon {

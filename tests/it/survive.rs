@@ -27,20 +27,6 @@ fn push(t: &mut TestDaemon, id: &str) {
     t.push_plan(&f);
 }
 
-fn ctl_ok(t: &TestDaemon, args: &[&str]) -> String {
-    let env: Vec<(&str, &str)> = t
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .chain([("USER", "alice")])
-        .collect();
-    let mut all = vec!["ctl"];
-    all.extend_from_slice(args);
-    let (code, out, err) = run_once(&all, &env);
-    assert_eq!(code, Some(0), "ctl {args:?}: {out}{err}");
-    out
-}
-
 fn daemon(extra: &[(&str, &str)]) -> TestDaemon {
     let mut o = Opts::env_allowlist("BTCUSDT")
         .set("P33_STALE_THRESHOLD_SEC", "600")
