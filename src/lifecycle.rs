@@ -449,8 +449,18 @@ async fn start_and_supervise(
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     // Plans wait until the trading state is known: what the write script
     // enforces beside the keys (SPEC §12).
+    // Waiting is no stall: the watchdog is fed meanwhile (a state that
+    // cannot be known — a broken state file and no peer — keeps the daemon
+    // up and not ready, saying why, rather than in a restart loop).
+    let waiting = async {
+        loop {
+            watchdog.ping(metrics);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
     tokio::select! {
         _ = guardian.wait_known(cancel) => {}
+        _ = waiting => {}
         r = supervise(tasks, cancel) => return r,
     }
     if cancel.is_cancelled() {

@@ -212,6 +212,10 @@ pub fn decide(case: &Case, cfg: &Config) -> Outcome {
         reason: reason.to_string(),
         safe_qty: String::new(),
     };
+    // No gate had armed Redis (SPEC §12): every evaluated plan was denied.
+    if case.guards["armed"] == false {
+        return deny("trading_state_unknown");
+    }
     let a = match rules::evaluate(&case.plan, &case.inputs, case.now, &lim, case.step) {
         Decision::Deny(d) => return deny(d.reason.as_str()),
         Decision::Allow(a) => a,
