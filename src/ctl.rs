@@ -310,7 +310,11 @@ fn instance_line(name: &str, f: &std::collections::HashMap<String, String>, now:
     let g = |k: &str| clip(f.get(k).map_or("?", String::as_str)).into_owned();
     let last = match f.get("last_plan_at").and_then(|v| v.parse::<u64>().ok()) {
         Some(0) | None => "none yet".to_string(),
-        Some(t) => format!("{} s ago", now.saturating_sub(t)),
+        Some(t) => format!(
+            "{} ({} s ago)",
+            crate::text::rfc3339(&t.to_string()),
+            now.saturating_sub(t)
+        ),
     };
     format!(
         "  {} {} v{} ({}) on {} pid {}: allowlist source={} count={}{} pending={} plans={} last plan {} position_stream={} redis_master={}\n",
@@ -413,23 +417,23 @@ fn status_text(
         for e in entries {
             if e.is_confirmation() {
                 out.push_str(&format!(
-                    "  {} revoked {} allows (for {})  by {}  ts={}\n",
+                    "  {}  {} revoked {} allows (for {})  by {}\n",
+                    crate::text::rfc3339(&e.ts),
                     e.scope_label(),
                     crate::text::clip(&e.revoked),
                     crate::text::clip(&e.reference),
-                    crate::text::clip(&e.actor),
-                    e.ts
+                    crate::text::clip(&e.actor)
                 ));
                 continue;
             }
             out.push_str(&format!(
-                "  {} {} -> {}  {}  by {}  ts={}\n",
+                "  {}  {} {} -> {}  {}  by {}\n",
+                crate::text::rfc3339(&e.ts),
                 e.scope_label(),
                 e.from,
                 e.to,
                 crate::text::clip(&e.reason),
-                crate::text::clip(&e.actor),
-                e.ts
+                crate::text::clip(&e.actor)
             ));
         }
     }

@@ -375,8 +375,19 @@ pub fn describe(r: &HashMap<String, String>, permit: Option<&str>) -> String {
         out.push_str(&format!(
             "revoked   a halt rewrote this allow into a deny (record {at})\n"
         ));
+    } else if permit.is_some_and(revoked_permit) {
+        // The permit says so, though its revocation record was trimmed.
+        out.push_str(
+            "revoked   a halt rewrote this allow into a deny (the permit says so; its record is past the revocations' MAXLEN)\n",
+        );
     }
     out
+}
+
+/// Whether a permit is a deny a halt wrote over an allow (`context.revoked`).
+fn revoked_permit(permit: &str) -> bool {
+    serde_json::from_str::<Value>(permit)
+        .is_ok_and(|v| v["allow"] == false && v["context"]["revoked"] == true)
 }
 
 fn compact(v: &Value) -> String {

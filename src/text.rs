@@ -60,9 +60,56 @@ fn escape_lossy(b: &[u8]) -> String {
     out
 }
 
+/// Whole epoch seconds as RFC 3339 UTC (`2026-12-07T15:04:05Z`), what an
+/// operator reads in `ctl status`; a value that is not a time in years
+/// 1970–9999 is shown as it was given (cut and escaped).
+pub(crate) fn rfc3339(epoch: &str) -> String {
+    let Some(secs) = epoch
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|s| *s < 253_402_300_800)
+    else {
+        return clip(epoch).into_owned();
+    };
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (proleptic Gregorian), after H. Hinnant.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_read_as_rfc3339_utc() {
+        for (epoch, want) in [
+            ("0", "1970-01-01T00:00:00Z"),
+            ("951782400", "2000-02-29T00:00:00Z"),
+            ("1769920585", "2026-02-01T04:36:25Z"),
+            ("1796656924", "2026-12-07T15:22:04Z"),
+            ("253402300799", "9999-12-31T23:59:59Z"),
+            ("253402300800", "253402300800"),
+            ("-5", "-5"),
+            ("soon\n", "soon\\n"),
+        ] {
+            assert_eq!(rfc3339(epoch), want, "{epoch}");
+        }
+    }
 
     #[test]
     fn clips_at_64_characters() {

@@ -1103,3 +1103,61 @@ fn a_halt_with_350000_allows_revokes_them_in_steps_that_never_stall_redis() {
         "350,000 allows revoked; ctl took {ctl_took:?}; worst PING {worst:?} over {pings} pings"
     );
 }
+
+/// Issue 28 item 12 (SPEC §12, §14): a big halt never erases the record it
+/// is about. With `P33_DECISIONS_MAXLEN=1000`, 3,000 allows revoked: the
+/// revocations go to their own stream, and `explain` of the plan allowed
+/// just before the halt still finds its decision and says a halt revoked
+/// it (before, 3,000 `revoked` records pushed it out of the decision
+/// stream and `explain` said `no record`).
+#[test]
+fn a_big_halt_keeps_the_decision_it_revokes_explainable() {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT,ETHUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "600")
+            .set("P33_DECISIONS_MAXLEN", "1000")
+            .deferred(),
+    );
+    t.snapshot("BTCUSDT", "0.5", now());
+    t.snapshot("ETHUSDT", "0", now());
+    t.start_ready();
+    push(&mut t, close("the-last-allow", "BTCUSDT"));
+    assert_eq!(t.wait_permit("the-last-allow")["allow"], true);
+    let expiry = (now() * 1000.0) as u64 + 600_000;
+    let mut p = redis::pipe();
+    for i in 0..3000 {
+        let plan = format!("many-{i}");
+        p.cmd("SET")
+            .arg(format!("quantum:permit:p33:{plan}"))
+            .arg(format!(
+                r#"{{"allow":true,"plan_id":"{plan}","symbol":"ETHUSDT","reason":"open_permit_granted"}}"#
+            ))
+            .arg("PX")
+            .arg(600_000)
+            .ignore();
+        p.cmd("ZADD")
+            .arg("quantum:p33:allows")
+            .arg(expiry)
+            .arg(format!("ETHUSDT|{plan}"))
+            .ignore();
+    }
+    let _: () = p.query(&mut t.con).unwrap();
+    let out = ctl_ok(&t, &["halt", "--reason", "big one"]);
+    assert!(
+        out.contains("revoked 3001 outstanding allows") || out.contains("revoking: "),
+        "{out}"
+    );
+    wait_for("every allow revoked", T, || {
+        let p = t.permit("many-2999")?;
+        (p["reason"] == "trading_halted").then_some(())
+    });
+    let (code, out, err) = ctl_like(&t, &["explain", "the-last-allow"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("outcome   allow"), "{out}");
+    assert!(out.contains("revoked   a halt rewrote this allow"), "{out}");
+    let revocations: u64 = redis::cmd("XLEN")
+        .arg("quantum:stream:p33.revocations")
+        .query(&mut t.con)
+        .unwrap();
+    assert!(revocations >= 1000, "{revocations} revocation records");
+}

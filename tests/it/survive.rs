@@ -129,6 +129,19 @@ fn a_halt_survives_flushall_and_a_redis_restarted_without_its_data() {
     );
     push(&mut t, "after-resume");
     assert_eq!(t.wait_permit("after-resume")["allow"], true);
+    // ctl status shows the restores, with RFC 3339 UTC times.
+    let out = ctl_ok(&t, &["status"]);
+    let restore = out
+        .lines()
+        .find(|l| l.contains("restored: the key was missing"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let time = restore.split_whitespace().next().unwrap();
+    assert!(
+        time.len() == 20 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+        "{restore}"
+    );
+    assert!(restore.contains("global ACTIVE -> HALTED"), "{restore}");
+    assert!(!out.contains(" ts="), "{out}");
 }
 
 #[test]
