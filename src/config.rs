@@ -163,6 +163,11 @@ pub fn parse_sentinels(s: &str) -> Result<Vec<(String, u16)>, String> {
 }
 
 impl RedisTarget {
+    /// The database number.
+    pub fn db(&self) -> i64 {
+        self.info.redis.db
+    }
+
     /// The ACL user in effect, for messages (`default` when none is named),
     /// cut and escaped: it comes from the environment.
     pub fn user_shown(&self) -> String {

@@ -76,7 +76,7 @@ pub async fn read_overrides(
     let mut seen = std::collections::HashSet::new();
     let mut cursor: u64 = 0;
     loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+        let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
             .arg(keys::trading_state_pattern())
@@ -84,9 +84,11 @@ pub async fn read_overrides(
             .arg(STATES_PAGE)
             .query_async(con)
             .await?;
-        // SCAN may return a key twice; a key that is no symbol's is ignored.
+        // SCAN may return a key twice; a key that is no symbol's (a name
+        // that is not UTF-8 included) is ignored, never an error.
         let page: Vec<String> = batch
             .into_iter()
+            .filter_map(|k| String::from_utf8(k).ok())
             .filter(|k| k.strip_prefix(&prefix).is_some_and(keys::valid_symbol))
             .filter(|k| seen.insert(k.clone()))
             .collect();

@@ -107,13 +107,13 @@ pub async fn run(cfg: &Config, mut args: CtlArgs) -> i32 {
     };
     let changing = !matches!(args.verb, Verb::Status { .. });
     let outcome = match args.verb {
-        Verb::Status { json } => status(cfg, &mut con, json).await,
+        Verb::Status { json } => status(cfg, &mut con, json).await.map(|()| 0),
         Verb::Halt(a) => change(cfg, &mut con, Change::Halt, a).await,
         Verb::Reduce(a) => change(cfg, &mut con, Change::Reduce, a).await,
         Verb::Resume(a) => change(cfg, &mut con, Change::Resume, a).await,
     };
     match outcome {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) if e.code() == Some(control::CONTROL_ERROR) => {
             eprintln!(
                 "ctl: the control entry cannot be written ({}); nothing was changed",
@@ -146,7 +146,7 @@ async fn change(
     con: &mut crate::store::Conn,
     c: Change,
     a: ChangeArgs,
-) -> Result<(), redis::RedisError> {
+) -> Result<i32, redis::RedisError> {
     let e = control::apply_change(
         con,
         c,
@@ -164,7 +164,28 @@ async fn change(
         e.id,
         crate::keys::CONTROL_STREAM
     );
+    // Where it was written, and whether any gate reads it (SPEC §12): a
+    // halt sent to the wrong Redis is never taken for done.
+    let at = redis_where(cfg, con).await;
+    println!("redis: {at}");
     println!("{}", replicas(con).await);
+    let names: Vec<String> = crate::instance::read_all(con)
+        .await?
+        .ok
+        .into_iter()
+        .map(|(n, _)| clip(&n).into_owned())
+        .collect();
+    if names.is_empty() {
+        println!(
+            "WARNING: no running gate reads {}: no instance reported in the last 15 s; the change is written there, but nothing enforces it",
+            redis_address(cfg, con)
+        );
+        return Ok(EXIT_NO_GATE);
+    }
+    println!(
+        "instances: {} (reported in the last 15 s)",
+        names.join(", ")
+    );
     if c != Change::Resume {
         // The daemon revokes the allows not yet used (SPEC §12); say how
         // many, or that the ones written before stay valid until they expire.
@@ -184,7 +205,7 @@ async fn change(
             },
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 /// What the revocation of control entry `id` has done so far: the walking
@@ -201,6 +222,43 @@ async fn progress(con: &mut crate::store::Conn, id: &str) -> Option<(String, u64
     let who = clip(words.next()?).into_owned();
     let n = words.next()?.parse().ok()?;
     Some((who, n))
+}
+
+/// `ctl`'s exit code for a change written where no instance reported in
+/// the last 15 s (SPEC §12).
+pub const EXIT_NO_GATE: i32 = 3;
+
+/// The Redis a command used, as `host:port/db` (never a password).
+fn redis_address(cfg: &Config, con: &crate::store::Conn) -> String {
+    let shown = con.node_shown();
+    let bare = shown
+        .split_once("://")
+        .map_or(shown, |(_, rest)| rest)
+        .rsplit('@')
+        .next()
+        .unwrap_or(shown);
+    if bare.contains('/') || bare.contains("?db=") {
+        bare.to_string()
+    } else {
+        format!("{bare}/{}", cfg.redis.db())
+    }
+}
+
+/// `host:port/db (role, user U)`: where `ctl` wrote or read.
+async fn redis_where(cfg: &Config, con: &mut crate::store::Conn) -> String {
+    let role: Result<redis::Value, _> = redis::cmd("ROLE").query_async(con).await;
+    let role = match role {
+        Ok(redis::Value::Array(v)) => match v.first() {
+            Some(redis::Value::BulkString(b)) => clip(&String::from_utf8_lossy(b)).into_owned(),
+            _ => "role unknown".into(),
+        },
+        _ => "role unknown".into(),
+    };
+    format!(
+        "{} ({role}, user {})",
+        redis_address(cfg, con),
+        cfg.redis.user_shown()
+    )
 }
 
 /// How long `ctl` waits for its change to reach the replicas (SPEC §12).
@@ -292,12 +350,24 @@ async fn status(
     let entries = control::last_entries(con, 10).await?;
     // Each running instance's own view, never an allowlist resolved from
     // ctl's environment (SPEC §12).
-    let instances = crate::instance::read_all(con).await?;
+    let reports = crate::instance::read_all(con).await?;
+    let instances = reports.ok;
     let latch = control::latch_tripped(con, states.global).await?;
+    let at = redis_where(cfg, con).await;
     if as_json {
-        println!("{}", status_json(&states, &entries, &instances, latch));
+        let mut v = status_json(&states, &entries, &instances, latch);
+        v["redis"] = json!(at);
+        v["instance_reports_skipped"] = json!(reports.skipped);
+        println!("{v}");
     } else {
+        println!("redis           {at}");
         print!("{}", status_text(&states, &entries, &instances, latch, cfg));
+        if reports.skipped > 0 {
+            println!(
+                "                {} instance report key(s) skipped: not well formed (a field missing or out of bounds, not UTF-8, another type)",
+                reports.skipped
+            );
+        }
     }
     Ok(())
 }

@@ -202,15 +202,65 @@ fn stream_word(metrics: &Metrics) -> &'static str {
     }
 }
 
-/// Every instance's report (`ctl status`), sorted by consumer name.
-pub async fn read_all(
-    con: &mut store::Conn,
-) -> Result<Vec<(String, HashMap<String, String>)>, redis::RedisError> {
+/// The reports read by [`read_all`]: the well-formed ones, sorted by
+/// consumer name, and how many keys were skipped (SPEC §12).
+#[derive(Debug, Default)]
+pub struct Reports {
+    /// Well-formed reports, by consumer name.
+    pub ok: Vec<(String, HashMap<String, String>)>,
+    /// Keys that are no report: a name or a value not UTF-8, a field
+    /// missing or out of its bounds, another type, or past the cap.
+    pub skipped: usize,
+}
+
+/// The most report keys read; more are counted as skipped.
+pub const MAX_REPORT_KEYS: usize = 100_000;
+
+/// Whether a report's fields are what a running instance writes: every
+/// field present, numbers that are numbers, words from their sets, every
+/// value at most 256 bytes without control characters.
+pub fn well_formed(f: &HashMap<String, String>) -> bool {
+    let digits = |k: &str| {
+        f.get(k).is_some_and(|v| {
+            !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit())
+        })
+    };
+    let one_of = |k: &str, set: &[&str]| f.get(k).is_some_and(|v| set.contains(&v.as_str()));
+    let text = |k: &str| f.get(k).is_some_and(|v| !v.is_empty());
+    f.len() <= 32
+        && f.iter()
+            .all(|(k, v)| k.len() <= 64 && v.len() <= 256 && !v.chars().any(char::is_control))
+        && [
+            "pid",
+            "started_at",
+            "count",
+            "pending",
+            "plans",
+            "last_plan_at",
+        ]
+        .into_iter()
+        .all(digits)
+        && ["version", "commit", "host", "source", "redis_master"]
+            .into_iter()
+            .all(text)
+        && one_of("mode", &["live", "dry_run"])
+        && one_of("stale", &["0", "1"])
+        && one_of("position_stream", &["live", "down", "off"])
+        && f.get("asof_epoch").is_none_or(|v| {
+            v.is_empty() || (v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
+/// Every instance's report (`ctl status`): the well-formed ones, sorted by
+/// consumer name, and a count of the rest. 10,000 forged reports never hide
+/// a real one, and a key name that is not UTF-8 is counted, never an error.
+pub async fn read_all(con: &mut store::Conn) -> Result<Reports, redis::RedisError> {
     let prefix = keys::instance("");
     let mut names: Vec<String> = Vec::new();
+    let mut out = Reports::default();
     let mut cursor: u64 = 0;
     loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+        let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
             .arg(format!("{prefix}*"))
@@ -218,26 +268,98 @@ pub async fn read_all(
             .arg(1000)
             .query_async(con)
             .await?;
-        names.extend(batch);
-        if next == 0 || names.len() > 1000 {
+        for raw in batch {
+            match String::from_utf8(raw) {
+                Ok(n) if names.len() < MAX_REPORT_KEYS => names.push(n),
+                _ => out.skipped += 1,
+            }
+        }
+        if next == 0 {
             break;
         }
         cursor = next;
     }
     names.sort();
     names.dedup();
-    let mut out = Vec::new();
-    for k in names {
-        // A key of another type is no report.
-        let Ok(h) = redis::cmd("HGETALL")
-            .arg(&k)
-            .query_async::<HashMap<String, String>>(con)
-            .await
-        else {
-            continue;
+    // Read a page of reports per round trip; a key of another type, or a
+    // value that is not UTF-8, is no report.
+    for page in names.chunks(500) {
+        let mut p = redis::pipe();
+        for k in page {
+            p.cmd("HGETALL").arg(k);
+        }
+        let replies: Vec<redis::Value> = match p.query_async(con).await {
+            Ok(r) => r,
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                // One wrong-typed key fails a pipeline reply: read one by one.
+                let mut v = Vec::new();
+                for k in page {
+                    v.push(
+                        redis::cmd("HGETALL")
+                            .arg(k)
+                            .query_async::<redis::Value>(con)
+                            .await
+                            .unwrap_or(redis::Value::Nil),
+                    );
+                }
+                v
+            }
+            Err(e) => return Err(e),
         };
-        if !h.is_empty() {
-            out.push((k[prefix.len()..].to_string(), h));
+        for (k, v) in page.iter().zip(replies) {
+            let fields = match v {
+                redis::Value::Array(items) if !items.is_empty() => {
+                    let mut h = HashMap::new();
+                    let mut utf8 = true;
+                    for kv in items.chunks(2) {
+                        match kv {
+                            [redis::Value::BulkString(a), redis::Value::BulkString(b)] => {
+                                match (std::str::from_utf8(a), std::str::from_utf8(b)) {
+                                    (Ok(a), Ok(b)) => {
+                                        h.insert(a.to_string(), b.to_string());
+                                    }
+                                    _ => utf8 = false,
+                                }
+                            }
+                            _ => utf8 = false,
+                        }
+                    }
+                    utf8.then_some(h)
+                }
+                redis::Value::Map(items) if !items.is_empty() => {
+                    let mut h = HashMap::new();
+                    let mut utf8 = true;
+                    for (a, b) in items {
+                        match (a, b) {
+                            (redis::Value::BulkString(a), redis::Value::BulkString(b)) => {
+                                match (String::from_utf8(a), String::from_utf8(b)) {
+                                    (Ok(a), Ok(b)) => {
+                                        h.insert(a, b);
+                                    }
+                                    _ => utf8 = false,
+                                }
+                            }
+                            _ => utf8 = false,
+                        }
+                    }
+                    utf8.then_some(h)
+                }
+                // Gone meanwhile (the TTL): no report, nothing skipped.
+                redis::Value::Array(_) | redis::Value::Map(_) | redis::Value::Nil => continue,
+                _ => None,
+            };
+            let name = &k[prefix.len()..];
+            match fields {
+                Some(h)
+                    if well_formed(&h)
+                        && !name.is_empty()
+                        && name.len() <= 128
+                        && !name.chars().any(char::is_control) =>
+                {
+                    out.ok.push((name.to_string(), h));
+                }
+                _ => out.skipped += 1,
+            }
         }
     }
     Ok(out)
@@ -285,5 +407,26 @@ mod tests {
         }
         assert_eq!(f["asof_epoch"], "1769920585");
         assert_eq!(f["count"], "566");
+        let owned: HashMap<String, String> =
+            f.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        assert!(
+            well_formed(&owned),
+            "a report the daemon writes is well formed"
+        );
+        for (k, v) in [
+            ("pid", "seven"),
+            ("mode", "evil"),
+            ("host", "h\nP3.3 forged"),
+            ("stale", "2"),
+            ("commit", ""),
+            ("count", "1e3"),
+        ] {
+            let mut bad = owned.clone();
+            bad.insert(k.into(), v.into());
+            assert!(!well_formed(&bad), "{k}={v:?}");
+        }
+        let mut missing = owned.clone();
+        missing.remove("plans");
+        assert!(!well_formed(&missing));
     }
 }

@@ -628,6 +628,12 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
+    /// The node this connection talks to, as shown to people (credentials
+    /// redacted): a URL, or `host:port` of a master the sentinels named.
+    pub fn node_shown(&self) -> &str {
+        &self.node.shown
+    }
+
     /// True once after this connection moved to another master: a stream
     /// reader then replays its own pending entries there.
     pub fn take_moved(&mut self) -> bool {

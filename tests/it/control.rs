@@ -1161,3 +1161,58 @@ fn a_big_halt_keeps_the_decision_it_revokes_explainable() {
         .unwrap();
     assert!(revocations >= 1000, "{revocations} revocation records");
 }
+
+/// Issue 28 item 13 (SPEC §12): 10,000 forged instance reports (a newline
+/// in a field, a word that is no mode) and key names that are not UTF-8 hide
+/// nothing. `ctl status` lists the running instance, counts the rest, and
+/// exits 0 (before: it listed about a thousand forged ones and never the
+/// real one, and a key name that is not UTF-8 made it exit 1).
+#[test]
+fn forged_instance_reports_never_hide_the_running_one() {
+    let mut t = daemon();
+    wait_for("the instance report", T, || {
+        let n: u64 = redis::cmd("EXISTS")
+            .arg("quantum:p33:instance:p33-test")
+            .query(&mut t.con)
+            .unwrap();
+        (n == 1).then_some(())
+    });
+    let mut p = redis::pipe();
+    for i in 0..10_000 {
+        p.cmd("HSET")
+            .arg(format!("quantum:p33:instance:aaa-forged-{i:05}"))
+            .arg("host")
+            .arg("h\nP3.3 forged line")
+            .arg("mode")
+            .arg(if i % 2 == 0 { "live" } else { "evil" })
+            .arg("version")
+            .arg("9.9.9")
+            .ignore();
+    }
+    let _: () = p.query(&mut t.con).unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(b"quantum:p33:instance:\xff\xfe".as_slice())
+        .arg("host")
+        .arg("x")
+        .query(&mut t.con)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(b"quantum:p33:trading_state:\xff".as_slice())
+        .arg("HALTED")
+        .query(&mut t.con)
+        .unwrap();
+    let (code, out, err) = ctl(&t, &["status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("instances       1 running"), "{out}");
+    assert!(out.contains("  p33-test live v"), "{out}");
+    assert!(
+        out.contains("10001 instance report key(s) skipped"),
+        "{out}"
+    );
+    assert!(!out.contains("forged"), "{out}");
+    let (code, out, err) = ctl(&t, &["status", "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["instance_reports_skipped"], 10001);
+    assert_eq!(v["instances"].as_array().map(Vec::len), Some(1));
+}

@@ -492,7 +492,21 @@ fn ctl_changes_need_p33_ops_and_p33_read_is_told_so() {
         &["ctl", "halt", "--reason", "acl test"],
         &[("REDIS_URL", &ops), ("USER", "tester")],
     );
-    assert_eq!(code, Some(0), "{out}{err}");
+    // Written, and said where; no gate runs on this Redis: exit 3 (SPEC §12).
+    let at = format!("127.0.0.1:{}/0", redis.port);
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert!(
+        out.contains(&format!("redis: {at} (master, user p33-ops)")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("WARNING: no running gate reads {at}")),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&acl_password("p33-ops")),
+        "no password: {out}"
+    );
     for u in [&ops, &read] {
         let (code, out, err) = run_once(&["ctl", "status"], &[("REDIS_URL", u)]);
         assert_eq!(code, Some(0), "{out}{err}");
