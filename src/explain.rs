@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::keys;
 use crate::store;
 use crate::stream::RangeCursor;
-use crate::text::clip;
+use crate::text::{clip, JSON_MAX_CHARS};
 
 /// How far back `explain` looks.
 pub const MAX_SCANNED: usize = 200_000;
@@ -282,19 +282,24 @@ async fn find_in(
 
 /// The record, in words.
 pub fn describe(r: &HashMap<String, String>, permit: Option<&str>) -> String {
-    let g = |k: &str| r.get(k).map_or("", String::as_str);
-    let inputs: Value = serde_json::from_str(g("inputs")).unwrap_or(Value::Null);
-    let plan: Value = serde_json::from_str(g("plan")).unwrap_or(Value::Null);
+    // Every value a record holds is cut, then escaped, as any echo (SPEC
+    // §14): a record is data, never terminal input, whoever wrote it.
+    let g = |k: &str| clip(r.get(k).map_or("", String::as_str)).into_owned();
+    let raw = |k: &str| r.get(k).map_or("", String::as_str);
+    let s = |v: &Value| clip(v.as_str().unwrap_or("")).into_owned();
+    let compact = |v: &Value| crate::text::clip_to(&compact(v), JSON_MAX_CHARS).into_owned();
+    let inputs: Value = serde_json::from_str(raw("inputs")).unwrap_or(Value::Null);
+    let plan: Value = serde_json::from_str(raw("plan")).unwrap_or(Value::Null);
     let mut out = String::new();
     out.push_str(&format!(
         "plan      {} {} (entry {}, recorded {} by {}, version {}, config {})\n",
-        clip(g("plan_id")),
-        clip(g("symbol")),
+        g("plan_id"),
+        g("symbol"),
         g("entry_id"),
         g("record_id"),
-        clip(g("consumer")),
-        clip(g("version")),
-        clip(g("config"))
+        g("consumer"),
+        g("version"),
+        g("config")
     ));
     let qty = if g("safe_qty").is_empty() {
         String::new()
@@ -306,28 +311,29 @@ pub fn describe(r: &HashMap<String, String>, permit: Option<&str>) -> String {
         g("outcome"),
         g("reason")
     ));
-    let rule = match g("outcome") {
+    let rule = match raw("outcome") {
         "not_allowlisted" | "skip_decision" | "malformed" => {
             format!("no rule: the plan was not evaluated ({})", g("outcome"))
         }
-        _ => rule_of(g("reason")),
+        _ => rule_of(raw("reason")),
     };
     out.push_str(&format!("decided by {rule}\n"));
     if let Some(rules) = inputs.get("rules").and_then(Value::as_str) {
         let own = rules.split_once(':').map_or(rules, |(_, r)| r);
-        if own != g("reason") {
+        if own != raw("reason") {
             out.push_str(&format!(
-                "          the rules alone said {rules}; a guard of the write changed it\n"
+                "          the rules alone said {}; a guard of the write changed it\n",
+                clip(rules)
             ));
         }
     }
     if plan.get("decision").is_some() {
         out.push_str(&format!(
             "plan read decision={} action={} reduceOnly={} side={}\n",
-            plan["decision"].as_str().unwrap_or(""),
-            plan["action"].as_str().unwrap_or(""),
-            plan["reduce_only"],
-            plan["side"].as_str().unwrap_or("")
+            s(&plan["decision"]),
+            s(&plan["action"]),
+            compact(&plan["reduce_only"]),
+            s(&plan["side"])
         ));
     }
     if inputs.get("snapshot").is_some() {
@@ -335,12 +341,12 @@ pub fn describe(r: &HashMap<String, String>, permit: Option<&str>) -> String {
         let snap = if s.get("missing").is_some() {
             "none".to_string()
         } else if let Some(f) = s.get("invalid") {
-            format!("invalid ({f})")
+            format!("invalid ({})", compact(f))
         } else {
             let age = inputs["now"].as_f64().unwrap_or(0.0) - s["ts"].as_f64().unwrap_or(0.0);
             format!(
                 "position_amt {} ({:.1} s old{})",
-                s["amt"].as_str().unwrap_or("?"),
+                clip(s["amt"].as_str().unwrap_or("?")),
                 age,
                 if s["hedged"] == true { ", HEDGED" } else { "" }
             )
@@ -350,7 +356,7 @@ pub fn describe(r: &HashMap<String, String>, permit: Option<&str>) -> String {
             "ledger    {}   cooldown {}   step {}{}\n",
             compact(&inputs["ledger"]),
             compact(&inputs["cooldown"]),
-            inputs["step"].as_str().unwrap_or("?"),
+            clip(inputs["step"].as_str().unwrap_or("?")),
             if inputs["step_fallback"] == true {
                 " (the 0.001 fallback)"
             } else {
@@ -363,17 +369,19 @@ pub fn describe(r: &HashMap<String, String>, permit: Option<&str>) -> String {
     }
     out.push_str(&format!(
         "allowlist source={} at now={}\n",
-        inputs["allowlist"].as_str().unwrap_or("?"),
-        inputs["now"]
+        clip(inputs["allowlist"].as_str().unwrap_or("?")),
+        compact(&inputs["now"])
     ));
-    let gone = match no_permit(g("outcome")) {
+    let gone = match no_permit(raw("outcome")) {
         Some(why) if permit.is_none() => why,
         _ => "(no longer in Redis: consumed by the executor, or expired)",
     };
-    out.push_str(&format!("permit    {}\n", permit.unwrap_or(gone)));
+    let shown = permit.map(|p| crate::text::clip_to(p, JSON_MAX_CHARS).into_owned());
+    out.push_str(&format!("permit    {}\n", shown.as_deref().unwrap_or(gone)));
     if let Some(at) = r.get("revoked_at") {
         out.push_str(&format!(
-            "revoked   a halt rewrote this allow into a deny (record {at})\n"
+            "revoked   a halt rewrote this allow into a deny (record {})\n",
+            clip(at)
         ));
     } else if permit.is_some_and(revoked_permit) {
         // The permit says so, though its revocation record was trimmed.

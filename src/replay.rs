@@ -321,17 +321,19 @@ pub fn replay(
         if let Some(slot) = r.kinds.iter_mut().find(|(k, _, _)| *k == kind) {
             slot.1 += 1;
             if kind != "unchanged" && slot.2.len() < 10 {
+                // What a record holds is cut and escaped (SPEC §14).
+                let c = |v: &str| crate::text::clip(v).into_owned();
                 let show = |o: &Outcome| {
                     if o.allowed {
-                        format!("allow {} qty {}", o.reason, o.safe_qty)
+                        format!("allow {} qty {}", c(&o.reason), c(&o.safe_qty))
                     } else {
-                        format!("deny {}", o.reason)
+                        format!("deny {}", c(&o.reason))
                     }
                 };
                 slot.2.push(format!(
                     "{} {}: {} -> {}",
-                    case.plan.plan_id,
-                    case.plan.symbol,
+                    c(&case.plan.plan_id),
+                    c(&case.plan.symbol),
                     show(&before),
                     show(&after)
                 ));

@@ -14,7 +14,17 @@ pub(crate) const ECHO_MAX_CHARS: usize = 64;
 /// cut, and its control characters escaped (`\n`, `\u{1b}`): an echoed value
 /// can neither forge a log line nor paint the operator's terminal (SPEC §11).
 pub(crate) fn clip(s: &str) -> Cow<'_, str> {
-    let (head, cut) = match s.char_indices().nth(ECHO_MAX_CHARS) {
+    clip_to(s, ECHO_MAX_CHARS)
+}
+
+/// The most characters of a JSON text (a record's plan or inputs, a
+/// permit) `explain` and `replay` print (SPEC §14).
+pub(crate) const JSON_MAX_CHARS: usize = 1024;
+
+/// `s` cut to `max` characters (with `…`), then its control characters
+/// escaped: [`clip`] for a longer text.
+pub(crate) fn clip_to(s: &str, max: usize) -> Cow<'_, str> {
+    let (head, cut) = match s.char_indices().nth(max) {
         None => (s, false),
         Some((i, _)) => (&s[..i], true),
     };

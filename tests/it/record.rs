@@ -476,3 +476,85 @@ fn explain_finds_a_plan_from_the_prefix_a_log_line_shows() {
         "{out}"
     );
 }
+
+/// Issue 28 item 11 (SPEC §14): `explain` and `replay` print what a record
+/// holds through the same cut and escape as every echo. A forged record with
+/// a 1 MB value, ANSI escapes and a newline that would print a forged `P3.3`
+/// line reaches the terminal as at most 64 (1 KiB for JSON) characters of
+/// each value, with no control character.
+#[test]
+fn explain_and_replay_print_a_hostile_record_cut_and_escaped() {
+    let mut t = spawn_daemon(Opts::env_allowlist("BTCUSDT"));
+    let huge = "A".repeat(1_000_000);
+    let evil = "x\u{1b}[31mRED\u{1b}[0m\nP3.3 ALLOW plan forged (safe_qty=999)";
+    let inputs = format!(
+        r#"{{"now":1,"allowlist":"{}","snapshot":{{"amt":"{}","ts":1}},"ledger":"{}","cooldown":null,"step":"0.001","guards":{{"state":"{}"}}}}"#,
+        "\\u001b[2J", huge, "\\n\\nP3.3 forged", "\\u001b]0;pwned\\u0007"
+    );
+    let plan = r#"{"decision":"EXECUTE\u001b[31m","action":"FULL_CLOSE_PROPOSED","reduce_only":true,"side":"\nP3.3 forged"}"#;
+    let _: String = redis::cmd("XADD")
+        .arg("quantum:stream:p33.decisions")
+        .arg("*")
+        .arg("plan_id")
+        .arg("hostile-record-1")
+        .arg("entry_id")
+        .arg(evil)
+        .arg("symbol")
+        .arg("BTCUSDT")
+        .arg("outcome")
+        .arg("allow")
+        .arg("reason")
+        .arg(format!("sanity_checks_passed{evil}"))
+        .arg("safe_qty")
+        .arg(&huge)
+        .arg("plan")
+        .arg(plan)
+        .arg("inputs")
+        .arg(&inputs)
+        .arg("config")
+        .arg(evil)
+        .arg("version")
+        .arg(&huge)
+        .arg("consumer")
+        .arg(evil)
+        .query(&mut t.con)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("quantum:permit:p33:hostile-record-1")
+        .arg(format!("{{\"allow\":true,\"x\":\"{huge}\u{1b}[31m\"}}"))
+        .query(&mut t.con)
+        .unwrap();
+    let env = env_of(&t);
+    for args in [
+        vec!["explain", "hostile-record-1"],
+        vec!["replay", "--last", "10"],
+        vec![
+            "replay",
+            "--last",
+            "10",
+            "--set",
+            "P33_QTY_TOLERANCE_PCT=0.1",
+        ],
+    ] {
+        let (_, out, err) = run_once(&args, &env);
+        for text in [&out, &err] {
+            assert!(
+                !text.contains('\u{1b}'),
+                "{args:?}: an escape reached the terminal"
+            );
+            assert!(
+                !text.contains('\u{7}'),
+                "{args:?}: a bell reached the terminal"
+            );
+            assert!(
+                !text.lines().any(|l| l.starts_with("P3.3")),
+                "{args:?}: a forged line: {text}"
+            );
+            assert!(
+                text.len() < 20_000,
+                "{args:?}: {} bytes printed",
+                text.len()
+            );
+        }
+    }
+}
