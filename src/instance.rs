@@ -50,6 +50,11 @@ pub struct Report {
     pub plans: u64,
     /// When the last plan was finished, epoch s (0: none yet).
     pub last_plan_at: u64,
+    /// The rule and limit settings (`VAR=VALUE;…`, never a secret): what
+    /// `replay` takes as its baseline (SPEC §14).
+    pub settings: String,
+    /// Their short hash, as the records carry it.
+    pub config: String,
 }
 
 impl Report {
@@ -75,6 +80,8 @@ impl Report {
             ("pending", self.pending.to_string()),
             ("plans", self.plans.to_string()),
             ("last_plan_at", self.last_plan_at.to_string()),
+            ("settings", self.settings.clone()),
+            ("config", self.config.clone()),
         ]
     }
 }
@@ -150,6 +157,8 @@ pub async fn run(
             pending,
             plans: metrics.plans_finished(),
             last_plan_at: metrics.last_plan_ms() / 1000,
+            settings: crate::record::settings(&cfg),
+            config: crate::record::config_hash(&cfg),
         };
         let write = async {
             let mut fields = report.fields();
@@ -228,8 +237,10 @@ pub fn well_formed(f: &HashMap<String, String>) -> bool {
     let one_of = |k: &str, set: &[&str]| f.get(k).is_some_and(|v| set.contains(&v.as_str()));
     let text = |k: &str| f.get(k).is_some_and(|v| !v.is_empty());
     f.len() <= 32
-        && f.iter()
-            .all(|(k, v)| k.len() <= 64 && v.len() <= 256 && !v.chars().any(char::is_control))
+        && f.iter().all(|(k, v)| {
+            let max = if k == "settings" { 1024 } else { 256 };
+            k.len() <= 64 && v.len() <= max && !v.chars().any(char::is_control)
+        })
         && [
             "pid",
             "started_at",
@@ -384,6 +395,8 @@ mod tests {
             pending: 2,
             plans: 9,
             last_plan_at: 1769920590,
+            settings: "P33_STALE_THRESHOLD_SEC=7".into(),
+            config: "abc123".into(),
         };
         let f: HashMap<_, _> = r.fields().into_iter().collect();
         for k in [

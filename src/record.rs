@@ -165,6 +165,59 @@ pub fn config_hash(cfg: &Config) -> String {
     hex::encode(&digest[..6])
 }
 
+/// The variables the rules and limits read, as an instance reports them
+/// (SPEC §14): what `replay` takes as its baseline. Never a secret.
+pub const SETTINGS: [&str; 10] = [
+    "P33_STALE_THRESHOLD_SEC",
+    "P33_COOLDOWN_SEC",
+    "P33_QTY_TOLERANCE_PCT",
+    "P33_PLAN_MAX_AGE_S",
+    "P33_PERMIT_TTL",
+    "P33_DEFAULT_TRADING_STATE",
+    "P33_MAX_OPENS",
+    "P33_MAX_OPENS_PER_SYMBOL",
+    "P33_MAX_OPEN_POSITIONS",
+    "P33_THROTTLE_LATCH",
+];
+
+/// The rule and limit settings of `cfg` as `VAR=VALUE;…` (an empty value:
+/// unset), in [`SETTINGS`]' order.
+pub fn settings(cfg: &Config) -> String {
+    let opt = |v: Option<String>| v.unwrap_or_default();
+    let values = [
+        cfg.stale_threshold_s.to_string(),
+        cfg.cooldown_s.to_string(),
+        cfg.qty_tolerance_pct.to_string(),
+        cfg.plan_max_age_s.to_string(),
+        cfg.permit_ttl.as_secs_f64().to_string(),
+        cfg.default_trading_state.as_str().to_string(),
+        opt(cfg.max_opens.map(|r| r.to_string())),
+        opt(cfg.max_opens_per_symbol.map(|r| r.to_string())),
+        opt(cfg.max_open_positions.map(|n| n.to_string())),
+        cfg.throttle_latch.to_string(),
+    ];
+    SETTINGS
+        .iter()
+        .zip(values)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// A reported settings string back into pairs: only [`SETTINGS`] names,
+/// each once; anything else is no settings at all (`None`).
+pub fn parse_settings(s: &str) -> Option<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for part in s.split(';') {
+        let (k, v) = part.split_once('=')?;
+        if !SETTINGS.contains(&k) || out.iter().any(|(n, _)| n == k) || v.len() > 64 {
+            return None;
+        }
+        out.push((k.to_string(), v.to_string()));
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

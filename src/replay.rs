@@ -43,6 +43,14 @@ pub struct ReplayArgs {
     /// Replay a dry run's records (`quantum:stream:p33.decisions.dry_run`).
     #[arg(long)]
     pub dry_run: bool,
+    /// The baseline is this running instance's settings (default: the
+    /// newest running instance's).
+    #[arg(long, conflicts_with = "from_env")]
+    pub instance: Option<String>,
+    /// The baseline is this shell's environment, not a running instance's
+    /// settings.
+    #[arg(long)]
+    pub from_env: bool,
 }
 
 fn parse_set(s: &str) -> Result<(String, String), String> {
@@ -386,6 +394,30 @@ pub const REPLAYABLE: [&str; 7] = [
     "P33_MAX_OPEN_POSITIONS",
 ];
 
+/// The baseline among running instances' reports: `name`'s, or else the
+/// newest started one in the mode replayed (live, or dry run); its name
+/// and settings.
+fn baseline_of(
+    reports: &[(String, std::collections::HashMap<String, String>)],
+    name: Option<&str>,
+    dry_run: bool,
+) -> Option<(String, Vec<(String, String)>)> {
+    let mode = if dry_run { "dry_run" } else { "live" };
+    reports
+        .iter()
+        .filter(|(n, f)| match name {
+            Some(want) => n == want,
+            None => f.get("mode").map(String::as_str) == Some(mode),
+        })
+        .filter_map(|(n, f)| {
+            let pairs = crate::record::parse_settings(f.get("settings")?)?;
+            let started: u64 = f.get("started_at")?.parse().ok()?;
+            Some((started, n.clone(), pairs))
+        })
+        .max_by_key(|(started, n, _)| (*started, n.clone()))
+        .map(|(_, n, pairs)| (crate::text::clip(&n).into_owned(), pairs))
+}
+
 /// Runs `replay`; returns the exit code. The configuration is the
 /// environment's; each `--set` changes it. A `--set` of a name the replay
 /// does not judge with (a typo must never read as "no impact"), or of a bad
@@ -403,21 +435,71 @@ pub async fn run(args: ReplayArgs) -> i32 {
         );
         return crate::config::EXIT_CONFIG;
     }
-    let cfg = match Config::tools_from_env_with(args.set.clone()) {
+    // The Redis settings come from the environment (SPEC §12).
+    let env_cfg = match Config::tools_from_env_with(args.set.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return crate::config::EXIT_CONFIG;
         }
     };
-    let mut con = match store::Redis::new(cfg.redis.clone())
+    let mut con = match store::Redis::new(env_cfg.redis.clone())
         .connect_once(Duration::from_secs(5))
         .await
     {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("replay: cannot reach Redis at {}: {e}", cfg.redis.display());
+            eprintln!(
+                "replay: cannot reach Redis at {}: {e}",
+                env_cfg.redis.display()
+            );
             return 1;
+        }
+    };
+    // The baseline: a running instance's settings, not the shell's (SPEC
+    // §14), unless --from-env; each --set changes it.
+    let (who, base_pairs) = if args.from_env {
+        (
+            "this shell's environment (--from-env)".to_string(),
+            Vec::new(),
+        )
+    } else {
+        let reports = match crate::instance::read_all(&mut con).await {
+            Ok(r) => r.ok,
+            Err(e) => {
+                eprintln!("replay: Redis error: {e}");
+                return 1;
+            }
+        };
+        match baseline_of(&reports, args.instance.as_deref(), args.dry_run) {
+            Some((name, pairs)) => (format!("the settings of instance {name}"), pairs),
+            None if args.instance.is_some() => {
+                eprintln!(
+                    "replay: no running instance {} reports its settings (ctl status lists them)",
+                    crate::text::clip(args.instance.as_deref().unwrap_or(""))
+                );
+                return 1;
+            }
+            None => (
+                "this shell's environment (no running instance reports its settings)".to_string(),
+                Vec::new(),
+            ),
+        }
+    };
+    let base_hash = match Config::tools_from_env_with(base_pairs.clone()) {
+        Ok(c) => crate::record::config_hash(&c),
+        Err(e) => {
+            eprintln!("replay: the baseline's settings do not parse: {e}");
+            return crate::config::EXIT_CONFIG;
+        }
+    };
+    let mut pairs = base_pairs;
+    pairs.extend(args.set.clone());
+    let cfg = match Config::tools_from_env_with(pairs) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return crate::config::EXIT_CONFIG;
         }
     };
     let entries = match read(&mut con, &args).await {
@@ -437,6 +519,16 @@ pub async fn run(args: ReplayArgs) -> i32 {
         p.finish_and_clear();
     }
     let sets: Vec<String> = args.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // Records decided under another configuration than the baseline's.
+    let other = entries
+        .iter()
+        .filter(|e| {
+            e.fields
+                .as_ref()
+                .and_then(|f| f.get("config"))
+                .is_some_and(|c| *c != base_hash)
+        })
+        .count();
     if args.json {
         let kinds: serde_json::Map<String, Value> = report
             .kinds
@@ -445,15 +537,23 @@ pub async fn run(args: ReplayArgs) -> i32 {
             .collect();
         println!(
             "{}",
-            json!({"records": report.records, "replayed": report.replayed, "set": sets, "changes": kinds})
+            json!({"records": report.records, "replayed": report.replayed, "set": sets, "changes": kinds,
+                "baseline": who, "baseline_config": base_hash, "other_config": other})
         );
     } else {
+        println!("baseline: {who} (config {base_hash})");
+        if other > 0 {
+            println!(
+                "{other} of {} records were decided under another configuration than the baseline's (their config hash is not {base_hash})",
+                entries.len()
+            );
+        }
         println!(
             "replayed {} decisions of {} records under {}",
             report.replayed,
             report.records,
             if sets.is_empty() {
-                "the current configuration".to_string()
+                "the baseline".to_string()
             } else {
                 sets.join(" ")
             }

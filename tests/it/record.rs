@@ -558,3 +558,68 @@ fn explain_and_replay_print_a_hostile_record_cut_and_escaped() {
         }
     }
 }
+
+/// Issue 28 item 4 (SPEC §14): the baseline of `replay` is the running
+/// instance's configuration, not the shell's. The daemon runs with
+/// `P33_STALE_THRESHOLD_SEC=7` and denies a plan on an 8 s old snapshot;
+/// `replay` from a shell without that variable (the default 10) takes the
+/// instance's settings, says whose, and finds nothing changed (before: it
+/// called the shell's 10 "the current configuration" and reported the deny
+/// turned allow). `--from-env` takes the shell's, and counts the records
+/// decided under another configuration.
+#[test]
+fn replay_takes_the_running_instances_settings_as_its_baseline() {
+    let mut t = spawn_daemon(
+        Opts::env_allowlist("BTCUSDT")
+            .set("P33_STALE_THRESHOLD_SEC", "7")
+            .deferred(),
+    );
+    t.snapshot("BTCUSDT", "0.5", now() - 8.0);
+    t.start_ready();
+    let close = [
+        ("plan_id", "stale-by-7"),
+        ("symbol", "BTCUSDT"),
+        ("decision", "EXECUTE"),
+        ("action", "FULL_CLOSE_PROPOSED"),
+        ("reduceOnly", "true"),
+    ];
+    t.push_plan(&close);
+    assert_eq!(
+        t.wait_permit("stale-by-7")["reason"],
+        "stale_exchange_state"
+    );
+    wait_for("the instance report with its settings", T, || {
+        let s: Option<String> = redis::cmd("HGET")
+            .arg("quantum:p33:instance:p33-test")
+            .arg("settings")
+            .query(&mut t.con)
+            .unwrap();
+        s.filter(|s| s.contains("P33_STALE_THRESHOLD_SEC=7"))
+            .map(|_| ())
+    });
+    // The operator's shell: Redis settings only.
+    let shell: Vec<(&str, &str)> = env_of(&t)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("REDIS_"))
+        .collect();
+    let (code, out, err) = run_once(&["replay", "--last", "10"], &shell);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("baseline: the settings of instance p33-test"),
+        "{out}"
+    );
+    let (_, json, _) = run_once(&["replay", "--last", "10", "--json"], &shell);
+    let v: Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["changes"]["deny_to_allow"]["count"], 0, "{v}");
+    assert_eq!(v["other_config"], 0, "{v}");
+    let (_, json, _) = run_once(&["replay", "--last", "10", "--json", "--from-env"], &shell);
+    let v: Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["changes"]["deny_to_allow"]["count"], 1, "{v}");
+    assert!(v["other_config"].as_u64().unwrap() >= 1, "{v}");
+    assert!(
+        v["baseline"].as_str().unwrap().contains("--from-env"),
+        "{v}"
+    );
+    let (code, _, err) = run_once(&["replay", "--instance", "nobody"], &shell);
+    assert_eq!(code, Some(1), "{err}");
+}

@@ -131,7 +131,10 @@ fn a_halt_survives_flushall_and_a_redis_restarted_without_its_data() {
     });
     let out = ctl_ok(&t, &["resume", "--reason", "incident over"]);
     assert!(out.contains("instances: p33-test"), "{out}");
-    assert!(out.contains("(master, user default)"), "{out}");
+    assert!(
+        out.contains("redis: 127.0.0.1:") && out.contains("(master, user "),
+        "{out}"
+    );
     assert_eq!(
         get(&mut t, STATE_KEY).as_deref(),
         Some("ACTIVE"),
