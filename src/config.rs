@@ -294,6 +294,8 @@ pub const VARS: &[Var] = &[
     var("REDIS_DB", Some("0"), Kind::Db, "Redis database when REDIS_URL is unset"),
     var("REDIS_USERNAME", None, Kind::Name, "Redis ACL user (SPEC §17: p33 for the daemon, p33-ops for ctl changes, p33-read for explain/replay/ctl status), used when the URL names none; default: Redis's default user"),
     var("REDIS_PASSWORD", None, Kind::Secret, "Redis AUTH password, used when the URL carries none (with sentinels: the master's and replicas' password)"),
+    var("REDIS_PASSWORD_FILE", None, Kind::Name, "a file holding the Redis password (a trailing newline is not part of it), read when REDIS_PASSWORD is unset: an on-call user in group p33-ops needs no secret in the shell (SPEC §12)"),
+    var("P33_CTL_ENV_FILE", Some(CTL_ENV_FILE), Kind::Name, "the Redis settings ctl, explain and replay read before the environment, when the file is there (SPEC §12; mode 0640, group p33-ops)"),
     var("REDIS_TLS", Some("false"), Kind::Bool, "TLS to the data nodes and the sentinels (SPEC §17); with REDIS_URL, redis:// then counts as rediss://"),
     var("REDIS_TLS_CA_FILE", None, Kind::Name, "PEM file of the CA certificates the servers' certificates must chain to (default: the public webpki roots); with REDIS_TLS"),
     var("REDIS_SENTINELS", None, Kind::Sentinels, "host:port[,host:port…]: find the master through these Redis Sentinels instead of REDIS_URL/HOST/PORT (with REDIS_SENTINEL_MASTER)"),
@@ -964,7 +966,114 @@ fn credentials(
             }
         }
     }
+    // REDIS_PASSWORD_FILE, when no credential or variable gave a password.
+    let file = env
+        .get("REDIS_PASSWORD_FILE")
+        .filter(|f| !f.trim().is_empty())
+        .cloned();
+    if let Some(path) = file.filter(|_| env.get("REDIS_PASSWORD").is_none_or(|p| p.is_empty())) {
+        let problem = |why: String| ConfigError {
+            var: "REDIS_PASSWORD_FILE".into(),
+            value: crate::text::clip(&path).into_owned(),
+            why,
+        };
+        let read = std::fs::File::open(&path).and_then(|f| {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(f, MAX_CREDENTIAL_BYTES + 1),
+                &mut bytes,
+            )?;
+            Ok(bytes)
+        });
+        match read.map(String::from_utf8) {
+            Err(e) => errors.push(problem(format!("cannot be read: {}", e.kind()))),
+            Ok(Err(_)) => errors.push(problem("is not UTF-8 text".into())),
+            Ok(Ok(text)) if text.len() as u64 > MAX_CREDENTIAL_BYTES => errors.push(problem(
+                format!("is larger than {MAX_CREDENTIAL_BYTES} bytes"),
+            )),
+            Ok(Ok(text)) => {
+                let value = text
+                    .strip_suffix('\n')
+                    .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                    .unwrap_or(&text);
+                if value.trim().is_empty() {
+                    errors.push(problem("is empty".into()));
+                } else {
+                    env.insert("REDIS_PASSWORD".into(), value.to_string());
+                    sources.insert("REDIS_PASSWORD", "from REDIS_PASSWORD_FILE".to_string());
+                }
+            }
+        }
+    }
     (env, sources, errors)
+}
+
+/// The on-call's Redis settings (SPEC §12): `ctl`, `explain` and `replay`
+/// read it before the environment when it is there.
+pub const CTL_ENV_FILE: &str = "/etc/quantum/position-state-brain-ctl.env";
+
+/// The `REDIS_*` settings of an env file (`NAME=value` lines, `#` comments,
+/// optional quotes), and the names of other variables it holds (ignored:
+/// the file holds Redis settings only).
+pub fn parse_ctl_env(text: &str) -> (Vec<(String, String)>, Vec<String>) {
+    let mut pairs = Vec::new();
+    let mut ignored = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let k = k.trim();
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(v);
+        if k.starts_with("REDIS_") {
+            pairs.push((k.to_string(), v.to_string()));
+        } else {
+            ignored.push(crate::text::clip(k).into_owned());
+        }
+    }
+    (pairs, ignored)
+}
+
+/// The ctl env file's Redis settings (SPEC §12), `[]` when there is none;
+/// a file that is there but cannot be read is said on stderr (never its
+/// contents), and the environment alone is used.
+fn ctl_env_pairs(env: &[(String, String)]) -> Vec<(String, String)> {
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "P33_CTL_ENV_FILE")
+        .map_or(CTL_ENV_FILE, |(_, v)| v.as_str());
+    let text = match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            eprintln!(
+                "warning: {path} cannot be read ({}): is this user in group p33-ops? Using the environment alone",
+                e.kind()
+            );
+            return Vec::new();
+        }
+        Ok(b) if b.len() > 64 * 1024 => {
+            eprintln!("warning: {path} is larger than 64 KiB: not read");
+            return Vec::new();
+        }
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+    };
+    let (pairs, ignored) = parse_ctl_env(&text);
+    if !ignored.is_empty() {
+        eprintln!(
+            "warning: {path} holds Redis settings only; ignored: {}",
+            ignored.join(", ")
+        );
+    }
+    pairs
 }
 
 /// Whether `name` is an exchange setting (credentials, URLs): what the
@@ -1031,7 +1140,10 @@ impl Config {
     /// [`Config::tools_from_env`] with more pairs that win over the
     /// environment (`replay --set`).
     pub fn tools_from_env_with(extra: Vec<(String, String)>) -> Result<Config, ConfigErrors> {
-        let (mut pairs, bad) = env_text();
+        let (env, bad) = env_text();
+        // The ctl env file first, the environment over it, then `extra`.
+        let mut pairs = ctl_env_pairs(&env);
+        pairs.extend(env);
         pairs.extend(extra);
         let bad: Vec<String> = bad.into_iter().filter(|n| !is_exchange_var(n)).collect();
         match Self::from_pairs_for(pairs, Purpose::Tools) {
@@ -1553,6 +1665,22 @@ fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ctl_env_file_gives_redis_settings_only() {
+        let (pairs, ignored) = parse_ctl_env(
+            "# on call\n\nREDIS_URL=redis://h:1/0\nexport REDIS_USERNAME=\"p33-ops\"\nREDIS_PASSWORD_FILE='/etc/credstore/p'\nBINANCE_API_SECRET=x\nP33_DRY_RUN=true\nnot a line\n",
+        );
+        assert_eq!(
+            pairs,
+            vec![
+                ("REDIS_URL".to_string(), "redis://h:1/0".to_string()),
+                ("REDIS_USERNAME".to_string(), "p33-ops".to_string()),
+                ("REDIS_PASSWORD_FILE".to_string(), "/etc/credstore/p".to_string()),
+            ]
+        );
+        assert_eq!(ignored, vec!["BINANCE_API_SECRET", "P33_DRY_RUN"]);
+    }
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
         let mut v: Vec<(String, String)> = vec![("P33_SNAPSHOT_SOURCE".into(), "external".into())];

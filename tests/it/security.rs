@@ -770,3 +770,58 @@ fn with_redis_tls_the_daemon_reaches_sentinels_and_nodes_over_tls_only() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 28 item 1 (SPEC §12): an on-call user in group p33-ops runs `ctl`
+/// with no sudo and no secret in the shell. `ctl` reads the Redis settings
+/// of the ctl env file (only REDIS_* names; others are ignored, said) and
+/// the password from the file REDIS_PASSWORD_FILE names; a password file
+/// that cannot be read is exit 78 naming it, never a silent localhost.
+#[test]
+fn an_on_call_in_p33_ops_needs_no_secret_in_the_shell() {
+    let redis = Redis::start_acl();
+    let dir =
+        std::env::temp_dir().join(format!("p33-oncall-{}-{}", redis.port, std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pw = dir.join("ops.pw");
+    std::fs::write(&pw, format!("{}\n", acl_password("p33-ops"))).unwrap();
+    let ctl_env = dir.join("position-state-brain-ctl.env");
+    std::fs::write(
+        &ctl_env,
+        format!(
+            "# the on-call's Redis settings\nREDIS_URL=redis://127.0.0.1:{}/0\nREDIS_USERNAME=\"p33-ops\"\nREDIS_PASSWORD_FILE={}\nBINANCE_API_KEY=not-read\n",
+            redis.port,
+            pw.display()
+        ),
+    )
+    .unwrap();
+    let file = ctl_env.to_string_lossy().into_owned();
+    let (code, out, err) = run_once(
+        &["ctl", "halt", "--reason", "from the ctl env"],
+        &[("P33_CTL_ENV_FILE", &file), ("USER", "oncall")],
+    );
+    assert_eq!(code, Some(3), "written, no gate runs here: {out}{err}");
+    assert!(out.contains("(master, user p33-ops)"), "{out}");
+    assert!(err.contains("ignored: BINANCE_API_KEY"), "{err}");
+    assert!(!out.contains(&acl_password("p33-ops")) && !err.contains(&acl_password("p33-ops")));
+    let mut admin = redis.con();
+    let state: Option<String> = redis::cmd("GET")
+        .arg("quantum:p33:trading_state")
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(state.as_deref(), Some("HALTED"));
+    // The environment wins over the file; a password file that is not there
+    // is a configuration error naming it.
+    let (code, _, err) = run_once(
+        &["ctl", "status"],
+        &[
+            ("P33_CTL_ENV_FILE", &file),
+            ("REDIS_PASSWORD_FILE", "/nonexistent/pw"),
+        ],
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("REDIS_PASSWORD_FILE") && err.contains("/nonexistent/pw"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
