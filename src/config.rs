@@ -1676,7 +1676,10 @@ mod tests {
             vec![
                 ("REDIS_URL".to_string(), "redis://h:1/0".to_string()),
                 ("REDIS_USERNAME".to_string(), "p33-ops".to_string()),
-                ("REDIS_PASSWORD_FILE".to_string(), "/etc/credstore/p".to_string()),
+                (
+                    "REDIS_PASSWORD_FILE".to_string(),
+                    "/etc/credstore/p".to_string()
+                ),
             ]
         );
         assert_eq!(ignored, vec!["BINANCE_API_SECRET", "P33_DRY_RUN"]);
