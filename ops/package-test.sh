@@ -39,6 +39,10 @@ check /usr/bin/position-state-brain 755
 check /lib/systemd/system/quantum-position-state-brain.service 644
 check "/lib/systemd/system/quantum-position-state-brain@.service" 644
 check "$ENV" 640
+CTLENV=/etc/quantum/position-state-brain-ctl.env
+[ "$(stat -c %a:%U:%G "$CTLENV")" = 640:root:p33-ops ] || fail "$CTLENV is $(stat -c %a:%U:%G "$CTLENV"), not 640:root:p33-ops"
+getent group p33-ops >/dev/null || fail "no group p33-ops"
+grep -q '^/etc/quantum/position-state-brain-ctl.env$' "/var/lib/dpkg/info/$PKG.conffiles" || fail "the ctl env file is no conffile"
 check /usr/share/doc/position-state-brain/users.acl 644
 check /usr/share/doc/position-state-brain/README.md 644
 check /usr/share/bash-completion/completions/position-state-brain 644
