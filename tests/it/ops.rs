@@ -182,6 +182,40 @@ fn alert_rules_pass_promtool_unit_tests() {
     }
 }
 
+/// Issue 28 item 7: the dashboard selects an instance (the template unit's
+/// instances and several hosts do not mix: every query is scoped to it) and
+/// shows restarts, memory and version.
+#[test]
+fn the_dashboard_selects_an_instance_and_shows_restarts_memory_and_version() {
+    let text =
+        std::fs::read_to_string(Path::new(ROOT).join("deploy/grafana/position-state-brain.json"))
+            .unwrap();
+    let d: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let vars = d["templating"]["list"].as_array().unwrap();
+    assert!(
+        vars.iter()
+            .any(|v| v["name"] == "instance" && v["multi"] == true),
+        "no instance variable"
+    );
+    let panels = d["panels"].as_array().unwrap();
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            assert!(
+                expr.contains("instance=~\"$instance\""),
+                "{}: {expr} is not scoped to the instance",
+                p["title"]
+            );
+        }
+    }
+    for title in ["Restarts (15 m)", "Resident memory", "Version"] {
+        assert!(
+            panels.iter().any(|p| p["title"] == title),
+            "no panel {title}"
+        );
+    }
+}
+
 /// Issue 28 item 5: every alert carries a `runbook_url` to its own section
 /// of docs/runbook.md, which the package ships; the runbook has no section
 /// for an alert that does not exist.
