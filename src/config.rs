@@ -1090,6 +1090,16 @@ impl Config {
         Self::from_text_env(pairs, &bad)
     }
 
+    /// [`Config::from_env`] for `--check-config`: the ctl env file's Redis
+    /// settings first, as `ctl` reads them (SPEC §12), the environment over
+    /// them; an operator checks what the tools will use without root.
+    pub fn check_from_env() -> Result<Config, ConfigErrors> {
+        let (env, bad) = env_text();
+        let mut pairs = ctl_env_pairs(&env);
+        pairs.extend(env);
+        Self::from_text_env(pairs, &bad)
+    }
+
     /// [`Config::from_pairs`], with the variables of ours that were not
     /// UTF-8 (from [`env_text`]) reported first.
     pub fn from_text_env(

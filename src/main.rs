@@ -28,6 +28,8 @@ fn main() {
     // halts trading from a shell that holds no exchange secret.
     let read = if cli.command.is_some() {
         Config::tools_from_env()
+    } else if cli.check_config {
+        Config::check_from_env()
     } else {
         Config::from_env()
     };

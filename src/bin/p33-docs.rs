@@ -68,6 +68,62 @@ fn environment_and_files() -> String {
     s
 }
 
+/// What a tool's page adds (issue 28 item 9): the Redis settings it reads,
+/// the ACL user it needs, its exit codes and examples; `None` for a page
+/// that is not a tool's.
+fn tool_sections(name: &str) -> Option<String> {
+    let tool = name.strip_prefix(&format!("{BIN}-"))?;
+    let (user, exit, examples): (&str, &str, &[&str]) = match tool {
+        "ctl" | "ctl-halt" | "ctl-reduce" | "ctl-resume" => (
+            "p33-ops (a change: the trading-state keys and the control stream)",
+            "0 written and read by a running gate; 1 Redis cannot be reached, or the change was refused (nothing changed); 3 written, but no instance reported in the last 15 s (WARNING: no running gate reads host:port/db); 64 usage error; 78 configuration error.",
+            &[
+                "position-state-brain ctl halt --reason \"runaway strategy, ticket 4711\"",
+                "position-state-brain ctl reduce --symbol SOLUSDT --reason \"bad fills\"",
+                "position-state-brain ctl resume --reason \"all clear\"",
+            ],
+        ),
+        "ctl-status" => (
+            "p33-read or p33-ops (read access to quantum:*)",
+            "0 printed; 1 Redis cannot be reached; 64 usage error; 78 configuration error.",
+            &["position-state-brain ctl status", "position-state-brain ctl status --json"],
+        ),
+        "explain" => (
+            "p33-read (read access to quantum:*)",
+            "0 a record was found and explained; 1 no record holds that plan_id (or the prefix is ambiguous), or Redis cannot be reached; 64 usage error; 78 configuration error.",
+            &["position-state-brain explain 7f3c2a1b"],
+        ),
+        "replay" => (
+            "p33-read (read access to quantum:*)",
+            "0 replayed; 1 Redis cannot be reached, or no such --instance; 78 a --set of a variable replay does not judge with, or a bad value.",
+            &[
+                "position-state-brain replay --last 10000 --set P33_QTY_TOLERANCE_PCT=0.5",
+                "position-state-brain replay --since 2h --from-env --json",
+            ],
+        ),
+        _ => return None,
+    };
+    let mut s = String::new();
+    if tool == "ctl-halt" || tool == "ctl-reduce" {
+        s.push_str(".SH REVOCATION
+The change is in force for every permit written after it returns. A running gate also revokes the allows already written and not yet used (for reduce: the opening ones), in bounded steps; ctl waits up to 2 s and prints \\fBrevoked N outstanding allows\\fR or \\fBrevoking: N so far\\fR.\n");
+    }
+    s.push_str(".SH ENVIRONMENT\nOnly the Redis settings are read, never the exchange's: first \\fI/etc/quantum/position-state-brain-ctl.env\\fR when it is there (REDIS_* names only; mode 0640, group p33-ops), then the environment; the password from \\fBREDIS_PASSWORD_FILE\\fR when no variable gives one.\n");
+    for v in position_state_brain::config::VARS {
+        if v.name.starts_with("REDIS_") || v.name == "P33_CTL_ENV_FILE" {
+            s.push_str(&format!(".TP\n\\fB{}\\fR\n{}\n", v.name, roff(v.doc)));
+        }
+    }
+    s.push_str(&format!(".SH REDIS USER\n{}\n", roff(user)));
+    s.push_str(&format!(".SH EXIT STATUS\n{}\n", roff(exit)));
+    s.push_str(".SH EXAMPLES\n");
+    for e in examples {
+        s.push_str(&format!(".PP\n.nf\n{}\n.fi\n", roff(e)));
+    }
+    s.push_str(&format!(".SH SEE ALSO\n\\fB{BIN}\\fR(8); /usr/share/doc/position-state-brain/README.md, runbook.md\n"));
+    Some(s)
+}
+
 fn main() -> std::io::Result<()> {
     let Some(out) = std::env::args_os().nth(1).map(PathBuf::from) else {
         eprintln!("usage: p33-docs <dir>");
@@ -77,7 +133,8 @@ fn main() -> std::io::Result<()> {
     let completions = out.join("completions");
     std::fs::create_dir_all(&man)?;
     std::fs::create_dir_all(&completions)?;
-    let cmd = Cli::command();
+    // No `help` subcommand on the pages: it has no page of its own.
+    let cmd = Cli::command().disable_help_subcommand(true);
     let main_page = page(cmd.clone(), BIN, &man)?;
     // The daemon's page also lists its environment and files.
     let mut text = std::fs::read_to_string(&main_page)?;
@@ -90,10 +147,17 @@ fn main() -> std::io::Result<()> {
         .map(|c| (format!("{BIN}-{}", c.get_name()), c.clone()))
         .collect();
     while let Some((name, sub)) = todo.pop() {
+        let sub = sub.disable_help_subcommand(true);
         for c in sub.get_subcommands() {
             todo.push((format!("{name}-{}", c.get_name()), c.clone()));
         }
-        written.push(page(sub, &name, &man)?);
+        let path = page(sub, &name, &man)?;
+        if let Some(extra) = tool_sections(&name) {
+            let mut text = std::fs::read_to_string(&path)?;
+            text.push_str(&extra);
+            std::fs::write(&path, text)?;
+        }
+        written.push(path);
     }
     for (shell, file) in [
         (Shell::Bash, format!("{BIN}.bash")),

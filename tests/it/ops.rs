@@ -182,6 +182,83 @@ fn alert_rules_pass_promtool_unit_tests() {
     }
 }
 
+/// Issue 28 item 8: the README's operations part covers what an SRE asked
+/// for: persistence, clocks, backup and restore, measured sizing, journald's
+/// rate limit, decommissioning, and the on-call recipe without root.
+#[test]
+fn the_readme_covers_running_the_gate_for_months() {
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    for needle in [
+        "Redis persistence the gate expects",
+        "appendfsync everysec",
+        "**Clocks.**",
+        "**Backup and restore.**",
+        "**Sizing**",
+        "bytes of Redis memory",
+        "**journald's rate limit.**",
+        "LogRateLimitIntervalSec",
+        "**Decommissioning.**",
+        "/etc/quantum/position-state-brain-ctl.env",
+        "REDIS_PASSWORD_FILE",
+        "docs/runbook.md",
+    ] {
+        assert!(
+            readme.contains(needle),
+            "the README does not say {needle:?}"
+        );
+    }
+}
+
+/// Issue 28 item 9: the subcommands' man pages say what an operator needs
+/// (the Redis settings read, the ACL user, exit codes, examples), `ctl halt`
+/// says that it revokes, and no page names a `-help(8)` page that does not
+/// exist.
+#[test]
+fn the_tools_man_pages_carry_environment_user_exit_status_and_examples() {
+    let dir = std::env::temp_dir().join(format!("p33-docs-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_p33-docs"))
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page =
+        |name: &str| std::fs::read_to_string(dir.join("man").join(format!("{name}.8"))).unwrap();
+    for (name, user, code) in [
+        ("position-state-brain-ctl-halt", "p33-ops", "3 written"),
+        ("position-state-brain-ctl-reduce", "p33-ops", "3 written"),
+        ("position-state-brain-ctl-resume", "p33-ops", "3 written"),
+        ("position-state-brain-ctl-status", "p33-read", "0 printed"),
+        ("position-state-brain-explain", "p33-read", "1 no record"),
+        ("position-state-brain-replay", "p33-read", "78 a --set"),
+    ] {
+        let text = page(name);
+        for section in [
+            ".SH ENVIRONMENT",
+            ".SH REDIS USER",
+            ".SH EXIT STATUS",
+            ".SH EXAMPLES",
+            "REDIS_PASSWORD_FILE",
+            "position-state-brain-ctl.env",
+        ] {
+            assert!(text.contains(section), "{name}: no {section}");
+        }
+        assert!(text.contains(user) && text.contains(code), "{name}");
+    }
+    assert!(page("position-state-brain-ctl-halt").contains("revokes the allows"));
+    for entry in std::fs::read_dir(dir.join("man")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(
+            !text.contains("help\\fR(8)"),
+            "a page names a -help(8) page"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Issue 28 item 7: the dashboard selects an instance (the template unit's
 /// instances and several hosts do not mix: every query is scoped to it) and
 /// shows restarts, memory and version.

@@ -809,6 +809,19 @@ fn an_on_call_in_p33_ops_needs_no_secret_in_the_shell() {
         .query(&mut admin)
         .unwrap();
     assert_eq!(state.as_deref(), Some("HALTED"));
+    // --check-config reads the same (the exchange not needed: external).
+    let (code, out, err) = run_once(
+        &["--check-config"],
+        &[
+            ("P33_CTL_ENV_FILE", &file),
+            ("P33_SNAPSHOT_SOURCE", "external"),
+            ("P33_METRICS_ADDR", "127.0.0.1"),
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("p33-ops"), "{out}");
+    assert!(out.contains("REDIS_PASSWORD_FILE"), "{out}");
+    assert!(!out.contains(&acl_password("p33-ops")), "{out}");
     // The environment wins over the file; a password file that is not there
     // is a configuration error naming it.
     let (code, _, err) = run_once(
