@@ -910,6 +910,21 @@ impl TestDaemon {
         self.wait_log("ready: reading plans", Duration::from_secs(10));
     }
 
+    /// Waits until the daemon's instance report (SPEC §12) is in Redis.
+    pub fn wait_instance_report(&mut self) {
+        let key = format!(
+            "quantum:p33:instance:{}",
+            self.env
+                .get("P33_CONSUMER_NAME")
+                .map_or("p33-test", String::as_str)
+        );
+        let con = &mut self.con;
+        wait_for("the instance report", Duration::from_secs(10), || {
+            let n: u64 = redis::cmd("EXISTS").arg(&key).query(con).unwrap();
+            (n == 1).then_some(())
+        });
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut d) = self.daemon.take() {

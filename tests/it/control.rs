@@ -1170,13 +1170,7 @@ fn a_big_halt_keeps_the_decision_it_revokes_explainable() {
 #[test]
 fn forged_instance_reports_never_hide_the_running_one() {
     let mut t = daemon();
-    wait_for("the instance report", T, || {
-        let n: u64 = redis::cmd("EXISTS")
-            .arg("quantum:p33:instance:p33-test")
-            .query(&mut t.con)
-            .unwrap();
-        (n == 1).then_some(())
-    });
+    t.wait_instance_report();
     let mut p = redis::pipe();
     for i in 0..10_000 {
         p.cmd("HSET")

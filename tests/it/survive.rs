@@ -122,13 +122,7 @@ fn a_halt_survives_flushall_and_a_redis_restarted_without_its_data() {
 
     // Only a control entry loosens. (The instance reports itself again
     // within 5 s of Redis losing its report: ctl says so until then.)
-    wait_for("the instance report", T, || {
-        let n: u64 = redis::cmd("EXISTS")
-            .arg("quantum:p33:instance:p33-test")
-            .query(&mut t.con)
-            .unwrap();
-        (n == 1).then_some(())
-    });
+    t.wait_instance_report();
     let out = ctl_ok(&t, &["resume", "--reason", "incident over"]);
     assert!(out.contains("instances: p33-test"), "{out}");
     assert!(
