@@ -1051,17 +1051,19 @@ fn ctl_env_pairs(env: &[(String, String)]) -> Vec<(String, String)> {
         .rev()
         .find(|(k, _)| k == "P33_CTL_ENV_FILE")
         .map_or(CTL_ENV_FILE, |(_, v)| v.as_str());
+    // Echoed below: from the environment, so cut and escaped (SPEC §11).
+    let shown = crate::text::clip(path);
     let text = match std::fs::read(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
         Err(e) => {
             eprintln!(
-                "warning: {path} cannot be read ({}): is this user in group p33-ops? Using the environment alone",
+                "warning: {shown} cannot be read ({}): is this user in group p33-ops? Using the environment alone",
                 e.kind()
             );
             return Vec::new();
         }
         Ok(b) if b.len() > 64 * 1024 => {
-            eprintln!("warning: {path} is larger than 64 KiB: not read");
+            eprintln!("warning: {shown} is larger than 64 KiB: not read");
             return Vec::new();
         }
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
@@ -1069,7 +1071,7 @@ fn ctl_env_pairs(env: &[(String, String)]) -> Vec<(String, String)> {
     let (pairs, ignored) = parse_ctl_env(&text);
     if !ignored.is_empty() {
         eprintln!(
-            "warning: {path} holds Redis settings only; ignored: {}",
+            "warning: {shown} holds Redis settings only; ignored: {}",
             ignored.join(", ")
         );
     }

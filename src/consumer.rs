@@ -420,7 +420,7 @@ impl Consumer {
             group: &self.cfg.consumer_group,
             ttl_ms: u64::try_from(self.cfg.permit_ttl.as_millis()).unwrap_or(u64::MAX),
             default_state: self.cfg.default_trading_state,
-            known: known.as_ref(),
+            known: known.as_deref(),
             dry_run: self.cfg.dry_run,
             now,
             max_opens: self.cfg.max_opens,

@@ -237,8 +237,10 @@ fn redis_address(cfg: &Config, con: &crate::store::Conn) -> String {
         .rsplit('@')
         .next()
         .unwrap_or(shown);
+    // From the environment: cut and escaped like any echo (SPEC §11).
+    let bare = clip(bare);
     if bare.contains('/') || bare.contains("?db=") {
-        bare.to_string()
+        bare.into_owned()
     } else {
         format!("{bare}/{}", cfg.redis.db())
     }

@@ -170,14 +170,14 @@ fn load(path: Option<&Path>) -> Loaded {
         Err(e) => {
             error!(
                 "trading state: cannot read {}: {e}; this instance knows no state and will not arm Redis with the default (a peer or a readable file must)",
-                path.display()
+                clip(&path.display().to_string())
             );
             Loaded::Broken
         }
         Ok(bytes) if bytes.len() > 64 * 1024 * 1024 => {
             error!(
                 "trading state: {} is larger than 64 MiB; this instance knows no state and will not arm Redis with the default",
-                path.display()
+                clip(&path.display().to_string())
             );
             Loaded::Broken
         }
@@ -188,7 +188,7 @@ fn load(path: Option<&Path>) -> Loaded {
             Ok(k) => {
                 info!(
                     "trading state: known from {}: global {}, {} override(s), last control entry {}",
-                    path.display(),
+                    clip(&path.display().to_string()),
                     k.global.as_str(),
                     k.overrides.len(),
                     k.last_id
@@ -198,7 +198,7 @@ fn load(path: Option<&Path>) -> Loaded {
             Err(why) => {
                 error!(
                     "trading state: {} is not a state file ({}); this instance knows no state and will not arm Redis with the default: move the file away once the state in Redis is right",
-                    path.display(),
+                    clip(&path.display().to_string()),
                     clip(&why)
                 );
                 Loaded::Broken
@@ -311,7 +311,7 @@ impl Task {
             Err(e) => return Err(e),
         };
         let mut known = match self.guardian.known() {
-            Some(k) => k,
+            Some(k) => Known::clone(&k),
             None => match self.loaded.take().unwrap_or(Loaded::Nothing) {
                 Loaded::State(k) => k,
                 other => {
@@ -542,7 +542,7 @@ impl Task {
             if let Err(e) = save(path, k) {
                 warn!(
                     "trading state: cannot write {}: {e}; known in memory only",
-                    path.display()
+                    clip(&path.display().to_string())
                 );
                 return;
             }

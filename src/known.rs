@@ -178,7 +178,8 @@ pub struct KnownState {
     /// pace): what the guardian compares the control log with, beyond the
     /// overrides it knows, without reading them all again.
     seen: Mutex<Option<Overrides>>,
-    known: Mutex<Option<Known>>,
+    /// Shared, not copied: the consumer takes it for every batch.
+    known: Mutex<Option<std::sync::Arc<Known>>>,
     ready: watch::Sender<bool>,
     wake: Notify,
 }
@@ -195,18 +196,21 @@ impl Default for KnownState {
 }
 
 impl KnownState {
-    /// What is known (`None` before the first pass settled it).
-    pub fn known(&self) -> Option<Known> {
+    /// What is known (`None` before the first pass settled it): a shared
+    /// reference, never a copy of every override.
+    pub fn known(&self) -> Option<std::sync::Arc<Known>> {
         self.known.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Takes `k` unless what is held already folds a newer entry (the
-    /// follower may have folded one while the guardian read).
-    pub fn replace(&self, k: Known) -> Known {
+    /// follower may have folded one while the guardian read); what is held
+    /// then.
+    pub fn replace(&self, k: Known) -> std::sync::Arc<Known> {
         let mut held = self.known.lock().unwrap_or_else(|p| p.into_inner());
         match held.as_ref() {
             Some(cur) if id_order(&cur.last_id) > id_order(&k.last_id) => cur.clone(),
             _ => {
+                let k = std::sync::Arc::new(k);
                 *held = Some(k.clone());
                 k
             }
@@ -219,7 +223,7 @@ impl KnownState {
         let mut held = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = held.as_mut() {
             if id_order(id) > id_order(&k.last_id) {
-                fold(k, id, f);
+                fold(std::sync::Arc::make_mut(k), id, f);
             }
         }
     }
