@@ -26,6 +26,9 @@ use crate::keys;
 /// sets `RestartPreventExitStatus=78` so a typo does not crash-loop.
 pub const EXIT_CONFIG: i32 = 78;
 
+/// Exit status of a usage error (sysexits EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
 /// A string that must never reach a log line, a panic message or `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -415,7 +418,7 @@ impl Value {
             Value::Port(p) => p.to_string(),
             Value::Addr(a) => a.to_string(),
             Value::Word(w) | Value::Level(w) => (*w).to_string(),
-            Value::Text(t) => t.clone(),
+            Value::Text(t) => crate::text::redact_userinfo(t).into_owned(),
             Value::List(l) => l.join(","),
             Value::RedisUrl(_, shown) => shown.clone(),
             Value::Db(d) => d.to_string(),
@@ -567,7 +570,7 @@ impl Parsed {
                     let shown = match v.kind {
                         Kind::Secret => "[redacted]".to_string(),
                         Kind::RedisUrl => redact_url(text),
-                        _ => crate::text::clip(text).into_owned(),
+                        _ => crate::text::clip(&crate::text::redact_userinfo(text)).into_owned(),
                     };
                     p.errors.push(ConfigError {
                         var: v.name.to_string(),
@@ -886,6 +889,9 @@ pub const CREDENTIALS: [(&str, &[&str]); 4] = [
 /// The largest credential file read.
 const MAX_CREDENTIAL_BYTES: u64 = 64 * 1024;
 
+/// The largest CA file read (`REDIS_TLS_CA_FILE`).
+const MAX_CA_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Reads the credential files present in `$CREDENTIALS_DIRECTORY` into
 /// `env` (a file wins over its variables; an absent file leaves them). Also
 /// returns where each secret variable came from, and one error per file
@@ -893,6 +899,7 @@ const MAX_CREDENTIAL_BYTES: u64 = 64 * 1024;
 /// newline is not part of the value.
 fn credentials(
     mut env: HashMap<String, String>,
+    purpose: Purpose,
 ) -> (
     HashMap<String, String>,
     HashMap<&'static str, String>,
@@ -904,58 +911,37 @@ fn credentials(
         .get("CREDENTIALS_DIRECTORY")
         .filter(|d| !d.trim().is_empty())
         .map(std::path::PathBuf::from);
+    if let Some(d) = &dir {
+        if !d.is_dir() {
+            errors.push(ConfigError {
+                var: "CREDENTIALS_DIRECTORY".into(),
+                value: crate::text::clip(&d.to_string_lossy()).into_owned(),
+                why: "is not a directory (systemd sets it to the unit's credentials)".into(),
+            });
+        }
+    }
     for (file, names) in CREDENTIALS {
-        let read = dir.as_ref().map(|d| {
-            let path = d.join(file);
-            let f = std::fs::File::open(&path)?;
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(
-                &mut std::io::Read::take(f, MAX_CREDENTIAL_BYTES + 1),
-                &mut bytes,
-            )?;
-            Ok::<_, std::io::Error>(bytes)
-        });
+        if purpose == Purpose::Tools && names.iter().any(|n| is_exchange_var(n)) {
+            // ctl, explain and replay open no exchange credential.
+            continue;
+        }
         let problem = |why: String| ConfigError {
             var: format!("{} (credential {file})", names[0]),
             value: "[not shown]".into(),
-            why,
+            why: format!("$CREDENTIALS_DIRECTORY/{file} {why}"),
         };
-        match read {
-            None => {}
-            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Some(Err(e)) => {
-                errors.push(problem(format!(
-                    "$CREDENTIALS_DIRECTORY/{file} cannot be read: {}",
-                    e.kind()
-                )));
-                continue;
-            }
-            Some(Ok(bytes)) => {
-                let text = match String::from_utf8(bytes) {
-                    Ok(t) => t,
-                    Err(_) => {
-                        errors.push(problem(format!(
-                            "$CREDENTIALS_DIRECTORY/{file} is not UTF-8 text"
-                        )));
-                        continue;
+        if let Some(d) = dir.as_ref().filter(|d| d.is_dir()) {
+            let path = d.join(file);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                match read_secret_file(&path) {
+                    Ok(value) => {
+                        for n in &names[1..] {
+                            env.remove(*n);
+                        }
+                        env.insert(names[0].to_string(), value.expose().to_string());
+                        sources.insert(names[0], format!("from credential {file}"));
                     }
-                };
-                let value = text
-                    .strip_suffix('\n')
-                    .map(|t| t.strip_suffix('\r').unwrap_or(t))
-                    .unwrap_or(&text);
-                if text.len() as u64 > MAX_CREDENTIAL_BYTES {
-                    errors.push(problem(format!(
-                        "$CREDENTIALS_DIRECTORY/{file} is larger than {MAX_CREDENTIAL_BYTES} bytes"
-                    )));
-                } else if value.trim().is_empty() {
-                    errors.push(problem(format!("$CREDENTIALS_DIRECTORY/{file} is empty")));
-                } else {
-                    for n in &names[1..] {
-                        env.remove(*n);
-                    }
-                    env.insert(names[0].to_string(), value.to_string());
-                    sources.insert(names[0], format!("from credential {file}"));
+                    Err(why) => errors.push(problem(why)),
                 }
                 continue;
             }
@@ -977,35 +963,89 @@ fn credentials(
             value: crate::text::clip(&path).into_owned(),
             why,
         };
-        let read = std::fs::File::open(&path).and_then(|f| {
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(
-                &mut std::io::Read::take(f, MAX_CREDENTIAL_BYTES + 1),
-                &mut bytes,
-            )?;
-            Ok(bytes)
-        });
-        match read.map(String::from_utf8) {
-            Err(e) => errors.push(problem(format!("cannot be read: {}", e.kind()))),
-            Ok(Err(_)) => errors.push(problem("is not UTF-8 text".into())),
-            Ok(Ok(text)) if text.len() as u64 > MAX_CREDENTIAL_BYTES => errors.push(problem(
-                format!("is larger than {MAX_CREDENTIAL_BYTES} bytes"),
-            )),
-            Ok(Ok(text)) => {
-                let value = text
-                    .strip_suffix('\n')
-                    .map(|t| t.strip_suffix('\r').unwrap_or(t))
-                    .unwrap_or(&text);
-                if value.trim().is_empty() {
-                    errors.push(problem("is empty".into()));
-                } else {
-                    env.insert("REDIS_PASSWORD".into(), value.to_string());
-                    sources.insert("REDIS_PASSWORD", "from REDIS_PASSWORD_FILE".to_string());
-                }
+        match read_secret_file(std::path::Path::new(&path)) {
+            Err(why) => errors.push(problem(why)),
+            Ok(value) => {
+                env.insert("REDIS_PASSWORD".into(), value.expose().to_string());
+                sources.insert("REDIS_PASSWORD", "from REDIS_PASSWORD_FILE".to_string());
             }
         }
     }
     (env, sources, errors)
+}
+
+/// Whether a password is one of the shipped placeholders (`CHANGE-ME…`,
+/// any case, `_` for `-`).
+pub fn is_placeholder(password: &str) -> bool {
+    password
+        .trim()
+        .to_ascii_uppercase()
+        .replace('_', "-")
+        .starts_with("CHANGE-ME")
+}
+
+/// Reads a file that must be a regular file (SPEC §17): it is opened
+/// non-blocking (a FIFO never hangs the open) and checked with `fstat`
+/// before a byte is read, so a FIFO, a device, a socket or a directory is
+/// an error, never a wait. At most `max` bytes: more is an error.
+pub fn read_regular_file(path: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot be read: {}", e.kind()))?;
+    let t = f
+        .metadata()
+        .map_err(|e| format!("cannot be read: {}", e.kind()))?
+        .file_type();
+    if !t.is_file() {
+        let what = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!("is {what}, not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    f.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot be read: {}", e.kind()))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("is larger than {max} bytes"));
+    }
+    Ok(bytes)
+}
+
+/// A secret's file, read as a secret (SPEC §17): a regular file
+/// ([`read_regular_file`]), UTF-8, one trailing newline (`\n` or `\r\n`)
+/// dropped; empty, or with any other leading or trailing whitespace, is an
+/// error (a `'secret '` would fail every signed request with no line
+/// naming the file). The error says why, never the value.
+pub fn read_secret_file(path: &std::path::Path) -> Result<Secret, String> {
+    let bytes = read_regular_file(path, MAX_CREDENTIAL_BYTES)?;
+    let text = String::from_utf8(bytes).map_err(|_| "is not UTF-8 text".to_string())?;
+    let value = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    if value.trim().is_empty() {
+        return Err("is empty".into());
+    }
+    if value.trim() != value {
+        return Err(
+            "has whitespace before or after the secret (only one trailing newline is dropped): remove it"
+                .into(),
+        );
+    }
+    Ok(Secret::new(value))
 }
 
 /// The on-call's Redis settings (SPEC §12): `ctl`, `explain` and `replay`
@@ -1170,7 +1210,7 @@ impl Config {
         I: IntoIterator<Item = (String, String)>,
     {
         let env: HashMap<String, String> = vars.into_iter().collect();
-        let (env, secret_sources, credential_errors) = credentials(env);
+        let (env, secret_sources, credential_errors) = credentials(env, purpose);
         let mut p = Parsed::read(&env);
         p.errors.extend(credential_errors);
 
@@ -1465,6 +1505,24 @@ impl Config {
                 self.stale_threshold_s
             ));
         }
+        let placeholder = [
+            ("REDIS_PASSWORD", self.redis.info.redis.password.as_deref()),
+            (
+                "REDIS_SENTINEL_PASSWORD",
+                self.redis
+                    .sentinel
+                    .as_ref()
+                    .and_then(|s| s.password.as_ref())
+                    .map(Secret::expose),
+            ),
+        ];
+        for (name, pw) in placeholder {
+            if pw.is_some_and(is_placeholder) {
+                w.push(format!(
+                    "{name} is a shipped placeholder (CHANGE-ME…): anyone who read the package can log in as this user; choose a password and load the users with `position-state-brain acl` (SPEC §17)"
+                ));
+            }
+        }
         if !self.metrics_addr.is_loopback() {
             w.push(format!(
                 "P33_METRICS_ADDR={} is not loopback: /metrics (positions, the allowlist) is reachable from other hosts; set 127.0.0.1, or allow only the Prometheus host to port {}",
@@ -1563,9 +1621,9 @@ fn tls_settings(p: &mut Parsed) -> Option<Option<Vec<u8>>> {
         value: crate::text::clip(&path).into_owned(),
         why,
     };
-    match std::fs::read(&path) {
-        Err(e) => {
-            p.errors.push(err(format!("cannot be read: {}", e.kind())));
+    match read_regular_file(std::path::Path::new(&path), MAX_CA_BYTES) {
+        Err(why) => {
+            p.errors.push(err(why));
             Some(None)
         }
         Ok(pem) => {
@@ -1754,8 +1812,50 @@ mod tests {
         std::fs::remove_file(dir.join("redis_password")).unwrap();
         std::fs::create_dir(dir.join("redis_password")).unwrap();
         let e = Config::from_pairs(pairs(&[])).unwrap_err().to_string();
-        assert!(e.contains("redis_password cannot be read"), "{e}");
+        assert!(
+            e.contains("redis_password is a directory, not a regular file"),
+            "{e}"
+        );
         std::fs::remove_dir(dir.join("redis_password")).unwrap();
+        // A FIFO is refused at once, never waited on (no writer ever comes).
+        let fifo = dir.join("redis_password");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = Config::from_pairs(pairs(&[])).unwrap_err().to_string();
+        assert!(
+            e.contains("redis_password is a FIFO, not a regular file"),
+            "{e}"
+        );
+        std::fs::remove_file(&fifo).unwrap();
+        // One trailing newline is dropped; any other blank around it is an
+        // error naming the file, never the value.
+        for (body, ok) in [
+            ("pw-x\n", true),
+            ("pw-x\r\n", true),
+            ("pw-x", true),
+            ("pw-x ", false),
+            (" pw-x", false),
+            ("pw-x\t\n", false),
+            ("pw-x\n\n", false),
+        ] {
+            std::fs::write(dir.join("redis_password"), body).unwrap();
+            match Config::from_pairs(pairs(&[])) {
+                Ok(c) => {
+                    assert!(ok, "{body:?} accepted");
+                    assert_eq!(c.redis.info.redis.password.as_deref(), Some("pw-x"));
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!ok, "{body:?}: {e}");
+                    assert!(e.contains("redis_password has whitespace"), "{e}");
+                    assert!(!e.contains("pw-x"), "{e}");
+                }
+            }
+        }
+        std::fs::remove_file(dir.join("redis_password")).unwrap();
         // The tools ignore the exchange's credentials, broken or not.
         std::fs::write(dir.join("binance_api_key"), "").unwrap();
         assert!(Config::from_pairs(pairs(&[])).is_err());
@@ -1773,6 +1873,15 @@ mod tests {
             shown["BINANCE_API_KEY"],
             "[redacted] (from the environment)"
         );
+        // A credentials directory that is not there: exit 78.
+        let e = Config::from_pairs(vec![(
+            "CREDENTIALS_DIRECTORY".to_string(),
+            dir.join("missing").to_string_lossy().into_owned(),
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("CREDENTIALS_DIRECTORY"), "{e}");
+        assert!(e.contains("is not a directory"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1935,6 +2044,21 @@ mod tests {
         .unwrap();
         assert!(quiet.warnings().is_empty(), "{:?}", quiet.warnings());
         assert_eq!(edit_distance("REDIS_PASWORD", "REDIS_PASSWORD"), 1);
+    }
+
+    #[test]
+    fn a_shipped_placeholder_password_is_warned_of() {
+        for (name, value) in [
+            ("REDIS_PASSWORD", "CHANGE-ME-p33"),
+            ("REDIS_URL", "redis://p33:change-me-p33@127.0.0.1:6379/0"),
+        ] {
+            let c = cfg(&[(name, value)]).unwrap();
+            let w = c.warnings().join("\n");
+            assert!(w.contains("REDIS_PASSWORD is a shipped placeholder"), "{w}");
+            assert!(!w.to_ascii_lowercase().contains("change-me-p33"), "{w}");
+        }
+        let c = cfg(&[("REDIS_PASSWORD", "a-real-one")]).unwrap();
+        assert!(!c.warnings().join("").contains("placeholder"));
     }
 
     #[test]

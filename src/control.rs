@@ -42,19 +42,108 @@ pub struct States {
 /// Keys read per call of the state script.
 const STATES_PAGE: usize = 1000;
 
-/// Reads `keys` with the state script (the write script's own reading,
-/// `state_of`), atomically: `None` for a missing key.
+/// Reads `keys` the way the write script reads them (`state_of`, mirrored
+/// by [`TradingState::from_stored_bytes`]) with plain commands: no reader
+/// needs a script, so the read-only ACL user has none (SPEC §17). Each key
+/// is read with `TYPE` and `GETRANGE 0 16` in one `MULTI` (at most 17 bytes
+/// are sent: more than 16 is HALTED), so a key deleted by a concurrent
+/// change is simply missing. `None` for a missing key; a key of another
+/// type is HALTED.
+///
+/// The keys go in one `MULTI`; when one of them is of another type (its
+/// `GETRANGE` fails the whole reply), those keys are found with `TYPE` and
+/// left out, twice at most, then every key is read on its own.
 pub async fn read_keys(
     con: &mut Conn,
     keys: &[String],
 ) -> Result<Vec<Option<TradingState>>, redis::RedisError> {
-    if keys.is_empty() {
-        return Ok(Vec::new());
+    let mut out: Vec<Option<Option<TradingState>>> = vec![None; keys.len()];
+    for _ in 0..3 {
+        let todo: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
+        if todo.is_empty() {
+            break;
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for &i in &todo {
+            let k = &keys[i];
+            pipe.cmd("TYPE")
+                .arg(k)
+                .cmd("GETRANGE")
+                .arg(k)
+                .arg(0)
+                .arg(16);
+        }
+        match pipe.query_async::<Vec<redis::Value>>(con).await {
+            Ok(v) if v.len() == todo.len() * 2 => {
+                for (&i, pair) in todo.iter().zip(v.chunks(2)) {
+                    out[i] = Some(stored_state(&pair[0], &pair[1]));
+                }
+            }
+            Ok(_) => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::TypeError,
+                    "trading-state read: a reply of the wrong length",
+                )))
+            }
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                let mut types = redis::pipe();
+                for &i in &todo {
+                    types.cmd("TYPE").arg(&keys[i]);
+                }
+                let t: Vec<redis::Value> = types.query_async(con).await?;
+                for (&i, kind) in todo.iter().zip(&t) {
+                    if !matches!(type_name(kind), "string" | "none") {
+                        out[i] = Some(Some(TradingState::Halted));
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
     }
-    let v: Vec<String> = crate::scripts::READ_STATES.invoke(con, keys).await?;
-    Ok(v.iter()
-        .map(|s| (!s.is_empty()).then(|| TradingState::from_stored(s)))
-        .collect())
+    // Keys retyped while they were read: one MULTI each.
+    for i in 0..keys.len() {
+        if out[i].is_some() {
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("TYPE")
+            .arg(&keys[i])
+            .cmd("GETRANGE")
+            .arg(&keys[i])
+            .arg(0)
+            .arg(16);
+        out[i] = Some(match pipe.query_async::<Vec<redis::Value>>(con).await {
+            Ok(v) if v.len() == 2 => stored_state(&v[0], &v[1]),
+            Err(e) if e.code() == Some("WRONGTYPE") => Some(TradingState::Halted),
+            Ok(_) => Some(TradingState::Halted),
+            Err(e) => return Err(e),
+        });
+    }
+    Ok(out.into_iter().map(Option::flatten).collect())
+}
+
+/// A `TYPE` reply's type name (`""` when it is none).
+fn type_name(v: &redis::Value) -> &str {
+    match v {
+        redis::Value::SimpleString(s) => s.as_str(),
+        redis::Value::BulkString(b) => std::str::from_utf8(b).unwrap_or(""),
+        _ => "",
+    }
+}
+
+/// One key's `TYPE` and `GETRANGE 0 16` replies as a state (`None`:
+/// missing).
+fn stored_state(kind: &redis::Value, value: &redis::Value) -> Option<TradingState> {
+    use redis::Value as V;
+    match (type_name(kind), value) {
+        ("none", _) => None,
+        ("string", V::BulkString(b)) => Some(TradingState::from_stored_bytes(b)),
+        ("string", V::SimpleString(s)) => Some(TradingState::from_stored(s)),
+        // Another type, or a reply that is no value: fail closed.
+        _ => Some(TradingState::Halted),
+    }
 }
 
 /// The global state's key as read (`None`: missing).
@@ -219,10 +308,31 @@ impl ControlEntry {
 /// cannot take the entry, so nothing was changed.
 pub const CONTROL_ERROR: &str = "P33CONTROL";
 
-/// Applies a change: one script call that checks the control stream, then
-/// sets (or deletes) the state key and writes the control entry — both or
-/// neither (SPEC §12). A global change by an operator also ends the
-/// throttle latch. Returns the entry written.
+/// The error code of a change other than a halt asked of a Redis without
+/// the daemon's function library (no gate connected since it lost its
+/// data): nothing was changed.
+pub const NO_LIBRARY_ERROR: &str = "P33NOLIBRARY";
+
+/// How a change was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// `FCALL` of the daemon's function library (SPEC §17).
+    Function,
+    /// The library is missing (no gate connected since Redis lost its
+    /// data): a halt written with plain commands (`WATCH`, `MULTI`).
+    PlainHalt,
+    /// Redis older than 7.0 (no functions): the change script itself.
+    Script,
+}
+
+/// Applies an operator's change: the key and its control entry, both or
+/// neither, after checking that the control stream can take the entry
+/// (SPEC §12); a global change also ends the throttle latch. It runs as
+/// the daemon's function (`FCALL`): `ctl`'s user runs no code of its own
+/// (SPEC §17). Where Redis has no library, a halt is still written (plain
+/// commands: a halt is the strictest state, so it needs no comparison) and
+/// any other change is refused with [`NO_LIBRARY_ERROR`]. Returns the
+/// entry written and how.
 pub async fn apply_change(
     con: &mut Conn,
     change: Change,
@@ -230,15 +340,136 @@ pub async fn apply_change(
     reason: &str,
     actor: &str,
     default: TradingState,
-) -> Result<ControlEntry, redis::RedisError> {
+) -> Result<(ControlEntry, Via), redis::RedisError> {
     let to = match (change, symbol) {
         (Change::Halt, _) => TradingState::Halted.as_str(),
         (Change::Reduce, _) => TradingState::Reducing.as_str(),
         (Change::Resume, None) => TradingState::Active.as_str(),
         (Change::Resume, Some(_)) => NO_OVERRIDE,
     };
-    run_change(con, to, symbol, reason, actor, default, None).await
+    let c = ChangeCall::new(to, symbol, reason, actor, default, None);
+    let lib = &crate::scripts::LIBRARY;
+    let mut fcall = redis::cmd("FCALL");
+    fcall
+        .arg(&lib.function)
+        .arg(3)
+        .arg(&c.keys()[..])
+        .arg(c.args());
+    match fcall.query_async::<(String, String)>(con).await {
+        Ok((id, from)) => Ok((c.entry(id, from), Via::Function)),
+        Err(e) if is_missing_function(&e) => {
+            if change == Change::Halt {
+                Ok((plain_halt(con, &c).await?, Via::PlainHalt))
+            } else {
+                Err(redis::make_extension_error(
+                    NO_LIBRARY_ERROR.into(),
+                    Some(format!(
+                        "this Redis has no function {} (no gate of this version has connected since it lost its data, or since the upgrade)",
+                        lib.function
+                    )),
+                ))
+            }
+        }
+        Err(e) if is_unknown_command(&e, "FCALL") => {
+            let (id, from) = c.script().invoke_async(con).await?;
+            Ok((c.entry(id, from), Via::Script))
+        }
+        Err(e) => Err(e),
+    }
 }
+
+/// Whether `e` is `FCALL`'s reply for a function Redis does not have.
+fn is_missing_function(e: &redis::RedisError) -> bool {
+    e.to_string()
+        .to_ascii_lowercase()
+        .contains("function not found")
+}
+
+/// Whether `e` says Redis does not know `command` (older than 7.0).
+fn is_unknown_command(e: &redis::RedisError, command: &str) -> bool {
+    let s = e.to_string();
+    s.to_ascii_lowercase().contains("unknown command") && s.to_ascii_uppercase().contains(command)
+}
+
+/// A halt with plain commands, for a Redis that has lost the daemon's
+/// library (SPEC §17): `WATCH` the key and the stream, read them, then set
+/// the key, write the entry and (global) end the latch in one `MULTI`;
+/// again when a watched key changed meanwhile (at most 5 times). The same
+/// checks as the script: a control stream that cannot take the entry is
+/// [`CONTROL_ERROR`] with nothing changed.
+async fn plain_halt(con: &mut Conn, c: &ChangeCall<'_>) -> Result<ControlEntry, redis::RedisError> {
+    for _ in 0..5 {
+        let _: () = redis::cmd("WATCH")
+            .arg(&c.key)
+            .arg(CONTROL_STREAM)
+            .query_async(con)
+            .await?;
+        let from = read_keys(con, std::slice::from_ref(&c.key))
+            .await?
+            .pop()
+            .flatten()
+            .map_or(c.missing, TradingState::as_str);
+        if let Some(why) = stream_problem(con).await? {
+            let _: () = redis::cmd("UNWATCH").query_async(con).await?;
+            return Err(redis::make_extension_error(
+                CONTROL_ERROR.into(),
+                Some(format!("{CONTROL_STREAM} {why}")),
+            ));
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(&c.key)
+            .arg(c.to)
+            .ignore()
+            .cmd("XADD")
+            .arg(CONTROL_STREAM)
+            .arg("*")
+            .arg(&c.fields(from)[..]);
+        if c.symbol.is_none() {
+            pipe.cmd("DEL").arg(keys::LATCH).ignore();
+        }
+        let done: Option<(String,)> = pipe.query_async(con).await?;
+        if let Some((id,)) = done {
+            return Ok(c.entry(id, from.to_string()));
+        }
+    }
+    Err(redis::make_extension_error(
+        CONTROL_ERROR.into(),
+        Some(format!(
+            "{CONTROL_STREAM} kept changing while the halt was written (5 tries)"
+        )),
+    ))
+}
+
+/// Why the control stream cannot take an entry (`common.lua`'s
+/// `stream_problem`, in plain commands): `None` when it can.
+async fn stream_problem(con: &mut Conn) -> Result<Option<String>, redis::RedisError> {
+    let t: String = redis::cmd("TYPE")
+        .arg(CONTROL_STREAM)
+        .query_async(con)
+        .await?;
+    match t.as_str() {
+        "none" => Ok(None),
+        "stream" => {
+            let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
+                .arg("STREAM")
+                .arg(CONTROL_STREAM)
+                .query_async(con)
+                .await?;
+            let last = match info.get("last-generated-id") {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                Some(redis::Value::SimpleString(s)) => s.clone(),
+                _ => String::new(),
+            };
+            Ok((last == MAX_STREAM_ID).then(|| "is at its last possible ID".to_string()))
+        }
+        other => Ok(Some(format!("holds a {}", clip(other)))),
+    }
+}
+
+/// The last ID a stream can hold (`common.lua`'s `MAX_ID`).
+const MAX_STREAM_ID: &str = "18446744073709551615-18446744073709551615";
 
 /// Restores a key that reads less strict than `to` (SPEC §12): the same
 /// atomic change as `ctl` (the key and its control entry), made only while
@@ -278,41 +509,109 @@ async fn run_change(
     default: TradingState,
     last_id: Option<&str>,
 ) -> Result<ControlEntry, redis::RedisError> {
-    let key = symbol.map_or_else(|| keys::TRADING_STATE.to_string(), keys::trading_state);
-    let missing = if symbol.is_some() {
-        NO_OVERRIDE
-    } else {
-        default.as_str()
-    };
-    let ts = (store::now_ms() / 1000).to_string();
-    let scope = if symbol.is_some() { "symbol" } else { "global" };
-    let mut call = crate::scripts::CHANGE_STATE.key(&key);
-    call.key(CONTROL_STREAM)
-        .key(keys::LATCH)
-        .arg(to)
-        .arg(scope)
-        .arg(symbol.unwrap_or(""))
-        .arg(reason)
-        .arg(actor)
-        .arg(&ts)
-        .arg(missing);
-    if let Some(id) = last_id {
-        call.arg(id);
+    let c = ChangeCall::new(to, symbol, reason, actor, default, last_id);
+    let (id, from): (String, String) = c.script().invoke_async(con).await?;
+    Ok(c.entry(id, from))
+}
+
+/// One change's keys and arguments (`change_state.lua`'s protocol), for
+/// the script, the library's function and the plain halt alike.
+struct ChangeCall<'a> {
+    key: String,
+    to: &'a str,
+    symbol: Option<&'a str>,
+    scope: &'static str,
+    reason: &'a str,
+    actor: &'a str,
+    ts: String,
+    /// The state in force while the key is missing.
+    missing: &'static str,
+    last_id: Option<&'a str>,
+}
+
+impl<'a> ChangeCall<'a> {
+    fn new(
+        to: &'a str,
+        symbol: Option<&'a str>,
+        reason: &'a str,
+        actor: &'a str,
+        default: TradingState,
+        last_id: Option<&'a str>,
+    ) -> Self {
+        ChangeCall {
+            key: symbol.map_or_else(|| keys::TRADING_STATE.to_string(), keys::trading_state),
+            to,
+            symbol,
+            scope: if symbol.is_some() { "symbol" } else { "global" },
+            reason,
+            actor,
+            ts: (store::now_ms() / 1000).to_string(),
+            missing: if symbol.is_some() {
+                NO_OVERRIDE
+            } else {
+                default.as_str()
+            },
+            last_id,
+        }
     }
-    let (id, from): (String, String) = call.invoke_async(con).await?;
-    Ok(ControlEntry {
-        id,
-        scope: scope.into(),
-        symbol: symbol.unwrap_or("").into(),
-        from,
-        to: to.into(),
-        reason: reason.into(),
-        actor: actor.into(),
-        ts,
-        kind: "change".into(),
-        reference: String::new(),
-        revoked: String::new(),
-    })
+
+    /// KEYS: the state key, the control stream, the latch.
+    fn keys(&self) -> [&str; 3] {
+        [&self.key, CONTROL_STREAM, keys::LATCH]
+    }
+
+    /// ARGV.
+    fn args(&self) -> Vec<&str> {
+        let mut a = vec![
+            self.to,
+            self.scope,
+            self.symbol.unwrap_or(""),
+            self.reason,
+            self.actor,
+            &self.ts,
+            self.missing,
+        ];
+        a.extend(self.last_id);
+        a
+    }
+
+    /// The control entry's fields, as the script writes them.
+    fn fields(&self, from: &'a str) -> [(&str, &str); 8] {
+        [
+            ("kind", "change"),
+            ("scope", self.scope),
+            ("symbol", self.symbol.unwrap_or("")),
+            ("from", from),
+            ("to", self.to),
+            ("reason", self.reason),
+            ("actor", self.actor),
+            ("ts", &self.ts),
+        ]
+    }
+
+    /// The script invocation.
+    fn script(&self) -> redis::ScriptInvocation<'static> {
+        let mut call = crate::scripts::CHANGE_STATE.prepare_invoke();
+        call.key(&self.keys()[..]).arg(self.args());
+        call
+    }
+
+    /// The entry written, from its ID and the state before.
+    fn entry(&self, id: String, from: String) -> ControlEntry {
+        ControlEntry {
+            id,
+            scope: self.scope.into(),
+            symbol: self.symbol.unwrap_or("").into(),
+            from,
+            to: self.to.into(),
+            reason: self.reason.into(),
+            actor: self.actor.into(),
+            ts: self.ts.clone(),
+            kind: "change".into(),
+            reference: String::new(),
+            revoked: String::new(),
+        }
+    }
 }
 
 /// The last `n` control entries, newest first.

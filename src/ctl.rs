@@ -121,6 +121,13 @@ pub async fn run(cfg: &Config, mut args: CtlArgs) -> i32 {
             );
             1
         }
+        Err(e) if e.code() == Some(control::NO_LIBRARY_ERROR) => {
+            eprintln!(
+                "ctl: {}; nothing was changed. Start a gate (it installs the library within a second), or, while none can run, `ctl halt` works without it",
+                clip(e.detail().unwrap_or(""))
+            );
+            1
+        }
         Err(e) if e.code() == Some("NOPERM") => {
             let user = cfg.redis.user_shown();
             let needs = if changing {
@@ -147,7 +154,7 @@ async fn change(
     c: Change,
     a: ChangeArgs,
 ) -> Result<i32, redis::RedisError> {
-    let e = control::apply_change(
+    let (e, via) = control::apply_change(
         con,
         c,
         a.symbol.as_deref(),
@@ -156,6 +163,11 @@ async fn change(
         cfg.default_trading_state,
     )
     .await?;
+    if via == control::Via::PlainHalt {
+        println!(
+            "note: this Redis has no gate's function library (no gate has connected since it lost its data): the halt was written with plain commands; the first gate to connect installs the library"
+        );
+    }
     println!(
         "{} {} -> {} (entry {} in {})",
         e.scope_label(),

@@ -268,12 +268,16 @@ struct Task {
     armed_said: bool,
     waiting_said: bool,
     said_wrongtype: bool,
+    /// Whether the library's absence or refusal was said (once per
+    /// outcome, until it is installed again).
+    library_said: Option<String>,
 }
 
 impl Task {
     /// One pass: keys, entries, restores, the marker. Returns whether
     /// Redis is armed at its end.
     async fn pass(&mut self, con: &mut Conn) -> Result<bool, redis::RedisError> {
+        self.install_library(con).await;
         let default = self.cfg.default_trading_state;
         // The keys first, then the entries: a change made between the two
         // reads is folded in before it is compared (a change is one atomic
@@ -446,6 +450,37 @@ impl Task {
         Ok(true)
     }
 
+    /// Installs the function library `ctl` calls (SPEC §17) when Redis does
+    /// not have it: at start, after Redis lost its data (or an admin's
+    /// `FUNCTION FLUSH`), on a new master that never had it. Checked every
+    /// pass (`FUNCTION LIST` of one name); a refusal (an ACL without
+    /// `FUNCTION`, a Redis older than 7.0) is said once and costs nothing
+    /// else: `ctl halt` works without the library.
+    async fn install_library(&mut self, con: &mut Conn) {
+        let lib = &crate::scripts::LIBRARY;
+        match lib.install(con).await {
+            Ok(loaded) => {
+                if loaded {
+                    info!(
+                        "redis: installed the function library {} (ctl's changes run as its function {})",
+                        lib.name, lib.function
+                    );
+                }
+                self.library_said = None;
+            }
+            Err(e) => {
+                let said = clip(&e.to_string()).into_owned();
+                if self.library_said.as_deref() != Some(said.as_str()) {
+                    warn!(
+                        "redis: cannot install the function library {} ({said}): ctl can halt, but its other changes are refused until a gate installs it (SPEC §17)",
+                        lib.name
+                    );
+                    self.library_said = Some(said);
+                }
+            }
+        }
+    }
+
     /// Puts one key back through the change script (conditional: only
     /// while it still reads looser and no newer entry exists).
     async fn restore(
@@ -576,6 +611,7 @@ pub async fn run(
         armed_said: false,
         waiting_said: false,
         said_wrongtype: false,
+        library_said: None,
     };
     let Some(mut con) = redis
         .connect("trading state guardian", Duration::from_secs(5), &cancel)

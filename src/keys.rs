@@ -147,6 +147,11 @@ pub fn control_group(consumer: &str) -> String {
 /// The prefix of every permit key; keyspace listeners match on it.
 pub const PERMIT_PREFIX: &str = "quantum:permit:p33:";
 
+/// The gate's own namespace, as key prefixes: its permits, its trading
+/// state, latch and control stream, and every other key of its own. What
+/// only the gate may write (`acl --pipeline`, SPEC §17).
+pub const GATE_ONLY: [&str; 3] = [PERMIT_PREFIX, "quantum:p33:", "quantum:stream:p33."];
+
 /// The permit of a plan (SPEC §6), a string with a TTL.
 pub fn permit(plan_id: &str) -> String {
     format!("{PERMIT_PREFIX}{plan_id}")

@@ -31,6 +31,7 @@
 //! and `text`. Imports run only downward — lifecycle → workers → core →
 //! vocabulary — which `tests/layout.rs` checks.
 
+pub mod acl;
 pub mod allowlist;
 pub mod config;
 pub mod consumer;

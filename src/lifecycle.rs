@@ -41,8 +41,8 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
-/// Exit code for a usage error (sysexits `EX_USAGE`).
-pub const EXIT_USAGE: i32 = 64;
+/// Exit status of a usage error.
+pub use crate::config::EXIT_USAGE;
 
 /// The command line. Configuration comes from the environment only; the
 /// variables are listed by `--check-config` and in the README.
@@ -77,6 +77,10 @@ pub enum Command {
     /// What would a configuration change have done? Recorded decisions,
     /// decided again with the same rules.
     Replay(crate::replay::ReplayArgs),
+    /// The Redis ACL users' lines, with the SHA-256 of their passwords read
+    /// from their files (never a password); `--pipeline` for the other
+    /// services' users.
+    Acl(crate::acl::AclArgs),
 }
 
 /// Spawns `fut` as a named task whose end is reported to the supervisor.
@@ -118,13 +122,14 @@ pub async fn run(
         warn!("{w}");
     }
     info!(
-        "starting: redis={} group={} consumer={} snapshot_source={:?} allowlist_source={:?} dry_run={}",
+        "starting: redis={} group={} consumer={} snapshot_source={:?} allowlist_source={:?} dry_run={} log_filter={}",
         cfg.redis.display(),
         cfg.consumer_group,
         cfg.consumer_name,
         cfg.snapshot_source,
         cfg.allowlist_mode,
-        cfg.dry_run
+        cfg.dry_run,
+        crate::text::clip_to(&crate::telemetry::capped(&cfg.log_filter), 256)
     );
     // SIGHUP's default action kills the process: take it over before anything slow.
     let reload = Arc::new(Notify::new());

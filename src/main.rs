@@ -24,6 +24,10 @@ fn main() {
             std::process::exit(code);
         }
     };
+    // `acl` reads only its password files.
+    if let Some(Command::Acl(args)) = &cli.command {
+        std::process::exit(position_state_brain::acl::run(args));
+    }
     // The subcommands need only the Redis settings (SPEC §12): an operator
     // halts trading from a shell that holds no exchange secret.
     let read = if cli.command.is_some() {
@@ -47,6 +51,7 @@ fn main() {
                     Command::Ctl(args) => ctl::run(&cfg, args).await,
                     Command::Explain { plan_id } => explain::run(&cfg, &plan_id).await,
                     Command::Replay(args) => replay::run(args).await,
+                    Command::Acl(args) => position_state_brain::acl::run(&args),
                 }
             }),
             Err(e) => {

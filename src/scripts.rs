@@ -103,12 +103,6 @@ pub(crate) static WRITE_PERMITS: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// The trading states of the global key and a page of override keys,
-/// atomically (`control`).
-pub(crate) static READ_STATES: LazyLock<ReadOnly> = LazyLock::new(|| {
-    ReadOnly::new(format!("{COMMON}{}", include_str!("scripts/read_states.lua")).leak())
-});
-
 /// A halt's revocation of the allows not yet used (`control`).
 pub(crate) static REVOKE: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{COMMON}{}", include_str!("scripts/revoke.lua"))));
@@ -121,6 +115,62 @@ pub(crate) static CHANGE_STATE: LazyLock<Script> = LazyLock::new(|| {
         include_str!("scripts/change_state.lua")
     ))
 });
+
+/// The function library the daemon installs (`library.lua` around
+/// [`CHANGE_STATE`]'s code): what `ctl`'s user runs with `FCALL` instead of
+/// code of its own (SPEC §17).
+pub(crate) struct Library {
+    /// `p33_<16 hex of the code's SHA1>`.
+    pub(crate) name: String,
+    /// `p33_change_state_<the same 16 hex>`.
+    pub(crate) function: String,
+    /// The `FUNCTION LOAD` source.
+    code: String,
+}
+
+/// The one library of this version.
+pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
+    let body = format!("{COMMON}{}", include_str!("scripts/change_state.lua"));
+    let hash = Script::new(&body).get_hash().to_string();
+    let tag = hash.get(..16).unwrap_or(&hash);
+    let name = format!("p33_{tag}");
+    let function = format!("p33_change_state_{tag}");
+    let code = include_str!("scripts/library.lua")
+        .replace("__LIBRARY__", &name)
+        .replace("__FUNCTION__", &function)
+        .replace("__BODY__", &body);
+    Library {
+        name,
+        function,
+        code,
+    }
+});
+
+impl Library {
+    /// Installs the library unless Redis has it (`FUNCTION LIST`, then
+    /// `FUNCTION LOAD REPLACE`): `true` when it was loaded now.
+    pub(crate) async fn install<C>(&self, con: &mut C) -> redis::RedisResult<bool>
+    where
+        C: redis::aio::ConnectionLike,
+    {
+        let present: Vec<redis::Value> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg(&self.name)
+            .query_async(con)
+            .await?;
+        if !present.is_empty() {
+            return Ok(false);
+        }
+        let _: String = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&self.code)
+            .query_async(con)
+            .await?;
+        Ok(true)
+    }
+}
 
 /// One result entry's ledger metadata and ACK (`ledger`).
 pub(crate) static APPLY_LEDGER: LazyLock<Script> =

@@ -58,6 +58,39 @@ where
     }
 }
 
+/// The libraries that print a credential below INFO: the WebSocket client
+/// logs its URL (with the listenKey) and its request at DEBUG and TRACE,
+/// and every frame it receives (a `listenKeyExpired` names the key); the
+/// HTTP stack is capped with it.
+pub const CAPPED_TARGETS: [&str; 6] = [
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "h2",
+];
+
+/// `filter` with [`CAPPED_TARGETS`] held at INFO whatever it asks (SPEC
+/// §17: no credential in any output at any log level): a directive of its
+/// own for one of them is dropped, the cap appended.
+pub fn capped(filter: &str) -> String {
+    let mut parts: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .filter(|d| {
+            let target = d.split(['=', '[']).next().unwrap_or("");
+            !CAPPED_TARGETS
+                .iter()
+                .any(|t| target == *t || target.starts_with(&format!("{t}::")))
+        })
+        .collect();
+    let caps: Vec<String> = CAPPED_TARGETS.iter().map(|t| format!("{t}=info")).collect();
+    parts.extend(caps.iter().map(String::as_str));
+    parts.join(",")
+}
+
 /// Installs the global subscriber. `filter` is a `tracing` directive
 /// (validated by the config).
 pub fn init(filter: &str, format: LogFormat) -> WorkerGuard {
@@ -65,7 +98,7 @@ pub fn init(filter: &str, format: LogFormat) -> WorkerGuard {
         .buffered_lines_limit(200_000)
         .lossy(true)
         .finish(std::io::stdout());
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(capped(filter)).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -94,4 +127,23 @@ pub fn init(filter: &str, format: LogFormat) -> WorkerGuard {
         eprintln!("logging already initialised: {e}");
     }
     guard
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_libraries_that_print_credentials_stay_at_info() {
+        for (asked, want) in [
+            ("trace", "trace,tungstenite=info,tokio_tungstenite=info,hyper=info,hyper_util=info,reqwest=info,h2=info"),
+            (
+                "info,tungstenite=trace,tungstenite::client=trace,position_state_brain=debug",
+                "info,position_state_brain=debug,tungstenite=info,tokio_tungstenite=info,hyper=info,hyper_util=info,reqwest=info,h2=info",
+            ),
+        ] {
+            assert_eq!(capped(asked), want, "{asked}");
+            assert!(EnvFilter::try_new(capped(asked)).is_ok());
+        }
+    }
 }

@@ -101,6 +101,45 @@ pub(crate) fn rfc3339(epoch: &str) -> String {
     )
 }
 
+/// `s` with the userinfo of every URL in it replaced (`scheme://user:pw@host`
+/// → `scheme://[redacted]@host`, SPEC §17): the authority is what follows
+/// `://` up to the next `/`, `?`, `#` or blank; everything in it up to its
+/// last `@` goes. Text without such a URL is returned as it is.
+pub(crate) fn redact_userinfo(s: &str) -> Cow<'_, str> {
+    if !s.contains("://") || !s.contains('@') {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let mut end = tail
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
+            .unwrap_or(tail.len());
+        // The `/` of another URL's `://` (`x=http://a@b,y=ws://c@d`): this
+        // authority ends where that URL's scheme begins.
+        if tail[..end].ends_with(':') && tail[end..].starts_with("//") {
+            let before = &tail[..end - 1];
+            let scheme = before
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))
+                .map_or(0, |i| i + 1);
+            end = scheme;
+        }
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                out.push_str("[redacted]");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +193,25 @@ mod tests {
         let c = clip_bytes(&big);
         assert!(c.chars().count() <= 65, "{c}");
         assert!(c.ends_with('…'));
+    }
+
+    #[test]
+    fn userinfo_is_redacted_wherever_a_url_is() {
+        for (given, want) in [
+            ("https://u:p@host:1/x?y", "https://[redacted]@host:1/x?y"),
+            ("wss://key@h", "wss://[redacted]@h"),
+            (
+                "GET http://a:b@h/p failed",
+                "GET http://[redacted]@h/p failed",
+            ),
+            ("https://host/a@b", "https://host/a@b"),
+            ("no url @ all", "no url @ all"),
+            (
+                "x=http://a@b,y=ws://c:d@e/f",
+                "x=http://[redacted]@b,y=ws://[redacted]@e/f",
+            ),
+        ] {
+            assert_eq!(redact_userinfo(given), want, "{given}");
+        }
     }
 }

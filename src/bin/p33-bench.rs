@@ -901,12 +901,15 @@ async fn main() -> anyhow::Result<()> {
     let mut guard = Guard(Vec::new());
     let mut acl_args = Vec::new();
     if args.acl {
-        // The shipped users, each with the password "bench-<user>".
-        let shipped = include_str!("../../deploy/redis/users.acl");
+        // The gate's users, each with the password "bench-<user>".
         let mut text = String::new();
-        for line in shipped.lines() {
-            let user = line.split_whitespace().nth(1).unwrap_or("");
-            text.push_str(&line.replace(&format!(">CHANGE-ME-{user}"), &format!(">bench-{user}")));
+        for (user, rules) in position_state_brain::acl::USERS {
+            let pw = position_state_brain::config::Secret::new(format!("bench-{user}"));
+            text.push_str(&position_state_brain::acl::user_line(
+                user,
+                rules,
+                Some(&pw),
+            ));
             text.push('\n');
         }
         let path = dir.join("users.acl");

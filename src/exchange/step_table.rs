@@ -95,7 +95,10 @@ pub async fn run_step_sizes(
     else {
         return;
     };
-    let url = format!("{}/fapi/v1/exchangeInfo", cfg.exchange_base_url);
+    // Only for the log line: userinfo in the base URL is a credential.
+    let url =
+        crate::text::redact_userinfo(&format!("{}/fapi/v1/exchangeInfo", cfg.exchange_base_url))
+            .into_owned();
     let mut failures = 0u64;
     // The saved table, loaded before the first plan (lifecycle), counts.
     let mut have_table = !steps.is_empty();

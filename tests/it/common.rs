@@ -85,10 +85,8 @@ pub fn acl_file(dir: &std::path::Path) -> PathBuf {
     let mut text = String::new();
     for line in shipped.lines() {
         let user = line.split_whitespace().nth(1).unwrap_or("");
-        text.push_str(&line.replace(
-            &format!(">CHANGE-ME-{user}"),
-            &format!(">{}", acl_password(user)),
-        ));
+        // The shipped lines carry no password: one goes after `on`.
+        text.push_str(&line.replacen(" on ", &format!(" on >{} ", acl_password(user)), 1));
         text.push('\n');
     }
     let path = dir.join("users.acl");
@@ -1220,8 +1218,27 @@ pub fn sentinel_env(set: &SentinelSet) -> HashMap<String, String> {
 
 /// `position-state-brain ctl …` with the daemon's environment.
 pub fn ctl(t: &TestDaemon, args: &[&str]) -> (Option<i32>, String, String) {
-    let env: Vec<(&str, &str)> = t
-        .env
+    if t.daemon.is_some() {
+        // A gate installs its function library on its first pass, a few ms
+        // after it starts (SPEC §17); ctl's changes but a halt need it.
+        let mut con = t.redis.con();
+        wait_for(
+            "the gate's function library",
+            Duration::from_secs(10),
+            || {
+                let libs: Vec<redis::Value> = redis::cmd("FUNCTION")
+                    .arg("LIST")
+                    .arg("LIBRARYNAME")
+                    .arg("p33_*")
+                    .query(&mut con)
+                    .ok()?;
+                (!libs.is_empty()).then_some(())
+            },
+        );
+    }
+    // On a server with the ACL users, as ctl's own user (SPEC §17).
+    let ops = ops_env(&t.env);
+    let env: Vec<(&str, &str)> = ops
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .chain([("USER", "alice")])
@@ -1229,6 +1246,18 @@ pub fn ctl(t: &TestDaemon, args: &[&str]) -> (Option<i32>, String, String) {
     let mut all = vec!["ctl"];
     all.extend_from_slice(args);
     run_once(&all, &env)
+}
+
+/// `env` for `ctl`: the daemon's user `p33` swapped for ctl's own user
+/// `p33-ops` (SPEC §17: ctl's changes run as the daemon's function, which
+/// only p33-ops may call).
+pub fn ops_env(env: &HashMap<String, String>) -> HashMap<String, String> {
+    let mut e = env.clone();
+    if e.get("REDIS_USERNAME").is_some_and(|u| u == "p33") {
+        e.insert("REDIS_USERNAME".into(), "p33-ops".into());
+        e.insert("REDIS_PASSWORD".into(), acl_password("p33-ops"));
+    }
+    e
 }
 
 /// `ctl …` that must exit 0; its output.

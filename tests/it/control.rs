@@ -660,7 +660,7 @@ fn ctl_status_reads_overrides_while_they_change() {
     // state script reads each page at once (no TYPE, then GET).
     let t = daemon();
     let stop = Arc::new(AtomicBool::new(false));
-    let env: Vec<(String, String)> = t.env.clone().into_iter().collect();
+    let env: Vec<(String, String)> = ops_env(&t.env).into_iter().collect();
     let flag = stop.clone();
     let changer = std::thread::spawn(move || {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -693,8 +693,8 @@ fn ctl_explain_and_replay_need_no_exchange_settings() {
     let t = daemon();
     // The daemon's environment without any exchange secret, in binance mode,
     // with an exchange URL that would not even parse.
-    let env: Vec<(&str, &str)> = t
-        .env
+    let ops = ops_env(&t.env);
+    let env: Vec<(&str, &str)> = ops
         .iter()
         .filter(|(k, _)| !k.starts_with("BINANCE_") && !k.starts_with("P33_EXCHANGE_"))
         .map(|(k, v)| (k.as_str(), v.as_str()))

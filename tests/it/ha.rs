@@ -270,7 +270,8 @@ fn a_graceful_sentinel_failover_moves_every_write_and_ctl_follows() {
     });
 
     // ctl finds the master the same way.
-    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let ops = ops_env(&env);
+    let pairs: Vec<(&str, &str)> = ops.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let (code, out, err) = run_once(&["ctl", "halt", "--reason", "ha test"], &pairs);
     assert_eq!(code, Some(0), "{out}{err}");
     let state: Option<String> = redis::cmd("GET")

@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("scripts", 1),
     ("resp", 1),
     ("steps", 1),
+    ("acl", 2),
     ("metrics", 2),
     ("telemetry", 2),
     ("sentinel", 2),

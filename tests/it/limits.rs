@@ -214,11 +214,8 @@ fn the_latch_sets_reducing_until_an_operator_resumes() {
     );
     push(&mut t.con, "latch-close", "BTCUSDT", false);
     assert_eq!(wait_permit(&mut t.con, "latch-close")["allow"], true);
-    let env: Vec<(&str, &str)> = t
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let ops = ops_env(&t.env);
+    let env: Vec<(&str, &str)> = ops.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let (code, out, err) = run_once(&["ctl", "status"], &env);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("throttle latch  TRIPPED"), "{out}");

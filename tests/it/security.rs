@@ -113,7 +113,7 @@ fn an_empty_or_unreadable_credential_is_exit_78_naming_it() {
         let want = if make == "empty" {
             format!("$CREDENTIALS_DIRECTORY/{name} is empty")
         } else {
-            format!("$CREDENTIALS_DIRECTORY/{name} cannot be read")
+            format!("$CREDENTIALS_DIRECTORY/{name} is a directory, not a regular file")
         };
         assert!(err.contains(&want), "{want} in:\n{err}");
     }
@@ -216,6 +216,15 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
         ),
         ("EXISTS", &["EXISTS", "quantum:permit:p33:x"]),
         (
+            "FUNCTION",
+            &["FUNCTION", "LOAD", "REPLACE", "#!lua name=x\n"],
+        ),
+        ("FUNCTION", &["FUNCTION", "LIST", "LIBRARYNAME", "p33_x"]),
+        (
+            "GETRANGE",
+            &["GETRANGE", "quantum:p33:trading_state", "0", "16"],
+        ),
+        (
             "EXPIRE",
             &["EXPIRE", "quantum:position:snapshot:BTCUSDT", "10"],
         ),
@@ -314,11 +323,64 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
             &["ZREMRANGEBYSCORE", "quantum:p33:allows", "0", "1"],
         ),
     ];
-    let known: std::collections::BTreeSet<&str> = examples.iter().map(|(c, _)| *c).collect();
+    // What ctl's user runs (its change is the daemon's function, SPEC §17)
+    // and what the readers run.
+    let others: &[(&str, &str, &[&str])] = &[
+        (
+            "FCALL",
+            "p33-ops",
+            &[
+                "FCALL",
+                "p33_change_state_x",
+                "3",
+                "quantum:p33:trading_state",
+                "quantum:stream:p33.control",
+                "quantum:p33:latch",
+            ],
+        ),
+        (
+            "WATCH",
+            "p33-ops",
+            &[
+                "WATCH",
+                "quantum:p33:trading_state",
+                "quantum:stream:p33.control",
+            ],
+        ),
+        ("UNWATCH", "p33-ops", &["UNWATCH"]),
+        (
+            "SET",
+            "p33-ops",
+            &["SET", "quantum:p33:trading_state", "HALTED"],
+        ),
+        (
+            "XADD",
+            "p33-ops",
+            &["XADD", "quantum:stream:p33.control", "*", "a", "b"],
+        ),
+        ("DEL", "p33-ops", &["DEL", "quantum:p33:latch"]),
+        ("MULTI", "p33-ops", &["MULTI"]),
+        ("MULTI", "p33-read", &["MULTI"]),
+        (
+            "GETRANGE",
+            "p33-read",
+            &["GETRANGE", "quantum:p33:trading_state:X", "0", "16"],
+        ),
+        (
+            "GETRANGE",
+            "p33-ops",
+            &["GETRANGE", "quantum:p33:trading_state", "0", "16"],
+        ),
+    ];
+    let known: std::collections::BTreeSet<&str> = examples
+        .iter()
+        .map(|(c, _)| *c)
+        .chain(others.iter().map(|(c, ..)| *c))
+        .collect();
     for c in commands_in_sources() {
         assert!(
             known.contains(c.as_str()),
-            "the sources use {c}: allow it to p33 in deploy/redis/users.acl and add it here"
+            "the sources use {c}: allow it to its user in src/acl.rs (deploy/redis/users.acl) and add it here"
         );
     }
     for (c, args) in examples {
@@ -328,6 +390,75 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
             "p33 may {c}: {args:?}"
         );
     }
+    for (c, user, args) in others {
+        assert_eq!(
+            dryrun(&mut admin, user, args),
+            None,
+            "{user} may {c}: {args:?}"
+        );
+    }
+    // What the selectors take away (SPEC §17): no user but the daemon runs
+    // code of its own; ctl's user cannot set the latch, nor delete or
+    // retype the control stream; the daemon cannot publish a plan.
+    let refused: &[(&str, &[&str])] = &[
+        ("p33-read", &["EVAL_RO", "while true do end", "0"]),
+        (
+            "p33-read",
+            &[
+                "EVALSHA_RO",
+                "0000000000000000000000000000000000000000",
+                "0",
+            ],
+        ),
+        ("p33-read", &["SCRIPT", "LOAD", "return 1"]),
+        ("p33-read", &["FCALL_RO", "f", "0"]),
+        ("p33-read", &["FCALL", "f", "0"]),
+        ("p33-read", &["FUNCTION", "LOAD", "#!lua name=x\n"]),
+        ("p33-ops", &["EVAL", "return 1", "0"]),
+        ("p33-ops", &["EVAL_RO", "return 1", "0"]),
+        (
+            "p33-ops",
+            &["EVALSHA", "0000000000000000000000000000000000000000", "0"],
+        ),
+        ("p33-ops", &["SCRIPT", "LOAD", "return 1"]),
+        ("p33-ops", &["FUNCTION", "LOAD", "#!lua name=x\n"]),
+        ("p33-ops", &["FUNCTION", "FLUSH"]),
+        ("p33-ops", &["SET", "quantum:p33:latch", "1-0"]),
+        ("p33-ops", &["DEL", "quantum:stream:p33.control"]),
+        ("p33-ops", &["SET", "quantum:stream:p33.control", "x"]),
+        (
+            "p33-ops",
+            &["XADD", "quantum:p33:trading_state", "*", "a", "b"],
+        ),
+        ("p33-ops", &["SET", "quantum:permit:p33:x", "v"]),
+        (
+            "p33-ops",
+            &[
+                "FCALL",
+                "f",
+                "2",
+                "quantum:p33:trading_state",
+                "quantum:permit:p33:x",
+            ],
+        ),
+        ("p33", &["XADD", "quantum:stream:apply.plan", "*", "a", "b"]),
+        (
+            "p33",
+            &["XADD", "quantum:stream:apply.result", "*", "a", "b"],
+        ),
+        ("p33", &["DEL", "quantum:stream:apply.plan"]),
+        (
+            "p33",
+            &["XTRIM", "quantum:stream:apply.plan", "MAXLEN", "0"],
+        ),
+        ("p33", &["FUNCTION", "FLUSH"]),
+    ];
+    for (user, args) in refused {
+        assert!(
+            dryrun(&mut admin, user, args).is_some(),
+            "{user} may not {args:?}"
+        );
+    }
     // Every key family of src/keys.rs, and what each user may do with it.
     let keys_rs = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/keys.rs"),
@@ -335,8 +466,10 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
     .unwrap();
     // (example key, p33, p33-ops, p33-read): "rw", "r" or "-".
     let families: &[(&str, &str, &str, &str)] = &[
-        ("quantum:stream:apply.plan", "rw", "-", "r"),
-        ("quantum:stream:apply.result", "rw", "-", "r"),
+        // The plans and results: read, and written only by the group
+        // commands (the examples above).
+        ("quantum:stream:apply.plan", "r", "-", "r"),
+        ("quantum:stream:apply.result", "r", "-", "r"),
         ("quantum:cfg:universe:active", "r", "-", "r"),
         ("quantum:cfg:universe:last_ok", "r", "-", "r"),
         ("quantum:cfg:universe:meta", "r", "-", "r"),
@@ -356,7 +489,8 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
         ("quantum:stream:p33.revocations", "rw", "r", "r"),
         ("quantum:p33:instance:p33-a", "rw", "r", "r"),
         ("quantum:p33:revoked:1-0", "rw", "r", "r"),
-        ("quantum:stream:p33.control", "rw", "rw", "r"),
+        // ctl's user adds to it (XADD, above), never deletes it.
+        ("quantum:stream:p33.control", "rw", "r", "r"),
         ("quantum:permit:p33:plan-1", "rw", "-", "r"),
         ("quantum:reconcile:hold:BTCUSDT", "r", "-", "r"),
         ("quantum:position:snapshot:BTCUSDT", "rw", "-", "r"),
@@ -524,10 +658,12 @@ fn a_noperm_at_start_is_exit_78_naming_the_command_and_key() {
     )
     .unwrap();
     let p33 = acl.lines().find(|l| l.starts_with("user p33 ")).unwrap();
-    let rules: Vec<&str> = p33
+    // The root rules (no selector), without the plan stream.
+    let root = p33.split('(').next().unwrap();
+    let rules: Vec<&str> = root
         .split_whitespace()
         .skip(2)
-        .filter(|r| !r.starts_with('>') && *r != "~quantum:stream:apply.plan")
+        .filter(|r| !r.ends_with("~quantum:stream:apply.plan"))
         .collect();
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
@@ -837,4 +973,419 @@ fn an_on_call_in_p33_ops_needs_no_secret_in_the_shell() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `ctl` as p33-ops against `redis` (exit code, stdout, stderr).
+fn ctl_as_ops(redis: &Redis, args: &[&str]) -> (Option<i32>, String, String) {
+    let url = format!(
+        "redis://p33-ops:{}@127.0.0.1:{}/0",
+        acl_password("p33-ops"),
+        redis.port
+    );
+    let mut all = vec!["ctl"];
+    all.extend_from_slice(args);
+    run_once(&all, &[("REDIS_URL", &url), ("USER", "oncall")])
+}
+
+#[test]
+fn ctl_halts_a_redis_without_the_library_and_a_gate_installs_it() {
+    // SPEC §17: p33-ops runs only the daemon's function; a Redis that lost
+    // its data (here: that never had a gate) still takes a halt.
+    let redis = Redis::start_acl();
+    let mut admin = redis.con();
+    let state = |admin: &mut redis::Connection| -> Option<String> {
+        redis::cmd("GET")
+            .arg("quantum:p33:trading_state")
+            .query(admin)
+            .unwrap()
+    };
+    let (code, out, err) = ctl_as_ops(&redis, &["halt", "--reason", "no gate yet"]);
+    assert_eq!(code, Some(3), "written, no gate reads it: {out}{err}");
+    assert!(out.contains("global ACTIVE -> HALTED"), "{out}");
+    assert!(
+        out.contains("the halt was written with plain commands"),
+        "{out}"
+    );
+    assert_eq!(state(&mut admin).as_deref(), Some("HALTED"));
+    let entries: redis::Value = redis::cmd("XRANGE")
+        .arg("quantum:stream:p33.control")
+        .arg("-")
+        .arg("+")
+        .query(&mut admin)
+        .unwrap();
+    let text = format!("{entries:?}");
+    for f in [
+        "kind",
+        "change",
+        "no gate yet",
+        "oncall@",
+        "HALTED",
+        "ACTIVE",
+    ] {
+        assert!(text.contains(f), "{f} in {text}");
+    }
+    // Anything but a halt needs the library: refused, nothing changed.
+    for verb in ["resume", "reduce"] {
+        let (code, out, err) = ctl_as_ops(&redis, &[verb, "--reason", "too early"]);
+        assert_eq!(code, Some(1), "{verb}: {out}{err}");
+        assert!(
+            err.contains("has no function p33_change_state_")
+                && err.contains("nothing was changed"),
+            "{err}"
+        );
+        assert_eq!(state(&mut admin).as_deref(), Some("HALTED"));
+    }
+    // A gate (as p33) installs it on its first pass; resume then works.
+    let mut env = base_env(&redis);
+    env.insert("REDIS_USERNAME".into(), "p33".into());
+    env.insert("REDIS_PASSWORD".into(), acl_password("p33"));
+    env.insert("P33_ALLOWLIST_SOURCE".into(), "env".into());
+    env.insert("P33_ALLOWLIST".into(), "BTCUSDT".into());
+    let d = Daemon::start(&env);
+    d.wait_log("installed the function library p33_", T);
+    let (code, out, err) = ctl_as_ops(&redis, &["resume", "--reason", "gate is up"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("global HALTED -> ACTIVE"), "{out}");
+    assert!(!out.contains("plain commands"), "{out}");
+    assert_eq!(state(&mut admin).as_deref(), Some("ACTIVE"));
+    // An admin's FUNCTION FLUSH (or a restart without persistence): the
+    // gate puts it back within a pass.
+    let from = d.log_count();
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query(&mut admin)
+        .unwrap();
+    d.wait_log_after(from, "installed the function library p33_", T);
+    let (code, out, err) = ctl_as_ops(&redis, &["reduce", "--reason", "library back"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(state(&mut admin).as_deref(), Some("REDUCING"));
+}
+
+#[test]
+fn the_pipelines_users_write_anything_but_the_gates_keys() {
+    // SPEC §17: `acl --pipeline` gives the other services every key but
+    // ours; the intent bridge's own auto-permit is refused (NOPERM) while
+    // its plan goes through and the gate's verdict is the only permit.
+    let mut t = spawn_daemon(Opts::env_allowlist("BTCUSDT").deferred());
+    if !t.redis.has_acl() {
+        t.redis = Redis::start_acl();
+        t.con = t.redis.con();
+        t.env = {
+            let mut e = base_env(&t.redis);
+            e.insert("P33_ALLOWLIST_SOURCE".into(), "env".into());
+            e.insert("P33_ALLOWLIST".into(), "BTCUSDT".into());
+            e
+        };
+    }
+    let creds = Creds::new(&[("pipe.password", "pipe-pw\n")]);
+    let file = format!("pipe={}/pipe.password", creds.path());
+    let (code, out, err) = run_once(
+        &["acl", "--pipeline", "pipe", "--password-file", &file],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(!out.contains("pipe-pw"), "{out}");
+    let line = out.trim();
+    assert!(line.starts_with("user pipe on #"), "{line}");
+    let rules: Vec<&str> = line.split_whitespace().skip(2).collect();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("pipe")
+        .arg(&rules)
+        .query(&mut t.con)
+        .unwrap();
+    // Exact: every key of ours refused for writing, every other key
+    // allowed; every key readable.
+    let ours = [
+        "quantum:permit:p33:plan-1",
+        "quantum:permit:p33:",
+        "quantum:p33:trading_state",
+        "quantum:p33:trading_state:BTCUSDT",
+        "quantum:p33:latch",
+        "quantum:p33:armed",
+        "quantum:stream:p33.control",
+        "quantum:stream:p33.decisions",
+    ];
+    let theirs = [
+        "quantum:permit:p3",
+        "quantum:permit:p34:x",
+        "quantum:permit:p33",
+        "quantum:permit:governor:x",
+        "quantum:p33",
+        "quantum:p34:x",
+        "quantum:stream:p33",
+        "quantum:stream:p33-x",
+        "quantum:stream:apply.plan",
+        "quantum:state:positions:BTCUSDT",
+        "quantum:position:snapshot:BTCUSDT",
+        "quantum:",
+        "quantum",
+        "q",
+        "x",
+        "Quantum:p33:latch",
+    ];
+    for k in ours {
+        for args in [
+            vec!["SET", k, "v"],
+            vec!["HSET", k, "allow", "true"],
+            vec!["DEL", k],
+            vec!["EXPIRE", k, "10"],
+            vec!["XADD", k, "*", "a", "b"],
+            vec!["RENAME", "quantum:x", k],
+        ] {
+            assert!(
+                dryrun(&mut t.con, "pipe", &args).is_some(),
+                "pipe may not {args:?}"
+            );
+        }
+        assert_eq!(
+            dryrun(&mut t.con, "pipe", &["GET", k]),
+            None,
+            "pipe reads {k}"
+        );
+    }
+    for k in theirs {
+        assert_eq!(
+            dryrun(&mut t.con, "pipe", &["SET", k, "v"]),
+            None,
+            "pipe writes {k}"
+        );
+        assert_eq!(
+            dryrun(&mut t.con, "pipe", &["HSET", k, "a", "b"]),
+            None,
+            "pipe writes {k}"
+        );
+    }
+    for args in [
+        vec!["FLUSHALL"],
+        vec!["FLUSHDB"],
+        vec!["SWAPDB", "0", "1"],
+        vec!["ACL", "SETUSER", "pipe", "~*"],
+        vec!["CONFIG", "SET", "save", ""],
+        vec!["FUNCTION", "FLUSH"],
+    ] {
+        assert!(
+            dryrun(&mut t.con, "pipe", &args).is_some(),
+            "pipe may not {args:?}"
+        );
+    }
+    // What the HEAD intent bridge does after each plan (XADD, then HSET
+    // allow=true at our permit key and EXPIRE it), as the pipeline's user.
+    set_snapshot(&mut t.con, "BTCUSDT", "1", now());
+    let _: () = redis::cmd("SET")
+        .arg("quantum:p33:trading_state")
+        .arg("HALTED")
+        .query(&mut t.con)
+        .unwrap();
+    t.start_ready();
+    let mut pipe =
+        redis::Client::open(format!("redis://pipe:pipe-pw@127.0.0.1:{}/0", t.redis.port))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+    for i in 0..5 {
+        let id = format!("bridge-{i}");
+        let _: String = redis::cmd("XADD")
+            .arg("quantum:stream:apply.plan")
+            .arg("*")
+            .arg(&[
+                ("plan_id", id.as_str()),
+                ("symbol", "BTCUSDT"),
+                ("decision", "EXECUTE"),
+                ("action", "FULL_CLOSE_PROPOSED"),
+                ("reduceOnly", "true"),
+                ("side", "SELL"),
+                ("qty", "1"),
+            ])
+            .query(&mut pipe)
+            .unwrap();
+        let key = format!("quantum:permit:p33:{id}");
+        let e = redis::cmd("HSET")
+            .arg(&key)
+            .arg(&[
+                ("allow", "true"),
+                ("safe_qty", "0"),
+                ("reason", "auto_bypass_no_p33"),
+            ])
+            .query::<i64>(&mut pipe)
+            .unwrap_err();
+        assert_eq!(e.code(), Some("NOPERM"), "{e}");
+        let e = redis::cmd("EXPIRE")
+            .arg(&key)
+            .arg(86400)
+            .query::<i64>(&mut pipe)
+            .unwrap_err();
+        assert_eq!(e.code(), Some("NOPERM"), "{e}");
+        // The one permit is the gate's verdict (a JSON string).
+        let p = t.wait_permit(&id);
+        assert_eq!(p["allow"], false, "{p}");
+        assert_eq!(p["reason"], "trading_halted", "{p}");
+        let seen: serde_json::Value = {
+            let raw: String = redis::cmd("GET").arg(&key).query(&mut pipe).unwrap();
+            serde_json::from_str(&raw).unwrap()
+        };
+        assert_eq!(seen, p, "the pipeline reads the verdict");
+    }
+}
+
+#[test]
+fn acl_prints_hashed_passwords_that_redis_accepts_and_refuses_placeholders() {
+    let creds = Creds::new(&[
+        ("p33", "pw-daemon\n"),
+        ("ops", "pw-ops"),
+        ("read", "pw-read\n"),
+        ("placeholder", "CHANGE-ME-p33\n"),
+        ("blank", "pw-read \n"),
+    ]);
+    let f = |u: &str, name: &str| format!("{u}={}/{name}", creds.path());
+    let (code, out, err) = run_once(
+        &[
+            "acl",
+            "--password-file",
+            &f("p33", "p33"),
+            "--password-file",
+            &f("p33-ops", "ops"),
+            "--password-file",
+            &f("p33-read", "read"),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    for pw in ["pw-daemon", "pw-ops", "pw-read"] {
+        assert!(!out.contains(pw) && !err.contains(pw), "{pw} printed");
+    }
+    assert_eq!(out.lines().count(), 3, "{out}");
+    // Redis loads the file, and each user logs in with its password.
+    let dir = std::env::temp_dir().join(format!("p33-aclcmd-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("users.acl"), &out).unwrap();
+    let redis = Redis::start_with(&["--aclfile", &dir.join("users.acl").to_string_lossy()]);
+    for (user, pw) in [
+        ("p33", "pw-daemon"),
+        ("p33-ops", "pw-ops"),
+        ("p33-read", "pw-read"),
+    ] {
+        let mut c = redis::Client::open(format!("redis://{user}:{pw}@127.0.0.1:{}/0", redis.port))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let pong: String = redis::cmd("PING").query(&mut c).unwrap();
+        assert_eq!(pong, "PONG");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    // A placeholder, or a blank around the password: exit 78 naming the
+    // file, never the value.
+    for (name, want) in [
+        ("placeholder", "shipped placeholder"),
+        ("blank", "whitespace"),
+    ] {
+        let (code, out, err) = run_once(&["acl", "--password-file", &f("p33", name)], &[]);
+        assert_eq!(code, Some(78), "{name}: {out}{err}");
+        assert!(err.contains(want) && err.contains(name), "{err}");
+        assert!(
+            !err.contains("pw-read") && !err.contains("CHANGE-ME-p33\n"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_fifo_is_refused_at_once_never_waited_on() {
+    // SPEC §17: a FIFO as a password file or as the CA file was a hang for
+    // ever; it is exit 78 naming it.
+    let redis = Redis::start();
+    let dir = std::env::temp_dir().join(format!("p33-fifo-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("pw");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let fifo = fifo.to_string_lossy().into_owned();
+    let url = redis.url();
+    for (args, env) in [
+        (
+            vec!["ctl", "status"],
+            vec![
+                ("REDIS_URL", url.as_str()),
+                ("REDIS_PASSWORD_FILE", fifo.as_str()),
+            ],
+        ),
+        (
+            vec!["ctl", "halt", "--reason", "x"],
+            vec![
+                ("REDIS_URL", url.as_str()),
+                ("REDIS_PASSWORD_FILE", fifo.as_str()),
+            ],
+        ),
+        (
+            vec!["--check-config"],
+            vec![
+                ("REDIS_URL", url.as_str()),
+                ("REDIS_TLS", "true"),
+                ("REDIS_TLS_CA_FILE", fifo.as_str()),
+            ],
+        ),
+        (
+            vec!["acl", "--password-file", &format!("p33={fifo}")],
+            vec![],
+        ),
+    ] {
+        let t0 = std::time::Instant::now();
+        let (code, out, err) = run_once(&args, &env);
+        assert_eq!(code, Some(78), "{args:?}: {out}{err}");
+        assert!(
+            err.contains("is a FIFO, not a regular file"),
+            "{args:?}: {err}"
+        );
+        assert!(t0.elapsed() < T, "{args:?} waited {:?}", t0.elapsed());
+    }
+    let mut creds = base_env(&redis);
+    creds.insert(
+        "CREDENTIALS_DIRECTORY".into(),
+        dir.to_string_lossy().into_owned(),
+    );
+    std::fs::rename(dir.join("pw"), dir.join("redis_password")).unwrap();
+    let pairs: Vec<(&str, &str)> = creds
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (code, _, err) = run_once(&[], &pairs);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("redis_password is a FIFO"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn no_url_credential_reaches_check_config_or_a_log_line() {
+    // SPEC §17: a user:password@ in the exchange URLs is redacted wherever
+    // it would be printed.
+    let redis = Redis::start();
+    let mut env = base_env(&redis);
+    env.insert(
+        "P33_EXCHANGE_BASE_URL".into(),
+        "http://u:pw-base@127.0.0.1:9".into(),
+    );
+    env.insert(
+        "P33_EXCHANGE_WS_URL".into(),
+        "ws://u:pw-ws@127.0.0.1:9".into(),
+    );
+    env.insert("P33_ALLOWLIST".into(), "BTCUSDT".into());
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, out, err) = run_once(&["--check-config"], &pairs);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("P33_EXCHANGE_BASE_URL=http://[redacted]@127.0.0.1:9"),
+        "{out}"
+    );
+    assert!(!format!("{out}{err}").contains("pw-"), "{out}{err}");
+    // The step-size table's WARN names the URL it could not reach.
+    let d = Daemon::start(&env);
+    let line = d.wait_log("step sizes: GET ", T);
+    assert!(
+        line.contains("http://[redacted]@127.0.0.1:9/fapi/v1/exchangeInfo"),
+        "{line}"
+    );
+    assert!(!d.grep("pw-").iter().any(|_| true), "{:?}", d.grep("pw-"));
 }

@@ -527,7 +527,12 @@ fn several_instances_each_follow_the_stream_on_one_shared_key() {
 
 #[test]
 fn the_listen_key_never_reaches_a_log_line_or_check_config() {
-    let mut t = stream_daemon("BTCUSDT", &[("P33_POSITION_STREAM_PING_SEC", "1")]);
+    // At TRACE: the WebSocket library logs its URL (with the key) and its
+    // request below INFO, so it is capped there whatever is asked (SPEC §17).
+    let mut t = stream_daemon(
+        "BTCUSDT",
+        &[("P33_POSITION_STREAM_PING_SEC", "1"), ("RUST_LOG", "trace")],
+    );
     t.start();
     wait_live(&t);
     // The key, as any client of the API key would get it.
@@ -582,6 +587,10 @@ fn the_listen_key_never_reaches_a_log_line_or_check_config() {
     let logs = t.logs().join("\n");
     assert!(logs.contains("position stream: down"), "{logs}");
     assert!(!logs.contains(&key), "the listenKey in a log line");
+    assert!(
+        logs.contains("log_filter=trace,tungstenite=info"),
+        "the daemon ran at TRACE: {logs}"
+    );
     let env: Vec<(&str, &str)> = t
         .env
         .iter()
