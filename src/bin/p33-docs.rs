@@ -59,12 +59,12 @@ fn environment_and_files() -> String {
         ("/etc/quantum/position-state-brain.env", "the settings (no secrets)"),
         ("/etc/credstore/position-state-brain.<name>", "the secrets as systemd credentials: binance_api_key, binance_api_secret, redis_password, redis_sentinel_password"),
         ("/lib/systemd/system/quantum-position-state-brain.service", "the unit (and quantum-position-state-brain@.service, one per instance)"),
-        ("/usr/share/doc/position-state-brain/users.acl", "the Redis ACL users p33, p33-ops, p33-read"),
+        ("/usr/share/doc/position-state-brain/users.acl", "the Redis ACL users p33, p33-ops, p33-read, with no password (position-state-brain acl prints them with the passwords' SHA-256)"),
     ] {
         s.push_str(&format!(".TP\n\\fI{}\\fR\n{}\n", roff(f), roff(what)));
     }
     s.push_str(".SH EXIT STATUS\n0 clean, 64 usage error, 78 configuration error (systemd does not restart it), 1 other fatal error.\n");
-    s.push_str(".SH SEE ALSO\n\\fBposition-state-brain-ctl\\fR(8), \\fBposition-state-brain-explain\\fR(8), \\fBposition-state-brain-replay\\fR(8); /usr/share/doc/position-state-brain/README.md\n");
+    s.push_str(".SH SEE ALSO\n\\fBposition-state-brain-ctl\\fR(8), \\fBposition-state-brain-explain\\fR(8), \\fBposition-state-brain-replay\\fR(8), \\fBposition-state-brain-acl\\fR(8); /usr/share/doc/position-state-brain/README.md\n");
     s
 }
 
@@ -73,9 +73,12 @@ fn environment_and_files() -> String {
 /// that is not a tool's.
 fn tool_sections(name: &str) -> Option<String> {
     let tool = name.strip_prefix(&format!("{BIN}-"))?;
+    if tool == "acl" {
+        return Some(acl_sections());
+    }
     let (user, exit, examples): (&str, &str, &[&str]) = match tool {
         "ctl" | "ctl-halt" | "ctl-reduce" | "ctl-resume" => (
-            "p33-ops (a change: the trading-state keys and the control stream)",
+            "p33-ops: a change runs the function library a gate installed (FCALL), which sets the trading-state key, adds the control entry and ends the latch; where no gate has connected since Redis lost its data, a halt is written with plain commands and reduce/resume are refused (exit 1, nothing changed)",
             "0 written and read by a running gate; 1 Redis cannot be reached, or the change was refused (nothing changed); 3 written, but no instance reported in the last 15 s (WARNING: no running gate reads host:port/db); 64 usage error; 78 configuration error.",
             &[
                 "position-state-brain ctl halt --reason \"runaway strategy, ticket 4711\"",
@@ -122,6 +125,23 @@ The change is in force for every permit written after it returns. A running gate
     }
     s.push_str(&format!(".SH SEE ALSO\n\\fB{BIN}\\fR(8); /usr/share/doc/position-state-brain/README.md, runbook.md\n"));
     Some(s)
+}
+
+/// The `acl` page: where it reads the passwords, what it prints, exits.
+fn acl_sections() -> String {
+    let mut s = String::from(".SH FILES\nThe password files, each a regular file (one trailing newline dropped; any other blank around the password is an error):\n");
+    for (user, _) in position_state_brain::acl::USERS {
+        let f = position_state_brain::acl::default_password_file(user)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        s.push_str(&format!(".TP\n\\fB{}\\fR\n{}\n", roff(user), roff(&f)));
+    }
+    s.push_str(".PP\nA user whose default file is missing gets a line with no password (it cannot log in), said on standard error.\n");
+    s.push_str(".SH OUTPUT\nOne ACL line per user on standard output, with \\fB#\\fR and the SHA-256 of the password, never the password; Redis's aclfile format (ACL LOAD). With \\fB--pipeline\\fR: lines for the other services' users that allow every command, channel and key but writes to quantum:permit:p33:*, quantum:p33:* and quantum:stream:p33.* (and FLUSHALL, FLUSHDB, SWAPDB, REPLICAOF, FAILOVER, ACL, CONFIG, DEBUG, MODULE, FUNCTION FLUSH|DELETE|RESTORE); \\fBdefault\\fR keeps nopass unless a password file is given.\n");
+    s.push_str(".SH EXIT STATUS\n0 printed; 64 usage error; 78 a password file that cannot be used (missing when named, not a regular file, empty, blanks around it, or a shipped CHANGE-ME placeholder), named, never its content.\n");
+    s.push_str(".SH EXAMPLES\n.PP\n.nf\nposition-state-brain acl > /etc/redis/users.acl && redis-cli ACL LOAD\n.fi\n.PP\n.nf\nposition-state-brain acl --pipeline default >> /etc/redis/users.acl\n.fi\n");
+    s.push_str(&format!(".SH SEE ALSO\n\\fB{BIN}\\fR(8); /usr/share/doc/position-state-brain/README.md (Security)\n"));
+    s
 }
 
 fn main() -> std::io::Result<()> {
