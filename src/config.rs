@@ -839,6 +839,30 @@ pub enum Purpose {
     /// `ctl`, `explain`, `replay`: only what reaches Redis and what the
     /// rules read; the exchange settings are ignored.
     Tools,
+    /// `--check-config`: as the daemon, and with `CREDENTIALS_DIRECTORY`
+    /// unset (a root shell, not the unit) the credentials are read where
+    /// the unit's `LoadCredential=` finds them ([`CREDSTORE_DIRS`]).
+    Check,
+}
+
+/// Where systemd's `LoadCredential=<name>:position-state-brain.<name>`
+/// looks, in its order (SPEC §17, §18): what `--check-config` reads when
+/// it runs outside the unit.
+pub const CREDSTORE_DIRS: [&str; 3] = ["/etc/credstore", "/run/credstore", "/usr/lib/credstore"];
+
+/// The credential files' name prefix in a credstore directory.
+const CREDSTORE_PREFIX: &str = "position-state-brain.";
+
+/// Where the credential files are read from.
+#[derive(Debug, Clone)]
+enum CredentialSource {
+    /// None: only the environment.
+    None,
+    /// `$CREDENTIALS_DIRECTORY` (the unit's), files named as the credential.
+    Directory(std::path::PathBuf),
+    /// The credstore directories (outside the unit, `--check-config`): for
+    /// each credential the first `position-state-brain.<name>` found.
+    Store(Vec<std::path::PathBuf>),
 }
 
 /// The user data stream's base for a REST base URL (SPEC §16): Binance's
@@ -898,8 +922,34 @@ const MAX_CA_BYTES: u64 = 4 * 1024 * 1024;
 /// that is unreadable, empty, too large or not UTF-8 (exit 78). A trailing
 /// newline is not part of the value.
 fn credentials(
+    env: HashMap<String, String>,
+    purpose: Purpose,
+) -> (
+    HashMap<String, String>,
+    HashMap<&'static str, String>,
+    Vec<ConfigError>,
+) {
+    let source = match env
+        .get("CREDENTIALS_DIRECTORY")
+        .filter(|d| !d.trim().is_empty())
+    {
+        Some(d) => CredentialSource::Directory(std::path::PathBuf::from(d)),
+        None if purpose == Purpose::Check => CredentialSource::Store(
+            CREDSTORE_DIRS
+                .iter()
+                .map(std::path::PathBuf::from)
+                .collect(),
+        ),
+        None => CredentialSource::None,
+    };
+    credentials_from(env, purpose, source)
+}
+
+/// [`credentials`] from `source`.
+fn credentials_from(
     mut env: HashMap<String, String>,
     purpose: Purpose,
+    source: CredentialSource,
 ) -> (
     HashMap<String, String>,
     HashMap<&'static str, String>,
@@ -907,10 +957,10 @@ fn credentials(
 ) {
     let mut sources = HashMap::new();
     let mut errors = Vec::new();
-    let dir = env
-        .get("CREDENTIALS_DIRECTORY")
-        .filter(|d| !d.trim().is_empty())
-        .map(std::path::PathBuf::from);
+    let dir = match &source {
+        CredentialSource::Directory(d) => Some(d.clone()),
+        _ => None,
+    };
     if let Some(d) = &dir {
         if !d.is_dir() {
             errors.push(ConfigError {
@@ -925,26 +975,45 @@ fn credentials(
             // ctl, explain and replay open no exchange credential.
             continue;
         }
-        let problem = |why: String| ConfigError {
-            var: format!("{} (credential {file})", names[0]),
-            value: "[not shown]".into(),
-            why: format!("$CREDENTIALS_DIRECTORY/{file} {why}"),
-        };
-        if let Some(d) = dir.as_ref().filter(|d| d.is_dir()) {
-            let path = d.join(file);
-            if std::fs::symlink_metadata(&path).is_ok() {
-                match read_secret_file(&path) {
-                    Ok(value) => {
-                        for n in &names[1..] {
-                            env.remove(*n);
-                        }
-                        env.insert(names[0].to_string(), value.expose().to_string());
-                        sources.insert(names[0], format!("from credential {file}"));
-                    }
-                    Err(why) => errors.push(problem(why)),
-                }
-                continue;
+        // The file, and how it is named in messages.
+        let found: Option<(std::path::PathBuf, String)> = match &source {
+            CredentialSource::Directory(d) if d.is_dir() => {
+                Some((d.join(file), format!("$CREDENTIALS_DIRECTORY/{file}")))
+                    .filter(|(p, _)| std::fs::symlink_metadata(p).is_ok())
             }
+            CredentialSource::Store(dirs) => dirs
+                .iter()
+                .map(|d| d.join(format!("{CREDSTORE_PREFIX}{file}")))
+                .find(|p| std::fs::symlink_metadata(p).is_ok())
+                .map(|p| {
+                    let shown = crate::text::clip(&p.to_string_lossy()).into_owned();
+                    (p, shown)
+                }),
+            _ => None,
+        };
+        if let Some((path, shown)) = found {
+            let problem = |why: String| ConfigError {
+                var: format!("{} (credential {file})", names[0]),
+                value: "[not shown]".into(),
+                why: format!("{shown} {why}"),
+            };
+            match read_secret_file(&path) {
+                Ok(value) => {
+                    for n in &names[1..] {
+                        env.remove(*n);
+                    }
+                    env.insert(names[0].to_string(), value.expose().to_string());
+                    let from = match &source {
+                        CredentialSource::Store(_) => {
+                            format!("from {shown}, as the unit loads it")
+                        }
+                        _ => format!("from credential {file}"),
+                    };
+                    sources.insert(names[0], from);
+                }
+                Err(why) => errors.push(problem(why)),
+            }
+            continue;
         }
         for n in names {
             if env.get(*n).is_some_and(|v| !v.trim().is_empty()) {
@@ -1139,7 +1208,7 @@ impl Config {
         let (env, bad) = env_text();
         let mut pairs = ctl_env_pairs(&env);
         pairs.extend(env);
-        Self::from_text_env(pairs, &bad)
+        Self::from_text_env_errors(Self::from_pairs_for(pairs, Purpose::Check), &bad)
     }
 
     /// [`Config::from_pairs`], with the variables of ours that were not
@@ -1265,7 +1334,7 @@ impl Config {
             });
         // Credentials matter only in binance mode, and only when the mode
         // itself was valid: a misspelt mode is one error, not two.
-        if purpose == Purpose::Daemon
+        if purpose != Purpose::Tools
             && snapshot_source == SnapshotSource::Binance
             && !p.failed("P33_SNAPSHOT_SOURCE")
             && (key.is_none() || secret.is_none())
@@ -2044,6 +2113,49 @@ mod tests {
         .unwrap();
         assert!(quiet.warnings().is_empty(), "{:?}", quiet.warnings());
         assert_eq!(edit_distance("REDIS_PASWORD", "REDIS_PASSWORD"), 1);
+    }
+
+    #[test]
+    fn check_config_reads_the_credstore_outside_the_unit() {
+        let dir = std::env::temp_dir().join(format!("p33-credstore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("position-state-brain.redis_password"),
+            "store-pw\n",
+        )
+        .unwrap();
+        let env: HashMap<String, String> = HashMap::new();
+        let (env, sources, errors) = credentials_from(
+            env,
+            Purpose::Check,
+            CredentialSource::Store(vec![dir.join("absent"), dir.clone()]),
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(env["REDIS_PASSWORD"], "store-pw");
+        let from = &sources["REDIS_PASSWORD"];
+        assert!(
+            from.contains("position-state-brain.redis_password, as the unit loads it"),
+            "{from}"
+        );
+        // A bad file there is named, never read as a secret.
+        std::fs::write(
+            dir.join("position-state-brain.redis_password"),
+            " store-pw\n",
+        )
+        .unwrap();
+        let (_, _, errors) = credentials_from(
+            HashMap::new(),
+            Purpose::Check,
+            CredentialSource::Store(vec![dir.clone()]),
+        );
+        let e = format!("{errors:?}");
+        assert!(
+            e.contains("position-state-brain.redis_password has whitespace"),
+            "{e}"
+        );
+        assert!(!e.contains("store-pw"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

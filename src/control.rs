@@ -39,7 +39,7 @@ pub struct States {
     pub overrides: Vec<(String, TradingState)>,
 }
 
-/// Keys read per call of the state script.
+/// Keys read per `MULTI` of [`read_keys`] (a SCAN page).
 const STATES_PAGE: usize = 1000;
 
 /// Reads `keys` the way the write script reads them (`state_of`, mirrored
@@ -155,7 +155,7 @@ pub async fn read_global(con: &mut Conn) -> Result<Option<TradingState>, redis::
 }
 
 /// Every override, sorted by symbol: each SCAN page of override keys is
-/// read in one script call (50,000 overrides cost about 100 calls, not
+/// read in one `MULTI` (50,000 overrides cost about 100 round trips, not
 /// 100,000), at most 100,000 overrides.
 pub async fn read_overrides(
     con: &mut Conn,
@@ -332,7 +332,8 @@ pub enum Via {
 /// (SPEC §17). Where Redis has no library, a halt is still written (plain
 /// commands: a halt is the strictest state, so it needs no comparison) and
 /// any other change is refused with [`NO_LIBRARY_ERROR`]. Returns the
-/// entry written and how.
+/// entry written and how. `con` must be the caller's own connection (ctl's):
+/// the plain halt's `WATCH` holds for the connection.
 pub async fn apply_change(
     con: &mut Conn,
     change: Change,

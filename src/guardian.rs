@@ -373,7 +373,7 @@ impl Task {
             }
         }
         if !scan {
-            // The keys of the overrides known, a page per script call.
+            // The keys of the overrides known, a page per MULTI.
             let symbols: Vec<&String> = known.overrides.keys().collect();
             for page in symbols.chunks(1000) {
                 let names: Vec<String> = page.iter().map(|s| keys::trading_state(s)).collect();

@@ -62,6 +62,12 @@ fn main() {
         std::process::exit(code);
     }
     if cli.check_config {
+        if std::env::var_os("CREDENTIALS_DIRECTORY").is_none_or(|d| d.is_empty()) {
+            println!(
+                "# CREDENTIALS_DIRECTORY is unset (not the unit): credentials read as the unit loads them, the first of {} (position-state-brain.<name>)",
+                position_state_brain::config::CREDSTORE_DIRS.join(", ")
+            );
+        }
         for (k, v) in cfg.effective() {
             println!("{k}={v}");
         }

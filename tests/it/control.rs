@@ -657,7 +657,7 @@ fn fifty_thousand_overrides_are_not_read_again_every_five_seconds() {
 #[test]
 fn ctl_status_reads_overrides_while_they_change() {
     // An override deleted between two reads of it is simply gone: the
-    // state script reads each page at once (no TYPE, then GET).
+    // reader takes each key's TYPE and value in one MULTI.
     let t = daemon();
     let stop = Arc::new(AtomicBool::new(false));
     let env: Vec<(String, String)> = ops_env(&t.env).into_iter().collect();

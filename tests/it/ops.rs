@@ -504,10 +504,16 @@ fn shipped_env_file_names_every_variable_and_passes_check_config() {
         assert!(text.contains(v), "env file documents {v}");
     }
     let vars = env_file();
-    // The file says every value is the default: hold it to that.
+    // The file says every value is the default: hold it to that, but for
+    // the metrics address, shipped on loopback as the scrape config expects
+    // (the default, 0.0.0.0, is what the Python daemon bound).
     for (k, v) in &vars {
         let var = position_state_brain::config::var_named(k)
             .unwrap_or_else(|| panic!("{k} in the env file is not a variable"));
+        if k == "P33_METRICS_ADDR" {
+            assert_eq!(v, "127.0.0.1", "the shipped metrics address is loopback");
+            continue;
+        }
         assert_eq!(
             Some(v.as_str()),
             var.default,
@@ -522,6 +528,8 @@ fn shipped_env_file_names_every_variable_and_passes_check_config() {
     let (code, out, err) = run_once(&["--check-config"], &with_creds);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("P33_POLL_SEC=5"), "{out}");
+    // The shipped file draws no warning (issue 29: it bound 0.0.0.0).
+    assert!(!out.contains("WARN "), "{out}");
     let alone: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let (code, _, err) = run_once(&["--check-config"], &alone);
     assert_eq!(code, Some(78), "without the apply-layer credentials: {err}");
