@@ -18,8 +18,18 @@
 # Needs bash, redis-server/redis-cli and curl (installed when missing), and
 # openssl for --tls.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-. ops/lib.sh
+# From a source checkout it builds and runs cargo's release binaries; as
+# installed by the package (/usr/share/position-state-brain/) it runs
+# /usr/bin's.
+here=$(cd "$(dirname "$0")" && pwd)
+if [ -f "$here/../Cargo.toml" ]; then
+  cd "$here/.."
+  . ops/lib.sh
+  FROM_SOURCE=1
+else
+  . "$here/lib.sh"
+  FROM_SOURCE=
+fi
 
 TLS=
 case "${1:-}" in
@@ -32,8 +42,12 @@ if [ -n "$TLS" ] && ! command -v openssl >/dev/null 2>&1; then
   install_missing ops/failover-drill.sh openssl
 fi
 echo "drill: building (release)"
-cargo build --release --bins --quiet
-BIN=$(release_bins)
+if [ -n "$FROM_SOURCE" ]; then
+  cargo build --release --bins --quiet
+  BIN=$(release_bins)
+else
+  BIN=$(dirname "$(command -v position-state-brain)")
+fi
 
 work=$(mktemp -d /tmp/p33-drill.XXXXXX)
 pids=()

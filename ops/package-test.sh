@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # The Debian package, proven on this machine (SPEC §18; as root): build it,
-# dpkg -i, every file and mode, man -l renders each page, bash -n on the
-# completion, systemd-analyze verify on the installed units; an edited env
-# file survives an upgrade to a build with a higher version whose --version
-# changed; dpkg -r then dpkg -P leave nothing behind. systemd need not be
-# PID 1: starting, restarting and stopping the unit are left to the
-# maintainer scripts' guards (they act only where systemd runs).
+# lintian (no error or warning but the overridden ones), a stripped binary
+# and its -dbgsym package; installed over a foreign env file (the Python
+# daemon's) without a prompt, moving it aside; every file and mode, man -l
+# renders each gzipped page, the completions complete at every level (bash
+# through compgen, zsh and fish), the shipped proof script, drill, scrape
+# config and rules (promtool) work from their installed paths, the installed
+# README names installed paths, --check-config is quiet on the shipped env
+# file and finds /etc/credstore; the migration leaves no secret in the
+# daemon's environment; an edited env file survives an upgrade to a build
+# with a higher version whose --version changed; the rollback after
+# dpkg -r (the unit masked) installs the old unit for real; dpkg -P leaves
+# nothing behind. systemd need not be PID 1: starting, restarting and
+# stopping the unit are left to the maintainer scripts' guards (they act
+# only where systemd runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ops/lib.sh
@@ -15,6 +23,10 @@ command -v man >/dev/null 2>&1 || need+=(man-db)
 command -v groff >/dev/null 2>&1 || need+=(groff-base)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v deb-systemd-helper >/dev/null 2>&1 || need+=(init-system-helpers)
+command -v lintian >/dev/null 2>&1 || need+=(lintian)
+command -v zsh >/dev/null 2>&1 || need+=(zsh)
+command -v fish >/dev/null 2>&1 || need+=(fish)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 install_missing ops/package-test.sh "${need[@]}"
 fail() { echo "ops/package-test.sh: FAIL: $*" >&2; exit 1; }
 PKG=position-state-brain
@@ -27,7 +39,30 @@ deb1=$(ops/package.sh)
 [ -f "$deb1" ] || fail "no package built ($deb1)"
 echo "== built $deb1"
 dpkg-deb -c "$deb1" | awk '{print $1, $6}'
-dpkg -i "$deb1"
+
+echo "== lintian"
+# Every finding but the overridden ones (deploy/deb/lintian-overrides, each
+# with its reason) fails; the info-level ones are printed.
+lint=$(lintian --info "$deb1" 2>&1 | grep -v 'running with root privileges' || true)
+echo "${lint:-  (nothing)}"
+echo "$lint" | grep -E '^[EW]: ' && fail "lintian reports the findings above"
+ddeb="${deb1%/*}/$PKG-dbgsym_${deb1##*/${PKG}_}"
+ddeb="${ddeb%.deb}.ddeb"
+[ -f "$ddeb" ] || fail "no -dbgsym package ($ddeb)"
+dpkg-deb -c "$ddeb" | grep -q '/usr/lib/debug/.build-id/.*\.debug$' || fail "$ddeb holds no .debug file"
+echo "  $(du -h "$deb1" | cut -f1) package, symbols in $(basename "$ddeb") ($(du -h "$ddeb" | cut -f1))"
+
+echo "== a first install over a foreign env file (the Python daemon's)"
+mkdir -p /etc/quantum
+printf 'P33_PYTHON_SETTING=kept\nREDIS_HOST=python-host\n' > "$ENV"
+# No prompt: stdin is closed, so a conffile question would fail the install.
+DEBIAN_FRONTEND=noninteractive dpkg -i "$deb1" </dev/null
+aside=$(ls "$ENV".pre-package.* 2>/dev/null | head -n 1)
+[ -n "$aside" ] || fail "the foreign $ENV was not moved aside"
+grep -q '^P33_PYTHON_SETTING=kept$' "$aside" || fail "$aside lost the foreign content"
+grep -q '^P33_METRICS_ADDR=127.0.0.1$' "$ENV" || fail "$ENV is not the package's"
+[ "$(dpkg-query -W -f='${Status}' "$PKG")" = "install ok installed" ] || fail "not configured"
+echo "  moved aside to $aside; $ENV is the package's"
 
 echo "== files and modes"
 check() { # path mode
@@ -45,6 +80,16 @@ getent group p33-ops >/dev/null || fail "no group p33-ops"
 grep -q '^/etc/quantum/position-state-brain-ctl.env$' "/var/lib/dpkg/info/$PKG.conffiles" || fail "the ctl env file is no conffile"
 check /usr/share/doc/position-state-brain/users.acl 644
 check /usr/share/doc/position-state-brain/README.md 644
+check /usr/share/doc/position-state-brain/changelog.Debian.gz 644
+check /usr/share/doc/position-state-brain/changelog.gz 644
+check /usr/share/position-state-brain/proof_p33_universe.sh 755
+check /usr/share/position-state-brain/failover-drill.sh 755
+check /usr/share/position-state-brain/lib.sh 644
+check /usr/share/position-state-brain/prometheus/position-state-brain-rules.yml 644
+check /usr/share/position-state-brain/prometheus/position-state-brain-rules.test.yml 644
+check /usr/share/position-state-brain/prometheus/scrape.yml 644
+check /usr/share/position-state-brain/grafana/position-state-brain.json 644
+readelf -S --wide /usr/bin/position-state-brain | grep -q ' \.debug_info ' && fail "the binary is not stripped"
 check /usr/share/bash-completion/completions/position-state-brain 644
 check /usr/share/zsh/vendor-completions/_position-state-brain 644
 check /usr/share/fish/vendor_completions.d/position-state-brain.fish 644
@@ -54,9 +99,17 @@ grep -q '^ExecStart=/usr/bin/position-state-brain$' /lib/systemd/system/quantum-
 [ -L /etc/systemd/system/multi-user.target.wants/quantum-position-state-brain.service ] \
   || fail "the unit is not enabled after the first install"
 
+# The maintainer scripts act through deb-systemd-invoke (policy-rc.d), and
+# the upgrade's restart waits a bounded time (lintian above: no bare
+# systemctl but daemon-reload).
+grep -q 'timeout "$RESTART_WAIT" deb-systemd-invoke restart' "/var/lib/dpkg/info/$PKG.postinst" \
+  || fail "postinst does not restart through deb-systemd-invoke with a bounded wait"
+grep -q 'deb-systemd-invoke stop' "/var/lib/dpkg/info/$PKG.prerm" || fail "prerm does not stop through deb-systemd-invoke"
+
 echo "== man pages"
-pages=(/usr/share/man/man8/position-state-brain*.8*)
-[ "${#pages[@]}" -ge 4 ] || fail "only ${#pages[@]} man pages"
+pages=(/usr/share/man/man8/position-state-brain*.8.gz)
+[ "${#pages[@]}" -ge 5 ] || fail "only ${#pages[@]} gzipped man pages"
+ls /usr/share/man/man8/position-state-brain*.8 2>/dev/null && fail "a man page is not gzipped"
 for p in "${pages[@]}"; do
   check "$p" 644
   out=$(man -l "$p" 2>&1 >/dev/null) || fail "man -l $p failed: $out"
@@ -69,6 +122,31 @@ echo "== completion, units, version"
 bash -n /usr/share/bash-completion/completions/position-state-brain
 bash -c '. /usr/share/bash-completion/completions/position-state-brain && complete -p position-state-brain' \
   || fail "the bash completion registers nothing"
+# compgen at every level, through the function it registers.
+complete_bash() { # words... (the last one is being completed)
+  bash -c '. /usr/share/bash-completion/completions/position-state-brain
+    f=$(complete -p position-state-brain | sed -n "s/.*-F \([^ ]*\).*/\1/p")
+    COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); COMP_LINE="$*"; COMP_POINT=${#COMP_LINE}
+    "$f" position-state-brain "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"
+    printf "%s\n" "${COMPREPLY[@]}"' bash "$@"
+}
+expect_words() { # what got want...
+  local what=$1 got=$2; shift 2
+  for w in "$@"; do printf '%s\n' "$got" | grep -qx -- "$w" || fail "$what: no $w in: $(echo $got)"; done
+}
+expect_words "bash: position-state-brain <TAB>" "$(complete_bash position-state-brain '')" ctl explain replay acl
+expect_words "bash: ctl <TAB>" "$(complete_bash position-state-brain ctl '')" status halt reduce resume
+expect_words "bash: ctl halt --<TAB>" "$(complete_bash position-state-brain ctl halt --)" --symbol --reason
+expect_words "bash: replay --<TAB>" "$(complete_bash position-state-brain replay --)" --last --set
+expect_words "bash: acl --<TAB>" "$(complete_bash position-state-brain acl --)" --pipeline --password-file
+# fish asks its own completion machinery; zsh loads and registers the function.
+expect_words "fish: ctl <TAB>" "$(fish -c 'complete -C "position-state-brain ctl "' | cut -f1)" status halt reduce resume
+expect_words "fish: ctl halt --<TAB>" "$(fish -c 'complete -C "position-state-brain ctl halt --"' | cut -f1)" --symbol --reason
+zsh -n /usr/share/zsh/vendor-completions/_position-state-brain || fail "zsh cannot parse the completion"
+zsh -c 'autoload -Uz compinit && compinit -u -d /tmp/p33-zcompdump.$$ && (( $+_comps[position-state-brain] ))' \
+  || fail "zsh registers no completion for position-state-brain"
+grep -q "'halt:" /usr/share/zsh/vendor-completions/_position-state-brain || fail "zsh: no ctl halt"
+echo "  bash (compgen at 5 levels), fish (complete -C) and zsh (compinit) complete it"
 systemd-analyze verify /lib/systemd/system/quantum-position-state-brain.service \
   "/lib/systemd/system/quantum-position-state-brain@.service" 2>&1 | grep -v 'redis-server.service' | grep . \
   && fail "systemd-analyze verify complains" || true
@@ -76,6 +154,70 @@ v1=$(dpkg-query -W -f='${Version}' "$PKG")
 b1=$(/usr/bin/position-state-brain --version)
 case "$v1" in "$(echo "$b1" | awk '{print $2}')"*) ;; *) fail "--version '$b1' is not the package's $v1";; esac
 echo "  package $v1, binary: $b1"
+
+echo "== what the README points at, installed"
+readme=/usr/share/doc/position-state-brain/README.md
+grep -n -E 'ops/(proof_p33_universe|failover-drill)\.sh|deploy/|[^/]docs/[a-z]+\.md' "$readme" | grep -v '^[0-9]*:`install -' \
+  && fail "the installed README names source paths (above)"
+grep -q '/usr/share/position-state-brain/proof_p33_universe.sh' "$readme" || fail "the README does not name the installed proof script"
+if command -v promtool >/dev/null 2>&1; then
+  (cd /usr/share/position-state-brain/prometheus && promtool test rules position-state-brain-rules.test.yml >/dev/null) \
+    || fail "promtool test rules failed on the installed rules"
+  promtool check config /usr/share/position-state-brain/prometheus/scrape.yml >/dev/null \
+    || fail "promtool check config failed on the installed scrape config"
+  echo "  promtool: the installed rules' tests pass, the scrape config checks"
+fi
+bash /usr/share/position-state-brain/failover-drill.sh --bogus >/dev/null 2>&1 && fail "the drill took --bogus"
+[ "$(bash /usr/share/position-state-brain/failover-drill.sh --bogus >/dev/null 2>&1; echo $?)" = 64 ] \
+  || fail "the installed drill cannot find its lib.sh"
+/usr/share/position-state-brain/failover-drill.sh > /tmp/p33-pkg-drill.log 2>&1 || { tail -20 /tmp/p33-pkg-drill.log; fail "the installed drill failed"; }
+grep -q 'drill done' /tmp/p33-pkg-drill.log || fail "the installed drill did not finish"
+echo "  the installed failover drill ran against /usr/bin/position-state-brain"
+out=$(set -a; . "$ENV"; set +a; P33_SNAPSHOT_SOURCE=external /usr/bin/position-state-brain --check-config 2>&1) \
+  || fail "--check-config on the shipped env file: $out"
+echo "$out" | grep -q '^WARN' && fail "--check-config warns on the shipped env file: $(echo "$out" | grep '^WARN')"
+mkdir -p /etc/credstore
+made_credstore=
+[ -e /etc/credstore/position-state-brain.redis_password ] || made_credstore=1
+[ -n "$made_credstore" ] && printf 'pkgtest-pw\n' > /etc/credstore/position-state-brain.redis_password
+out=$(env -i PATH="$PATH" P33_SNAPSHOT_SOURCE=external /usr/bin/position-state-brain --check-config 2>&1) || fail "$out"
+[ -n "$made_credstore" ] && rm -f /etc/credstore/position-state-brain.redis_password
+echo "$out" | grep -q 'REDIS_PASSWORD=\[redacted\] (from /etc/credstore/position-state-brain.redis_password, as the unit loads it)' \
+  || fail "--check-config did not find /etc/credstore: $out"
+echo "$out" | grep -q pkgtest-pw && fail "--check-config printed the password"
+echo "  --check-config: no warning on the shipped env file; it reads /etc/credstore from a root shell"
+
+echo "== the migration leaves no secret in the daemon's environment"
+# The Python host: the apply layer's env file holds the Binance key and
+# secret. The migration (docs/migration.md, "Secrets") puts them in
+# /etc/credstore and the unit loads only its own env file; the daemon is
+# started the way the unit starts it (its EnvironmentFile= lines, its
+# credentials in a directory of their own), and /proc/<pid>/environ is read.
+printf 'BINANCE_TESTNET_API_KEY=pkgtest-key-1234\nBINANCE_TESTNET_API_SECRET=pkgtest-secret-5678\n' > /etc/quantum/apply-layer.env
+creds=$(mktemp -d)
+for n in binance_api_key binance_api_secret; do
+  v=$(sed -n "s/^BINANCE_TESTNET_API_${n#binance_api_}=//Ip" /etc/quantum/apply-layer.env | head -n 1)
+  printf '%s\n' "$v" > "$creds/$n"
+done
+chmod 0600 "$creds"/*
+rport=$(free_port)
+redis-server --port "$rport" --bind 127.0.0.1 --save "" --daemonize yes --pidfile "$creds/redis.pid" >/dev/null
+envfiles=$(sed -n 's/^EnvironmentFile=-\{0,1\}//p' /lib/systemd/system/quantum-position-state-brain.service)
+[ "$envfiles" = "$ENV" ] || fail "the unit loads more than its own env file: $envfiles"
+unit_env=$(set -a; . "$ENV"; set +a; env | grep -E '^(P33_|REDIS_|BINANCE_|RUST_)' || true)
+# shellcheck disable=SC2086 # one word per variable (the shipped file has no blanks in values)
+env -i PATH="$PATH" $unit_env REDIS_PORT="$rport" P33_METRICS_PORT="$(free_port)" P33_SNAPSHOT_SOURCE=binance \
+  P33_EXCHANGE_BASE_URL="http://127.0.0.1:$(free_port)" CREDENTIALS_DIRECTORY="$creds" \
+  /usr/bin/position-state-brain > "$creds/daemon.log" 2>&1 &
+dpid=$!
+for _ in $(seq 1 50); do grep -q 'metrics listening' "$creds/daemon.log" 2>/dev/null && break; sleep 0.1; done
+kill -0 "$dpid" 2>/dev/null || { cat "$creds/daemon.log"; fail "the daemon did not start"; }
+tr '\0' '\n' < "/proc/$dpid/environ" | grep -E 'pkgtest-(key|secret)' && fail "a secret in /proc/$dpid/environ"
+grep -q 'BINANCE' "/proc/$dpid/environ" && fail "a BINANCE_ variable in the daemon's environment"
+kill "$dpid"; wait "$dpid" 2>/dev/null || true
+redis-cli -p "$rport" shutdown nosave >/dev/null 2>&1 || true
+rm -rf "$creds" /etc/quantum/apply-layer.env
+echo "  /proc/<pid>/environ holds neither the key nor the secret; the daemon read them as credentials"
 
 echo "== an edited env file survives an upgrade"
 sed -i 's/^P33_POLL_SEC=5$/P33_POLL_SEC=4/' "$ENV"
@@ -96,11 +238,22 @@ b2=$(/usr/bin/position-state-brain --version)
 dpkg --compare-versions "$v2" gt "$v1" || fail "$v2 is not above $v1"
 echo "  upgraded $v1 -> $v2; binary: $b2; $ENV kept P33_POLL_SEC=4"
 
-echo "== remove, then purge"
+echo "== remove, roll back to the Python unit, then purge"
 files=$(dpkg -L "$PKG" | while read -r f; do [ -f "$f" ] && echo "$f"; done)
 dpkg -r "$PKG"
 [ ! -e /usr/bin/position-state-brain ] || fail "remove left the binary"
 [ -e "$ENV" ] || fail "remove took the conffile (only purge may)"
+UNIT_PATH=/etc/systemd/system/quantum-position-state-brain.service
+# dpkg -r masks the unit: the rollback of docs/migration.md unmasks first,
+# or the cp below would write the old unit into /dev/null and succeed.
+[ "$(readlink "$UNIT_PATH" 2>/dev/null)" = /dev/null ] || fail "remove did not mask the unit"
+systemctl unmask quantum-position-state-brain.service >/dev/null
+printf '[Service]\nExecStart=/usr/bin/python3 main.py\n' > /tmp/p33-python.service
+cp /tmp/p33-python.service "$UNIT_PATH"
+[ -f "$UNIT_PATH" ] && [ ! -L "$UNIT_PATH" ] && grep -q python3 "$UNIT_PATH" \
+  || fail "the rollback's unit did not land in $UNIT_PATH"
+rm -f "$UNIT_PATH" /tmp/p33-python.service
+echo "  the masked unit was unmasked and the old unit installed"
 dpkg -P "$PKG"
 left=""
 for f in $files; do [ -e "$f" ] && left="$left $f"; done
@@ -109,4 +262,6 @@ for f in $files; do [ -e "$f" ] && left="$left $f"; done
 [ ! -e /etc/systemd/system/multi-user.target.wants/quantum-position-state-brain.service ] \
   || fail "purge left the unit enabled"
 dpkg -s "$PKG" >/dev/null 2>&1 && fail "dpkg still knows $PKG"
+[ -e "$aside" ] || fail "purge deleted the foreign env file moved aside ($aside)"
+rm -f "$aside"
 echo "== package proof passed: $deb1 -> $deb2"

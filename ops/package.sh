@@ -20,4 +20,34 @@ mkdir -p "$assets/systemd"
 for u in deploy/systemd/*.service; do
   sed 's|/usr/local/bin/position-state-brain|/usr/bin/position-state-brain|' "$u" > "$assets/systemd/$(basename "$u")"
 done
-cargo deb --no-build "$@" 2>&1 | tail -n 1
+# Man pages gzipped (Debian policy 12.1).
+gzip -9n "$assets"/man/*.8
+# changelog.Debian.gz: one entry for the version being built.
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+{
+  echo "position-state-brain ($version-1) unstable; urgency=medium"
+  echo
+  echo "  * Release $version; the changes are in"
+  echo "    /usr/share/doc/position-state-brain/changelog.gz."
+  echo
+  echo " -- quantum_trader operators <ops@quantum-trader.invalid>  $(date -R -u -d "@${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}")"
+} | gzip -9n > "$assets/changelog.Debian.gz"
+# The upstream changelog where Debian keeps it (changelog.gz).
+gzip -9n -c CHANGELOG.md > "$assets/changelog.gz"
+# The README as installed: every file it names that the package ships, at
+# its installed path (SPEC §18).
+sed -e '/^`install -/b' \
+    -e 's|ops/proof_p33_universe\.sh|/usr/share/position-state-brain/proof_p33_universe.sh|g' \
+    -e 's|ops/failover-drill\.sh|/usr/share/position-state-brain/failover-drill.sh|g' \
+    -e 's|deploy/prometheus/|/usr/share/position-state-brain/prometheus/|g' \
+    -e 's|deploy/grafana/|/usr/share/position-state-brain/grafana/|g' \
+    -e 's|deploy/redis/users\.acl|/usr/share/doc/position-state-brain/users.acl|g' \
+    -e 's|deploy/position-state-brain-ctl\.env|/etc/quantum/position-state-brain-ctl.env|g' \
+    -e 's|deploy/position-state-brain\.env|/etc/quantum/position-state-brain.env|g' \
+    -e 's|deploy/systemd/|/lib/systemd/system/|g' \
+    -e 's|deploy/deb/lintian-overrides|/usr/share/lintian/overrides/position-state-brain|g' \
+    -e 's|docs/\([a-z]*\.md\)|/usr/share/doc/position-state-brain/\1|g' \
+    -e 's|\[`CHANGELOG.md`\](CHANGELOG.md)|`/usr/share/doc/position-state-brain/changelog.gz`|g' \
+    README.md > "$assets/README.md"
+# Stripped, with the symbols in a -dbgsym package (.ddeb) beside the .deb.
+cargo deb --no-build --dbgsym "$@" 2>&1 | grep -E '\.deb$' | tail -n 1

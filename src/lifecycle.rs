@@ -276,7 +276,7 @@ async fn start_and_supervise(
             Err(e) if e.code() == Some("NOPERM") => {
                 let user = cfg.redis.user_shown();
                 return Err(NoPermission(format!(
-                    "redis: user {user} may not {doing} ({}): the daemon needs that command on that key; load deploy/redis/users.acl (user p33) or give the user that right",
+                    "redis: user {user} may not {doing} ({}): the daemon needs that command on that key; load the users `position-state-brain acl` prints (user p33; README \"Security\", /usr/share/doc/position-state-brain/README.md) or give the user that right",
                     crate::text::clip(&e.to_string())
                 ))
                 .into());

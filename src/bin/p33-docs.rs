@@ -144,6 +144,20 @@ fn acl_sections() -> String {
     s
 }
 
+/// clap_complete's bash script with the subcommands' names mended: its loop
+/// builds `position__state__brain__subcmd__ctl` from the words typed, but
+/// the `case` labels it writes for every level below the top read
+/// `position__subcmd__state__subcmd__brain__subcmd__ctl` (each `-` of the
+/// binary's name taken for a subcommand boundary), so `ctl <TAB>` offered
+/// nothing. The labels are made to match the loop.
+fn bash_fixed(script: &[u8]) -> Vec<u8> {
+    let wrong = BIN.replace('-', "__subcmd__");
+    let right = BIN.replace('-', "__");
+    String::from_utf8_lossy(script)
+        .replace(&wrong, &right)
+        .into_bytes()
+}
+
 fn main() -> std::io::Result<()> {
     let Some(out) = std::env::args_os().nth(1).map(PathBuf::from) else {
         eprintln!("usage: p33-docs <dir>");
@@ -186,6 +200,9 @@ fn main() -> std::io::Result<()> {
     ] {
         let mut buf = Vec::new();
         clap_complete::generate(shell, &mut Cli::command(), BIN, &mut buf);
+        if shell == Shell::Bash {
+            buf = bash_fixed(&buf);
+        }
         let path = completions.join(file);
         std::fs::write(&path, buf)?;
         written.push(path);

@@ -395,7 +395,6 @@ fn systemd_unit_verifies_and_scores_1_2_or_lower() {
         "Restart=always",
         "RestartSec=",
         "RestartPreventExitStatus=78",
-        "EnvironmentFile=-/etc/quantum/apply-layer.env",
         "EnvironmentFile=/etc/quantum/position-state-brain.env",
         "Wants=network-online.target redis-server.service",
         "DynamicUser=yes",
@@ -403,6 +402,15 @@ fn systemd_unit_verifies_and_scores_1_2_or_lower() {
         assert!(unit.contains(must), "unit has {must}");
     }
     assert!(!unit.contains("Requires="), "Redis is wanted, not required");
+    // No other service's env file: the apply layer's holds its exchange
+    // secret, which would sit in our environment (issue 29 item 10).
+    assert_eq!(
+        unit.lines()
+            .filter(|l| l.starts_with("EnvironmentFile="))
+            .count(),
+        1,
+        "the unit loads only its own env file"
+    );
     verify_and_score(&unit, "quantum-position-state-brain.service");
 }
 
@@ -522,7 +530,7 @@ fn shipped_env_file_names_every_variable_and_passes_check_config() {
     }
     let mut with_creds: Vec<(&str, &str)> =
         vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    // The credentials come from the apply-layer file the unit reads first.
+    // The credentials as variables (a credential file in the unit).
     with_creds.push(("BINANCE_TESTNET_API_KEY", "from-apply-layer"));
     with_creds.push(("BINANCE_TESTNET_API_SECRET", "from-apply-layer"));
     let (code, out, err) = run_once(&["--check-config"], &with_creds);
@@ -532,7 +540,7 @@ fn shipped_env_file_names_every_variable_and_passes_check_config() {
     assert!(!out.contains("WARN "), "{out}");
     let alone: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let (code, _, err) = run_once(&["--check-config"], &alone);
-    assert_eq!(code, Some(78), "without the apply-layer credentials: {err}");
+    assert_eq!(code, Some(78), "without the exchange credentials: {err}");
 }
 
 #[test]
@@ -770,4 +778,86 @@ fn a_wrong_redis_password_is_one_error_line_at_once() {
         1,
         "one line for the process: {all}"
     );
+}
+
+/// What the bash completion offers after `words` (the last one is the word
+/// being completed), through the function it registers (`complete -p`).
+fn bash_complete(script: &Path, words: &[&str]) -> Vec<String> {
+    let program = r#"
+. "$0"
+f=$(complete -p position-state-brain | sed -n 's/.*-F \([^ ]*\).*/\1/p')
+[ -n "$f" ] || { echo "no function registered" >&2; exit 1; }
+COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); COMP_LINE="$*"; COMP_POINT=${#COMP_LINE}
+"$f" position-state-brain "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"
+printf '%s\n' "${COMPREPLY[@]}"
+"#;
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(program)
+        .arg(script)
+        .args(words)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn bash_completion_completes_at_every_level() {
+    // Issue 29 item 4: below the top level clap_complete's labels did not
+    // match its own loop for a hyphenated binary name: `ctl <TAB>` offered
+    // nothing.
+    let dir = std::env::temp_dir().join(format!("p33-completion-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_p33-docs"))
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = dir.join("completions/position-state-brain.bash");
+    for (words, want) in [
+        (
+            &["position-state-brain", ""][..],
+            &["ctl", "explain", "replay", "acl"][..],
+        ),
+        (
+            &["position-state-brain", "ctl", ""],
+            &["status", "halt", "reduce", "resume"],
+        ),
+        (&["position-state-brain", "ctl", "h"], &["halt", "help"]),
+        (
+            &["position-state-brain", "ctl", "halt", "--"],
+            &["--symbol", "--reason"],
+        ),
+        (
+            &["position-state-brain", "ctl", "status", "--"],
+            &["--json"],
+        ),
+        (
+            &["position-state-brain", "replay", "--"],
+            &["--last", "--set"],
+        ),
+        (
+            &["position-state-brain", "acl", "--"],
+            &["--pipeline", "--password-file"],
+        ),
+        (&["position-state-brain", "explain", "--"], &["--help"]),
+    ] {
+        let got = bash_complete(&script, words);
+        for w in want {
+            assert!(got.iter().any(|g| g == w), "{words:?}: {w} not in {got:?}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
