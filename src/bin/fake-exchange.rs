@@ -27,6 +27,14 @@
 //!   is not JSON, `{"raw": "…"}` pushes that text, `{"old_event": {"symbol",
 //!   "positionAmt", "positionSide"?, "age_ms"}}` pushes an `ACCOUNT_UPDATE`
 //!   whose `T` is `age_ms` older than the last one (out of order),
+//!   `{"order": {"symbol", "side", "qty", "price", "amount_after", "cause":
+//!   "order"|"stop"|"take_profit"|"liquidation"|"adl"|"settlement",
+//!   "order_first"?}}` pushes an `ORDER_TRADE_UPDATE` with Binance's markers
+//!   for that cause and the `ACCOUNT_UPDATE` of the position after it (that
+//!   one first, unless `order_first`), and leaves the position there,
+//!   `{"fills": {"symbol", "amounts": ["0.02", "0.04", "1"]}}` pushes one
+//!   `ACCOUNT_UPDATE` per amount, all with one `T` (an order filled in
+//!   parts) and leaves the position at the last,
 //!   `{"max_age_ms": N}` cuts connections opened from now on at that age
 //!   (Binance's 24 h cut, shortened);
 //! - `POST /control/steps` — `{"SYMBOL": "stepSize", …}` for exchangeInfo;
@@ -96,6 +104,8 @@ struct State {
     max_age_ms: u64,
     /// The last event's `T`, server clock.
     last_t: i64,
+    /// The last order id handed out (`ORDER_TRADE_UPDATE`'s `i`).
+    order_id: u64,
 }
 
 impl State {
@@ -526,6 +536,96 @@ fn control(
             }
             if let Some(raw) = v.get("raw").and_then(Value::as_str) {
                 s.push(raw);
+            }
+            if let Some(o) = v.get("order") {
+                // An order the exchange filled: its ORDER_TRADE_UPDATE and
+                // the ACCOUNT_UPDATE of the position after it, one T, the
+                // ACCOUNT_UPDATE first as Binance usually sends them (or
+                // the other way with "order_first"). "cause" picks the
+                // markers Binance uses (SPEC §19).
+                let t = s.next_t();
+                let g =
+                    |k: &str, d: &str| o.get(k).and_then(Value::as_str).unwrap_or(d).to_string();
+                let symbol = g("symbol", "BTCUSDT");
+                let after = g("amount_after", "0");
+                let cause = g("cause", "order");
+                let (x, c, typ, ot) = match cause.as_str() {
+                    "liquidation" => (
+                        "CALCULATED",
+                        "autoclose-1700000000000".to_string(),
+                        "LIQUIDATION",
+                        "LIQUIDATION",
+                    ),
+                    "adl" => ("TRADE", "adl_autoclose".to_string(), "MARKET", "MARKET"),
+                    "settlement" => (
+                        "TRADE",
+                        "settlement_autoclose-1".to_string(),
+                        "MARKET",
+                        "MARKET",
+                    ),
+                    "stop" => ("TRADE", g("client_id", "web_stop"), "MARKET", "STOP_MARKET"),
+                    "take_profit" => (
+                        "TRADE",
+                        g("client_id", "web_tp"),
+                        "MARKET",
+                        "TAKE_PROFIT_MARKET",
+                    ),
+                    _ => ("TRADE", g("client_id", "p33-order"), "MARKET", "MARKET"),
+                };
+                s.order_id += 1;
+                let order = json!({
+                    "e": "ORDER_TRADE_UPDATE", "E": t, "T": t,
+                    "o": {"s": symbol, "c": c, "S": g("side", "SELL"), "o": typ, "ot": ot,
+                          "f": "GTC", "q": g("qty", "1"), "p": "0", "ap": g("price", "60000"),
+                          "sp": "0", "x": x, "X": "FILLED", "i": s.order_id, "l": g("qty", "1"),
+                          "z": g("qty", "1"), "L": g("price", "60000"), "N": "USDT", "n": "0",
+                          "T": t, "t": s.order_id, "b": "0", "a": "0", "m": false, "R": true,
+                          "ps": g("positionSide", "BOTH"), "rp": g("realized", "0")}
+                })
+                .to_string();
+                let row = json!({"symbol": symbol, "positionAmt": after, "positionSide": g("positionSide", "BOTH")});
+                let account = account_update(t, vec![event_entry(&row)]);
+                if o.get("order_first").and_then(Value::as_bool) == Some(true) {
+                    s.push(&order);
+                    s.push(&account);
+                } else {
+                    s.push(&account);
+                    s.push(&order);
+                }
+                let sym = json!(symbol);
+                s.positions.retain(|r| r.get("symbol") != Some(&sym));
+                if after != "0" {
+                    s.positions.push(json!({
+                        "symbol": symbol, "positionAmt": after, "positionSide": g("positionSide", "BOTH"),
+                        "entryPrice": "0.0", "markPrice": "0.0", "unRealizedProfit": "0.0",
+                        "leverage": "10", "marginType": "cross", "updateTime": t,
+                    }));
+                }
+            }
+            if let Some(o) = v.get("fills") {
+                // One order filled in parts: one ACCOUNT_UPDATE per fill,
+                // all with one T (as Binance sends them, SPEC §19); the
+                // position ends at the last amount.
+                let t = s.next_t();
+                let symbol = o.get("symbol").cloned().unwrap_or(json!(""));
+                let amounts: Vec<Value> = o
+                    .get("amounts")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                for a in &amounts {
+                    let row = json!({"symbol": symbol, "positionAmt": a});
+                    let text = account_update(t, vec![event_entry(&row)]);
+                    s.push(&text);
+                }
+                if let Some(last) = amounts.last() {
+                    s.positions.retain(|r| r.get("symbol") != Some(&symbol));
+                    s.positions.push(json!({
+                        "symbol": symbol, "positionAmt": last, "positionSide": "BOTH",
+                        "entryPrice": "0.0", "markPrice": "0.0", "unRealizedProfit": "0.0",
+                        "leverage": "10", "marginType": "cross", "updateTime": t,
+                    }));
+                }
             }
             if let Some(o) = v.get("old_event") {
                 let age = o.get("age_ms").and_then(Value::as_i64).unwrap_or(1000);

@@ -133,6 +133,10 @@ struct Symbol {
     /// When each leg's state was set, local ms: only a reply asked after
     /// that can overrule it.
     set_at: BTreeMap<Leg, u64>,
+    /// The connection whose event set each leg last (none once REST set
+    /// it): another event of that connection with the same `T` follows it
+    /// (SPEC §19: one update per fill of an order, often in one ms).
+    event_conn: BTreeMap<Leg, u64>,
     feed: Feed,
     /// Local time of the last applied update, ms.
     as_of_ms: u64,
@@ -145,6 +149,7 @@ impl Symbol {
             by_stream: BTreeMap::new(),
             last_rest: BTreeMap::new(),
             set_at: BTreeMap::new(),
+            event_conn: BTreeMap::new(),
             feed,
             as_of_ms,
         }
@@ -261,6 +266,7 @@ impl Book {
                     sym.by_stream.clear();
                     sym.last_rest.clear();
                     sym.set_at.clear();
+                    sym.event_conn.clear();
                     sym.feed = Feed::Rest;
                     sym.as_of_ms = clock.local_ms;
                     continue;
@@ -324,6 +330,7 @@ impl Book {
                 }
                 mine.insert(side, told);
                 sym.set_at.insert(side, clock.local_ms);
+                sym.event_conn.remove(&side);
                 sym.feed = Feed::Rest;
             }
             sym.legs = Ok(mine);
@@ -333,9 +340,14 @@ impl Book {
         corrections
     }
 
-    /// Applies an event at `clock`: each entry of an allowlisted symbol
-    /// (`allowed`) whose `T` is newer than its leg's state; entries of other
-    /// symbols are dropped, never stored. An entry for a symbol whose REST
+    /// Applies an event read on connection `conn` at `clock`: each entry
+    /// of an allowlisted symbol (`allowed`) whose `T` is newer than its
+    /// leg's state, or equal to it when an earlier event of the same
+    /// connection set the leg (Binance sends one update per fill of an
+    /// order, often in the same millisecond, in order on one connection;
+    /// SPEC §19). Across connections (a reconnect, a replacement's overlap
+    /// that delivers an event twice) and against REST, only a newer `T`
+    /// applies. Entries of other symbols are dropped, never stored. An entry for a symbol whose REST
     /// rows are invalid changes nothing: the symbol stays invalid until REST
     /// says otherwise. The event's time is taken no later than the
     /// exchange's clock now (the frame was checked against
@@ -345,6 +357,7 @@ impl Book {
         ev: &AccountUpdate,
         clock: Clock,
         allowed: &HashSet<String>,
+        conn: u64,
     ) -> Applied {
         let mut out = Applied::default();
         let tx_ms = ev.tx_ms.min(clock.exchange_ms);
@@ -361,7 +374,11 @@ impl Book {
                 out.stale += 1;
                 continue;
             };
-            if legs.get(&e.leg).is_some_and(|l| tx_ms <= l.updated_ms) {
+            let same_conn = sym.event_conn.get(&e.leg) == Some(&conn);
+            if legs
+                .get(&e.leg)
+                .is_some_and(|l| tx_ms < l.updated_ms || (tx_ms == l.updated_ms && !same_conn))
+            {
                 out.stale += 1;
                 continue;
             }
@@ -387,6 +404,7 @@ impl Book {
             );
             sym.by_stream.insert(e.leg, true);
             sym.set_at.insert(e.leg, clock.local_ms);
+            sym.event_conn.insert(e.leg, conn);
             sym.feed = Feed::Stream;
             sym.as_of_ms = clock.local_ms;
             out.symbols.push(e.symbol.clone());
@@ -496,7 +514,50 @@ mod tests {
     }
 
     fn event_apply(b: &mut Book, ev: &AccountUpdate, now: u64) -> Applied {
-        b.apply_event(ev, clock(now), &all())
+        b.apply_event(ev, clock(now), &all(), 1)
+    }
+
+    /// SPEC §19: Binance sends one `ACCOUNT_UPDATE` per fill of an order,
+    /// often with one `T`: on one connection they apply in arrival order;
+    /// the same `T` from another connection (a replacement's overlap
+    /// delivers it twice) or against a REST row is stale.
+    #[test]
+    fn several_updates_with_one_t_apply_in_order_on_one_connection() {
+        let mut b = Book::default();
+        rest_apply(&mut b, &rest(json!([])), 1, 1, false);
+        for (conn, t, amt, applied, want) in [
+            (1, 10, "0.02", true, "0.02"),
+            (1, 10, "0.04", true, "0.04"),
+            (1, 10, "1", true, "1"),
+            // The same event again on the replacement: already applied.
+            (2, 10, "0.02", false, "1"),
+            (2, 11, "0.5", true, "0.5"),
+            // The old connection's late copy of an older fill.
+            (1, 10, "0.04", false, "0.5"),
+            (2, 11, "0.7", true, "0.7"),
+        ] {
+            let a = b.apply_event(
+                &ev(t, &[("BTCUSDT", Leg::Both, amt)]),
+                clock(2),
+                &all(),
+                conn,
+            );
+            assert_eq!(a.symbols.len() == 1, applied, "conn {conn} T {t} {amt}");
+            assert_eq!(amt_of(&b, "BTCUSDT"), want, "after conn {conn} T {t} {amt}");
+        }
+        // REST sets the leg at T 20: an event with that T is stale, on any
+        // connection; a newer one applies.
+        let row = rest(json!([{"symbol": "BTCUSDT", "positionAmt": "3", "updateTime": 20}]));
+        rest_apply(&mut b, &row, 25, 5, false);
+        assert_eq!(amt_of(&b, "BTCUSDT"), "3");
+        let a = b.apply_event(&ev(20, &[("BTCUSDT", Leg::Both, "2")]), clock(6), &all(), 2);
+        assert_eq!((a.stale, amt_of(&b, "BTCUSDT")), (1, "3".to_string()));
+        b.apply_event(&ev(21, &[("BTCUSDT", Leg::Both, "2")]), clock(7), &all(), 2);
+        assert_eq!(amt_of(&b, "BTCUSDT"), "2");
+    }
+
+    fn amt_of(b: &Book, s: &str) -> String {
+        amt(b, s).1
     }
 
     fn amt(b: &Book, s: &str) -> (PositionSide, String) {
@@ -647,6 +708,7 @@ mod tests {
             &ev(1_000_400, &[("BTCUSDT", Leg::Both, "2")]),
             later,
             &all(),
+            1,
         );
         assert_eq!((a.stale, a.symbols.len()), (0, 1));
         assert_eq!(amt(&b, "BTCUSDT"), (PositionSide::Long, "2".into()));
@@ -698,6 +760,7 @@ mod tests {
             &ev(30, &[("X1USDT", Leg::Both, "2")]),
             clock(4),
             &now_allowed,
+            1,
         );
         assert!(!b.knows("X1USDT"));
         let covers = now_allowed.clone();

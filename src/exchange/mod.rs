@@ -20,6 +20,7 @@
 
 mod book;
 mod machine;
+mod orders;
 mod positions;
 mod rest;
 mod snapshots;
@@ -33,6 +34,7 @@ pub use machine::{
     backoff, Action, Input, Machine, Phase, Reason, BACKOFF_MAX, BACKOFF_MIN, MAX_BUFFERED,
     MAX_BUFFERED_BYTES, STEADY_AFTER,
 };
+pub use orders::{cause, parse_order_update, Cause, OrderUpdate, CLIENT_ID_MAX_CHARS};
 pub use positions::{fold, parse_positions, parse_rest_legs, Leg, LegState, Legs, Position};
 pub use rest::{
     parse_step_sizes, retry_after, sign, Client, ExchangeError, HTTP_TIMEOUT, MAX_BODY_BYTES,

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, Secret};
 use crate::domain::parse_amount;
@@ -28,6 +28,7 @@ use crate::store;
 
 use super::book::{AccountUpdate, Clock, EventLeg, Reply};
 use super::machine::{Action, Input, Machine, Phase, Reason};
+use super::orders::{parse_order_update, Cause, OrderUpdate};
 use super::positions::{parse_rest_legs, Leg};
 use super::snapshots::{Stamp, Writer};
 use super::{Client, ExchangeError};
@@ -52,12 +53,15 @@ pub const RESTAMP_MAX_FRAME_AGE_MS: u64 = 40_000;
 pub enum Frame {
     /// An `ACCOUNT_UPDATE` whose every position entry is within bounds.
     Account(AccountUpdate),
+    /// An `ORDER_TRADE_UPDATE` within bounds (SPEC §19).
+    Order(Box<OrderUpdate>),
     /// `listenKeyExpired`.
     KeyExpired,
     /// Any other JSON object (another event, a reply): ignored.
     Other,
-    /// Not JSON, not an object, or an `ACCOUNT_UPDATE` with anything out of
-    /// bounds: why, for the WARN (raw values cut and escaped).
+    /// Not JSON, not an object, or an `ACCOUNT_UPDATE` or
+    /// `ORDER_TRADE_UPDATE` with anything out of bounds: why, for the WARN
+    /// (raw values cut and escaped).
     Invalid(String),
 }
 
@@ -66,6 +70,7 @@ impl Frame {
     pub fn kind(&self) -> &'static str {
         match self {
             Frame::Account(_) => "account_update",
+            Frame::Order(_) => "order_trade_update",
             Frame::KeyExpired => "listen_key_expired",
             Frame::Other => "other",
             Frame::Invalid(_) => "invalid",
@@ -128,21 +133,27 @@ pub fn parse_frame(text: &str, limit_ms: u64) -> Frame {
     let Some(obj) = v.as_object() else {
         return Frame::Invalid("not a JSON object".into());
     };
-    match obj.get("e").and_then(Value::as_str) {
-        Some("ACCOUNT_UPDATE") => {}
+    let name = match obj.get("e").and_then(Value::as_str) {
+        Some(n @ ("ACCOUNT_UPDATE" | "ORDER_TRADE_UPDATE")) => n,
         Some("listenKeyExpired") => return Frame::KeyExpired,
         _ => return Frame::Other,
-    }
+    };
     let time = |k: &str| obj.get(k).and_then(Value::as_u64);
     let (Some(event_ms), Some(tx_ms)) = (time("E"), time("T")) else {
-        return Frame::Invalid("ACCOUNT_UPDATE without numeric E and T".into());
+        return Frame::Invalid(format!("{name} without numeric E and T"));
     };
     if tx_ms > limit_ms || event_ms > limit_ms {
         return Frame::Invalid(format!(
-            "ACCOUNT_UPDATE E {event_ms} / T {tx_ms} more than {} s ahead of the exchange's clock ({})",
+            "{name} E {event_ms} / T {tx_ms} more than {} s ahead of the exchange's clock ({})",
             super::MAX_AHEAD_MS / 1000,
             limit_ms.saturating_sub(super::MAX_AHEAD_MS)
         ));
+    }
+    if name == "ORDER_TRADE_UPDATE" {
+        return match parse_order_update(obj, event_ms, tx_ms) {
+            Ok(u) => Frame::Order(Box::new(u)),
+            Err(why) => Frame::Invalid(format!("ORDER_TRADE_UPDATE {why}")),
+        };
     }
     let Some(a) = obj.get("a").and_then(Value::as_object) else {
         return Frame::Invalid("ACCOUNT_UPDATE without an object a".into());
@@ -197,6 +208,12 @@ pub struct Stream {
     client: Arc<Client>,
     writer: Arc<Writer>,
     metrics: Arc<Metrics>,
+    /// Connections opened so far: each socket's id.
+    opened: std::sync::atomic::AtomicU64,
+    /// The id of the socket whose frames are being applied (the old one
+    /// during a replacement's overlap): several updates with one `T`
+    /// follow each other only on one connection (SPEC §19).
+    reading: std::sync::atomic::AtomicU64,
 }
 
 impl Stream {
@@ -213,6 +230,8 @@ impl Stream {
             ("account_update", "stale"),
             ("account_update", "buffered"),
             ("account_update", "ignored"),
+            ("order_trade_update", "fill"),
+            ("order_trade_update", "ignored"),
             ("listen_key_expired", "reconnect"),
             ("other", "ignored"),
             ("invalid", "dropped"),
@@ -231,7 +250,16 @@ impl Stream {
             client,
             writer,
             metrics,
+            opened: std::sync::atomic::AtomicU64::new(0),
+            reading: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// A new socket's id.
+    fn next_conn(&self) -> u64 {
+        self.opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .saturating_add(1)
     }
 
     fn count(&self, kind: &str, result: &str) {
@@ -328,6 +356,8 @@ impl Stream {
             Ok(ws) => ws,
             Err(why) => return Some((Reason::ConnectFailed, why)),
         };
+        self.reading
+            .store(self.next_conn(), std::sync::atomic::Ordering::Relaxed);
         self.writer.frame_at(store::now_ms());
         // Opened → Reconcile: positionRisk, asked now, while frames are read
         // (and buffered by the machine).
@@ -486,6 +516,10 @@ impl Stream {
         };
         let frame = parse_frame(text.as_str(), self.client.clock().limit_ms());
         match frame {
+            Frame::Order(u) => {
+                self.order_update(&u);
+                Ok(())
+            }
             Frame::Account(mut ev) => {
                 // Only allowlisted symbols are kept, buffered or not: a feed
                 // naming 300,000 others costs nothing (SPEC §16).
@@ -530,16 +564,47 @@ impl Stream {
         }
     }
 
+    /// An `ORDER_TRADE_UPDATE` of an allowlisted symbol: a fill is counted
+    /// and said (a liquidation or an ADL at ERROR: the exchange closed a
+    /// position on its own); anything else is counted as ignored. The
+    /// position itself comes from the `ACCOUNT_UPDATE` of the same fill.
+    fn order_update(&self, u: &OrderUpdate) {
+        let allowed = self.writer.allowlist().load();
+        if !u.is_fill() || !allowed.symbols.contains(&u.symbol) {
+            self.count("order_trade_update", "ignored");
+            return;
+        }
+        self.count("order_trade_update", "fill");
+        let line = format!(
+            "position stream: {} fill of {} {}: {} {} at {} (order {}, {}, client id {:?}, realized {})",
+            u.cause.as_str(),
+            u.symbol,
+            u.leg.as_str(),
+            u.side,
+            crate::domain::dec_str(u.last_qty),
+            u.avg_price,
+            u.order_id,
+            u.order_type,
+            crate::text::clip(&u.client_order_id),
+            u.realized_pnl
+        );
+        match u.cause {
+            Cause::Liquidation | Cause::Adl => error!("{line}"),
+            _ => info!("{line}"),
+        }
+    }
+
     /// Applies events to the book and writes the symbols they changed at
     /// once, with `feed=stream`.
     async fn apply(&self, evs: &[AccountUpdate], con: &mut store::Conn) {
         let mut changed = Vec::new();
         let clock = self.client.clock();
         let allowed = self.writer.allowlist().load();
+        let conn = self.reading.load(std::sync::atomic::Ordering::Relaxed);
         {
             let mut book = self.writer.book();
             for ev in evs {
-                let a = book.apply_event(ev, clock, &allowed.symbols);
+                let a = book.apply_event(ev, clock, &allowed.symbols, conn);
                 let result = if !a.symbols.is_empty() {
                     "applied"
                 } else if a.stale > 0 {
@@ -665,6 +730,9 @@ impl Stream {
             Ok(f) => f,
             Err(why) => return Some(Err(format!("replacement: {why}"))),
         };
+        // The old socket's frames are applied through the overlap as its
+        // own; the new one's (the same events again, then later ones) after.
+        let fresh_id = self.next_conn();
         let opened = Instant::now();
         let mut old = std::mem::replace(ws, fresh);
         let until = Instant::now() + REPLACE_OVERLAP;
@@ -685,6 +753,8 @@ impl Stream {
             }
         }
         let _ = old.close(None).await;
+        self.reading
+            .store(fresh_id, std::sync::atomic::Ordering::Relaxed);
         Some(Ok(opened))
     }
 }
@@ -725,7 +795,16 @@ mod tests {
                 r#"{"e":"listenKeyExpired","E":1,"listenKey":"x"}"#,
                 "listen_key_expired",
             ),
-            (r#"{"e":"ORDER_TRADE_UPDATE","E":1}"#, "other"),
+            (r#"{"e":"ORDER_TRADE_UPDATE","E":1}"#, "invalid"),
+            (r#"{"e":"ORDER_TRADE_UPDATE","E":1,"T":1}"#, "invalid"),
+            (
+                r#"{"e":"ORDER_TRADE_UPDATE","E":1,"T":1,"o":{"s":"BTCUSDT","c":"x","S":"SELL","o":"MARKET","x":"TRADE","i":1,"l":0.5,"ap":"1"}}"#,
+                "invalid",
+            ),
+            (
+                r#"{"e":"ORDER_TRADE_UPDATE","E":1,"T":1,"o":{"s":"BTCUSDT","c":"x","S":"SELL","o":"MARKET","x":"TRADE","i":1,"l":"0.5","ap":"1"}}"#,
+                "order_trade_update",
+            ),
             (r#"{"result":null,"id":1}"#, "other"),
             (
                 r#"{"e":"ACCOUNT_UPDATE","E":1,"T":1,"a":{"m":"DEPOSIT","B":[]}}"#,

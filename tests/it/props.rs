@@ -291,7 +291,7 @@ proptest! {
             let allowed: std::collections::HashSet<String> =
                 ev.legs.iter().map(|l| l.symbol.clone()).collect();
             let clock = exchange::Clock { local_ms: 1, exchange_ms: u64::MAX };
-            let applied = book.apply_event(&ev, clock, &allowed);
+            let applied = book.apply_event(&ev, clock, &allowed, 1);
             // Only the frame's symbols change, and no entry is counted
             // twice: each one applied or was stale.
             prop_assert!(applied.stale <= ev.legs.len());

@@ -747,3 +747,71 @@ fn a_feed_naming_300000_other_symbols_costs_no_memory() {
     assert_eq!(metric(&t, "p33_position_stream_live"), 1.0);
     fill_through_stream(&mut t, "BTCUSDT", "2");
 }
+
+#[test]
+fn an_order_filled_in_parts_with_one_t_is_followed_fill_by_fill() {
+    // SPEC §19: Binance sends one ACCOUNT_UPDATE per fill of an order, often
+    // with one T. The second and third were "stale" until REST corrected
+    // them, up to a poll later (here 60 s).
+    let mut t = stream_daemon("BTCUSDT", &[]);
+    fill(&t, one("BTCUSDT", "0"));
+    t.start();
+    wait_live(&t);
+    let stale = "p33_position_stream_events_total{result=\"stale\",type=\"account_update\"}";
+    let applied = "p33_position_stream_events_total{result=\"applied\",type=\"account_update\"}";
+    let (stale0, applied0) = (metric(&t, stale), metric(&t, applied));
+    t.fx().control(
+        "/control/stream",
+        json!({"fills": {"symbol": "BTCUSDT", "amounts": ["0.02", "0.04", "1"]}}),
+    );
+    let h = wait_amount(&mut t.con, "BTCUSDT", "1", Some("stream"));
+    assert_eq!(h["side"], "LONG", "{h:?}");
+    wait_at_least(&t, applied, applied0 + 3.0);
+    assert_eq!(metric(&t, stale), stale0, "none of the three was stale");
+}
+
+#[test]
+fn order_trade_updates_name_the_cause_of_each_fill_in_either_order() {
+    // SPEC §19: a fill is read from ORDER_TRADE_UPDATE and named by its
+    // cause; a liquidation or an ADL is an ERROR line. The ACCOUNT_UPDATE
+    // of the same fill (before it, as Binance usually sends them, or after)
+    // moves the snapshot.
+    let mut t = stream_daemon("BTCUSDT", &[]);
+    fill(&t, one("BTCUSDT", "3"));
+    t.start();
+    wait_live(&t);
+    let fills = "p33_position_stream_events_total{result=\"fill\",type=\"order_trade_update\"}";
+    for (cause, order_first, level, order_type, after) in [
+        ("stop", false, "INFO", "STOP_MARKET", "2.5"),
+        ("take_profit", true, "INFO", "TAKE_PROFIT_MARKET", "2"),
+        ("liquidation", false, "ERROR", "LIQUIDATION", "1.5"),
+        ("adl", true, "ERROR", "MARKET", "1"),
+        ("settlement", false, "INFO", "MARKET", "0.5"),
+        ("order", true, "INFO", "MARKET", "0.25"),
+    ] {
+        let before = metric(&t, fills);
+        t.fx().control(
+            "/control/stream",
+            json!({"order": {"symbol": "BTCUSDT", "side": "SELL", "qty": "0.5", "price": "61000",
+                             "amount_after": after, "cause": cause, "order_first": order_first}}),
+        );
+        let line = t.wait_log(
+            &format!("position stream: {cause} fill of BTCUSDT BOTH: SELL 0.5 at 61000"),
+            T,
+        );
+        assert!(line.contains(level), "{line}");
+        assert!(line.contains(order_type), "{line}");
+        wait_amount(&mut t.con, "BTCUSDT", after, Some("stream"));
+        wait_at_least(&t, fills, before + 1.0);
+    }
+    // Out of bounds (a quantity as a JSON number): the frame drops the
+    // connection like a bad ACCOUNT_UPDATE.
+    let invalid = "p33_position_stream_reconnects_total{reason=\"invalid_frame\"}";
+    let before = metric(&t, invalid);
+    t.fx().control(
+        "/control/stream",
+        json!({"raw": r#"{"e":"ORDER_TRADE_UPDATE","E":1,"T":1,"o":{"s":"BTCUSDT","c":"x","S":"SELL","o":"MARKET","x":"TRADE","i":1,"l":0.5,"ap":"1"}}"#}),
+    );
+    wait_at_least(&t, invalid, before + 1.0);
+    t.wait_log("o.l is not a string", T);
+}
