@@ -118,6 +118,13 @@ t1=$(date +%s%N)
 echo "  the exchange fills BTCUSDT $before -> 0.05; the snapshot shows it $(( (t1 - t0) / 1000000 )) ms later (curl and redis-cli included):"
 set -- $(R HMGET quantum:position:snapshot:BTCUSDT position_amt side feed)
 echo "    quantum:position:snapshot:BTCUSDT position_amt=$1 side=$2 feed=$3"
+echo "  a stop-loss order fills 0.02 of it: what the pipeline reads on quantum:stream:p33.positions"
+fx /control/stream '{"order":{"symbol":"BTCUSDT","side":"SELL","qty":"0.02","price":"59800","amount_after":"0.03","cause":"stop","realized":"-6"}}'
+for _ in $(seq 1 400); do [ "$(R XLEN quantum:stream:p33.positions)" -ge 3 ] && break; sleep 0.005; done
+R XRANGE quantum:stream:p33.positions - + | awk '
+  /^[0-9]+-[0-9]+$/ { if (line != "") print "    " line; line = ""; k = ""; next }
+  { if (k == "") { k = $0 } else { line = line (line == "" ? "" : " ") k "=" $0; k = "" } }
+  END { if (line != "") print "    " line }'
 
 echo "== 3. the kill switch: ctl halt, a plan is denied, ctl resume, it is allowed"
 CTL() {

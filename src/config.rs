@@ -311,6 +311,7 @@ pub const VARS: &[Var] = &[
     var("BINANCE_API_SECRET", None, Kind::Secret, "exchange API secret when BINANCE_TESTNET_API_SECRET is unset"),
     var("P33_EXCHANGE_BASE_URL", Some("https://testnet.binancefuture.com"), Kind::HttpUrl, "exchange REST base URL"),
     var("P33_POSITION_STREAM", Some("on"), Kind::Choice(&["on", "off"]), "on: follow the user data stream for live positions, REST polling reconciles (binance mode); off: REST polling alone"),
+    var("P33_POSITION_EVENTS", Some("on"), Kind::Choice(&["on", "off"]), "on: write what the user data stream saw to quantum:stream:p33.positions (kind=position per change of a leg, kind=fill per fill; SPEC §19); only with P33_POSITION_STREAM=on"),
     var("P33_EXCHANGE_WS_URL", None, Kind::WsUrl, "user data stream base (default: from P33_EXCHANGE_BASE_URL, https://fapi.binance.com → wss://fstream.binance.com, http://h:p → ws://h:p)"),
     var("P33_POSITION_STREAM_PING_SEC", Some("30"), Kind::Seconds { positive: true }, "client ping period on the user data stream; no frame within min(10 s, this) after a ping → reconnect"),
     var("P33_POSITION_STREAM_KEEPALIVE_SEC", Some("1800"), Kind::Seconds { positive: true }, "listenKey keepalive (PUT) period; Binance ends a key 60 min after its last one"),
@@ -650,6 +651,9 @@ pub struct Config {
     pub snapshot_source: SnapshotSource,
     /// Follow the user data stream (SPEC §16; binance mode only).
     pub position_stream: bool,
+    /// Position events on `quantum:stream:p33.positions` (SPEC §19): with
+    /// the stream only.
+    pub position_events: bool,
     /// The user data stream's base URL, no trailing slash (no listenKey).
     pub exchange_ws_url: String,
     /// Client ping period on the user data stream.
@@ -1452,6 +1456,9 @@ impl Config {
             exchange_base_url: p.text("P33_EXCHANGE_BASE_URL").unwrap_or_default(),
             position_stream: snapshot_source == SnapshotSource::Binance
                 && p.word("P33_POSITION_STREAM") == "on",
+            position_events: snapshot_source == SnapshotSource::Binance
+                && p.word("P33_POSITION_STREAM") == "on"
+                && p.word("P33_POSITION_EVENTS") == "on",
             exchange_ws_url,
             stream_ping: dur(p.secs("P33_POSITION_STREAM_PING_SEC")),
             stream_replace: dur(p.secs("P33_POSITION_STREAM_REPLACE_SEC")),

@@ -125,6 +125,10 @@ pub fn allows_symbol_opens(symbol: &str) -> String {
 /// record. `explain` reads it too.
 pub const REVOCATIONS_STREAM: &str = "quantum:stream:p33.revocations";
 
+/// What the user data stream saw (SPEC §19): `kind=position` (a leg's
+/// change, with the snapshot write) and `kind=fill` entries.
+pub const POSITIONS_STREAM: &str = "quantum:stream:p33.positions";
+
 /// A running instance's report of itself (SPEC §12), a hash with a TTL.
 pub fn instance(consumer: &str) -> String {
     format!("quantum:p33:instance:{consumer}")

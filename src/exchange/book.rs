@@ -61,6 +61,9 @@ pub struct AccountUpdate {
     pub tx_ms: u64,
     /// `a.P`.
     pub legs: Vec<EventLeg>,
+    /// `a.m` in lower case (`order`, `funding_fee`, `adjustment`, …): why
+    /// the positions changed; `other` for anything that is not a word.
+    pub reason: String,
 }
 
 impl AccountUpdate {
@@ -75,6 +78,33 @@ impl AccountUpdate {
         })
     }
 }
+
+/// A change of a leg's amount, for `quantum:stream:p33.positions`
+/// (`kind=position`, SPEC §19): kept by the book until the snapshot write
+/// that shows it takes it into the same `MULTI`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegChange {
+    /// The symbol.
+    pub symbol: String,
+    /// The leg.
+    pub leg: Leg,
+    /// The amount before.
+    pub from: Decimal,
+    /// The amount after.
+    pub to: Decimal,
+    /// The symbol's side after it (`LONG`, `SHORT`, `FLAT`, `HEDGED`).
+    pub side_after: &'static str,
+    /// The event's `a.m` in lower case, or `reconcile` for REST.
+    pub reason: String,
+    /// `T` (or the row's `updateTime`), exchange ms.
+    pub exchange_ms: u64,
+    /// Who said it.
+    pub feed: Feed,
+}
+
+/// Changes kept at most between two writes (a flood drops the oldest: the
+/// snapshots stay right, only the record thins).
+pub const MAX_PENDING_CHANGES: usize = 10_000;
 
 /// A REST row that changed an amount the stream had set.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,9 +216,43 @@ pub struct Book {
     /// Whether a positionRisk reply was applied: before that, no symbol's
     /// position is known (an absent symbol is not flat yet).
     rest_seen: bool,
+    /// Whether changes are kept for the positions stream (SPEC §19).
+    record: bool,
+    /// The changes not yet written, oldest first.
+    changes: std::collections::VecDeque<LegChange>,
 }
 
 impl Book {
+    /// Keeps every change of a leg's amount for the positions stream
+    /// (`P33_POSITION_EVENTS`).
+    pub fn record_changes(&mut self, on: bool) {
+        self.record = on;
+        if !on {
+            self.changes.clear();
+        }
+    }
+
+    /// Takes the changes of `symbols` kept so far, oldest first (the
+    /// others stay for their own write).
+    pub fn take_changes(&mut self, symbols: &HashSet<&str>) -> Vec<LegChange> {
+        let (taken, kept): (Vec<LegChange>, Vec<LegChange>) = self
+            .changes
+            .drain(..)
+            .partition(|c| symbols.contains(c.symbol.as_str()));
+        self.changes.extend(kept);
+        taken
+    }
+
+    /// Keeps one change (bounded: the oldest goes first).
+    fn note(&mut self, change: LegChange) {
+        if !self.record {
+            return;
+        }
+        if self.changes.len() >= MAX_PENDING_CHANGES {
+            self.changes.pop_front();
+        }
+        self.changes.push_back(change);
+    }
     /// Whether a positionRisk reply has been applied.
     pub fn known(&self) -> bool {
         self.rest_seen
@@ -222,6 +286,9 @@ impl Book {
         force: bool,
         now_allowed: &HashSet<String>,
     ) -> Vec<Correction> {
+        // A first reply, or a symbol first heard of, is no change: what
+        // it says was so before this gate knew.
+        let known_before = self.rest_seen;
         self.rest_seen = true;
         self.covered = reply.covers.clone();
         let asked_ms = reply.asked_ms.min(clock.exchange_ms);
@@ -241,6 +308,8 @@ impl Book {
             return corrections;
         }
         self.symbols.retain(|s, _| keep(s));
+        let mut pending: Vec<LegChange> = Vec::new();
+        let mut changed: Vec<LegChange> = Vec::new();
         // Symbols known here but absent from the reply: flat as of asking.
         let absent: Vec<String> = self
             .symbols
@@ -256,6 +325,7 @@ impl Book {
             .map(|(s, l)| (s.clone(), l))
             .chain(absent.into_iter().map(|s| (s, &flat_legs)))
         {
+            let heard_before = known_before && self.symbols.contains_key(&name);
             let sym = self
                 .symbols
                 .entry(name.clone())
@@ -328,6 +398,18 @@ impl Book {
                         rest_amt: told.amt,
                     });
                 }
+                if held != told.amt && heard_before {
+                    changed.push(LegChange {
+                        symbol: name.clone(),
+                        leg: side,
+                        from: held,
+                        to: told.amt,
+                        side_after: "",
+                        reason: "reconcile".into(),
+                        exchange_ms: told.updated_ms,
+                        feed: Feed::Rest,
+                    });
+                }
                 mine.insert(side, told);
                 sym.set_at.insert(side, clock.local_ms);
                 sym.event_conn.remove(&side);
@@ -335,6 +417,14 @@ impl Book {
             }
             sym.legs = Ok(mine);
             sym.as_of_ms = clock.local_ms;
+            let side_after = side_word(&sym.legs);
+            for mut c in changed.drain(..) {
+                c.side_after = side_after;
+                pending.push(c);
+            }
+        }
+        for c in pending {
+            self.note(c);
         }
         corrections.sort_by(|a, b| (&a.symbol, a.leg).cmp(&(&b.symbol, b.leg)));
         corrections
@@ -360,6 +450,7 @@ impl Book {
         conn: u64,
     ) -> Applied {
         let mut out = Applied::default();
+        let mut pending = Vec::new();
         let tx_ms = ev.tx_ms.min(clock.exchange_ms);
         for e in &ev.legs {
             if !allowed.contains(&e.symbol) {
@@ -384,6 +475,7 @@ impl Book {
             }
             // The event carries no mark price or leverage: the leg keeps
             // REST's, or the symbol's other leg's.
+            let before = legs.get(&e.leg).map_or(Decimal::ZERO, |l| l.amt);
             let (mark, lev) = legs
                 .get(&e.leg)
                 .or_else(|| legs.values().next())
@@ -408,6 +500,22 @@ impl Book {
             sym.feed = Feed::Stream;
             sym.as_of_ms = clock.local_ms;
             out.symbols.push(e.symbol.clone());
+            if before != e.amt {
+                let side_after = side_word(&sym.legs);
+                pending.push(LegChange {
+                    symbol: e.symbol.clone(),
+                    leg: e.leg,
+                    from: before,
+                    to: e.amt,
+                    side_after,
+                    reason: ev.reason.clone(),
+                    exchange_ms: tx_ms,
+                    feed: Feed::Stream,
+                });
+            }
+        }
+        for c in pending {
+            self.note(c);
         }
         out.symbols.sort();
         out.symbols.dedup();
@@ -424,6 +532,16 @@ impl Book {
     /// Who set a symbol's position, and when that was applied (local ms).
     pub fn feed(&self, symbol: &str) -> Option<(Feed, u64)> {
         self.symbols.get(symbol).map(|s| (s.feed, s.as_of_ms))
+    }
+}
+
+/// The side word of a symbol's legs, for a change's `side_after`.
+fn side_word(legs: &Legs) -> &'static str {
+    match fold(legs).side {
+        crate::domain::PositionSide::Long => "LONG",
+        crate::domain::PositionSide::Short => "SHORT",
+        crate::domain::PositionSide::None => "FLAT",
+        crate::domain::PositionSide::Hedged => "HEDGED",
     }
 }
 
@@ -457,6 +575,7 @@ mod tests {
         AccountUpdate {
             event_ms: t + 1,
             tx_ms: t,
+            reason: "order".into(),
             legs: legs
                 .iter()
                 .map(|(s, l, a)| EventLeg {

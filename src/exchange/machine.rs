@@ -244,6 +244,7 @@ mod tests {
             event_ms: t,
             tx_ms: t,
             legs: Vec::new(),
+            reason: "order".into(),
         }
     }
 
@@ -347,6 +348,7 @@ mod tests {
         let big = |t: u64| AccountUpdate {
             event_ms: t,
             tx_ms: t,
+            reason: "order".into(),
             legs: (0..1000)
                 .map(|_| super::super::book::EventLeg {
                     symbol: "BTCUSDT".into(),

@@ -28,7 +28,8 @@ mod step_table;
 mod user_stream;
 
 pub use book::{
-    AccountUpdate, Applied, Book, Clock, Correction, EventLeg, Feed, Reply, MAX_AHEAD_MS,
+    AccountUpdate, Applied, Book, Clock, Correction, EventLeg, Feed, LegChange, Reply,
+    MAX_AHEAD_MS, MAX_PENDING_CHANGES,
 };
 pub use machine::{
     backoff, Action, Input, Machine, Phase, Reason, BACKOFF_MAX, BACKOFF_MIN, MAX_BUFFERED,
@@ -41,7 +42,8 @@ pub use rest::{
     MAX_RETRY_AFTER,
 };
 pub use snapshots::{
-    source_label, write_snapshots, Row, Stamp, StreamState, Writer, SNAPSHOT_TTL_S,
+    source_label, write_snapshots, Row, Stamp, StreamState, Writer, POSITIONS_MAXLEN,
+    SNAPSHOT_TTL_S,
 };
 pub use step_table::{load_saved_steps, run_step_sizes, STEP_REFRESH, STEP_RETRY};
 pub use user_stream::{

@@ -90,6 +90,8 @@ impl Writer {
         } else {
             StreamState::Off
         });
+        // A dry run writes nothing the pipeline reads (SPEC §14).
+        w.book().record_changes(cfg.position_events && !cfg.dry_run);
         w
     }
 
@@ -162,8 +164,9 @@ impl Writer {
         let allow = self.allowlist.load();
         let now = crate::store::now_ms();
         let mut rows = Vec::new();
+        let changes;
         {
-            let book = self.book();
+            let mut book = self.book();
             if !book.known() {
                 return Ok(0);
             }
@@ -195,13 +198,16 @@ impl Writer {
                     .cloned()
                     .collect(),
             );
+            // The changes these snapshots show go into the same MULTI.
+            let written: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+            changes = book.take_changes(&written);
         }
         rows.sort_by(|a, b| a.0.cmp(&b.0));
         if rows.is_empty() {
             return Ok(0);
         }
         if !self.dry_run {
-            write_snapshots(con, &rows, self.source, self.canonical).await?;
+            write_snapshots(con, &rows, &changes, self.source, self.canonical).await?;
         }
         for (sym, pos, _, ts_ms) in &rows {
             let amt = dec_str(pos.amt).parse().unwrap_or(0.0);
@@ -235,14 +241,54 @@ pub fn source_label(base_url: &str) -> &'static str {
 /// One snapshot to write: symbol, position, feed, time (local ms).
 pub type Row = (String, Position, Feed, u64);
 
-/// Writes the rows' snapshots in one pipeline.
+/// The positions stream's length, about (`MAXLEN ~`).
+pub const POSITIONS_MAXLEN: u64 = 100_000;
+
+/// Writes the rows' snapshots in one pipeline; with `changes`, in one
+/// `MULTI` with a `kind=position` entry per change (SPEC §19: the entry and
+/// the snapshot that shows it land together, and the snapshot is never
+/// held back for it).
 pub async fn write_snapshots(
     con: &mut crate::store::Conn,
     rows: &[Row],
+    changes: &[super::book::LegChange],
     source: &str,
     canonical: bool,
 ) -> Result<(), redis::RedisError> {
     let mut p = redis::pipe();
+    if !changes.is_empty() {
+        p.atomic();
+    }
+    let now_s = (crate::store::now_ms() / 1000).to_string();
+    for c in changes {
+        p.cmd("XADD")
+            .arg(keys::POSITIONS_STREAM)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(POSITIONS_MAXLEN)
+            .arg("*")
+            .arg("kind")
+            .arg("position")
+            .arg("symbol")
+            .arg(&c.symbol)
+            .arg("leg")
+            .arg(c.leg.as_str())
+            .arg("from_amt")
+            .arg(dec_str(c.from))
+            .arg("to_amt")
+            .arg(dec_str(c.to))
+            .arg("side_after")
+            .arg(c.side_after)
+            .arg("reason")
+            .arg(&c.reason)
+            .arg("exchange_ts_ms")
+            .arg(c.exchange_ms)
+            .arg("feed")
+            .arg(c.feed.as_str())
+            .arg("ts_epoch")
+            .arg(&now_s)
+            .ignore();
+    }
     for (sym, pos, feed, ts_ms) in rows {
         // Whole seconds: the pipeline's Python readers call int() on it (§7).
         let ts = (ts_ms / 1000).to_string();

@@ -170,11 +170,59 @@ pub fn parse_frame(text: &str, limit_ms: u64) -> Frame {
             Err(why) => return Frame::Invalid(format!("ACCOUNT_UPDATE: {why}")),
         }
     }
+    // Why: a.m in lower case, when it is a word (SPEC §19).
+    let reason = match a.get("m").and_then(Value::as_str) {
+        Some(m)
+            if !m.is_empty()
+                && m.len() <= 32
+                && m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'_') =>
+        {
+            m.to_ascii_lowercase()
+        }
+        _ => "other".to_string(),
+    };
     Frame::Account(AccountUpdate {
         event_ms,
         tx_ms,
         legs,
+        reason,
     })
+}
+
+/// A fill's `kind=fill` entry on the positions stream (SPEC §19).
+async fn write_fill(con: &mut store::Conn, u: &OrderUpdate) -> redis::RedisResult<()> {
+    redis::cmd("XADD")
+        .arg(crate::keys::POSITIONS_STREAM)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(super::snapshots::POSITIONS_MAXLEN)
+        .arg("*")
+        .arg("kind")
+        .arg("fill")
+        .arg("symbol")
+        .arg(&u.symbol)
+        .arg("side")
+        .arg(&u.side)
+        .arg("leg")
+        .arg(u.leg.as_str())
+        .arg("qty")
+        .arg(crate::domain::dec_str(u.last_qty))
+        .arg("price")
+        .arg(&u.avg_price)
+        .arg("order_id")
+        .arg(u.order_id)
+        .arg("client_order_id")
+        .arg(&u.client_order_id)
+        .arg("order_type")
+        .arg(&u.order_type)
+        .arg("cause")
+        .arg(u.cause.as_str())
+        .arg("realized_pnl")
+        .arg(&u.realized_pnl)
+        .arg("exchange_ts_ms")
+        .arg(u.tx_ms)
+        .query_async(con)
+        .await
 }
 
 /// The connection URL for a key. Never logged.
@@ -517,7 +565,7 @@ impl Stream {
         let frame = parse_frame(text.as_str(), self.client.clock().limit_ms());
         match frame {
             Frame::Order(u) => {
-                self.order_update(&u);
+                self.order_update(&u, con).await;
                 Ok(())
             }
             Frame::Account(mut ev) => {
@@ -568,13 +616,22 @@ impl Stream {
     /// and said (a liquidation or an ADL at ERROR: the exchange closed a
     /// position on its own); anything else is counted as ignored. The
     /// position itself comes from the `ACCOUNT_UPDATE` of the same fill.
-    fn order_update(&self, u: &OrderUpdate) {
+    async fn order_update(&self, u: &OrderUpdate, con: &mut store::Conn) {
         let allowed = self.writer.allowlist().load();
         if !u.is_fill() || !allowed.symbols.contains(&u.symbol) {
             self.count("order_trade_update", "ignored");
             return;
         }
         self.count("order_trade_update", "fill");
+        if self.cfg.position_events && !self.cfg.dry_run {
+            if let Err(e) = write_fill(con, u).await {
+                warn!(
+                    "position stream: writing the fill of {} to {} failed: {e}",
+                    u.symbol,
+                    crate::keys::POSITIONS_STREAM
+                );
+            }
+        }
         let line = format!(
             "position stream: {} fill of {} {}: {} {} at {} (order {}, {}, client id {:?}, realized {})",
             u.cause.as_str(),

@@ -487,6 +487,7 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
         ("quantum:p33:allows:opens", "rw", "r", "r"),
         ("quantum:p33:allows:BTCUSDT", "rw", "r", "r"),
         ("quantum:stream:p33.revocations", "rw", "r", "r"),
+        ("quantum:stream:p33.positions", "rw", "r", "r"),
         ("quantum:p33:instance:p33-a", "rw", "r", "r"),
         ("quantum:p33:revoked:1-0", "rw", "r", "r"),
         // ctl's user adds to it (XADD, above), never deletes it.

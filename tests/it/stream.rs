@@ -815,3 +815,97 @@ fn order_trade_updates_name_the_cause_of_each_fill_in_either_order() {
     wait_at_least(&t, invalid, before + 1.0);
     t.wait_log("o.l is not a string", T);
 }
+
+/// The entries of `quantum:stream:p33.positions`, oldest first.
+fn position_events(con: &mut redis::Connection) -> Vec<HashMap<String, String>> {
+    let v: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg("quantum:stream:p33.positions")
+        .arg("-")
+        .arg("+")
+        .query(con)
+        .unwrap();
+    v.into_iter().map(|(_, f)| f).collect()
+}
+
+#[test]
+fn a_stop_fill_reaches_the_positions_stream_as_a_fill_and_a_change() {
+    // SPEC §19: kind=position with the snapshot write, kind=fill per fill,
+    // joined by symbol and exchange_ts_ms. The start (a first reply) is no
+    // change.
+    let mut t = stream_daemon("BTCUSDT", &[]);
+    fill(&t, one("BTCUSDT", "3"));
+    t.start();
+    wait_live(&t);
+    wait_amount(&mut t.con, "BTCUSDT", "3", None);
+    assert!(
+        position_events(&mut t.con).is_empty(),
+        "the first reply is no change"
+    );
+    t.fx().control(
+        "/control/stream",
+        json!({"order": {"symbol": "BTCUSDT", "side": "SELL", "qty": "0.5", "price": "61000",
+                         "amount_after": "2.5", "cause": "stop", "realized": "-12.5"}}),
+    );
+    let events = wait_for("a position change and a fill", T, || {
+        let e = position_events(&mut t.con);
+        (e.len() >= 2).then_some(e)
+    });
+    let change = events
+        .iter()
+        .find(|e| e["kind"] == "position")
+        .expect("kind=position");
+    let fill = events
+        .iter()
+        .find(|e| e["kind"] == "fill")
+        .expect("kind=fill");
+    for (k, v) in [
+        ("symbol", "BTCUSDT"),
+        ("leg", "BOTH"),
+        ("from_amt", "3"),
+        ("to_amt", "2.5"),
+        ("side_after", "LONG"),
+        ("reason", "order"),
+        ("feed", "stream"),
+    ] {
+        assert_eq!(change[k], v, "{k}: {change:?}");
+    }
+    for (k, v) in [
+        ("symbol", "BTCUSDT"),
+        ("side", "SELL"),
+        ("leg", "BOTH"),
+        ("qty", "0.5"),
+        ("price", "61000"),
+        ("order_type", "STOP_MARKET"),
+        ("cause", "stop"),
+        ("realized_pnl", "-12.5"),
+        ("client_order_id", "web_stop"),
+    ] {
+        assert_eq!(fill[k], v, "{k}: {fill:?}");
+    }
+    assert_eq!(
+        change["exchange_ts_ms"], fill["exchange_ts_ms"],
+        "joined by T"
+    );
+    assert!(fill["order_id"].parse::<u64>().is_ok(), "{fill:?}");
+    assert!(
+        change["ts_epoch"].parse::<u64>().is_ok(),
+        "whole seconds: {change:?}"
+    );
+}
+
+#[test]
+fn with_position_events_off_the_snapshot_moves_and_nothing_is_written() {
+    let mut t = stream_daemon("BTCUSDT", &[("P33_POSITION_EVENTS", "off")]);
+    fill(&t, one("BTCUSDT", "3"));
+    t.start();
+    wait_live(&t);
+    let fills = "p33_position_stream_events_total{result=\"fill\",type=\"order_trade_update\"}";
+    t.fx().control(
+        "/control/stream",
+        json!({"order": {"symbol": "BTCUSDT", "qty": "1", "amount_after": "2", "cause": "take_profit"}}),
+    );
+    wait_amount(&mut t.con, "BTCUSDT", "2", Some("stream"));
+    // The fill was read (evidence the daemon looked), and not written.
+    wait_at_least(&t, fills, 1.0);
+    assert!(position_events(&mut t.con).is_empty());
+}
