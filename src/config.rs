@@ -312,6 +312,7 @@ pub const VARS: &[Var] = &[
     var("P33_EXCHANGE_BASE_URL", Some("https://testnet.binancefuture.com"), Kind::HttpUrl, "exchange REST base URL"),
     var("P33_POSITION_STREAM", Some("on"), Kind::Choice(&["on", "off"]), "on: follow the user data stream for live positions, REST polling reconciles (binance mode); off: REST polling alone"),
     var("P33_POSITION_EVENTS", Some("on"), Kind::Choice(&["on", "off"]), "on: write what the user data stream saw to quantum:stream:p33.positions (kind=position per change of a leg, kind=fill per fill; SPEC §19); only with P33_POSITION_STREAM=on"),
+    var("P33_ON_LIQUIDATION", Some("reduce"), Kind::Choice(&["reduce", "halt", "none"]), "a liquidation or ADL of a symbol sets its trading state to REDUCING (reduce) or HALTED (halt) through the control path, once per order (actor p33-auto); none: only said and counted"),
     var("P33_EXCHANGE_WS_URL", None, Kind::WsUrl, "user data stream base (default: from P33_EXCHANGE_BASE_URL, https://fapi.binance.com → wss://fstream.binance.com, http://h:p → ws://h:p)"),
     var("P33_POSITION_STREAM_PING_SEC", Some("30"), Kind::Seconds { positive: true }, "client ping period on the user data stream; no frame within min(10 s, this) after a ping → reconnect"),
     var("P33_POSITION_STREAM_KEEPALIVE_SEC", Some("1800"), Kind::Seconds { positive: true }, "listenKey keepalive (PUT) period; Binance ends a key 60 min after its last one"),
@@ -654,6 +655,8 @@ pub struct Config {
     /// Position events on `quantum:stream:p33.positions` (SPEC §19): with
     /// the stream only.
     pub position_events: bool,
+    /// The state a liquidation or ADL sets on its symbol (`None`: none).
+    pub on_liquidation: Option<crate::domain::TradingState>,
     /// The user data stream's base URL, no trailing slash (no listenKey).
     pub exchange_ws_url: String,
     /// Client ping period on the user data stream.
@@ -1456,6 +1459,11 @@ impl Config {
             exchange_base_url: p.text("P33_EXCHANGE_BASE_URL").unwrap_or_default(),
             position_stream: snapshot_source == SnapshotSource::Binance
                 && p.word("P33_POSITION_STREAM") == "on",
+            on_liquidation: match p.word("P33_ON_LIQUIDATION") {
+                "halt" => Some(crate::domain::TradingState::Halted),
+                "none" => None,
+                _ => Some(crate::domain::TradingState::Reducing),
+            },
             position_events: snapshot_source == SnapshotSource::Binance
                 && p.word("P33_POSITION_STREAM") == "on"
                 && p.word("P33_POSITION_EVENTS") == "on",

@@ -499,6 +499,39 @@ pub async fn restore(
     Ok((!e.id.is_empty()).then_some(e))
 }
 
+/// The actor of the daemon's own changes (the throttle latch, a
+/// liquidation's symbol state).
+pub const AUTO_ACTOR: &str = "p33-auto";
+
+/// Sets a symbol's state to `to` when it reads looser (never loosens it),
+/// with its control entry (SPEC §19: a liquidation's automatic change,
+/// `actor=p33-auto`): the change script's conditional mode, with no entry
+/// it could have missed. `Ok(None)`: the state was already as strict.
+pub async fn tighten_symbol(
+    con: &mut Conn,
+    symbol: &str,
+    to: TradingState,
+    reason: &str,
+    actor: &str,
+    default: TradingState,
+) -> Result<Option<ControlEntry>, redis::RedisError> {
+    // The last ID but one: XRANGE from just after it can hold no entry (a
+    // stream is never at its last ID, see the script), so only the
+    // "looser than" condition decides.
+    const NO_NEWER: &str = "18446744073709551615-18446744073709551614";
+    let e = run_change(
+        con,
+        to.as_str(),
+        Some(symbol),
+        reason,
+        actor,
+        default,
+        Some(NO_NEWER),
+    )
+    .await?;
+    Ok((!e.id.is_empty()).then_some(e))
+}
+
 /// One call of the change script (`change_state.lua`); a restore when
 /// `last_id` is given (its entry ID is empty when it had nothing to do).
 async fn run_change(

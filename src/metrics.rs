@@ -100,6 +100,9 @@ pub struct Metrics {
     /// `p33_position_stream_corrections_total`: REST changed an amount the
     /// stream had set (a missed event).
     pub position_stream_corrections_total: IntCounter,
+    /// `p33_exchange_closes_total{cause}`: fills the exchange made on its
+    /// own (SPEC §19), every cause exported at 0.
+    pub exchange_closes_total: IntCounterVec,
     /// `p33_position_update_latency_seconds`: event `E` (on the local clock)
     /// → snapshot written.
     pub position_update_latency_seconds: Histogram,
@@ -366,6 +369,11 @@ impl Metrics {
                 "p33_position_stream_reconnects_total",
                 "User data stream connections ended, by reason.",
                 &["reason"],
+            ),
+            exchange_closes_total: iv(
+                "p33_exchange_closes_total",
+                "Fills the exchange made on its own (liquidation, adl, settlement, stop, take_profit).",
+                &["cause"],
             ),
             position_stream_corrections_total: reg(
                 &r,

@@ -572,14 +572,22 @@ fn control(
                     ),
                     _ => ("TRADE", g("client_id", "p33-order"), "MARKET", "MARKET"),
                 };
-                s.order_id += 1;
+                // The same order again (Binance sends one update per fill
+                // of an order) with "order_id".
+                let id = match o.get("order_id").and_then(Value::as_u64) {
+                    Some(id) => id,
+                    None => {
+                        s.order_id += 1;
+                        s.order_id
+                    }
+                };
                 let order = json!({
                     "e": "ORDER_TRADE_UPDATE", "E": t, "T": t,
                     "o": {"s": symbol, "c": c, "S": g("side", "SELL"), "o": typ, "ot": ot,
                           "f": "GTC", "q": g("qty", "1"), "p": "0", "ap": g("price", "60000"),
-                          "sp": "0", "x": x, "X": "FILLED", "i": s.order_id, "l": g("qty", "1"),
+                          "sp": "0", "x": x, "X": "FILLED", "i": id, "l": g("qty", "1"),
                           "z": g("qty", "1"), "L": g("price", "60000"), "N": "USDT", "n": "0",
-                          "T": t, "t": s.order_id, "b": "0", "a": "0", "m": false, "R": true,
+                          "T": t, "t": id, "b": "0", "a": "0", "m": false, "R": true,
                           "ps": g("positionSide", "BOTH"), "rp": g("realized", "0")}
                 })
                 .to_string();

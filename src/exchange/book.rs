@@ -509,7 +509,10 @@ impl Book {
                     to: e.amt,
                     side_after,
                     reason: ev.reason.clone(),
-                    exchange_ms: tx_ms,
+                    // The event's own T (within bounds when read): what the
+                    // fill's entry carries too, so the two join; the state
+                    // keeps the clamped time.
+                    exchange_ms: ev.tx_ms,
                     feed: Feed::Stream,
                 });
             }

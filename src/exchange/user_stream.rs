@@ -262,7 +262,13 @@ pub struct Stream {
     /// during a replacement's overlap): several updates with one `T`
     /// follow each other only on one connection (SPEC §19).
     reading: std::sync::atomic::AtomicU64,
+    /// The liquidation and ADL orders whose symbol state was already set
+    /// (once per order, SPEC §19), the last [`ORDERS_REMEMBERED`].
+    acted: std::sync::Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// Liquidation orders remembered so their state change is made once.
+const ORDERS_REMEMBERED: usize = 1_000;
 
 impl Stream {
     /// The stream task's parts.
@@ -288,6 +294,11 @@ impl Stream {
                 .position_stream_events_total
                 .with_label_values(&[kind, result]);
         }
+        for c in Cause::ALL.into_iter().filter(|c| c.by_exchange()) {
+            metrics
+                .exchange_closes_total
+                .with_label_values(&[c.as_str()]);
+        }
         for r in Reason::ALL {
             metrics
                 .position_stream_reconnects_total
@@ -300,6 +311,7 @@ impl Stream {
             metrics,
             opened: std::sync::atomic::AtomicU64::new(0),
             reading: std::sync::atomic::AtomicU64::new(0),
+            acted: std::sync::Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
@@ -645,9 +657,71 @@ impl Stream {
             crate::text::clip(&u.client_order_id),
             u.realized_pnl
         );
+        if u.cause.by_exchange() {
+            self.metrics
+                .exchange_closes_total
+                .with_label_values(&[u.cause.as_str()])
+                .inc();
+        }
         match u.cause {
-            Cause::Liquidation | Cause::Adl => error!("{line}"),
+            Cause::Liquidation | Cause::Adl => {
+                error!("{line}");
+                self.on_liquidation(u, con).await;
+            }
             _ => info!("{line}"),
+        }
+    }
+
+    /// A liquidation or ADL: the symbol's state is set to
+    /// `P33_ON_LIQUIDATION` through the control path, once per order, never
+    /// loosened (SPEC §19): no new position opens on it until an operator
+    /// has looked and resumed; closes go on.
+    async fn on_liquidation(&self, u: &OrderUpdate, con: &mut store::Conn) {
+        let Some(to) = self.cfg.on_liquidation else {
+            return;
+        };
+        if self.cfg.dry_run {
+            return;
+        }
+        {
+            let mut acted = self.acted.lock().unwrap_or_else(|p| p.into_inner());
+            if acted.contains(&u.order_id) {
+                return;
+            }
+            if acted.len() >= ORDERS_REMEMBERED {
+                acted.pop_front();
+            }
+            acted.push_back(u.order_id);
+        }
+        let reason = format!("liquidation {}", u.order_id);
+        match crate::control::tighten_symbol(
+            con,
+            &u.symbol,
+            to,
+            &reason,
+            crate::control::AUTO_ACTOR,
+            self.cfg.default_trading_state,
+        )
+        .await
+        {
+            Ok(Some(_)) => warn!(
+                "position stream: {} of {}: its trading state is now {} until an operator resumes it (reason: {reason})",
+                u.cause.as_str(),
+                u.symbol,
+                to.as_str()
+            ),
+            Ok(None) => info!(
+                "position stream: {} of {}: its trading state was already {} or stricter",
+                u.cause.as_str(),
+                u.symbol,
+                to.as_str()
+            ),
+            Err(e) => error!(
+                "position stream: {} of {}: setting its trading state to {} failed: {e}",
+                u.cause.as_str(),
+                u.symbol,
+                to.as_str()
+            ),
         }
     }
 

@@ -32,7 +32,9 @@ const LAYERS: &[(&str, u8)] = &[
     // Workers.
     ("consumer", 6),
     ("ledger", 6),
-    ("exchange", 6),
+    // Above control: a liquidation sets its symbol's state through the
+    // control path (SPEC §19).
+    ("exchange", 7),
     ("http", 6),
     ("control", 6),
     ("instance", 6),

@@ -909,3 +909,88 @@ fn with_position_events_off_the_snapshot_moves_and_nothing_is_written() {
     wait_at_least(&t, fills, 1.0);
     assert!(position_events(&mut t.con).is_empty());
 }
+
+#[test]
+fn a_liquidation_sets_its_symbol_reducing_once_and_is_counted() {
+    // SPEC §19: a liquidation or ADL sets the symbol's state through the
+    // control path (p33-auto, once per order, never looser), counts the
+    // close by cause; P33_ON_LIQUIDATION=none only says and counts.
+    let mut t = stream_daemon("BTCUSDT,ETHUSDT", &[]);
+    fill(
+        &t,
+        json!([{"symbol": "BTCUSDT", "positionAmt": "3"}, {"symbol": "ETHUSDT", "positionAmt": "2"}]),
+    );
+    t.start();
+    wait_live(&t);
+    let closes = |c: &str| format!("p33_exchange_closes_total{{cause=\"{c}\"}}");
+    for c in ["liquidation", "adl", "settlement", "stop", "take_profit"] {
+        assert_eq!(t.metric(&closes(c)), Some(0.0), "{c} exported at 0");
+    }
+    let state = |con: &mut redis::Connection, s: &str| -> Option<String> {
+        redis::cmd("GET")
+            .arg(format!("quantum:p33:trading_state:{s}"))
+            .query(con)
+            .unwrap()
+    };
+    for _ in 0..2 {
+        // The same liquidation order twice (two fills of it).
+        t.fx().control(
+            "/control/stream",
+            json!({"order": {"symbol": "BTCUSDT", "qty": "1", "amount_after": "2",
+                             "cause": "liquidation", "order_id": 777}}),
+        );
+    }
+    wait_at_least(&t, &closes("liquidation"), 2.0);
+    let con = &mut t.con;
+    wait_for("BTCUSDT REDUCING", T, || {
+        (state(con, "BTCUSDT").as_deref() == Some("REDUCING")).then_some(())
+    });
+    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg("quantum:stream:p33.control")
+        .arg("-")
+        .arg("+")
+        .query(&mut t.con)
+        .unwrap();
+    let autos: Vec<&HashMap<String, String>> = entries
+        .iter()
+        .map(|(_, f)| f)
+        .filter(|f| f.get("reason").map(String::as_str) == Some("liquidation 777"))
+        .filter(|f| f.get("kind").map(String::as_str) == Some("change"))
+        .collect();
+    assert_eq!(autos.len(), 1, "once per order: {entries:?}");
+    for (k, v) in [
+        ("actor", "p33-auto"),
+        ("scope", "symbol"),
+        ("symbol", "BTCUSDT"),
+        ("to", "REDUCING"),
+    ] {
+        assert_eq!(autos[0][k], v, "{k}: {:?}", autos[0]);
+    }
+    t.wait_log("position stream: liquidation fill of BTCUSDT", T);
+    // A stop is a close too, and changes no state.
+    t.fx().control(
+        "/control/stream",
+        json!({"order": {"symbol": "ETHUSDT", "qty": "1", "amount_after": "1", "cause": "stop"}}),
+    );
+    wait_at_least(&t, &closes("stop"), 1.0);
+    assert_eq!(state(&mut t.con, "ETHUSDT"), None);
+}
+
+#[test]
+fn with_on_liquidation_none_a_liquidation_is_only_said_and_counted() {
+    let mut t = stream_daemon("BTCUSDT", &[("P33_ON_LIQUIDATION", "none")]);
+    fill(&t, one("BTCUSDT", "3"));
+    t.start();
+    wait_live(&t);
+    t.fx().control(
+        "/control/stream",
+        json!({"order": {"symbol": "BTCUSDT", "qty": "1", "amount_after": "2", "cause": "adl"}}),
+    );
+    wait_at_least(&t, "p33_exchange_closes_total{cause=\"adl\"}", 1.0);
+    t.wait_log("position stream: adl fill of BTCUSDT", T);
+    let s: Option<String> = redis::cmd("GET")
+        .arg("quantum:p33:trading_state:BTCUSDT")
+        .query(&mut t.con)
+        .unwrap();
+    assert_eq!(s, None);
+}
