@@ -125,7 +125,10 @@ pub(crate) fn row_field(r: &Value, k: &str) -> String {
 
 /// Folds one symbol's legs into its position. One non-zero leg is the
 /// position (dust included: the rules decide what is flat); two are
-/// `HEDGED` with the combined amount and PnL, so every plan is denied.
+/// `HEDGED` with the combined amount and PnL, so every plan is denied. A
+/// flat symbol keeps the mark price and leverage the last positionRisk
+/// reply gave (SPEC §19: P3.4 and the canonical hash read them for flat
+/// symbols too).
 pub fn fold(legs: &Legs) -> Position {
     let legs = match legs {
         Ok(l) => l,
@@ -133,7 +136,17 @@ pub fn fold(legs: &Legs) -> Position {
     };
     let open: Vec<&LegState> = legs.values().filter(|l| !l.amt.is_zero()).collect();
     match open.as_slice() {
-        [] => Position::flat(),
+        [] => {
+            let mut p = Position::flat();
+            if let Some(l) = legs
+                .values()
+                .find(|l| parse_dec(&l.mark_price).is_some_and(|m| !m.is_zero()))
+            {
+                p.mark_price = l.mark_price.clone();
+                p.leverage = l.leverage.clone();
+            }
+            p
+        }
         [l] => Position {
             amt: l.amt,
             side: if l.amt.is_sign_positive() {

@@ -455,7 +455,20 @@ fn canonical_positions_are_written_when_enabled() {
             .set("P33_CANONICAL_POSITIONS", "true")
             .deferred(),
     );
-    t.fx().control("/control/positions", json!([{"symbol": "BTCUSDT", "positionAmt": "-0.25", "entryPrice": "60000", "markPrice": "59000", "unRealizedProfit": "250", "leverage": "5"}]));
+    // positionRisk names a flat symbol too, with its mark price (SPEC §19:
+    // the canonical hash of a flat symbol carries it, not 0).
+    t.fx().control("/control/positions", json!([
+        {"symbol": "BTCUSDT", "positionAmt": "-0.25", "entryPrice": "60000", "markPrice": "59000", "unRealizedProfit": "250", "leverage": "5"},
+        {"symbol": "ETHUSDT", "positionAmt": "0", "entryPrice": "0.0", "markPrice": "3100.5", "unRealizedProfit": "0", "leverage": "10"}
+    ]));
+    // Another service's field in the canonical hash stays: merged, never
+    // replaced.
+    let _: () = redis::cmd("HSET")
+        .arg("quantum:state:positions:ETHUSDT")
+        .arg("risk_tier")
+        .arg("B")
+        .query(&mut t.con)
+        .unwrap();
     t.start();
     let h: HashMap<String, String> = wait_for("canonical hash", T, || {
         let h: HashMap<String, String> = redis::cmd("HGETALL")
@@ -483,6 +496,17 @@ fn canonical_positions_are_written_when_enabled() {
         .query(&mut t.con)
         .unwrap();
     assert_eq!(flat["side"], "FLAT");
+    assert_eq!(flat["mark_price"], "3100.5", "{flat:?}");
+    assert_eq!(flat["current_price"], "3100.5", "{flat:?}");
+    assert_eq!(
+        flat["risk_tier"], "B",
+        "another writer's field stays: {flat:?}"
+    );
+    let snap: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("quantum:position:snapshot:ETHUSDT")
+        .query(&mut t.con)
+        .unwrap();
+    assert_eq!(snap["mark_price"], "3100.5", "{snap:?}");
 }
 
 #[test]
