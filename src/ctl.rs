@@ -401,7 +401,7 @@ fn instance_line(name: &str, f: &std::collections::HashMap<String, String>, now:
         ),
     };
     format!(
-        "  {} {} v{} ({}) on {} pid {}: allowlist source={} count={}{} pending={} plans={} last plan {} position_stream={} redis_master={}\n",
+        "  {} {} v{} ({}) on {} pid {}: allowlist source={} count={}{} pending={} plans={} last plan {} position_stream={} canonical_positions={} redis_master={}\n",
         clip(name),
         g("mode"),
         g("version"),
@@ -419,6 +419,7 @@ fn instance_line(name: &str, f: &std::collections::HashMap<String, String>, now:
         g("plans"),
         last,
         g("position_stream"),
+        f.get("canonical_positions").map_or("unknown", String::as_str),
         g("redis_master"),
     )
 }

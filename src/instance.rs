@@ -42,6 +42,9 @@ pub struct Report {
     pub allowlist: (String, usize, Option<f64>, bool),
     /// The position stream (SPEC §16): `live`, `down` or `off`.
     pub position_stream: &'static str,
+    /// Whether this instance writes the canonical hashes
+    /// (`P33_CANONICAL_POSITIONS`, SPEC §19): `on` or `off`.
+    pub canonical_positions: &'static str,
     /// The Redis master in use (`host:port`), or `none`.
     pub redis_master: String,
     /// This consumer's pending plan entries.
@@ -76,6 +79,7 @@ impl Report {
             ),
             ("stale", u8::from(*stale).to_string()),
             ("position_stream", self.position_stream.to_string()),
+            ("canonical_positions", self.canonical_positions.to_string()),
             ("redis_master", self.redis_master.clone()),
             ("pending", self.pending.to_string()),
             ("plans", self.plans.to_string()),
@@ -153,6 +157,7 @@ pub async fn run(
                 a.expires_at.is_some_and(|e| now > e),
             ),
             position_stream: stream_word(&metrics),
+            canonical_positions: if cfg.canonical_positions { "on" } else { "off" },
             redis_master: redis.status().master.unwrap_or_else(|| "none".into()),
             pending,
             plans: metrics.plans_finished(),
@@ -257,6 +262,8 @@ pub fn well_formed(f: &HashMap<String, String>) -> bool {
         && one_of("mode", &["live", "dry_run"])
         && one_of("stale", &["0", "1"])
         && one_of("position_stream", &["live", "down", "off"])
+        // Absent from an older instance's report.
+        && (!f.contains_key("canonical_positions") || one_of("canonical_positions", &["on", "off"]))
         && f.get("asof_epoch").is_none_or(|v| {
             v.is_empty() || (v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()))
         })
@@ -391,6 +398,7 @@ mod tests {
             mode: "live",
             allowlist: ("universe".into(), 566, Some(1769920585.9), false),
             position_stream: "off",
+            canonical_positions: "on",
             redis_master: "127.0.0.1:6379".into(),
             pending: 2,
             plans: 9,
@@ -411,6 +419,7 @@ mod tests {
             "asof_epoch",
             "stale",
             "position_stream",
+            "canonical_positions",
             "redis_master",
             "pending",
             "plans",

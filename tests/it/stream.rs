@@ -523,6 +523,7 @@ fn several_instances_each_follow_the_stream_on_one_shared_key() {
     let (code, out, _) = run_once(&["ctl", "status"], &[("REDIS_URL", &t.redis.url())]);
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(out.matches("position_stream=live").count(), 2, "{out}");
+    assert_eq!(out.matches("canonical_positions=off").count(), 2, "{out}");
 }
 
 #[test]
