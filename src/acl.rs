@@ -209,6 +209,8 @@ pub fn run(args: &AclArgs) -> i32 {
             .map(|(_, f)| f.clone())
     };
     let read = |user: &str, path: &Path| -> Result<Secret, i32> {
+        // A pipeline user's name is an argument: cut and escaped (SPEC §11).
+        let user = crate::text::clip(user);
         match read_secret_file(path) {
             Ok(p) if is_placeholder(p.expose()) => {
                 eprintln!(
@@ -268,7 +270,8 @@ pub fn run(args: &AclArgs) -> i32 {
                 None if user == "default" => lines.push(pipeline_line(user, None)),
                 None => {
                     eprintln!(
-                        "acl: give --password-file {user}=FILE: a pipeline user's line carries its password (only default may stay without one)"
+                        "acl: give --password-file {}=FILE: a pipeline user's line carries its password (only default may stay without one)",
+                        crate::text::clip(user)
                     );
                     return crate::config::EXIT_USAGE;
                 }

@@ -66,13 +66,7 @@ pub async fn read_keys(
         let mut pipe = redis::pipe();
         pipe.atomic();
         for &i in &todo {
-            let k = &keys[i];
-            pipe.cmd("TYPE")
-                .arg(k)
-                .cmd("GETRANGE")
-                .arg(k)
-                .arg(0)
-                .arg(16);
+            read_state_cmds(&mut pipe, &keys[i]);
         }
         match pipe.query_async::<Vec<redis::Value>>(con).await {
             Ok(v) if v.len() == todo.len() * 2 => {
@@ -93,7 +87,10 @@ pub async fn read_keys(
                 }
                 let t: Vec<redis::Value> = types.query_async(con).await?;
                 for (&i, kind) in todo.iter().zip(&t) {
-                    if !matches!(type_name(kind), "string" | "none") {
+                    if !matches!(
+                        crate::stream::text(kind).as_deref(),
+                        Some("string" | "none")
+                    ) {
                         out[i] = Some(Some(TradingState::Halted));
                     }
                 }
@@ -107,13 +104,8 @@ pub async fn read_keys(
             continue;
         }
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("TYPE")
-            .arg(&keys[i])
-            .cmd("GETRANGE")
-            .arg(&keys[i])
-            .arg(0)
-            .arg(16);
+        pipe.atomic();
+        read_state_cmds(&mut pipe, &keys[i]);
         out[i] = Some(match pipe.query_async::<Vec<redis::Value>>(con).await {
             Ok(v) if v.len() == 2 => stored_state(&v[0], &v[1]),
             Err(e) if e.code() == Some("WRONGTYPE") => Some(TradingState::Halted),
@@ -124,23 +116,25 @@ pub async fn read_keys(
     Ok(out.into_iter().map(Option::flatten).collect())
 }
 
-/// A `TYPE` reply's type name (`""` when it is none).
-fn type_name(v: &redis::Value) -> &str {
-    match v {
-        redis::Value::SimpleString(s) => s.as_str(),
-        redis::Value::BulkString(b) => std::str::from_utf8(b).unwrap_or(""),
-        _ => "",
-    }
+/// A key's `TYPE` and `GETRANGE 0 16` (at most 17 bytes: more than 16 is
+/// HALTED), added to `pipe`.
+fn read_state_cmds(pipe: &mut redis::Pipeline, key: &str) {
+    pipe.cmd("TYPE")
+        .arg(key)
+        .cmd("GETRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(16);
 }
 
 /// One key's `TYPE` and `GETRANGE 0 16` replies as a state (`None`:
 /// missing).
 fn stored_state(kind: &redis::Value, value: &redis::Value) -> Option<TradingState> {
     use redis::Value as V;
-    match (type_name(kind), value) {
-        ("none", _) => None,
-        ("string", V::BulkString(b)) => Some(TradingState::from_stored_bytes(b)),
-        ("string", V::SimpleString(s)) => Some(TradingState::from_stored(s)),
+    match (crate::stream::text(kind).as_deref(), value) {
+        (Some("none"), _) => None,
+        (Some("string"), V::BulkString(b)) => Some(TradingState::from_stored_bytes(b)),
+        (Some("string"), V::SimpleString(s)) => Some(TradingState::from_stored(s)),
         // Another type, or a reply that is no value: fail closed.
         _ => Some(TradingState::Halted),
     }
@@ -458,11 +452,10 @@ async fn stream_problem(con: &mut Conn) -> Result<Option<String>, redis::RedisEr
                 .arg(CONTROL_STREAM)
                 .query_async(con)
                 .await?;
-            let last = match info.get("last-generated-id") {
-                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                Some(redis::Value::SimpleString(s)) => s.clone(),
-                _ => String::new(),
-            };
+            let last = info
+                .get("last-generated-id")
+                .and_then(crate::stream::text)
+                .unwrap_or_default();
             Ok((last == MAX_STREAM_ID).then(|| "is at its last possible ID".to_string()))
         }
         other => Ok(Some(format!("holds a {}", clip(other)))),

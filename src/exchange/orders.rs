@@ -106,7 +106,7 @@ pub struct OrderUpdate {
     pub avg_price: String,
     /// `i`.
     pub order_id: u64,
-    /// `c`, cut to 64 characters.
+    /// `c`, cut to 64 characters and escaped.
     pub client_order_id: String,
     /// `ot` (the original type; `o` when absent).
     pub order_type: String,
@@ -199,7 +199,7 @@ pub fn parse_order_update(
         .get("i")
         .and_then(Value::as_u64)
         .ok_or_else(|| format!("{symbol}: o.i is not a whole number"))?;
-    let client: String = text(o, "c")?.chars().take(CLIENT_ID_MAX_CHARS).collect();
+    let client = text(o, "c")?;
     let last_qty = number(o, "l").map_err(|w| format!("{symbol}: {w}"))?;
     if last_qty.is_sign_negative() {
         return Err(format!("{symbol}: o.l is negative"));
@@ -209,7 +209,7 @@ pub fn parse_order_update(
         None => Decimal::ZERO,
         Some(_) => number(o, "rp").map_err(|w| format!("{symbol}: {w}"))?,
     };
-    let cause = cause(&execution, &client, order_type, original);
+    let cause = cause(&execution, client, order_type, original);
     Ok(OrderUpdate {
         event_ms,
         tx_ms,
@@ -220,7 +220,7 @@ pub fn parse_order_update(
         last_qty,
         avg_price: crate::domain::dec_str(avg_price),
         order_id,
-        client_order_id: crate::text::clip_to(&client, CLIENT_ID_MAX_CHARS).into_owned(),
+        client_order_id: crate::text::clip_to(client, CLIENT_ID_MAX_CHARS).into_owned(),
         order_type: original.to_string(),
         realized_pnl: crate::domain::dec_str(realized),
         cause,
