@@ -312,6 +312,7 @@ pub const VARS: &[Var] = &[
     var("P33_EXCHANGE_BASE_URL", Some("https://testnet.binancefuture.com"), Kind::HttpUrl, "exchange REST base URL"),
     var("P33_POSITION_STREAM", Some("on"), Kind::Choice(&["on", "off"]), "on: follow the user data stream for live positions, REST polling reconciles (binance mode); off: REST polling alone"),
     var("P33_POSITION_EVENTS", Some("on"), Kind::Choice(&["on", "off"]), "on: write what the user data stream saw to quantum:stream:p33.positions (kind=position per change of a leg, kind=fill per fill; SPEC §19); only with P33_POSITION_STREAM=on"),
+    var("P33_TRADE_CLOSED_EVENTS", Some("false"), Kind::Bool, "also write each close the exchange made (liquidation, adl, stop, take_profit, settlement) to quantum:stream:trade.closed in the pipeline's contract (SPEC §19); only with P33_POSITION_STREAM=on"),
     var("P33_ON_LIQUIDATION", Some("reduce"), Kind::Choice(&["reduce", "halt", "none"]), "a liquidation or ADL of a symbol sets its trading state to REDUCING (reduce) or HALTED (halt) through the control path, once per order (actor p33-auto); none: only said and counted"),
     var("P33_EXCHANGE_WS_URL", None, Kind::WsUrl, "user data stream base (default: from P33_EXCHANGE_BASE_URL, https://fapi.binance.com → wss://fstream.binance.com, http://h:p → ws://h:p)"),
     var("P33_POSITION_STREAM_PING_SEC", Some("30"), Kind::Seconds { positive: true }, "client ping period on the user data stream; no frame within min(10 s, this) after a ping → reconnect"),
@@ -655,6 +656,11 @@ pub struct Config {
     /// Position events on `quantum:stream:p33.positions` (SPEC §19): with
     /// the stream only.
     pub position_events: bool,
+    /// Exchange-side closes on `quantum:stream:trade.closed` (SPEC §19):
+    /// with the stream only.
+    pub trade_closed_events: bool,
+    /// `P33_TRADE_CLOSED_EVENTS` was set true without the stream (a WARN).
+    trade_closed_without_stream: bool,
     /// The state a liquidation or ADL sets on its symbol (`None`: none).
     pub on_liquidation: Option<crate::domain::TradingState>,
     /// The user data stream's base URL, no trailing slash (no listenKey).
@@ -1467,6 +1473,12 @@ impl Config {
             position_events: snapshot_source == SnapshotSource::Binance
                 && p.word("P33_POSITION_STREAM") == "on"
                 && p.word("P33_POSITION_EVENTS") == "on",
+            trade_closed_events: snapshot_source == SnapshotSource::Binance
+                && p.word("P33_POSITION_STREAM") == "on"
+                && p.bool("P33_TRADE_CLOSED_EVENTS"),
+            trade_closed_without_stream: p.bool("P33_TRADE_CLOSED_EVENTS")
+                && !(snapshot_source == SnapshotSource::Binance
+                    && p.word("P33_POSITION_STREAM") == "on"),
             exchange_ws_url,
             stream_ping: dur(p.secs("P33_POSITION_STREAM_PING_SEC")),
             stream_replace: dur(p.secs("P33_POSITION_STREAM_REPLACE_SEC")),
@@ -1606,6 +1618,12 @@ impl Config {
                     "{name} is a shipped placeholder (CHANGE-ME…): anyone who read the package can log in as this user; choose a password and load the users with `position-state-brain acl` (SPEC §17)"
                 ));
             }
+        }
+        if self.trade_closed_without_stream {
+            w.push(
+                "P33_TRADE_CLOSED_EVENTS=true does nothing without the user data stream (P33_SNAPSHOT_SOURCE=binance, P33_POSITION_STREAM=on): only the stream sees the fills that closed a position"
+                    .to_string(),
+            );
         }
         if !self.metrics_addr.is_loopback() {
             w.push(format!(
@@ -2108,11 +2126,15 @@ mod tests {
             ("P33_POLL_SEC", "15"),
             ("P33_STALE_THRESHOLD_SEC", "10"),
             ("P33_METRICS_ADDR", "0.0.0.0"),
+            ("P33_POSITION_STREAM", "off"),
+            ("P33_TRADE_CLOSED_EVENTS", "true"),
         ])
         .unwrap();
+        assert!(!c.trade_closed_events);
         let w = c.warnings().join("\n");
         for want in [
             "REDIS_PASWORD is not a variable this daemon reads; did you mean REDIS_PASSWORD?",
+            "P33_TRADE_CLOSED_EVENTS=true does nothing without the user data stream",
             "testnet and mainnet exchange credentials are both set",
             "P33_POLL_SEC=15 is not below P33_STALE_THRESHOLD_SEC=10",
             "P33_METRICS_ADDR=0.0.0.0 is not loopback",

@@ -129,6 +129,12 @@ pub const REVOCATIONS_STREAM: &str = "quantum:stream:p33.revocations";
 /// change, with the snapshot write) and `kind=fill` entries.
 pub const POSITIONS_STREAM: &str = "quantum:stream:p33.positions";
 
+/// The pipeline's closed trades (SPEC §19): intent_executor and the apply
+/// layer write their own closes there; this daemon, with
+/// `P33_TRADE_CLOSED_EVENTS`, the ones the exchange made. Not ours: we
+/// only add to it.
+pub const TRADE_CLOSED_STREAM: &str = "quantum:stream:trade.closed";
+
 /// A running instance's report of itself (SPEC §12), a hash with a TTL.
 pub fn instance(consumer: &str) -> String {
     format!("quantum:p33:instance:{consumer}")

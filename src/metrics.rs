@@ -103,6 +103,9 @@ pub struct Metrics {
     /// `p33_exchange_closes_total{cause}`: fills the exchange made on its
     /// own (SPEC §19), every cause exported at 0.
     pub exchange_closes_total: IntCounterVec,
+    /// `p33_trade_closed_events_total{cause,result}`: exchange-side closes
+    /// for `quantum:stream:trade.closed` (SPEC §19), `written` or `failed`.
+    pub trade_closed_events_total: IntCounterVec,
     /// `p33_position_update_latency_seconds`: event `E` (on the local clock)
     /// → snapshot written.
     pub position_update_latency_seconds: Histogram,
@@ -374,6 +377,11 @@ impl Metrics {
                 "p33_exchange_closes_total",
                 "Fills the exchange made on its own (liquidation, adl, settlement, stop, take_profit).",
                 &["cause"],
+            ),
+            trade_closed_events_total: iv(
+                "p33_trade_closed_events_total",
+                "Closes the exchange made, for quantum:stream:trade.closed, by cause and result (written, failed).",
+                &["cause", "result"],
             ),
             position_stream_corrections_total: reg(
                 &r,

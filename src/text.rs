@@ -82,8 +82,14 @@ pub(crate) fn rfc3339(epoch: &str) -> String {
     else {
         return clip(epoch).into_owned();
     };
+    let (y, m, d, hh, mm, ss) = civil(secs);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
+}
+
+/// Epoch seconds as a UTC civil date and time (proleptic Gregorian, after
+/// H. Hinnant's days-to-civil): year, month, day, hour, minute, second.
+fn civil(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
     let (days, rest) = (secs / 86_400, secs % 86_400);
-    // Days to a civil date (proleptic Gregorian), after H. Hinnant.
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -93,12 +99,65 @@ pub(crate) fn rfc3339(epoch: &str) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
+    (y, m, d, rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+/// Epoch milliseconds as Python's `datetime.utcnow().isoformat()` writes
+/// them (`2026-12-07T15:04:05.123000`: no zone, microseconds, and no
+/// fraction at all when it is zero): the pipeline's `trade.closed` time
+/// (SPEC §19).
+pub(crate) fn py_utc_isoformat(ms: u64) -> String {
+    let (y, m, d, hh, mm, ss) = civil(ms / 1000);
+    let micros = ms % 1000 * 1000;
+    if micros == 0 {
+        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}")
+    } else {
+        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{micros:06}")
+    }
+}
+
+/// A float as Python's `str(float)` writes it: the shortest digits that
+/// read back to it, `.0` on a whole number, and an exponent (`1e-05`,
+/// `1.5e+16`) below 1e-4 or from 1e16 on: the pipeline's formats for
+/// prices and PnL (SPEC §19). Not finite: `nan`, `inf`, `-inf`.
+pub(crate) fn py_float(x: f64) -> String {
+    if x.is_nan() {
+        return "nan".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    // Rust's shortest round-trip digits, in scientific form: `-1.2345e3`.
+    let sci = format!("{x:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mantissa),
+    };
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    if !(-4..16).contains(&exp) {
+        let (first, rest) = digits.split_at(1);
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
+        let esign = if exp < 0 { '-' } else { '+' };
+        return format!("{sign}{first}{frac}e{esign}{:02}", exp.unsigned_abs());
+    }
+    if exp < 0 {
+        let zeros = "0".repeat(exp.unsigned_abs() as usize - 1);
+        return format!("{sign}0.{zeros}{digits}");
+    }
+    let point = exp as usize + 1;
+    if digits.len() <= point {
+        let zeros = "0".repeat(point - digits.len());
+        format!("{sign}{digits}{zeros}.0")
+    } else {
+        let (int, frac) = digits.split_at(point);
+        format!("{sign}{int}.{frac}")
+    }
 }
 
 /// `s` with the userinfo of every URL in it replaced (`scheme://user:pw@host`
@@ -157,6 +216,46 @@ mod tests {
             ("soon\n", "soon\\n"),
         ] {
             assert_eq!(rfc3339(epoch), want, "{epoch}");
+        }
+    }
+
+    #[test]
+    fn floats_are_written_as_python_writes_them() {
+        // Each `want` is what python3 -c 'print(str(float(x)))' printed.
+        for (x, want) in [
+            (0.0, "0.0"),
+            (-0.0, "-0.0"),
+            (1.0, "1.0"),
+            (60000.0, "60000.0"),
+            (60000.5, "60000.5"),
+            (-1.25, "-1.25"),
+            (0.1, "0.1"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (0.000012345, "1.2345e-05"),
+            (123.456, "123.456"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1.5e16, "1.5e+16"),
+            (123456789012345678.0, "1.2345678901234568e+17"),
+            (-0.42, "-0.42"),
+            (2.0 / 3.0, "0.6666666666666666"),
+            (1e-300, "1e-300"),
+            (f64::INFINITY, "inf"),
+        ] {
+            assert_eq!(py_float(x), want, "{x}");
+        }
+    }
+
+    #[test]
+    fn times_are_written_as_utcnow_isoformat() {
+        for (ms, want) in [
+            (0, "1970-01-01T00:00:00"),
+            (1_765_130_222_123, "2025-12-07T17:57:02.123000"),
+            (1_765_130_222_000, "2025-12-07T17:57:02"),
+            (1_709_164_800_001, "2024-02-29T00:00:00.001000"),
+        ] {
+            assert_eq!(py_utc_isoformat(ms), want, "{ms}");
         }
     }
 

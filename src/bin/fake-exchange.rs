@@ -29,9 +29,11 @@
 //!   whose `T` is `age_ms` older than the last one (out of order),
 //!   `{"order": {"symbol", "side", "qty", "price", "amount_after", "cause":
 //!   "order"|"stop"|"take_profit"|"liquidation"|"adl"|"settlement",
-//!   "order_first"?}}` pushes an `ORDER_TRADE_UPDATE` with Binance's markers
-//!   for that cause and the `ACCOUNT_UPDATE` of the position after it (that
-//!   one first, unless `order_first`), and leaves the position there,
+//!   "order_first"?, "order_id"?, "realized"?, "client_id"?, "positionSide"?}}`
+//!   pushes an `ORDER_TRADE_UPDATE` with Binance's markers for that cause
+//!   and the `ACCOUNT_UPDATE` of the position after it (that one first,
+//!   unless `order_first`; the entry price kept while open, 0 when flat),
+//!   and leaves the position there,
 //!   `{"fills": {"symbol", "amounts": ["0.02", "0.04", "1"]}}` pushes one
 //!   `ACCOUNT_UPDATE` per amount, all with one `T` (an order filled in
 //!   parts) and leaves the position at the last,
@@ -591,7 +593,27 @@ fn control(
                           "ps": g("positionSide", "BOTH"), "rp": g("realized", "0")}
                 })
                 .to_string();
-                let row = json!({"symbol": symbol, "positionAmt": after, "positionSide": g("positionSide", "BOTH")});
+                // A position that stays open keeps its entry price (as on
+                // Binance); a flat one has 0.
+                let leg = g("positionSide", "BOTH");
+                let entry = if after == "0" {
+                    "0.0".to_string()
+                } else {
+                    s.positions
+                        .iter()
+                        .find(|r| {
+                            r.get("symbol").and_then(Value::as_str) == Some(symbol.as_str())
+                                && r.get("positionSide")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("BOTH")
+                                    == leg
+                        })
+                        .and_then(|r| r.get("entryPrice").and_then(Value::as_str))
+                        .unwrap_or("0.0")
+                        .to_string()
+                };
+                let row = json!({"symbol": symbol, "positionAmt": after, "positionSide": leg,
+                                 "entryPrice": entry});
                 let account = account_update(t, vec![event_entry(&row)]);
                 if o.get("order_first").and_then(Value::as_bool) == Some(true) {
                     s.push(&order);
@@ -604,8 +626,8 @@ fn control(
                 s.positions.retain(|r| r.get("symbol") != Some(&sym));
                 if after != "0" {
                     s.positions.push(json!({
-                        "symbol": symbol, "positionAmt": after, "positionSide": g("positionSide", "BOTH"),
-                        "entryPrice": "0.0", "markPrice": "0.0", "unRealizedProfit": "0.0",
+                        "symbol": symbol, "positionAmt": after, "positionSide": leg,
+                        "entryPrice": entry, "markPrice": "0.0", "unRealizedProfit": "0.0",
                         "leverage": "10", "marginType": "cross", "updateTime": t,
                     }));
                 }

@@ -92,6 +92,10 @@ pub struct LegChange {
     pub from: Decimal,
     /// The amount after.
     pub to: Decimal,
+    /// The leg's entry price before the change, as the exchange wrote it
+    /// (`0` when there was none): what a close's `trade.closed` entry
+    /// carries (SPEC §19).
+    pub entry_before: String,
     /// The symbol's side after it (`LONG`, `SHORT`, `FLAT`, `HEDGED`).
     pub side_after: &'static str,
     /// The event's `a.m` in lower case, or `reconcile` for REST.
@@ -367,6 +371,9 @@ impl Book {
                 });
                 sym.last_rest.insert(side, told.amt);
                 let held = mine.get(&side).map_or(Decimal::ZERO, |l| l.amt);
+                let entry_before = mine
+                    .get(&side)
+                    .map_or_else(|| "0".to_string(), |l| l.entry_price.clone());
                 let newer = mine
                     .get(&side)
                     .is_none_or(|l| told.updated_ms >= l.updated_ms);
@@ -404,6 +411,7 @@ impl Book {
                         leg: side,
                         from: held,
                         to: told.amt,
+                        entry_before,
                         side_after: "",
                         reason: "reconcile".into(),
                         exchange_ms: told.updated_ms,
@@ -476,6 +484,9 @@ impl Book {
             // The event carries no mark price or leverage: the leg keeps
             // REST's, or the symbol's other leg's.
             let before = legs.get(&e.leg).map_or(Decimal::ZERO, |l| l.amt);
+            let entry_before = legs
+                .get(&e.leg)
+                .map_or_else(|| "0".to_string(), |l| l.entry_price.clone());
             let (mark, lev) = legs
                 .get(&e.leg)
                 .or_else(|| legs.values().next())
@@ -507,6 +518,7 @@ impl Book {
                     leg: e.leg,
                     from: before,
                     to: e.amt,
+                    entry_before,
                     side_after,
                     reason: ev.reason.clone(),
                     // The event's own T (within bounds when read): what the

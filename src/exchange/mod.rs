@@ -14,11 +14,14 @@
 //! The parts: `rest.rs` (the signed client, capped bodies and waits, the
 //! listenKey), `positions.rs` (rows and events into one position per
 //! symbol), `book.rs` (the position state and its order rule),
-//! `machine.rs` (the stream's states, pure), `user_stream.rs` (the
+//! `machine.rs` (the stream's states, pure), `orders.rs` (order updates and
+//! their causes, pure), `closes.rs` (exchange-side closes joined from fills
+//! and changes to flat, pure), `user_stream.rs` (the
 //! WebSocket task), `snapshots.rs` (the snapshot writer), `step_table.rs`
 //! (step sizes); this file runs the poller.
 
 mod book;
+mod closes;
 mod machine;
 mod orders;
 mod positions;
@@ -31,6 +34,7 @@ pub use book::{
     AccountUpdate, Applied, Book, Clock, Correction, EventLeg, Feed, LegChange, Reply,
     MAX_AHEAD_MS, MAX_PENDING_CHANGES,
 };
+pub use closes::{Closes, TradeClosed, FILL_KEEP_MS, GRACE_MS, JOIN_MS, MAX_HELD};
 pub use machine::{
     backoff, Action, Input, Machine, Phase, Reason, BACKOFF_MAX, BACKOFF_MIN, MAX_BUFFERED,
     MAX_BUFFERED_BYTES, STEADY_AFTER,
@@ -43,7 +47,7 @@ pub use rest::{
 };
 pub use snapshots::{
     source_label, write_snapshots, Row, Stamp, StreamState, Writer, POSITIONS_MAXLEN,
-    SNAPSHOT_TTL_S,
+    SNAPSHOT_TTL_S, TRADE_CLOSED_MAXLEN,
 };
 pub use step_table::{load_saved_steps, run_step_sizes, STEP_REFRESH, STEP_RETRY};
 pub use user_stream::{

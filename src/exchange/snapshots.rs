@@ -14,8 +14,10 @@ use crate::keys;
 use crate::metrics::Metrics;
 use crate::steps::Positioned;
 
-use super::book::{Book, Feed};
+use super::book::{Book, Feed, LegChange};
+use super::closes::{Closes, TradeClosed};
 use super::machine::Phase;
+use super::orders::{Cause, OrderUpdate};
 use super::Position;
 
 /// When a snapshot write says its position was current.
@@ -61,6 +63,13 @@ pub struct Writer {
     source: &'static str,
     canonical: bool,
     dry_run: bool,
+    /// `kind=position` entries on the positions stream (SPEC §19).
+    position_events: bool,
+    /// Exchange-side closes on `quantum:stream:trade.closed` (SPEC §19).
+    trade_closed: bool,
+    /// Fills and changes to flat not joined yet (never held across an
+    /// await).
+    closes: Mutex<Closes>,
     stream: AtomicU8,
     last_frame_ms: AtomicU64,
 }
@@ -82,6 +91,10 @@ impl Writer {
             source: source_label(&cfg.exchange_base_url),
             canonical: cfg.canonical_positions,
             dry_run: cfg.dry_run,
+            // A dry run writes nothing the pipeline reads (SPEC §14).
+            position_events: cfg.position_events && !cfg.dry_run,
+            trade_closed: cfg.trade_closed_events && !cfg.dry_run,
+            closes: Mutex::new(Closes::default()),
             stream: AtomicU8::new(0),
             last_frame_ms: AtomicU64::new(0),
         };
@@ -90,8 +103,15 @@ impl Writer {
         } else {
             StreamState::Off
         });
-        // A dry run writes nothing the pipeline reads (SPEC §14).
-        w.book().record_changes(cfg.position_events && !cfg.dry_run);
+        // The changes feed both streams.
+        w.book().record_changes(w.position_events || w.trade_closed);
+        for c in Cause::ALL.into_iter().filter(|c| c.by_exchange()) {
+            for result in ["written", "failed"] {
+                w.metrics
+                    .trade_closed_events_total
+                    .with_label_values(&[c.as_str(), result]);
+            }
+        }
         w
     }
 
@@ -207,7 +227,15 @@ impl Writer {
             return Ok(0);
         }
         if !self.dry_run {
-            write_snapshots(con, &rows, &changes, self.source, self.canonical).await?;
+            let entries: &[LegChange] = if self.position_events { &changes } else { &[] };
+            write_snapshots(con, &rows, entries, self.source, self.canonical).await?;
+        }
+        if self.trade_closed && !changes.is_empty() {
+            let closed: Vec<TradeClosed> = {
+                let mut j = self.closes();
+                changes.iter().filter_map(|c| j.change(c, now)).collect()
+            };
+            self.publish_closes(con, closed).await;
         }
         for (sym, pos, _, ts_ms) in &rows {
             let amt = dec_str(pos.amt).parse().unwrap_or(0.0);
@@ -221,6 +249,89 @@ impl Writer {
         Ok(rows.len())
     }
 }
+
+impl Writer {
+    fn closes(&self) -> MutexGuard<'_, Closes> {
+        self.closes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fill of an allowlisted symbol: written to
+    /// `quantum:stream:trade.closed` when it completes an exchange-side
+    /// close (SPEC §19).
+    pub async fn fill_closes(&self, con: &mut crate::store::Conn, u: &OrderUpdate) {
+        if !self.trade_closed {
+            return;
+        }
+        let closed = self.closes().fill(u, crate::store::now_ms());
+        self.publish_closes(con, closed.into_iter().collect()).await;
+    }
+
+    /// The changes to flat whose own fill did not come within the grace:
+    /// joined with the nearest (SPEC §19). About once a second.
+    pub async fn due_closes(&self, con: &mut crate::store::Conn) {
+        if !self.trade_closed {
+            return;
+        }
+        let closed = self.closes().due(crate::store::now_ms());
+        self.publish_closes(con, closed).await;
+    }
+
+    /// One `trade.closed` entry per close, each said and counted. A failed
+    /// write is a WARN and `result=failed`: the positions stream still has
+    /// the fill and the change.
+    async fn publish_closes(&self, con: &mut crate::store::Conn, closed: Vec<TradeClosed>) {
+        for t in closed {
+            let fields = t.fields(crate::store::now_ms());
+            let mut c = redis::cmd("XADD");
+            c.arg(keys::TRADE_CLOSED_STREAM)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(TRADE_CLOSED_MAXLEN)
+                .arg("*");
+            for (k, v) in &fields {
+                c.arg(*k).arg(v);
+            }
+            let pnl = fields
+                .iter()
+                .find(|(k, _)| *k == "pnl_percent")
+                .map_or("", |(_, v)| v.as_str());
+            let result = match c.query_async::<String>(con).await {
+                Ok(_) => {
+                    tracing::info!(
+                        "position stream: trade.closed for {} {} ({}, order {}): entry {} exit {} pnl {pnl}% realized {}",
+                        t.symbol,
+                        t.side,
+                        t.cause.as_str(),
+                        t.order_id,
+                        crate::text::clip(&t.entry_price),
+                        crate::text::clip(&t.exit_price),
+                        dec_str(t.realized_pnl)
+                    );
+                    "written"
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "position stream: writing the {} close of {} (order {}) to {} failed: {e}",
+                        t.cause.as_str(),
+                        t.symbol,
+                        t.order_id,
+                        keys::TRADE_CLOSED_STREAM
+                    );
+                    "failed"
+                }
+            };
+            self.metrics
+                .trade_closed_events_total
+                .with_label_values(&[t.cause.as_str(), result])
+                .inc();
+        }
+    }
+}
+
+/// `quantum:stream:trade.closed`'s length, about: the longest any of its
+/// writers keeps (the apply layer's 2000), so ours never trims theirs
+/// sooner than they do.
+pub const TRADE_CLOSED_MAXLEN: u64 = 2_000;
 
 /// Snapshot and canonical hash lifetime, seconds.
 pub const SNAPSHOT_TTL_S: i64 = 3600;

@@ -528,7 +528,10 @@ impl Stream {
                         Err(e) => break (Reason::KeyExpired, format!("keepalive failed: {e}")),
                     }
                 }
-                _ = restamp.tick() => restamped = self.restamp(machine, con, restamped).await,
+                _ = restamp.tick() => {
+                    restamped = self.restamp(machine, con, restamped).await;
+                    self.writer.due_closes(con).await;
+                }
                 _ = async { match steady_at { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } }, if steady_at.is_some() => {
                     steady_at = None;
                     machine.on(Input::Steady, jitter());
@@ -644,6 +647,7 @@ impl Stream {
                 );
             }
         }
+        self.writer.fill_closes(con, u).await;
         let line = format!(
             "position stream: {} fill of {} {}: {} {} at {} (order {}, {}, client id {:?}, realized {})",
             u.cause.as_str(),

@@ -488,6 +488,8 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
         ("quantum:p33:allows:BTCUSDT", "rw", "r", "r"),
         ("quantum:stream:p33.revocations", "rw", "r", "r"),
         ("quantum:stream:p33.positions", "rw", "r", "r"),
+        // The pipeline's: p33 only adds to it (below).
+        ("quantum:stream:trade.closed", "-", "-", "r"),
         ("quantum:p33:instance:p33-a", "rw", "r", "r"),
         ("quantum:p33:revoked:1-0", "rw", "r", "r"),
         // ctl's user adds to it (XADD, above), never deletes it.
@@ -538,6 +540,30 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
     )
     .is_some());
     assert!(dryrun(&mut admin, "p33-ops", &["SET", "quantum:permit:p33:x", "v"]).is_some());
+    // p33 adds exchange-side closes to the pipeline's trade.closed stream
+    // (SPEC §19), trimmed as its other writers trim it, and may do nothing
+    // else there.
+    let closed = "quantum:stream:trade.closed";
+    assert_eq!(
+        dryrun(
+            &mut admin,
+            "p33",
+            &["XADD", closed, "MAXLEN", "~", "2000", "*", "a", "b"]
+        ),
+        None
+    );
+    for refused in [
+        &["DEL", closed][..],
+        &["XTRIM", closed, "MAXLEN", "0"],
+        &["XDEL", closed, "1-1"],
+        &["SET", closed, "v"],
+        &["XRANGE", closed, "-", "+"],
+    ] {
+        assert!(
+            dryrun(&mut admin, "p33", refused).is_some(),
+            "p33 may not {refused:?}"
+        );
+    }
 }
 
 #[test]

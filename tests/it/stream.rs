@@ -995,3 +995,209 @@ fn with_on_liquidation_none_a_liquidation_is_only_said_and_counted() {
         .unwrap();
     assert_eq!(s, None);
 }
+
+/// The entries of `quantum:stream:trade.closed`, oldest first.
+fn trade_closed(con: &mut redis::Connection) -> Vec<HashMap<String, String>> {
+    let v: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg("quantum:stream:trade.closed")
+        .arg("-")
+        .arg("+")
+        .query(con)
+        .unwrap();
+    v.into_iter().map(|(_, f)| f).collect()
+}
+
+/// Reads `entry` the way the pipeline's Python readers do (quantum_trader's
+/// `TradeClosedEvent`: every required field a str; `float()` of prices and
+/// PnL, `datetime.fromisoformat()` of the time, `int()` of the order id);
+/// python3's error when one of them fails.
+fn read_as_the_pipeline(entry: &HashMap<String, String>) -> Result<(), String> {
+    let script = r#"
+import json, sys
+from datetime import datetime
+e = json.load(sys.stdin)
+for k in ["event_type", "timestamp", "symbol", "side", "entry_price", "exit_price", "pnl_percent", "source"]:
+    assert isinstance(e.get(k), str), "required " + k
+for k in ["confidence", "model_id", "R_net", "pnl_usd", "reason", "order_id"]:
+    assert k not in e or isinstance(e[k], str), "optional " + k
+assert e["event_type"] == "trade.closed"
+assert e["side"] in ("LONG", "SHORT")
+for k in ["entry_price", "exit_price", "pnl_percent", "pnl_usd", "R_net", "confidence"]:
+    float(e[k])
+assert str(round(float(e["pnl_percent"]), 2)) == e["pnl_percent"]
+for k in ["entry_price", "exit_price", "pnl_usd"]:
+    assert str(float(e[k])) == e[k], k + " is not str(float)"
+datetime.fromisoformat(e["timestamp"])
+assert datetime.fromisoformat(e["timestamp"]).tzinfo is None, "utcnow() has no zone"
+int(e["order_id"])
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        serde_json::to_string(entry).unwrap().as_bytes(),
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn exchange_side_closes_reach_trade_closed_in_the_pipelines_contract() {
+    // SPEC §19: a change to FLAT joined with its fill (either order) whose
+    // cause is the exchange's own is written to the pipeline's trade.closed
+    // stream, in intent_executor's formats; the executor's own close, a
+    // partial stop, and P33_TRADE_CLOSED_EVENTS off write nothing there.
+    let mut t = stream_daemon(
+        "BTCUSDT,ETHUSDT,SOLUSDT,XRPUSDT",
+        &[
+            ("P33_TRADE_CLOSED_EVENTS", "true"),
+            ("P33_ON_LIQUIDATION", "none"),
+        ],
+    );
+    fill(
+        &t,
+        json!([
+            {"symbol": "BTCUSDT", "positionAmt": "0.5", "entryPrice": "60000"},
+            {"symbol": "ETHUSDT", "positionAmt": "-2", "entryPrice": "3000.5"},
+            {"symbol": "SOLUSDT", "positionAmt": "10", "entryPrice": "150"},
+            {"symbol": "XRPUSDT", "positionAmt": "100", "entryPrice": "0.5"},
+        ]),
+    );
+    t.start();
+    wait_live(&t);
+    let written =
+        |c: &str| format!("p33_trade_closed_events_total{{cause=\"{c}\",result=\"written\"}}");
+    for c in ["liquidation", "adl", "settlement", "stop", "take_profit"] {
+        assert_eq!(t.metric(&written(c)), Some(0.0), "{c} exported at 0");
+    }
+    let order = |t: &TestDaemon, o: serde_json::Value| {
+        t.fx().control("/control/stream", json!({ "order": o }))
+    };
+    // The executor closes SOLUSDT; a stop takes part of XRPUSDT.
+    order(
+        &t,
+        json!({"symbol": "SOLUSDT", "qty": "10", "price": "151", "amount_after": "0", "cause": "order"}),
+    );
+    order(
+        &t,
+        json!({"symbol": "XRPUSDT", "qty": "40", "price": "0.45", "amount_after": "60", "cause": "stop"}),
+    );
+    // A stop closes BTCUSDT (the ACCOUNT_UPDATE first), in two fills of one
+    // order with one T each.
+    order(
+        &t,
+        json!({"symbol": "BTCUSDT", "qty": "0.2", "price": "58000", "amount_after": "0.3",
+               "cause": "stop", "order_id": 4242, "realized": "-400"}),
+    );
+    order(
+        &t,
+        json!({"symbol": "BTCUSDT", "qty": "0.3", "price": "58712.4", "amount_after": "0",
+               "cause": "stop", "order_id": 4242, "realized": "-386.28"}),
+    );
+    // A liquidation closes the ETHUSDT short (the fill first).
+    order(
+        &t,
+        json!({"symbol": "ETHUSDT", "side": "BUY", "qty": "2", "price": "3150.25", "amount_after": "0",
+               "cause": "liquidation", "order_first": true, "order_id": 5151, "realized": "-299.5"}),
+    );
+    let entries = wait_for("two trade.closed entries", T, || {
+        let e = trade_closed(&mut t.con);
+        (e.len() >= 2).then_some(e)
+    });
+    // Every event before them was taken in (the fills were read and their
+    // changes written): the executor's close and the partial stop would be
+    // there by now.
+    assert_eq!(entries.len(), 2, "{entries:#?}");
+    let by = |s: &str| entries.iter().find(|e| e["symbol"] == s).unwrap();
+    let btc = by("BTCUSDT");
+    let ts = btc["timestamp"].clone();
+    let want_btc: HashMap<String, String> = [
+        ("event_type", "trade.closed"),
+        ("timestamp", ts.as_str()),
+        ("symbol", "BTCUSDT"),
+        ("side", "LONG"),
+        ("entry_price", "60000.0"),
+        ("exit_price", "58712.4"),
+        // (58712.4 − 60000) / 60000 × 100, rounded to 2 places.
+        ("pnl_percent", "-2.15"),
+        ("confidence", "0.5"),
+        ("model_id", "exchange"),
+        ("R_net", "0.0"),
+        ("pnl_usd", "-786.28"),
+        ("reason", "stop"),
+        ("order_id", "4242"),
+        ("source", "position_state_brain"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(btc, &want_btc);
+    let eth = by("ETHUSDT");
+    for (k, v) in [
+        ("side", "SHORT"),
+        ("entry_price", "3000.5"),
+        ("exit_price", "3150.25"),
+        // A short: (3000.5 − 3150.25) / 3000.5 × 100 = −4.99…
+        ("pnl_percent", "-4.99"),
+        ("pnl_usd", "-299.5"),
+        ("reason", "liquidation"),
+        ("order_id", "5151"),
+    ] {
+        assert_eq!(eth[k], v, "{k}: {eth:?}");
+    }
+    for e in &entries {
+        read_as_the_pipeline(e).unwrap_or_else(|why| panic!("{why}\n{e:?}"));
+    }
+    // The time is now, as utcnow() would have it.
+    let day = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H"])
+        .output()
+        .unwrap();
+    let hour = String::from_utf8_lossy(&day.stdout).trim().to_string();
+    assert!(ts.starts_with(&hour[..10]), "{ts} vs {hour}");
+    assert_eq!(t.metric(&written("stop")), Some(1.0));
+    assert_eq!(t.metric(&written("liquidation")), Some(1.0));
+    t.wait_log(
+        "position stream: trade.closed for BTCUSDT LONG (stop, order 4242)",
+        T,
+    );
+    // The positions stream has all of it: four changes to flat or less,
+    // five fills.
+    let events = position_events(&mut t.con);
+    assert_eq!(events.iter().filter(|e| e["kind"] == "fill").count(), 5);
+}
+
+#[test]
+fn with_trade_closed_events_off_a_stop_close_writes_only_the_positions_stream() {
+    let mut t = stream_daemon("BTCUSDT", &[]);
+    fill(&t, one("BTCUSDT", "3"));
+    t.start();
+    wait_live(&t);
+    t.fx().control(
+        "/control/stream",
+        json!({"order": {"symbol": "BTCUSDT", "qty": "3", "amount_after": "0", "cause": "stop"}}),
+    );
+    // Evidence the daemon looked: the fill and the change to flat are on
+    // the positions stream.
+    wait_for("the fill and the change", T, || {
+        let e = position_events(&mut t.con);
+        (e.iter().any(|e| e["kind"] == "fill") && e.iter().any(|e| e["kind"] == "position"))
+            .then_some(())
+    });
+    assert!(trade_closed(&mut t.con).is_empty());
+    assert_eq!(
+        t.metric("p33_trade_closed_events_total{cause=\"stop\",result=\"written\"}"),
+        Some(0.0)
+    );
+}
