@@ -73,7 +73,7 @@ start_daemon() { # P33_ALLOWLIST value
     REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" \
     BINANCE_TESTNET_API_KEY=demo-key BINANCE_TESTNET_API_SECRET=demo-secret \
     P33_EXCHANGE_BASE_URL="http://$FX" P33_POLL_SEC=5 \
-    P33_ALLOWLIST="$1" P33_ALLOWLIST_REFRESH_S=1 P33_UNIVERSE_MAX_AGE_S=120 \
+    P33_ALLOWLIST="$1" P33_ALLOWLIST_REFRESH_S=1 P33_UNIVERSE_MAX_AGE_S=120 P33_TRADE_CLOSED_EVENTS=true \
     P33_METRICS_ADDR=127.0.0.1 P33_METRICS_PORT="$METRICS_PORT" P33_CONSUMER_NAME=p33-demo \
     "$BIN/position-state-brain" >> "$LOG" 2>&1 &
   DAEMON=$!
@@ -121,10 +121,18 @@ echo "    quantum:position:snapshot:BTCUSDT position_amt=$1 side=$2 feed=$3"
 echo "  a stop-loss order fills 0.02 of it: what the pipeline reads on quantum:stream:p33.positions"
 fx /control/stream '{"order":{"symbol":"BTCUSDT","side":"SELL","qty":"0.02","price":"59800","amount_after":"0.03","cause":"stop","realized":"-6"}}'
 for _ in $(seq 1 400); do [ "$(R XLEN quantum:stream:p33.positions)" -ge 3 ] && break; sleep 0.005; done
-R XRANGE quantum:stream:p33.positions - + | awk '
-  /^[0-9]+-[0-9]+$/ { if (line != "") print "    " line; line = ""; k = ""; next }
-  { if (k == "") { k = $0 } else { line = line (line == "" ? "" : " ") k "=" $0; k = "" } }
-  END { if (line != "") print "    " line }'
+entries() { # stream key: one line per entry, field=value ...
+  R XRANGE "$1" - + | awk '
+    /^[0-9]+-[0-9]+$/ { if (line != "") print "    " line; line = ""; k = ""; next }
+    { if (k == "") { k = $0 } else { line = line (line == "" ? "" : " ") k "=" $0; k = "" } }
+    END { if (line != "") print "    " line }'
+}
+entries quantum:stream:p33.positions
+echo "  a take-profit order closes the SOLUSDT short: the pipeline's quantum:stream:trade.closed gets it"
+echo "  in its own contract (P33_TRADE_CLOSED_EVENTS=true; the executor writes its own closes itself)"
+fx /control/stream '{"order":{"symbol":"SOLUSDT","side":"BUY","qty":"12","price":"141.5","amount_after":"0","cause":"take_profit","realized":"102"}}'
+for _ in $(seq 1 400); do [ "$(R XLEN quantum:stream:trade.closed)" -ge 1 ] && break; sleep 0.005; done
+entries quantum:stream:trade.closed
 
 echo "== 3. the kill switch: ctl halt, a plan is denied, ctl resume, it is allowed"
 CTL() {
