@@ -175,7 +175,7 @@ impl TradingState {
     }
 
     /// How a stored value reads, byte for byte as the scripts' `state_of`
-    /// (`src/scripts/common.lua`) reads it: more than 16 bytes, bytes that
+    /// (`src/redis/scripts/common.lua`) reads it: more than 16 bytes, bytes that
     /// are not UTF-8, or anything but a state after trimming Lua's `%s`
     /// (ASCII space, `\t\n\v\f\r`; a no-break space is no blank) is
     /// `HALTED`.

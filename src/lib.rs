@@ -2,62 +2,41 @@
 //!
 //! # Layout
 //!
-//! The data flow, one module per stage:
+//! One folder per stage of the data flow, each a layer that imports only
+//! the layers below it (`tests/it/layout.rs` checks it, folder by folder and
+//! module by module inside a folder), from the top:
 //!
-//! - [`config`]: the environment (SPEC §2), parsed once, secrets redacted.
-//! - [`allowlist`]: which symbols get permits: universe → last_ok → env →
-//!   none (SPEC §3); a pure resolver plus the Redis read and the refresher.
-//! - [`consumer`]: plans from `quantum:stream:apply.plan` (SPEC §4), a batch
-//!   at a time, a constant number of Redis round trips per batch.
-//! - [`rules`]: the pure evaluation of one plan (SPEC §5), on typed inputs
-//!   parsed from the raw Redis values.
-//! - [`permits`]: permit JSON and the one atomic write + ACK (SPEC §6).
-//!
-//! Feeding the rules: [`exchange`] (positionRisk snapshots, step sizes,
-//! SPEC §7) and [`ledger`] (order metadata from `quantum:stream:apply.result`,
-//! SPEC §8). Around it all: [`metrics`] and `http` (SPEC §9), [`store`]
-//! (Redis connections that survive outages and follow a Sentinel failover,
-//! with [`sentinel`] discovery, SPEC §15), [`telemetry`] (logging) and
-//! [`lifecycle`] (start order, supervision, signals, systemd; SPEC §10).
-//!
-//! The operator's side: [`control`] and [`ctl`] (the trading state, SPEC
-//! §12–§13), [`known`] and [`guardian`] (the state kept through Redis's own failures), [`record`], [`explain`] and [`replay`] (the decision record,
-//! SPEC §14).
-//!
-//! Shared underneath: [`stream`] (the one consumer-group reader the plan
-//! consumer, the ledger follower and the control follower are handlers of), [`keys`] (every
-//! stream, group and key name), `scripts` (the Lua files), [`domain`]
-//! (bounded numbers, sides), [`steps`] (the step-size table), [`watchdog`]
-//! and `text`. Imports run only downward — lifecycle → workers → core →
-//! vocabulary — which `tests/layout.rs` checks.
+//! - [`app`]: the process — start order, supervision, signals, systemd
+//!   (`lifecycle`, SPEC §10) and `/metrics`, `/healthz`, `/readyz` (SPEC §9).
+//! - [`exchange`]: Binance positions, polled and live from the user data
+//!   stream, into the snapshots; the positions stream and exchange-side
+//!   closes; step sizes (SPEC §5, §7, §16, §19). Above the operator: a
+//!   liquidation tightens its symbol through the control path.
+//! - [`operator`]: the kill switch and its tools — the trading state read,
+//!   changed and followed (`control`), the guardian of what Redis lost,
+//!   `ctl`, `explain`, `replay`, the instance report, the ACL users
+//!   (SPEC §12–§14, §17).
+//! - [`gate`]: plans to permits — the consumer and its intake, the pure
+//!   `rules`, the `permits` write + ACK, the decision `record`, the `ledger`
+//!   follower, the step table, the trading state as the gate knows it
+//!   (SPEC §4–§6, §8, §13).
+//! - [`allowlist`]: which symbols get permits — universe → last_ok → env →
+//!   none (SPEC §3); a pure resolver, the Redis read, the refresher.
+//! - [`observe`]: metrics, logging, the watchdog (SPEC §9–§11).
+//! - [`config`]: the environment, parsed once, secrets redacted (SPEC §2).
+//! - [`redis`]: the key map, connections that survive outages and follow a
+//!   Sentinel failover, the one consumer-group reader, the Lua scripts
+//!   (SPEC §1, §4, §15, §17).
+//! - [`domain`] and `text`: bounded numbers and sides; cutting, escaping
+//!   and redacting text.
 
-pub mod acl;
 pub mod allowlist;
+pub mod app;
 pub mod config;
-pub mod consumer;
-pub mod control;
-pub mod ctl;
 pub mod domain;
 pub mod exchange;
-pub mod explain;
-pub mod guardian;
-mod http;
-pub mod instance;
-pub mod keys;
-pub mod known;
-pub mod ledger;
-pub mod lifecycle;
-pub mod metrics;
-pub mod permits;
-pub mod record;
-pub mod replay;
-mod resp;
-pub mod rules;
-mod scripts;
-pub mod sentinel;
-pub mod steps;
-pub mod store;
-pub mod stream;
-pub mod telemetry;
+pub mod gate;
+pub mod observe;
+pub mod operator;
+pub mod redis;
 mod text;
-pub mod watchdog;

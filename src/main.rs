@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use clap::Parser;
+use position_state_brain::app::lifecycle::{self, Cli, Command, EXIT_USAGE, VERSION};
 use position_state_brain::config::{Config, EXIT_CONFIG};
-use position_state_brain::lifecycle::{self, Cli, Command, EXIT_USAGE, VERSION};
-use position_state_brain::{ctl, explain, replay};
-use position_state_brain::{metrics::Metrics, telemetry};
+use position_state_brain::observe::{metrics::Metrics, telemetry};
+use position_state_brain::operator::{ctl, explain, replay};
 use tokio_util::sync::CancellationToken;
 
 fn main() {
@@ -26,7 +26,7 @@ fn main() {
     };
     // `acl` reads only its password files.
     if let Some(Command::Acl(args)) = &cli.command {
-        std::process::exit(position_state_brain::acl::run(args));
+        std::process::exit(position_state_brain::operator::acl::run(args));
     }
     // The subcommands need only the Redis settings (SPEC §12): an operator
     // halts trading from a shell that holds no exchange secret.
@@ -51,7 +51,7 @@ fn main() {
                     Command::Ctl(args) => ctl::run(&cfg, args).await,
                     Command::Explain { plan_id } => explain::run(&cfg, &plan_id).await,
                     Command::Replay(args) => replay::run(args).await,
-                    Command::Acl(args) => position_state_brain::acl::run(&args),
+                    Command::Acl(args) => position_state_brain::operator::acl::run(&args),
                 }
             }),
             Err(e) => {

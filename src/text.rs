@@ -1,4 +1,5 @@
-//! Text helpers shared by every stage: cutting echoed raw values.
+//! Text helpers shared by every stage: cutting echoed raw values, keeping
+//! secrets out of output ([`Secret`]), writing Python's formats.
 //!
 //! A raw value from Redis, the exchange or a plan that is echoed into a deny
 //! context or a log line is cut to [`ECHO_MAX_CHARS`] characters (SPEC §11
@@ -6,9 +7,32 @@
 //! 1 MB log line.
 
 use std::borrow::Cow;
+use std::fmt;
 
 /// The most characters of a raw value ever echoed.
 pub(crate) const ECHO_MAX_CHARS: usize = 64;
+
+/// A string that must never reach a log line, a panic message or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself: call only where a request header, a signature or a
+    /// Redis AUTH is built.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
 
 /// `s` cut to [`ECHO_MAX_CHARS`] characters, with `…` when something was
 /// cut, and its control characters escaped (`\n`, `\u{1b}`): an echoed value

@@ -67,7 +67,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use position_state_brain::exchange::sign;
-use position_state_brain::store::now_ms;
+use position_state_brain::redis::store::now_ms;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;

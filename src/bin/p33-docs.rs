@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
 use clap_complete::Shell;
-use position_state_brain::lifecycle::Cli;
+use position_state_brain::app::lifecycle::Cli;
 
 const BIN: &str = "position-state-brain";
 
@@ -130,8 +130,8 @@ The change is in force for every permit written after it returns. A running gate
 /// The `acl` page: where it reads the passwords, what it prints, exits.
 fn acl_sections() -> String {
     let mut s = String::from(".SH FILES\nThe password files, each a regular file (one trailing newline dropped; any other blank around the password is an error):\n");
-    for (user, _) in position_state_brain::acl::USERS {
-        let f = position_state_brain::acl::default_password_file(user)
+    for (user, _) in position_state_brain::operator::acl::USERS {
+        let f = position_state_brain::operator::acl::default_password_file(user)
             .map(|p| p.display().to_string())
             .unwrap_or_default();
         s.push_str(&format!(".TP\n\\fB{}\\fR\n{}\n", roff(user), roff(&f)));

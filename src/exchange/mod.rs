@@ -1,4 +1,10 @@
-//! Exchange: Binance USDⓈ-M futures positions and step sizes (SPEC §7, §5).
+//! Exchange (SPEC §5, §7, §16, §19): Binance USDⓈ-M futures positions —
+//! polled, and live from the user data stream — written as the snapshots the
+//! gate judges on, the positions stream and the pipeline's closed trades;
+//! and the step sizes. It may import every stage but the app: the gate's
+//! step table, the allowlist it writes for, the operator's control path (a
+//! liquidation tightens its symbol), observability, configuration, Redis
+//! and the vocabulary.
 //!
 //! One signed `GET /fapi/v2/positionRisk` per cycle (every `P33_POLL_SEC`,
 //! and at once when the allowlist gains symbols) → one pipeline writing
@@ -16,12 +22,13 @@
 //! symbol), `book.rs` (the position state and its order rule),
 //! `machine.rs` (the stream's states, pure), `orders.rs` (order updates and
 //! their causes, pure), `closes.rs` (exchange-side closes joined from fills
-//! and changes to flat, pure), `user_stream.rs` (the
-//! WebSocket task), `snapshots.rs` (the snapshot writer), `step_table.rs`
+//! and changes to flat, pure), `frames.rs` (a frame's text into a checked
+//! event, pure), `user_stream.rs` (the WebSocket task), `snapshots.rs` (the snapshot writer), `step_table.rs`
 //! (step sizes); this file runs the poller.
 
 mod book;
 mod closes;
+mod frames;
 mod machine;
 mod orders;
 mod positions;
@@ -35,6 +42,7 @@ pub use book::{
     MAX_AHEAD_MS, MAX_PENDING_CHANGES,
 };
 pub use closes::{Closes, TradeClosed, FILL_KEEP_MS, GRACE_MS, JOIN_MS, MAX_HELD};
+pub use frames::{parse_frame, Frame};
 pub use machine::{
     backoff, Action, Input, Machine, Phase, Reason, BACKOFF_MAX, BACKOFF_MIN, MAX_BUFFERED,
     MAX_BUFFERED_BYTES, STEADY_AFTER,
@@ -51,7 +59,7 @@ pub use snapshots::{
 };
 pub use step_table::{load_saved_steps, run_step_sizes, STEP_REFRESH, STEP_RETRY};
 pub use user_stream::{
-    parse_frame, Frame, Stream, CONNECT_TIMEOUT, MAX_FRAME_BYTES, PONG_DEADLINE, REPLACE_OVERLAP,
+    Stream, CONNECT_TIMEOUT, MAX_FRAME_BYTES, PONG_DEADLINE, REPLACE_OVERLAP,
     RESTAMP_MAX_FRAME_AGE_MS,
 };
 
@@ -64,8 +72,8 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::domain::{dec_str, PositionSide};
-use crate::metrics::Metrics;
-use crate::store;
+use crate::observe::metrics::Metrics;
+use crate::redis::store;
 
 /// The shortest time between two polls triggered by allowlist gains.
 pub const MIN_EXTRA_POLL_GAP: Duration = Duration::from_secs(1);

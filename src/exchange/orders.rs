@@ -18,7 +18,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::positions::Leg;
-use crate::keys::valid_symbol;
+use crate::redis::keys::valid_symbol;
 
 /// Why a fill happened, checked in this order (SPEC §19).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -15,8 +15,8 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Secret};
 use crate::domain::{parse_dec, valid_step};
-use crate::metrics::Metrics;
-use crate::store;
+use crate::observe::metrics::Metrics;
+use crate::redis::store;
 
 /// Request timeout (the body is read under it too).
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::allowlist::AllowlistHandle;
 use crate::domain::{dec_str, PositionSide};
-use crate::keys;
-use crate::metrics::Metrics;
-use crate::steps::Positioned;
+use crate::gate::steps::Positioned;
+use crate::observe::metrics::Metrics;
+use crate::redis::keys;
 
 use super::book::{Book, Feed, LegChange};
 use super::closes::{Closes, TradeClosed};
@@ -176,13 +176,13 @@ impl Writer {
     /// run writes nothing (SPEC §14).
     pub async fn write(
         &self,
-        con: &mut crate::store::Conn,
+        con: &mut crate::redis::store::Conn,
         only: Option<&[String]>,
         stamp: Stamp,
     ) -> Result<usize, redis::RedisError> {
         let _gate = self.gate.lock().await;
         let allow = self.allowlist.load();
-        let now = crate::store::now_ms();
+        let now = crate::redis::store::now_ms();
         let mut rows = Vec::new();
         let changes;
         {
@@ -258,30 +258,30 @@ impl Writer {
     /// A fill of an allowlisted symbol: written to
     /// `quantum:stream:trade.closed` when it completes an exchange-side
     /// close (SPEC §19).
-    pub async fn fill_closes(&self, con: &mut crate::store::Conn, u: &OrderUpdate) {
+    pub async fn fill_closes(&self, con: &mut crate::redis::store::Conn, u: &OrderUpdate) {
         if !self.trade_closed {
             return;
         }
-        let closed = self.closes().fill(u, crate::store::now_ms());
+        let closed = self.closes().fill(u, crate::redis::store::now_ms());
         self.publish_closes(con, closed.into_iter().collect()).await;
     }
 
     /// The changes to flat whose own fill did not come within the grace:
     /// joined with the nearest (SPEC §19). About once a second.
-    pub async fn due_closes(&self, con: &mut crate::store::Conn) {
+    pub async fn due_closes(&self, con: &mut crate::redis::store::Conn) {
         if !self.trade_closed {
             return;
         }
-        let closed = self.closes().due(crate::store::now_ms());
+        let closed = self.closes().due(crate::redis::store::now_ms());
         self.publish_closes(con, closed).await;
     }
 
     /// One `trade.closed` entry per close, each said and counted. A failed
     /// write is a WARN and `result=failed`: the positions stream still has
     /// the fill and the change.
-    async fn publish_closes(&self, con: &mut crate::store::Conn, closed: Vec<TradeClosed>) {
+    async fn publish_closes(&self, con: &mut crate::redis::store::Conn, closed: Vec<TradeClosed>) {
         for t in closed {
-            let fields = t.fields(crate::store::now_ms());
+            let fields = t.fields(crate::redis::store::now_ms());
             let mut c = redis::cmd("XADD");
             c.arg(keys::TRADE_CLOSED_STREAM)
                 .arg("MAXLEN")
@@ -360,7 +360,7 @@ pub const POSITIONS_MAXLEN: u64 = 100_000;
 /// the snapshot that shows it land together, and the snapshot is never
 /// held back for it).
 pub async fn write_snapshots(
-    con: &mut crate::store::Conn,
+    con: &mut crate::redis::store::Conn,
     rows: &[Row],
     changes: &[super::book::LegChange],
     source: &str,
@@ -370,7 +370,7 @@ pub async fn write_snapshots(
     if !changes.is_empty() {
         p.atomic();
     }
-    let now_s = (crate::store::now_ms() / 1000).to_string();
+    let now_s = (crate::redis::store::now_ms() / 1000).to_string();
     for c in changes {
         p.cmd("XADD")
             .arg(keys::POSITIONS_STREAM)

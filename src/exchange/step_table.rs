@@ -12,10 +12,10 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::domain::{dec_str, parse_dec, valid_step};
-use crate::keys;
-use crate::metrics::Metrics;
-use crate::steps::StepSizes;
-use crate::store;
+use crate::gate::steps::StepSizes;
+use crate::observe::metrics::Metrics;
+use crate::redis::keys;
+use crate::redis::store;
 
 use super::Client;
 
@@ -28,7 +28,7 @@ pub const STEP_RETRY: Duration = Duration::from_secs(30);
 /// transaction), so a restart without a route to the exchange keeps real
 /// steps instead of the 0.001 fallback.
 async fn save_steps(
-    con: &mut crate::store::Conn,
+    con: &mut crate::redis::store::Conn,
     table: &HashMap<String, Decimal>,
 ) -> Result<(), redis::RedisError> {
     let mut p = redis::pipe();
@@ -47,7 +47,7 @@ async fn save_steps(
 /// valid symbols or steps are left out, and a key of another type is no
 /// table (empty, with a WARN).
 pub async fn load_saved_steps(
-    con: &mut crate::store::Conn,
+    con: &mut crate::redis::store::Conn,
 ) -> Result<HashMap<String, Decimal>, redis::RedisError> {
     let raw: HashMap<String, String> = match redis::cmd("HGETALL")
         .arg(keys::STEP_SIZES)

@@ -126,7 +126,7 @@ fn halt_reduce_and_resume_take_effect_and_are_recorded() {
     // The changes, and after the halt and the reduce one confirmation each
     // of the daemon's revocation (SPEC §12).
     let (entries, confirmations): (Vec<_>, Vec<_>) =
-        position_state_brain::stream::parse_entries(&v)
+        position_state_brain::redis::stream::parse_entries(&v)
             .into_iter()
             .partition(|e| e.fields.as_ref().is_some_and(|f| !f.contains_key("ref")));
     assert_eq!(entries.len(), 3);
@@ -816,7 +816,7 @@ fn a_halt_under_load_revokes_every_allow_not_yet_used() {
         .arg("+")
         .query(&mut t.con)
         .unwrap();
-    let confirmations = position_state_brain::stream::parse_entries(&v)
+    let confirmations = position_state_brain::redis::stream::parse_entries(&v)
         .into_iter()
         .filter(|e| e.fields.as_ref().is_some_and(|f| f.contains_key("ref")))
         .count();
@@ -1062,13 +1062,14 @@ fn a_halt_with_350000_allows_revokes_them_in_steps_that_never_stall_redis() {
             .arg("+")
             .query(&mut t.con)
             .unwrap();
-        let found: Vec<HashMap<String, String>> = position_state_brain::stream::parse_entries(&v)
-            .into_iter()
-            .filter_map(|e| e.fields)
-            .filter(|f| {
-                f.get("kind").map(String::as_str) == Some("revoked") && f["scope"] == "global"
-            })
-            .collect();
+        let found: Vec<HashMap<String, String>> =
+            position_state_brain::redis::stream::parse_entries(&v)
+                .into_iter()
+                .filter_map(|e| e.fields)
+                .filter(|f| {
+                    f.get("kind").map(String::as_str) == Some("revoked") && f["scope"] == "global"
+                })
+                .collect();
         (!found.is_empty()).then_some(found)
     });
     assert_eq!(confirmed.len(), 1, "{confirmed:?}");

@@ -10,14 +10,14 @@ use std::str::FromStr;
 
 use position_state_brain::allowlist::{self, Allowlist, Doc, Source, UniverseRead};
 use position_state_brain::config::{AllowlistMode, Config};
-use position_state_brain::consumer::classify;
 use position_state_brain::domain;
 use position_state_brain::exchange::{self, parse_positions, parse_step_sizes, retry_after};
-use position_state_brain::ledger::{interpret, ResultAction};
-use position_state_brain::rules::{
+use position_state_brain::gate::consumer::classify;
+use position_state_brain::gate::ledger::{interpret, ResultAction};
+use position_state_brain::gate::rules::{
     self, evaluate, Decision, Inputs, Limits, Plan, PlanKind, PlanSide, Raw,
 };
-use position_state_brain::stream::parse_xread;
+use position_state_brain::redis::stream::parse_xread;
 use proptest::prelude::*;
 use redis::Value;
 use rust_decimal::Decimal;

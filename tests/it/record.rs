@@ -20,7 +20,7 @@ fn records(con: &mut redis::Connection) -> Vec<HashMap<String, String>> {
         .arg("+")
         .query(con)
         .unwrap();
-    position_state_brain::stream::parse_entries(&v)
+    position_state_brain::redis::stream::parse_entries(&v)
         .into_iter()
         .filter_map(|e| e.fields)
         .collect()

@@ -380,7 +380,7 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
     for c in commands_in_sources() {
         assert!(
             known.contains(c.as_str()),
-            "the sources use {c}: allow it to its user in src/acl.rs (deploy/redis/users.acl) and add it here"
+            "the sources use {c}: allow it to its user in src/operator/acl.rs (deploy/redis/users.acl) and add it here"
         );
     }
     for (c, args) in examples {
@@ -459,9 +459,9 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
             "{user} may not {args:?}"
         );
     }
-    // Every key family of src/keys.rs, and what each user may do with it.
+    // Every key family of src/redis/keys.rs, and what each user may do with it.
     let keys_rs = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/keys.rs"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/redis/keys.rs"),
     )
     .unwrap();
     // (example key, p33, p33-ops, p33-read): "rw", "r" or "-".
@@ -510,7 +510,7 @@ fn the_acl_follows_every_command_and_key_the_daemon_uses() {
             let prefix = format!("quantum:{}", name.split('{').next().unwrap());
             assert!(
                 families.iter().any(|(k, ..)| k.starts_with(&prefix)),
-                "src/keys.rs names {prefix}: give it an ACL row here and in deploy/redis/users.acl"
+                "src/redis/keys.rs names {prefix}: give it an ACL row here and in deploy/redis/users.acl"
             );
         }
     }

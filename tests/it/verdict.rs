@@ -44,7 +44,7 @@ fn push(con: &mut redis::Connection, id: &str, symbol: &str, open: bool) -> Stri
 
 fn records(con: &mut redis::Connection) -> Vec<HashMap<String, String>> {
     let v = cmd(con, &["XRANGE", DECISIONS, "-", "+"]).unwrap();
-    position_state_brain::stream::parse_entries(&v)
+    position_state_brain::redis::stream::parse_entries(&v)
         .into_iter()
         .filter_map(|e| e.fields)
         .collect()
