@@ -1196,11 +1196,24 @@ impl SentinelSet {
 
     /// Waits until every sentinel names `port` and that node says master.
     pub fn wait_master(&self, port: u16, timeout: Duration) {
+        // Every sentinel names it, and has ended its failover: the leader
+        // names the promoted replica while its failover still runs, and
+        // its own table keeps the old master as the master until the end
+        // (an old master back in that window can be taken for the master
+        // again, and the new one turned into its replica).
         wait_for(&format!("the sentinels to name {port}"), timeout, || {
             let all = self.sentinels.iter().filter(|s| !s.paused).all(|s| {
-                s.cmd::<Vec<String>>(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])
+                let named = s
+                    .cmd::<Vec<String>>(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])
                     .and_then(|a| a.get(1).cloned())
-                    == Some(port.to_string())
+                    == Some(port.to_string());
+                let settled = s
+                    .cmd::<HashMap<String, String>>(&["SENTINEL", "MASTER", SENTINEL_MASTER])
+                    .is_some_and(|m| {
+                        m.get("port") == Some(&port.to_string())
+                            && m.get("flags").is_some_and(|f| !f.contains("failover"))
+                    });
+                named && settled
             });
             (all && role(port).as_deref() == Some("master")).then_some(())
         });
