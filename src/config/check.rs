@@ -2,7 +2,10 @@
 //! with secrets redacted, and every WARN about settings that cannot be
 //! meant.
 
-use super::*;
+use super::credentials::is_placeholder;
+use super::{Config, SnapshotSource};
+use crate::redis::keys;
+use crate::text::Secret;
 
 impl Config {
     /// The effective configuration as `NAME=value` pairs in table order,

@@ -2,7 +2,11 @@
 //! `--check-config` outside the unit, the credstore), read as regular
 //! files, bounded, with no stray whitespace; the shipped placeholders.
 
-use super::*;
+use std::collections::HashMap;
+
+use super::env::is_exchange_var;
+use super::ConfigError;
+use crate::text::Secret;
 
 /// What a configuration is read for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

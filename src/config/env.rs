@@ -1,7 +1,7 @@
 //! The process environment and the ctl env file (SPEC §12, §17): what
 //! `ctl`, `explain` and `replay` read when run from a shell.
 
-use super::*;
+use super::vars::{var_named, CTL_ENV_FILE};
 
 /// This machine's host name, for the default consumer name.
 pub fn hostname() -> String {
@@ -32,10 +32,6 @@ pub fn env_text() -> (Vec<(String, String)>, Vec<String>) {
     bad.sort();
     (pairs, bad)
 }
-
-/// The on-call's Redis settings (SPEC §12): `ctl`, `explain` and `replay`
-/// read it before the environment when it is there.
-pub const CTL_ENV_FILE: &str = "/etc/quantum/position-state-brain-ctl.env";
 
 /// The `REDIS_*` settings of an env file (`NAME=value` lines, `#` comments,
 /// optional quotes), and the names of other variables it holds (ignored:

@@ -35,18 +35,17 @@ mod redis_settings;
 mod values;
 mod vars;
 
-use self::check::*;
-use self::credentials::*;
+use self::check::edit_distance;
+use self::credentials::credentials;
 pub use self::credentials::{
     is_placeholder, read_regular_file, read_secret_file, Purpose, CREDENTIALS, CREDSTORE_DIRS,
 };
-use self::env::*;
-pub use self::env::{env_text, hostname, parse_ctl_env, CTL_ENV_FILE};
-use self::redis_settings::*;
-use self::values::*;
+use self::env::{ctl_env_pairs, is_exchange_var};
+pub use self::env::{env_text, hostname, parse_ctl_env};
+use self::redis_settings::{redis_target, sentinel_rules, tls_settings};
+use self::values::{dur, Parsed, Value};
 pub use self::values::{parse_bool, parse_rate, Rate};
-pub use self::vars::{var_named, Kind, Var, VARS};
-use crate::redis::target::join_addresses;
+pub use self::vars::{var_named, Kind, Var, CTL_ENV_FILE, VARS};
 pub use crate::redis::target::{join_host_port, parse_sentinels, RedisTarget, SentinelTarget};
 pub use crate::text::Secret;
 

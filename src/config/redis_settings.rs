@@ -2,7 +2,10 @@
 //! or host/port/db, the sentinels, TLS and its CA file, into a
 //! [`RedisTarget`].
 
-use super::*;
+use super::credentials::{read_regular_file, MAX_CA_BYTES};
+use super::values::{Parsed, Value};
+use super::ConfigError;
+use crate::redis::target::{RedisTarget, SentinelTarget};
 
 /// SPEC §15: `REDIS_SENTINELS` and `REDIS_SENTINEL_MASTER` come together,
 /// `REDIS_SENTINEL_PASSWORD` only with them, and never with `REDIS_URL`
@@ -163,27 +166,4 @@ pub(super) fn redis_target(p: &mut Parsed, tls: Option<Option<Vec<u8>>>) -> Redi
         }
     }
     RedisTarget { info, sentinel }
-}
-
-/// A URL with everything that may be a credential replaced, for error
-/// messages (SPEC §11: anything after a `:` before an `@` is a password).
-/// It must hold for malformed URLs too (`redis//:pw@host`, `:pw@host`), so
-/// it does not parse: everything before the last `@` goes, but for a
-/// well-formed `scheme://`; a `password=` query value goes too.
-pub(super) fn redact_url(url: &str) -> String {
-    let mut out = match url.rfind('@') {
-        None => url.to_string(),
-        Some(at) => {
-            let scheme = url[..at]
-                .find("://")
-                .filter(|&i| i > 0 && url[..i].bytes().all(|b| b.is_ascii_alphanumeric()))
-                .map_or("", |i| &url[..i + 3]);
-            format!("{scheme}[redacted]{}", &url[at..])
-        }
-    };
-    if let Some(i) = out.to_ascii_lowercase().find("password=") {
-        let end = out[i..].find('&').map_or(out.len(), |e| i + e);
-        out.replace_range(i + "password=".len()..end, "[redacted]");
-    }
-    crate::text::clip(&out).into_owned()
 }

@@ -1,5 +1,7 @@
 //! Unit tests of `config`.
 
+use super::credentials::{credentials_from, CredentialSource};
+use super::values::{parse_value, redact_url};
 use super::*;
 
 #[test]

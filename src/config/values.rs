@@ -2,7 +2,15 @@
 //! code as a user's value), and the parsed set the cross-variable rules
 //! work on.
 
-use super::*;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::vars::{var_named, Kind, VARS};
+use super::ConfigError;
+use crate::redis::target::{join_addresses, parse_sentinels, RedisTarget};
+use crate::text::Secret;
 
 /// A parsed value.
 #[derive(Clone)]
@@ -302,4 +310,27 @@ pub(super) const MAX_SECS: f64 = 31_536_000.0;
 /// A `Duration` from positive, finite seconds (at most [`MAX_SECS`]).
 pub(super) fn dur(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs.clamp(0.0, MAX_SECS)).unwrap_or(Duration::ZERO)
+}
+
+/// A URL with everything that may be a credential replaced, for error
+/// messages (SPEC §11: anything after a `:` before an `@` is a password).
+/// It must hold for malformed URLs too (`redis//:pw@host`, `:pw@host`), so
+/// it does not parse: everything before the last `@` goes, but for a
+/// well-formed `scheme://`; a `password=` query value goes too.
+pub(super) fn redact_url(url: &str) -> String {
+    let mut out = match url.rfind('@') {
+        None => url.to_string(),
+        Some(at) => {
+            let scheme = url[..at]
+                .find("://")
+                .filter(|&i| i > 0 && url[..i].bytes().all(|b| b.is_ascii_alphanumeric()))
+                .map_or("", |i| &url[..i + 3]);
+            format!("{scheme}[redacted]{}", &url[at..])
+        }
+    };
+    if let Some(i) = out.to_ascii_lowercase().find("password=") {
+        let end = out[i..].find('&').map_or(out.len(), |e| i + e);
+        out.replace_range(i + "password=".len()..end, "[redacted]");
+    }
+    crate::text::clip(&out).into_owned()
 }

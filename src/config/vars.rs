@@ -2,7 +2,7 @@
 //! default, kind and meaning; everything else is derived from it. One
 //! table, one line per variable.
 
-use super::*;
+use crate::redis::keys;
 
 /// How a variable's value is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,3 +147,7 @@ pub const VARS: &[Var] = &[
 pub fn var_named(name: &str) -> Option<&'static Var> {
     VARS.iter().find(|v| v.name == name)
 }
+
+/// The on-call's Redis settings (SPEC §12): `ctl`, `explain` and `replay`
+/// read it before the environment when it is there.
+pub const CTL_ENV_FILE: &str = "/etc/quantum/position-state-brain-ctl.env";

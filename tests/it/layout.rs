@@ -46,7 +46,7 @@ const MODULES: &[(&str, &str, u8)] = &[
     ("config", "values", 1),
     ("config", "env", 1),
     ("config", "credentials", 2),
-    ("config", "redis_settings", 2),
+    ("config", "redis_settings", 3),
     ("config", "check", 3),
     ("observe", "metrics", 0),
     ("observe", "telemetry", 0),
