@@ -1007,49 +1007,99 @@ fn trade_closed(con: &mut redis::Connection) -> Vec<HashMap<String, String>> {
     v.into_iter().map(|(_, f)| f).collect()
 }
 
-/// Reads `entry` the way the pipeline's Python readers do (quantum_trader's
-/// `TradeClosedEvent`: every required field a str; `float()` of prices and
-/// PnL, `datetime.fromisoformat()` of the time, `int()` of the order id);
-/// python3's error when one of them fails.
-fn read_as_the_pipeline(entry: &HashMap<String, String>) -> Result<(), String> {
-    let script = r#"
-import json, sys
-from datetime import datetime
-e = json.load(sys.stdin)
-for k in ["event_type", "timestamp", "symbol", "side", "entry_price", "exit_price", "pnl_percent", "source"]:
-    assert isinstance(e.get(k), str), "required " + k
-for k in ["confidence", "model_id", "R_net", "pnl_usd", "reason", "order_id"]:
-    assert k not in e or isinstance(e[k], str), "optional " + k
-assert e["event_type"] == "trade.closed"
-assert e["side"] in ("LONG", "SHORT")
-for k in ["entry_price", "exit_price", "pnl_percent", "pnl_usd", "R_net", "confidence"]:
-    float(e[k])
-assert str(round(float(e["pnl_percent"]), 2)) == e["pnl_percent"]
-for k in ["entry_price", "exit_price", "pnl_usd"]:
-    assert str(float(e[k])) == e[k], k + " is not str(float)"
-datetime.fromisoformat(e["timestamp"])
-assert datetime.fromisoformat(e["timestamp"]).tzinfo is None, "utcnow() has no zone"
-int(e["order_id"])
-"#;
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    std::io::Write::write_all(
-        child.stdin.as_mut().unwrap(),
-        serde_json::to_string(entry).unwrap().as_bytes(),
-    )
-    .unwrap();
-    let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+/// Checks `entry` against the pipeline's contract for it (quantum_trader's
+/// `TradeClosedEvent`: every field a string; required `event_type`,
+/// `timestamp`, `symbol`, `side`, `entry_price`, `exit_price`,
+/// `pnl_percent`, `source`) and the formats its readers parse the way
+/// intent_executor writes them: prices and PnL as Python's `str(float)`
+/// (what `float()` reads back), `pnl_percent` rounded to 2 places, the time
+/// as `utcnow().isoformat()` (no zone), the order id a whole number. No
+/// python3 here: CI hides it.
+fn check_contract(entry: &HashMap<String, String>) -> Result<(), String> {
+    for k in [
+        "event_type",
+        "timestamp",
+        "symbol",
+        "side",
+        "entry_price",
+        "exit_price",
+        "pnl_percent",
+        "source",
+        "confidence",
+        "model_id",
+        "R_net",
+        "pnl_usd",
+        "reason",
+        "order_id",
+    ] {
+        if entry.get(k).is_none_or(|v| v.is_empty()) {
+            return Err(format!("{k} is missing"));
+        }
     }
+    if entry["event_type"] != "trade.closed" {
+        return Err("event_type".into());
+    }
+    if !["LONG", "SHORT"].contains(&entry["side"].as_str()) {
+        return Err("side is not LONG or SHORT".into());
+    }
+    // str(float): digits, a point and digits (or Python's exponent form).
+    let py_float = |v: &str| {
+        let v = v.strip_prefix('-').unwrap_or(v);
+        let fixed = v.split_once('.').is_some_and(|(i, f)| {
+            !i.is_empty()
+                && !f.is_empty()
+                && i.bytes().all(|b| b.is_ascii_digit())
+                && f.bytes().all(|b| b.is_ascii_digit())
+        });
+        let exp = v.split_once('e').is_some_and(|(m, e)| {
+            m.parse::<f64>().is_ok()
+                && (e.starts_with('-') || e.starts_with('+'))
+                && e.len() >= 3
+                && e[1..].bytes().all(|b| b.is_ascii_digit())
+        });
+        fixed || exp
+    };
+    for k in [
+        "entry_price",
+        "exit_price",
+        "pnl_percent",
+        "pnl_usd",
+        "R_net",
+        "confidence",
+    ] {
+        if !py_float(&entry[k]) || entry[k].parse::<f64>().is_err() {
+            return Err(format!("{k} {:?} is not str(float)", entry[k]));
+        }
+    }
+    if entry["pnl_percent"]
+        .split_once('.')
+        .is_none_or(|(_, f)| f.len() > 2)
+    {
+        return Err("pnl_percent is not rounded to 2 places".into());
+    }
+    // 2026-12-07T19:35:14.514000 or 2026-12-07T19:35:14
+    let t = entry["timestamp"].as_bytes();
+    let digits = |r: std::ops::Range<usize>| t[r].iter().all(u8::is_ascii_digit);
+    let shape = (t.len() == 19 || t.len() == 26)
+        && digits(0..4)
+        && t[4] == b'-'
+        && digits(5..7)
+        && t[7] == b'-'
+        && digits(8..10)
+        && t[10] == b'T'
+        && digits(11..13)
+        && t[13] == b':'
+        && digits(14..16)
+        && t[16] == b':'
+        && digits(17..19)
+        && (t.len() == 19 || (t[19] == b'.' && digits(20..26)));
+    if !shape {
+        return Err("timestamp is not utcnow().isoformat()".into());
+    }
+    if entry["order_id"].parse::<u64>().is_err() {
+        return Err("order_id is not a whole number".into());
+    }
+    Ok(())
 }
 
 #[test]
@@ -1157,7 +1207,20 @@ fn exchange_side_closes_reach_trade_closed_in_the_pipelines_contract() {
         assert_eq!(eth[k], v, "{k}: {eth:?}");
     }
     for e in &entries {
-        read_as_the_pipeline(e).unwrap_or_else(|why| panic!("{why}\n{e:?}"));
+        check_contract(e).unwrap_or_else(|why| panic!("{why}\n{e:?}"));
+    }
+    // The check itself refuses what the pipeline could not read.
+    for (k, bad) in [
+        ("entry_price", "60000"),
+        ("pnl_percent", "-2.146"),
+        ("timestamp", "2026-12-07T19:35:14Z"),
+        ("order_id", "x"),
+        ("side", "BUY"),
+        ("source", ""),
+    ] {
+        let mut e = btc.clone();
+        e.insert(k.into(), bad.into());
+        assert!(check_contract(&e).is_err(), "{k}={bad} passed");
     }
     // The time is now, as utcnow() would have it.
     let day = std::process::Command::new("date")
