@@ -2,7 +2,6 @@
 //! `P33_POSITION_EVENTS` on, off, off, on (SPEC §19).
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,24 +39,14 @@ pub(crate) async fn events_mode(args: &Args) -> anyhow::Result<()> {
     for (n, events) in ["on", "off", "off", "on"].into_iter().enumerate() {
         let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
         let log_path = dir.join(format!("daemon-events-{n}.log"));
-        let log = std::fs::File::create(&log_path)?;
-        let mut child = Command::new(&daemon)
-            .env_clear()
-            .env("REDIS_URL", &url)
-            .envs(exchange_env(&fake))
-            .env("P33_POSITION_STREAM", "on")
-            .env("P33_POSITION_EVENTS", events)
-            .env("P33_ALLOWLIST_SOURCE", "env")
-            .env("P33_ALLOWLIST", names.join(","))
-            .env("P33_METRICS_ADDR", "127.0.0.1")
-            .env("P33_METRICS_PORT", "0")
-            .env("P33_LOG_LEVEL", &args.log_level)
-            .env("P33_CONSUMER_NAME", format!("p33-bench-events-{n}"))
-            .envs(args.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        wait_log(&log_path, "ready: reading plans").await?;
+        let consumer = format!("p33-bench-events-{n}");
+        let vars = [
+            ("P33_POSITION_STREAM", "on"),
+            ("P33_POSITION_EVENTS", events),
+            ("P33_CONSUMER_NAME", consumer.as_str()),
+        ];
+        let mut child =
+            start_exchange_daemon(&daemon, &url, &fake, &names, &vars, args, &log_path).await?;
         wait_log(&log_path, "position stream: live").await?;
         // Each fill's (symbol, amount after) → when it was made; the
         // kind=position entries as they land.
@@ -92,18 +81,7 @@ pub(crate) async fn events_mode(args: &Args) -> anyhow::Result<()> {
                             let Ok(amt) = field("to_amt").parse::<u64>() else {
                                 continue;
                             };
-                            let mut p = pend.lock().unwrap_or_else(|e| e.into_inner());
-                            if let Some(q) = p.get_mut(&field("symbol")) {
-                                let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
-                                q.retain(|(want, t0)| {
-                                    if *want == amt {
-                                        s.push(at.duration_since(*t0).as_secs_f64() * 1000.0);
-                                        false
-                                    } else {
-                                        true
-                                    }
-                                });
-                            }
+                            time_changes(&pend, &seen, &field("symbol"), at, |w| w == amt);
                         }
                     }
                 }

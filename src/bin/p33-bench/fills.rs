@@ -2,7 +2,6 @@
 //! then off (SPEC §16).
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,22 +46,13 @@ pub(crate) async fn fills_mode(args: &Args) -> anyhow::Result<()> {
     let mut seq = 0u64;
     for (phase, stream) in [("stream", "on"), ("poll", "off")] {
         let log_path = dir.join(format!("daemon-{phase}.log"));
-        let log = std::fs::File::create(&log_path)?;
-        let mut child = Command::new(&daemon)
-            .env_clear()
-            .env("REDIS_URL", &url)
-            .envs(exchange_env(&fake))
-            .env("P33_POSITION_STREAM", stream)
-            .env("P33_ALLOWLIST_SOURCE", "env")
-            .env("P33_ALLOWLIST", names.join(","))
-            .env("P33_METRICS_ADDR", "127.0.0.1")
-            .env("P33_METRICS_PORT", "0")
-            .env("P33_LOG_LEVEL", &args.log_level)
-            .env("P33_CONSUMER_NAME", format!("p33-bench-{phase}"))
-            .envs(args.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let consumer = format!("p33-bench-{phase}");
+        let vars = [
+            ("P33_POSITION_STREAM", stream),
+            ("P33_CONSUMER_NAME", consumer.as_str()),
+        ];
+        let mut child =
+            start_exchange_daemon(&daemon, &url, &fake, &names, &vars, args, &log_path).await?;
         let metrics_line = wait_log(&log_path, "metrics listening on http://").await?;
         let metrics_addr = metrics_line
             .rsplit("http://")
@@ -70,7 +60,6 @@ pub(crate) async fn fills_mode(args: &Args) -> anyhow::Result<()> {
             .unwrap_or_default()
             .trim()
             .to_string();
-        wait_log(&log_path, "ready: reading plans").await?;
         if stream == "on" {
             wait_log(&log_path, "position stream: live").await?;
         }
@@ -101,18 +90,7 @@ pub(crate) async fn fills_mode(args: &Args) -> anyhow::Result<()> {
                 let Some(amt) = amt.and_then(|a| a.parse::<u64>().ok()) else {
                     continue;
                 };
-                let mut p = pend.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(q) = p.get_mut(&sym) {
-                    let mut s = seen2.lock().unwrap_or_else(|e| e.into_inner());
-                    q.retain(|(want, t0)| {
-                        if amt >= *want {
-                            s.push(at.duration_since(*t0).as_secs_f64() * 1000.0);
-                            false
-                        } else {
-                            true
-                        }
-                    });
-                }
+                time_changes(&pend, &seen2, &sym, at, |want| amt >= want);
             }
         });
         // Plans meanwhile: closes on the fill symbols.

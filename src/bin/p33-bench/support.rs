@@ -179,3 +179,57 @@ pub(crate) async fn private_redis(
     };
     Ok((dir, url, client, con))
 }
+
+/// Starts the daemon in binance mode against the fake exchange, for the
+/// symbols `names` (the env allowlist), logging to `log_path`, with `vars`
+/// and the bench's `--env` on top; waits until it reads plans.
+pub(crate) async fn start_exchange_daemon(
+    daemon: &std::path::Path,
+    url: &str,
+    fake: &str,
+    names: &[String],
+    vars: &[(&str, &str)],
+    args: &crate::Args,
+    log_path: &std::path::Path,
+) -> anyhow::Result<std::process::Child> {
+    let log = std::fs::File::create(log_path)?;
+    let child = Command::new(daemon)
+        .env_clear()
+        .env("REDIS_URL", url)
+        .envs(exchange_env(fake))
+        .env("P33_ALLOWLIST_SOURCE", "env")
+        .env("P33_ALLOWLIST", names.join(","))
+        .env("P33_METRICS_ADDR", "127.0.0.1")
+        .env("P33_METRICS_PORT", "0")
+        .env("P33_LOG_LEVEL", &args.log_level)
+        .envs(vars.iter().copied())
+        .envs(args.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    wait_log(log_path, "ready: reading plans").await?;
+    Ok(child)
+}
+
+/// `symbol` was seen at `amt` at `at`: every change made to it that `amt`
+/// shows (`shows(wanted)`) is timed into `seen`, ms, and let go.
+pub(crate) fn time_changes(
+    pending: &Pending,
+    seen: &Mutex<Vec<f64>>,
+    symbol: &str,
+    at: Instant,
+    shows: impl Fn(u64) -> bool,
+) {
+    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(q) = p.get_mut(symbol) {
+        let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|(want, t0)| {
+            if shows(*want) {
+                s.push(at.duration_since(*t0).as_secs_f64() * 1000.0);
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
