@@ -36,7 +36,8 @@ pub(crate) async fn events_mode(args: &Args) -> anyhow::Result<()> {
     let mut seq = 1u64;
     let mut runs = Vec::new();
     let mut lat_all: Vec<f64> = Vec::new();
-    for (n, events) in ["on", "off", "off", "on"].into_iter().enumerate() {
+    let phases = ["on", "off", "off", "on"].repeat(usize::from(args.rounds));
+    for (n, events) in phases.into_iter().enumerate() {
         let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
         let log_path = dir.join(format!("daemon-events-{n}.log"));
         let consumer = format!("p33-bench-events-{n}");
@@ -226,6 +227,19 @@ pub(crate) async fn events_mode(args: &Args) -> anyhow::Result<()> {
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
     let (on, off) = (mean("on"), mean("off"));
+    let median = |w: &str| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r["P33_POSITION_EVENTS"] == w)
+            .filter_map(|r| r["plans_per_s"].as_f64())
+            .collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    };
     lat_all.sort_by(|a, b| a.total_cmp(b));
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
     let out = json!({
@@ -237,7 +251,9 @@ pub(crate) async fn events_mode(args: &Args) -> anyhow::Result<()> {
         "runs": runs,
         "plans_per_s_on": on.round(),
         "plans_per_s_off": off.round(),
+        "rounds": args.rounds,
         "on_over_off": r3(on / off),
+        "median_on_over_off": r3(median("on") / median("off")),
         "fill_to_entry_p50_ms": r3(pct(&lat_all, 0.5)),
         "fill_to_entry_p99_ms": r3(pct(&lat_all, 0.99)),
         "fill_to_entry_max_ms": r3(lat_all.last().copied().unwrap_or(f64::NAN)),

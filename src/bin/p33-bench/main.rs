@@ -28,7 +28,7 @@
 //! that makes it until its `kind=position` entry is read.
 //!
 //! Usage:
-//!   p33-bench --events 100000 [--fill-rate 20] [--fill-symbols 10]
+//!   p33-bench --events 100000 [--rounds 1] [--fill-rate 20] [--fill-symbols 10]
 //!   p33-bench [--plans 100000] [--rate 0] [--symbols 566] [--log-level INFO] [--instances 1] [--sentinel] [--exchange]
 //!   p33-bench --fills 300 [--fill-rate 20] [--fill-symbols 10] [--rate 50]
 //!   --rate 0 sends as fast as possible (throughput); --rate N offers N plans/s (latency).
@@ -115,6 +115,11 @@ struct Args {
     /// fill timed to its `kind=position` entry.
     #[arg(long, default_value_t = 0, conflicts_with_all = ["null", "instances", "sentinel", "fills", "halt"])]
     events: usize,
+    /// `--events` mode: the on, off, off, on phases this many times over
+    /// (each phase's throughput on a shared machine varies more than the
+    /// events cost; more rounds average it out).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
+    rounds: u16,
     /// The daemon binary (default: the one next to this binary), e.g. an
     /// older build to compare with.
     #[arg(long)]
