@@ -522,27 +522,24 @@ impl Config {
                 _ => (name, value),
             })
             .collect();
+        // The user data stream, which the position events need.
+        let stream_on =
+            snapshot_source == SnapshotSource::Binance && p.word("P33_POSITION_STREAM") == "on";
+        let trade_closed = p.bool("P33_TRADE_CLOSED_EVENTS");
         Ok(Config {
             redis,
             binance_api_key: key.map(|(_, k)| k),
             binance_api_secret: secret.map(|(_, s)| s),
             exchange_base_url: p.text("P33_EXCHANGE_BASE_URL").unwrap_or_default(),
-            position_stream: snapshot_source == SnapshotSource::Binance
-                && p.word("P33_POSITION_STREAM") == "on",
+            position_stream: stream_on,
             on_liquidation: match p.word("P33_ON_LIQUIDATION") {
                 "halt" => Some(crate::domain::TradingState::Halted),
                 "none" => None,
                 _ => Some(crate::domain::TradingState::Reducing),
             },
-            position_events: snapshot_source == SnapshotSource::Binance
-                && p.word("P33_POSITION_STREAM") == "on"
-                && p.word("P33_POSITION_EVENTS") == "on",
-            trade_closed_events: snapshot_source == SnapshotSource::Binance
-                && p.word("P33_POSITION_STREAM") == "on"
-                && p.bool("P33_TRADE_CLOSED_EVENTS"),
-            trade_closed_without_stream: p.bool("P33_TRADE_CLOSED_EVENTS")
-                && !(snapshot_source == SnapshotSource::Binance
-                    && p.word("P33_POSITION_STREAM") == "on"),
+            position_events: stream_on && p.word("P33_POSITION_EVENTS") == "on",
+            trade_closed_events: stream_on && trade_closed,
+            trade_closed_without_stream: trade_closed && !stream_on,
             exchange_ws_url,
             stream_ping: dur(p.secs("P33_POSITION_STREAM_PING_SEC")),
             stream_replace: dur(p.secs("P33_POSITION_STREAM_REPLACE_SEC")),

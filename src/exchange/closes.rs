@@ -52,8 +52,6 @@ pub struct TradeClosed {
     pub cause: Cause,
     /// The closing order.
     pub order_id: u64,
-    /// The change's `T`, exchange ms.
-    pub exchange_ms: u64,
 }
 
 /// What the entry's `source` says.
@@ -255,7 +253,8 @@ impl Closes {
     }
 
     /// How many fills and changes to flat are held.
-    pub fn held(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn held(&self) -> (usize, usize) {
         (self.fills.len(), self.flats.len())
     }
 
@@ -282,7 +281,6 @@ fn join(flat: &HeldFlat, fill: &HeldFill) -> Option<TradeClosed> {
         realized_pnl: fill.realized,
         cause: fill.cause,
         order_id: fill.order_id,
-        exchange_ms: flat.tx_ms,
     })
 }
 
@@ -490,7 +488,6 @@ mod tests {
             realized_pnl: "-12.875".parse().unwrap(),
             cause: Cause::Liquidation,
             order_id: 8_886_774,
-            exchange_ms: 1,
         };
         let f: Vec<(&str, String)> = t.fields(1_765_130_222_123);
         let want: Vec<(&str, &str)> = vec![

@@ -182,16 +182,8 @@ pub(crate) async fn events_mode(args: &Args) -> anyhow::Result<()> {
         let fills = filler.await.unwrap_or(0);
         seq += fills + 1;
         // The last fills' entries, for up to 5 s.
-        let wait_until = Instant::now() + Duration::from_secs(5);
-        while events == "on"
-            && Instant::now() < wait_until
-            && pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .any(|q| !q.is_empty())
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if events == "on" {
+            wait_timed(&pending, Duration::from_secs(5)).await;
         }
         reader.abort();
         let _ = child.kill();
@@ -199,12 +191,7 @@ pub(crate) async fn events_mode(args: &Args) -> anyhow::Result<()> {
         let mut lat = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
         lat.sort_by(|a, b| a.total_cmp(b));
         lat_all.extend(&lat);
-        let missing: usize = pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(Vec::len)
-            .sum();
+        let missing = untimed(&pending);
         let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
         runs.push(json!({
             "P33_POSITION_EVENTS": events,

@@ -142,16 +142,7 @@ pub(crate) async fn fills_mode(args: &Args) -> anyhow::Result<()> {
                 .send()
                 .await?;
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline
-            && pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .any(|q| !q.is_empty())
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_timed(&pending, Duration::from_secs(30)).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = sender.await;
         listener.abort();
@@ -163,12 +154,7 @@ pub(crate) async fn fills_mode(args: &Args) -> anyhow::Result<()> {
             .await?;
         let _ = child.kill();
         let _ = child.wait();
-        let missing: usize = pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(Vec::len)
-            .sum();
+        let missing = untimed(&pending);
         let mut lat = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
         lat.sort_by(|a, b| a.total_cmp(b));
         let (age_p99, age_within) =

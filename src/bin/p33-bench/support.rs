@@ -233,3 +233,21 @@ pub(crate) fn time_changes(
         });
     }
 }
+
+/// How many changes are not timed yet.
+pub(crate) fn untimed(pending: &Pending) -> usize {
+    pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .map(Vec::len)
+        .sum()
+}
+
+/// Waits, up to `within`, until every change made is timed.
+pub(crate) async fn wait_timed(pending: &Pending, within: Duration) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline && untimed(pending) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
