@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Debian package, proven on this machine (SPEC §18; as root): build it,
-# lintian (no error or warning but the overridden ones), a stripped binary
-# and its -dbgsym package; installed over a foreign env file (the Python
+# lintian on both packages (no error or warning but the overridden ones), a
+# stripped binary and its -dbgsym package, md5sums dpkg --verify checks; installed over a foreign env file (the Python
 # daemon's) without a prompt, moving it aside; every file and mode, man -l
 # renders each gzipped page, the completions complete at every level (bash
 # through compgen, zsh and fish), the shipped proof script, drill, scrape
@@ -11,9 +11,10 @@
 # daemon's environment; an edited env file survives an upgrade to a build
 # with a higher version whose --version changed; the rollback after
 # dpkg -r (the unit masked) installs the old unit for real; dpkg -P leaves
-# nothing behind. systemd need not be PID 1: starting, restarting and
-# stopping the unit are left to the maintainer scripts' guards (they act
-# only where systemd runs).
+# nothing behind. systemd need not be PID 1: the upgrade's restart is run
+# against a systemctl that answers as systemd would, with a restart that
+# never ends (dpkg must return after the bounded wait) and with policy-rc.d
+# saying 101 (no restart at all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ops/lib.sh
@@ -43,13 +44,15 @@ dpkg-deb -c "$deb1" | awk '{print $1, $6}'
 echo "== lintian"
 # Every finding but the overridden ones (deploy/deb/lintian-overrides, each
 # with its reason) fails; the info-level ones are printed.
-lint=$(lintian --info "$deb1" 2>&1 | grep -v 'running with root privileges' || true)
-echo "${lint:-  (nothing)}"
-echo "$lint" | grep -E '^[EW]: ' && fail "lintian reports the findings above"
 ddeb="${deb1%/*}/$PKG-dbgsym_${deb1##*/${PKG}_}"
 ddeb="${ddeb%.deb}.ddeb"
 [ -f "$ddeb" ] || fail "no -dbgsym package ($ddeb)"
-dpkg-deb -c "$ddeb" | grep -q '/usr/lib/debug/.build-id/.*\.debug$' || fail "$ddeb holds no .debug file"
+lint=$(lintian --info "$deb1" "$ddeb" 2>&1 | grep -v 'running with root privileges' || true)
+echo "${lint:-  (nothing)}"
+echo "$lint" | grep -E '^[EW]: ' && fail "lintian reports the findings above"
+dpkg-deb -f "$ddeb" Depends | grep -qx "$PKG (= $(dpkg-deb -f "$deb1" Version))" || fail "$ddeb does not depend on its package's version"
+dpkg-deb -I "$deb1" md5sums >/dev/null 2>&1 || fail "$deb1 has no md5sums"
+dpkg-deb -c "$ddeb" | grep '/usr/lib/debug/.build-id/.*\.debug$' >/dev/null || fail "$ddeb holds no .debug file"
 echo "  $(du -h "$deb1" | cut -f1) package, symbols in $(basename "$ddeb") ($(du -h "$ddeb" | cut -f1))"
 
 echo "== a first install over a foreign env file (the Python daemon's)"
@@ -64,6 +67,15 @@ grep -q '^P33_METRICS_ADDR=127.0.0.1$' "$ENV" || fail "$ENV is not the package's
 [ "$(dpkg-query -W -f='${Status}' "$PKG")" = "install ok installed" ] || fail "not configured"
 echo "  moved aside to $aside; $ENV is the package's"
 
+echo "== dpkg --verify checks what is installed"
+out=$(dpkg --verify "$PKG" 2>&1) || true
+[ -z "$out" ] || fail "dpkg --verify on a fresh install: $out"
+readme=/usr/share/doc/position-state-brain/README.md
+cp -p "$readme" /tmp/p33-readme.$$
+echo tampered >> "$readme"
+dpkg --verify "$PKG" | grep "^??5?????? *$readme$" >/dev/null || fail "dpkg --verify did not see a changed $readme"
+cp -p /tmp/p33-readme.$$ "$readme"; rm -f /tmp/p33-readme.$$
+echo "  clean after the install; a changed file is reported"
 echo "== files and modes"
 check() { # path mode
   [ -e "$1" ] || fail "$1 missing"
@@ -116,7 +128,7 @@ for p in "${pages[@]}"; do
   [ -z "$out" ] || fail "man -l $p warns: $out"
   echo "  $p: $(man -l "$p" 2>/dev/null | sed -n 4p | sed 's/^ *//')"
 done
-man -l /usr/share/man/man8/position-state-brain.8* | grep -q 'REDIS_TLS_CA_FILE' || fail "the main page lists no environment"
+man -l /usr/share/man/man8/position-state-brain.8* | grep 'REDIS_TLS_CA_FILE' >/dev/null || fail "the main page lists no environment"
 
 echo "== completion, units, version"
 bash -n /usr/share/bash-completion/completions/position-state-brain
@@ -223,13 +235,66 @@ echo "== an edited env file survives an upgrade"
 sed -i 's/^P33_POLL_SEC=5$/P33_POLL_SEC=4/' "$ENV"
 grep -q '^P33_POLL_SEC=4$' "$ENV" || fail "could not edit $ENV"
 src=$(mktemp -d)
-trap 'rm -rf "$src"' EXIT
+# systemd is not PID 1 here, so the maintainer scripts' systemd branches
+# are run against a systemctl that answers as systemd would for one running
+# gate whose restart never ends (a Type=notify start waiting for Redis), with
+# /run/systemd/system present and policy-rc.d set per case; all three are
+# put back on exit.
+fake=$(mktemp -d)
+made_run=
+policy=/usr/sbin/policy-rc.d
+[ -e "$policy" ] && cp -p "$policy" "$fake/policy-rc.d.orig"
+cleanup() {
+  rm -rf "$src"
+  if [ -e "$fake/policy-rc.d.orig" ]; then cp -p "$fake/policy-rc.d.orig" "$policy"; else rm -f "$policy"; fi
+  [ -n "$made_run" ] && rmdir /run/systemd/system 2>/dev/null
+  rm -rf "$fake"
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+cat > "$fake/systemctl" <<EOF
+#!/bin/sh
+echo "\$*" >> "$fake/calls"
+case " \$* " in
+  *" list-units "*) echo "quantum-position-state-brain.service loaded active running P3.3 Position State Brain" ;;
+  *" is-enabled "*) echo enabled ;;
+  *" restart "*) exec sleep 317 ;;
+esac
+exit 0
+EOF
+chmod 755 "$fake/systemctl"
+policy_rc() { printf '#!/bin/sh\nexit %s\n' "$1" > "$policy"; chmod 755 "$policy"; }
 git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$src"/
 next="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)+pkgtest2"
 sed -i "0,/^version = \".*\"/s//version = \"$next\"/" "$src/Cargo.toml"
 deb2=$(CARGO_TARGET_DIR="$(dirname "$(release_bins)")" "$src/ops/package.sh")
 [ -f "$deb2" ] && [ "$deb2" != "$deb1" ] || fail "no second package ($deb2)"
-dpkg -i "$deb2"
+echo "== the upgrade restarts a running gate through deb-systemd-invoke, and never waits longer than 20 s"
+[ -d /run/systemd/system ] || { mkdir -p /run/systemd/system; made_run=1; }
+policy_rc 0
+t0=$(date +%s)
+out=$(PATH="$fake:$PATH" DEBIAN_FRONTEND=noninteractive dpkg -i "$deb2" </dev/null 2>&1) || fail "the upgrade failed: $out"
+took=$(( $(date +%s) - t0 ))
+echo "$out" | grep -q 'quantum-position-state-brain.service is still starting after 20 s' \
+  || fail "the upgrade did not say the restart goes on in the background: $out"
+grep -qx -- '--quiet --system restart quantum-position-state-brain.service' "$fake/calls" \
+  || fail "postinst did not restart the running gate through deb-systemd-invoke: $(cat "$fake/calls")"
+[ "$took" -ge 20 ] && [ "$took" -lt 60 ] || fail "the upgrade took $took s with a restart that never ends (want 20-60 s)"
+sleep 0.5
+pgrep -fx 'sleep 317' >/dev/null && fail "the hanging restart's systemctl outlived the bounded wait"
+echo "  dpkg -i returned after $took s; the restart was left to systemd"
+echo "== policy-rc.d 101 (an image build, a chroot) suppresses the upgrade's restart"
+: > "$fake/calls"
+policy_rc 101
+t0=$(date +%s)
+out=$(PATH="$fake:$PATH" DEBIAN_FRONTEND=noninteractive dpkg -i "$deb2" </dev/null 2>&1) || fail "the reinstall failed: $out"
+took=$(( $(date +%s) - t0 ))
+grep -q ' restart ' "$fake/calls" && fail "a restart ran although policy-rc.d said 101: $(cat "$fake/calls")"
+grep -q 'daemon-reload' "$fake/calls" || fail "the reinstall did not run postinst's systemd branch: $(cat "$fake/calls")"
+[ "$took" -lt 20 ] || fail "the reinstall took $took s with no restart to wait for"
+echo "  no restart; dpkg -i returned after $took s"
+cp -p "$fake/policy-rc.d.orig" "$policy" 2>/dev/null || rm -f "$policy"
+[ -n "$made_run" ] && rmdir /run/systemd/system && made_run=
 grep -q '^P33_POLL_SEC=4$' "$ENV" || fail "the upgrade lost the edit of $ENV"
 [ "$(stat -c %a "$ENV")" = 640 ] || fail "$ENV mode changed"
 v2=$(dpkg-query -W -f='${Version}' "$PKG")

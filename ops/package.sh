@@ -50,4 +50,36 @@ sed -e '/^`install -/b' \
     -e 's|\[`CHANGELOG.md`\](CHANGELOG.md)|`/usr/share/doc/position-state-brain/changelog.gz`|g' \
     README.md > "$assets/README.md"
 # Stripped, with the symbols in a -dbgsym package (.ddeb) beside the .deb.
-cargo deb --no-build --dbgsym "$@" 2>&1 | grep -E '\.deb$' | tail -n 1
+deb=$(cargo deb --no-build --dbgsym "$@" 2>&1 | grep -E '\.deb$' | tail -n 1)
+[ -f "$deb" ] || { echo "ops/package.sh: cargo deb built no package" >&2; exit 1; }
+ddeb="${deb%/*}/position-state-brain-dbgsym_${deb##*/position-state-brain_}"
+ddeb="${ddeb%.deb}.ddeb"
+# cargo-deb writes no md5sums, so dpkg --verify could not tell an operator
+# whether the installed binary is the packaged one; and its -dbgsym package
+# is not what debhelper makes (Priority extra, no doc, Recommends where
+# debhelper has Depends, no Build-Ids), for which lintian reports errors.
+# Both packages are unpacked and built again with dpkg-deb: md5sums of every
+# file but the conffiles (dpkg keeps theirs), and the -dbgsym package as
+# debhelper makes it, its doc a link to the main package's.
+repack() { # package-file [dbgsym]
+  local work
+  work=$(mktemp -d)
+  dpkg-deb -R "$1" "$work/p"
+  if [ "${2:-}" = dbgsym ]; then
+    sed -i -e 's/^Priority: extra$/Priority: optional/' -e 's/^Recommends: /Depends: /' "$work/p/DEBIAN/control"
+    ids=$(cd "$work/p/usr/lib/debug/.build-id" && ls -- */*.debug | sed 's|/||; s|\.debug$||' | tr '\n' ' ' | sed 's/ $//')
+    sed -i "/^Installed-Size:/a Build-Ids: $ids" "$work/p/DEBIAN/control"
+    mkdir -p "$work/p/usr/share/doc"
+    ln -s position-state-brain "$work/p/usr/share/doc/position-state-brain-dbgsym"
+  fi
+  (cd "$work/p" && find . -type f ! -path './DEBIAN/*' -printf '%P\n' | LC_ALL=C sort \
+     | grep -vxF -f <(sed 's|^/||' DEBIAN/conffiles 2>/dev/null || true) \
+     | tr '\n' '\0' | xargs -0r md5sum) > "$work/md5sums"
+  mv "$work/md5sums" "$work/p/DEBIAN/md5sums"
+  chmod 0644 "$work/p/DEBIAN/md5sums"
+  dpkg-deb --root-owner-group -b "$work/p" "$1" >/dev/null
+  rm -rf "$work"
+}
+repack "$deb"
+[ -f "$ddeb" ] && repack "$ddeb" dbgsym
+echo "$deb"
