@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Debian package, proven on this machine (SPEC §18; as root): build it,
 # lintian on both packages (no error or warning but the overridden ones), a
-# stripped binary and its -dbgsym package, md5sums dpkg --verify checks; installed over a foreign env file (the Python
-# daemon's) without a prompt, moving it aside; every file and mode, man -l
+# stripped binary and its -dbgsym package, md5sums dpkg --verify checks;
+# installed over a foreign env file (the Python daemon's) without a prompt,
+# moving it aside; every file and mode, man -l
 # renders each gzipped page, the completions complete at every level (bash
 # through compgen, zsh and fish), the shipped proof script, drill, scrape
 # config and rules (promtool) work from their installed paths, the installed
@@ -244,12 +245,11 @@ fake=$(mktemp -d)
 made_run=
 policy=/usr/sbin/policy-rc.d
 [ -e "$policy" ] && cp -p "$policy" "$fake/policy-rc.d.orig"
-cleanup() {
-  rm -rf "$src"
+restore_host() { # policy-rc.d and /run/systemd/system as they were
   if [ -e "$fake/policy-rc.d.orig" ]; then cp -p "$fake/policy-rc.d.orig" "$policy"; else rm -f "$policy"; fi
-  [ -n "$made_run" ] && rmdir /run/systemd/system 2>/dev/null
-  rm -rf "$fake"
+  if [ -n "$made_run" ]; then rmdir /run/systemd/system 2>/dev/null || true; made_run=; fi
 }
+cleanup() { restore_host; rm -rf "$src" "$fake"; }
 trap cleanup EXIT
 trap 'exit 1' INT TERM
 cat > "$fake/systemctl" <<EOF
@@ -293,8 +293,7 @@ grep -q ' restart ' "$fake/calls" && fail "a restart ran although policy-rc.d sa
 grep -q 'daemon-reload' "$fake/calls" || fail "the reinstall did not run postinst's systemd branch: $(cat "$fake/calls")"
 [ "$took" -lt 20 ] || fail "the reinstall took $took s with no restart to wait for"
 echo "  no restart; dpkg -i returned after $took s"
-cp -p "$fake/policy-rc.d.orig" "$policy" 2>/dev/null || rm -f "$policy"
-[ -n "$made_run" ] && rmdir /run/systemd/system && made_run=
+restore_host
 grep -q '^P33_POLL_SEC=4$' "$ENV" || fail "the upgrade lost the edit of $ENV"
 [ "$(stat -c %a "$ENV")" = 640 ] || fail "$ENV mode changed"
 v2=$(dpkg-query -W -f='${Version}' "$PKG")

@@ -80,6 +80,7 @@ repack() { # package-file [dbgsym]
   dpkg-deb --root-owner-group -b "$work/p" "$1" >/dev/null
   rm -rf "$work"
 }
+[ -f "$ddeb" ] || { echo "ops/package.sh: cargo deb built no -dbgsym package ($ddeb)" >&2; exit 1; }
 repack "$deb"
-[ -f "$ddeb" ] && repack "$ddeb" dbgsym
+repack "$ddeb" dbgsym
 echo "$deb"
