@@ -279,6 +279,15 @@ pub fn run(args: &AclArgs) -> i32 {
             }
         }
     }
+    if !args.pipeline.is_empty() {
+        // Taking ACL and CONFIG from `default` takes them from whoever
+        // administers Redis as `default` too: ACL LOAD, a rollback.
+        eprintln!(
+            "acl: these users may no longer run ACL, CONFIG, FLUSHALL, REPLICAOF, FUNCTION FLUSH …: \
+             keep an admin user of your own in the aclfile before you load them \
+             (user admin on #<sha256 of its password> ~* &* +@all), and run ACL LOAD as it from then on"
+        );
+    }
     for l in lines {
         println!("{l}");
     }

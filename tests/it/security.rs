@@ -1112,6 +1112,11 @@ fn the_pipelines_users_write_anything_but_the_gates_keys() {
     );
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(!out.contains("pipe-pw"), "{out}");
+    // Taking ACL from a user is said, with the way to keep an admin.
+    assert!(
+        err.contains("no longer run ACL") && err.contains("~* &* +@all"),
+        "{err}"
+    );
     let line = out.trim();
     assert!(line.starts_with("user pipe on #"), "{line}");
     let rules: Vec<&str> = line.split_whitespace().skip(2).collect();
