@@ -1027,12 +1027,13 @@ impl Sentinel {
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\n\
                  sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
                  sentinel failover-timeout {SENTINEL_MASTER} 10000\n\
                  sentinel parallel-syncs {SENTINEL_MASTER} 1\n{extra_conf}\n{}",
                 dir.display(),
+                dir.join("sentinel.log").display(),
                 password.map_or(String::new(), |p| format!("requirepass {p}\n"))
             ),
         )
@@ -1125,6 +1126,21 @@ pub fn role(port: u16) -> Option<String> {
     }
 }
 
+impl Drop for SentinelSet {
+    /// When a test fails, what each sentinel saw and did (its events:
+    /// `+sdown`, `+odown`, `+switch-master`, `+convert-to-slave`, …): a
+    /// failover the test did not ask for is told apart from the daemon's.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for s in &self.sentinels {
+            let log = std::fs::read_to_string(s.dir.join("sentinel.log")).unwrap_or_default();
+            eprintln!("--- sentinel {} ---\n{log}", s.addr());
+        }
+    }
+}
+
 impl SentinelSet {
     /// Master, replica, three sentinels; returns once every sentinel knows
     /// the replica and the other two sentinels, and the replica is in sync,
@@ -1132,7 +1148,15 @@ impl SentinelSet {
     pub fn start() -> SentinelSet {
         // No diskless-sync delay (5 s by default): a replica that has not
         // synced yet would be promoted empty.
-        let master = Redis::start_with(&["--repl-diskless-sync-delay", "0"]);
+        // The first master has replica priority 0: once the sentinels have
+        // made it a replica they never promote it again, so every failover
+        // here goes one way. On a loaded machine two sentinels can miss the
+        // new master's PONGs for `down-after-milliseconds` (1 s) and start
+        // a failover nobody asked for; with the old master back as a
+        // replica it used to win, and the test saw the new master turned
+        // into its replica (READONLY). It now finds no replica to promote.
+        let master =
+            Redis::start_with(&["--repl-diskless-sync-delay", "0", "--replica-priority", "0"]);
         let replica = Redis::start_with(&[
             "--repl-diskless-sync-delay",
             "0",
