@@ -52,9 +52,17 @@ fi
 work=$(mktemp -d /tmp/p33-drill.XXXXXX)
 pids=()
 cleanup() {
+  local rc=$?
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -n "${NODE_A_PID:-}" ] && kill "$NODE_A_PID" 2>/dev/null || true
   wait 2>/dev/null || true
+  # A failed drill shows what each sentinel saw and did (+sdown, +odown,
+  # +switch-master, …): a failover it did not ask for is told apart.
+  if [ "$rc" -ne 0 ]; then
+    for f in "$work"/s*.log; do
+      [ -f "$f" ] && { echo "--- ${f##*/}" >&2; grep -E ' [#*] [-+]' "$f" >&2 || true; }
+    done
+  fi
   if [ -n "${DRILL_KEEP:-}" ]; then echo "drill: kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -262,7 +270,10 @@ drill "1. SIGKILL the master" "$B" kill_a
 
 echo
 echo "== 2. the old master comes back (its own data, no replicaof): the sentinels make it a replica"
-node "$A"; NODE_A_PID=$!
+# With replica priority 0 until step 3 asks for it: on a loaded machine two
+# sentinels can miss a master's PONGs for down-after-milliseconds (1 s) and
+# fail over on their own, and this replica would win that failover.
+node "$A" --replica-priority 0; NODE_A_PID=$!
 is_replica() { rc "$1" ROLE | head -1 | grep -q slave; }
 until_true 60 "127.0.0.1:$A to become a replica" is_replica "$A"
 until_true 30 "the replica to sync" synced "$A"
@@ -277,7 +288,12 @@ settled() {
 until_true 60 "every sentinel to see it as a healthy replica" settled
 echo "  127.0.0.1:$A is a replica of 127.0.0.1:$B; the daemon stays: p33_redis_failovers_total $(metric p33_redis_failovers_total)"
 
-# Refused (NOGOODSLAVE) until the sentinel has heard from the replica itself.
+# The failover back is the drill's own: A may be promoted now, and B, once
+# demoted, may not be promoted again by a failover nobody asked for.
+rc "$A" CONFIG SET replica-priority 100 >/dev/null
+rc "$B" CONFIG SET replica-priority 0 >/dev/null
+# Refused (NOGOODSLAVE) until the sentinel has heard from the replica itself
+# (its priority too: the sentinels read a replica's INFO every 10 s).
 accepted() { [ "$(rc "${S[2]}" SENTINEL FAILOVER p33m)" = OK ]; }
 graceful() { until_true 60 "SENTINEL FAILOVER to be accepted" accepted; }
 drill "3. SENTINEL FAILOVER (planned)" "$A" graceful
